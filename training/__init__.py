@@ -1,0 +1,1 @@
+"""Training: phantom data synthesis, the shared trainer and its phases, evaluation."""

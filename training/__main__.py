@@ -1,0 +1,38 @@
+"""`python -m training COMMAND ...`: one entry point, one module per command.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("training.synth", "write a synthetic phantom data set (images/, masks/, captions.csv)"),
+    "transunet": ("training.phases", "phase 1: train the TransUNet coarse segmenter"),
+    "refiner": ("training.phases", "phase 2: fine-tune the SAM refiner on augmented coarse masks"),
+    "e2e": ("training.phases", "phase 3: joint end-to-end UltraRefiner training"),
+    "evaluate": ("training.evaluate", "Dice/IoU/precision/recall/HD95 of coarse and refined masks"),
+    "default-models": ("training.default_models", "train the small committed default models on phantoms"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text)
+        command_parser.set_defaults(module=module_name)
+        # Only the chosen command's module is imported to add its arguments.
+        if argv and argv[0] == name:
+            importlib.import_module(module_name).add_arguments(command_parser, name)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args.module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
