@@ -1,0 +1,1 @@
+"""Export of trained models to ONNX / TensorRT / BentoML / Triton, with parity checks."""
