@@ -1,0 +1,411 @@
+"""Inference engines: run a named exported graph on numpy inputs.
+
+One interface, :class:`Engine`, with ``run(graph_name, {input_name: array}) -> {output_name: array}``,
+so the pipeline never knows which runtime it drives. Implementations:
+
+- :class:`OnnxRuntimeEngine` (default): the verified ONNX graphs on onnxruntime; CPU here, CUDA or
+  TensorRT execution providers when onnxruntime-gpu is installed and asked for.
+- :class:`TorchEngine`: the source checkpoint run directly in torch (CUDA when available) behind the
+  same graph-level interface, through the same export wrappers that produced the ONNX graphs.
+- :class:`TensorRTEngine`: serialized TensorRT engines (``python -m export tensorrt``), buffers as torch
+  CUDA tensors.
+
+``build_engine(backend, artifacts_dir, **opts)`` picks one by name.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.artifacts import ArtifactError, Artifacts, load_artifacts
+
+__all__ = [
+    "ENGINE_REGISTRY",
+    "Engine",
+    "OnnxRuntimeEngine",
+    "TensorRTEngine",
+    "TorchEngine",
+    "build_engine",
+    "physical_cores",
+]
+
+TENSORRT_MISSING = "tensorrt is not installed: pip install 'medrefine[gpu]' on an NVIDIA GPU machine"
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (falls back to logical cores)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or logical
+    except ImportError:
+        physical = logical
+    return max(1, min(physical, logical))
+
+
+class Engine(abc.ABC):
+    """Runs exported graphs by name. Implementations are safe to call from several threads.
+
+    Graph names and signatures are those of the artifact manifest (contracts.md): ``transunet``,
+    ``image_encoder``, ``mask_decoder`` and, for learned gates, ``gate``.
+    """
+
+    backend: str = ""
+
+    @property
+    @abc.abstractmethod
+    def graph_names(self) -> tuple[str, ...]:
+        """The graphs this engine can run."""
+
+    @abc.abstractmethod
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        """Input names of ``graph_name``, in graph order."""
+
+    @abc.abstractmethod
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        """Output names of ``graph_name``, in graph order."""
+
+    @abc.abstractmethod
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a graph on validated inputs (exactly its input names)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """``{"backend": ..., "providers" or "device": ...}`` for /model_info and logs."""
+
+    def run(self, graph_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``graph_name`` on ``inputs`` and return every output as float32 (or its integer dtype).
+
+        Extra inputs that the graph does not declare are ignored (an exporter may fold away an
+        unused input such as ``orig_im_size``); missing ones raise.
+
+        Raises:
+            KeyError: unknown graph (the message names the available graphs).
+            ValueError: a declared input is missing.
+        """
+        if graph_name not in self.graph_names:
+            raise KeyError(f"{self.backend} engine has no graph {graph_name!r}; available: {list(self.graph_names)}")
+        names = self.input_names(graph_name)
+        missing = [name for name in names if name not in inputs]
+        if missing:
+            raise ValueError(f"graph {graph_name!r} needs inputs {list(names)}; missing {missing}")
+        outputs = self._run(graph_name, {name: np.asarray(inputs[name]) for name in names})
+        return {
+            name: value.astype(np.float32) if value.dtype in (np.float16, np.float64) else value
+            for name, value in outputs.items()
+        }
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX graphs on onnxruntime.
+
+    Args:
+        artifacts: a loaded, verified artifact directory.
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"tensorrt"`` (TensorRT execution provider with CUDA
+            and CPU fallbacks); ignored when ``providers`` is given.
+        providers: explicit onnxruntime provider list (first = preferred).
+        intra_op_threads: threads inside one operator (default: physical cores).
+        graphs: restrict to these graph names (default: all in the manifest).
+
+    Raises:
+        ValueError: unknown device, or a requested provider that this onnxruntime build lacks
+            (install onnxruntime-gpu for CUDA / TensorRT).
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        artifacts: Artifacts,
+        *,
+        device: str = "cpu",
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        graphs: list[str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if providers is None:
+            presets = {
+                "cpu": ["CPUExecutionProvider"],
+                "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+            }
+            if device not in presets:
+                raise ValueError(f"onnxruntime device {device!r} is not one of {sorted(presets)}")
+            providers = presets[device]
+        unavailable = [p for p in providers if p not in available]
+        if unavailable:
+            raise ValueError(
+                f"onnxruntime providers {unavailable} are not available in this build (available: {available}); "
+                "GPU providers need `pip install 'medrefine[gpu]'` (onnxruntime-gpu) on an NVIDIA GPU machine"
+            )
+        self._intra_op_threads = int(intra_op_threads) if intra_op_threads else physical_cores()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        names = list(graphs) if graphs is not None else list(artifacts.graphs)
+        self._sessions = {}
+        for name in names:
+            spec = artifacts.graph(name)
+            self._sessions[name] = ort.InferenceSession(str(spec.path), sess_options=options, providers=providers)
+        self._inputs = {
+            name: tuple(node.name for node in session.get_inputs()) for name, session in self._sessions.items()
+        }
+        self._input_dtypes = {
+            name: {node.name: _ORT_DTYPES.get(node.type, np.float32) for node in session.get_inputs()}
+            for name, session in self._sessions.items()
+        }
+        self._outputs = {
+            name: tuple(node.name for node in session.get_outputs()) for name, session in self._sessions.items()
+        }
+        self._providers = list(next(iter(self._sessions.values())).get_providers()) if self._sessions else providers
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return tuple(self._sessions)
+
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._inputs[graph_name]
+
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._outputs[graph_name]
+
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtypes = self._input_dtypes[graph_name]
+        feed = {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in inputs.items()}
+        values = self._sessions[graph_name].run(None, feed)
+        return dict(zip(self._outputs[graph_name], values, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "providers": self._providers, "intra_op_threads": self._intra_op_threads}
+
+
+class TorchEngine(Engine):
+    """The source checkpoint run in torch behind the graph-level interface.
+
+    The graphs are the export wrappers (``export.graphs.build_graph_specs``: TransUNetGraph,
+    ImageEncoderGraph, SamOnnxDecoder, GateGraph) around the model loaded from the run directory the
+    manifest names (``source.run_dir``) or ``run_dir``, whose weights must be the exported ones; the
+    numbers are those the ONNX graphs were checked against.
+
+    Args:
+        artifacts: the artifact directory (for the source run and the graph list).
+        run_dir: override the source run directory.
+        device: ``"cuda"`` when available else ``"cpu"`` by default.
+    """
+
+    backend = "torch"
+
+    def __init__(self, artifacts: Artifacts, *, run_dir: str | Path | None = None, device: str | None = None) -> None:
+        import torch
+
+        from core.checkpoints import build_model_from_run, load_run
+        from export.graphs import build_graph_specs
+
+        source = run_dir if run_dir is not None else artifacts.source.get("run_dir")
+        if not source:
+            raise ValueError(f"{artifacts.root / 'manifest.json'}: source.run_dir is empty; pass run_dir=")
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        info = load_run(source)
+        if artifacts.source.get("weights_sha256") and info.weights_sha256 != artifacts.source["weights_sha256"]:
+            raise ArtifactError(
+                f"{info.run_dir}: weights sha256 {info.weights_sha256[:16]}... differ from the ones the artifacts "
+                f"were exported from ({str(artifacts.source['weights_sha256'])[:16]}...)"
+            )
+        model = build_model_from_run(info)
+        specs = [spec for spec in build_graph_specs(model, info) if spec.name in artifacts.graphs]
+        self._modules = {spec.name: spec.module.to(self._device).eval() for spec in specs}
+        self._inputs = {spec.name: tuple(spec.example) for spec in specs}
+        self._outputs = {spec.name: tuple(spec.output_names) for spec in specs}
+        self._torch = torch
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return tuple(self._modules)
+
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._inputs[graph_name]
+
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._outputs[graph_name]
+
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device) for name in self._inputs[graph_name]]
+        with torch.inference_mode():
+            values = self._modules[graph_name](*args)
+        if isinstance(values, torch.Tensor):
+            values = (values,)
+        return {
+            name: value.detach().float().cpu().numpy()
+            for name, value in zip(self._outputs[graph_name], values, strict=True)
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "device": str(self._device)}
+
+
+class TensorRTEngine(Engine):
+    """Serialized TensorRT engines written by ``python -m export tensorrt`` (``ART_DIR/trt/``).
+
+    Before deserialising, checks the engine record (``trt/manifest.json``) against this GPU and
+    TensorRT version (``export.tensorrt.check_engine_compatible``), against the artifact version, and
+    each engine file's sha256. Runs with torch CUDA tensors as I/O buffers; shape inputs
+    (``orig_im_size``, int32 in the engine) live in host memory as TensorRT requires.
+
+    Args:
+        artifacts: the verified artifact directory the engines were built from.
+        engines_dir: where the engines are (default ``ART_DIR/trt``).
+        device: CUDA device index.
+
+    Raises:
+        export.tensorrt.MissingDependencyError: tensorrt or a CUDA GPU is missing (with the install hint).
+        export.tensorrt.EngineCompatibilityError: engines built for another GPU / TensorRT version.
+        ArtifactError: missing engine record or files, hash or artifact-version mismatch.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, artifacts: Artifacts, *, engines_dir: str | Path | None = None, device: int = 0) -> None:
+        from export.tensorrt import MissingDependencyError, check_engine_compatible, query_gpu
+
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise MissingDependencyError(TENSORRT_MISSING) from exc
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingDependencyError("TensorRTEngine needs a CUDA GPU; torch.cuda.is_available() is False")
+        from export.manifest import sha256_file
+
+        engines_dir = Path(engines_dir) if engines_dir is not None else artifacts.root / "trt"
+        record_path = engines_dir / "manifest.json"
+        if not record_path.is_file():
+            raise ArtifactError(f"{record_path}: no TensorRT engine record; build engines with `python -m export tensorrt`")
+        record = json.loads(record_path.read_text())
+        check_engine_compatible(record, query_gpu(), trt.__version__)
+        if record.get("artifact_version") != artifacts.version:
+            raise ArtifactError(
+                f"{record_path}: engines were built from artifact version {str(record.get('artifact_version'))[:16]}..., "
+                f"the artifacts are {artifacts.version[:16]}...; rebuild them"
+            )
+        self._torch, self._trt = torch, trt
+        self._device = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self._engines: dict[str, Any] = {}
+        self._contexts: dict[str, Any] = {}
+        self._inputs: dict[str, tuple[str, ...]] = {}
+        self._outputs: dict[str, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        for name, entry in record.get("engines", {}).items():
+            path = engines_dir / entry["file"]
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                raise ArtifactError(f"{path}: TensorRT engine for graph {name!r} is missing or its sha256 differs from {record_path}")
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"{path}: TensorRT could not deserialize the engine for graph {name!r}")
+            self._engines[name] = engine
+            self._contexts[name] = engine.create_execution_context()
+            tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            self._inputs[name] = tuple(t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT)
+            self._outputs[name] = tuple(t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.OUTPUT)
+        self._engines_dir = engines_dir
+        self._precision = record.get("precision")
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return tuple(self._engines)
+
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._inputs[graph_name]
+
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        return self._outputs[graph_name]
+
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch, trt = self._torch, self._trt
+        engine = self._engines[graph_name]
+        with self._lock:  # one execution context per graph
+            context = self._contexts[graph_name]
+            stream = torch.cuda.current_stream(self._device)
+            keep_alive: list[Any] = []
+            for name in self._inputs[graph_name]:
+                np_dtype = trt.nptype(engine.get_tensor_dtype(name))
+                host = np.ascontiguousarray(inputs[name], dtype=np_dtype)
+                if engine.is_shape_inference_io(name):  # shape tensors are read from host memory
+                    context.set_input_shape(name, host.shape)
+                    context.set_tensor_address(name, host.ctypes.data)
+                    keep_alive.append(host)
+                    continue
+                tensor = torch.from_numpy(host).to(self._device)
+                context.set_input_shape(name, tuple(tensor.shape))
+                context.set_tensor_address(name, tensor.data_ptr())
+                keep_alive.append(tensor)
+            outputs = {}
+            for name in self._outputs[graph_name]:
+                dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+                tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self._device)
+                context.set_tensor_address(name, tensor.data_ptr())
+                outputs[name] = tensor
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution of graph {graph_name!r} failed")
+            stream.synchronize()
+        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": str(self._device),
+            "gpu": self._torch.cuda.get_device_name(self._device),
+            "tensorrt": self._trt.__version__,
+            "precision": self._precision,
+        }
+
+
+ENGINE_REGISTRY: dict[str, Callable[..., Engine]] = {
+    "onnxruntime": OnnxRuntimeEngine,
+    "torch": TorchEngine,
+    "tensorrt": TensorRTEngine,
+}
+
+
+def build_engine(backend: str, artifacts_dir: str | Path | Artifacts, **opts: Any) -> Engine:
+    """Build the engine registered as ``backend`` over an artifact directory (verified on load).
+
+    Args:
+        backend: one of ``ENGINE_REGISTRY`` ("onnxruntime", "torch", "tensorrt").
+        artifacts_dir: the artifact directory, or an already loaded :class:`Artifacts`.
+        **opts: passed to the engine's constructor.
+
+    Raises:
+        ValueError: unknown backend (the message lists the choices).
+        ArtifactError: the artifact directory does not verify.
+    """
+    if backend not in ENGINE_REGISTRY:
+        raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(ENGINE_REGISTRY)}")
+    artifacts = artifacts_dir if isinstance(artifacts_dir, Artifacts) else load_artifacts(artifacts_dir)
+    return ENGINE_REGISTRY[backend](artifacts, **opts)

@@ -1,0 +1,796 @@
+"""The UltraRefiner chain over exported graphs: numpy in, numpy out, no web framework.
+
+``SegmentationPipeline.segment`` reproduces ``models.UltraRefiner.forward`` on each image at its own
+size, with the heavy parts run as graphs on an :class:`~service.engines.Engine` over the WHOLE batch:
+
+1. resize every image to the TransUNet size and run the ``transunet`` graph on the batch;
+2. per image: the coarse probability at the image's size (the TransUNet logits resized back, as
+   ``UltraRefiner.coarse`` does), differentiable prompts (``models.prompts``), the square ROI and its
+   S x S crop plus the mask prompt (``models.roi``);
+3. ``image_encoder`` on the stacked crops, then ``mask_decoder`` (SAM ONNX signature: the two points
+   plus the box corners as labels 2 and 3, the mask prompt with ``has_mask_input``);
+4. per image: refiner logits upsampled over the ROI, pasted back into the image (``models.roi``),
+   gated against the coarse probability (``models.gate``; learned gates via the ``gate`` graph),
+   thresholded.
+
+The glue between graphs runs in torch on CPU with the same functions the model uses, so the
+numbers equal the torch forward within the graphs' export parity bounds (tests/test_pipeline.py).
+
+``refine`` is the interactive (MedSAM-style) path: user prompts in the original image frame, the
+refiner sees the WHOLE image as one square ROI ``[0, 0, L, L]`` (L = max(H, W); zero padded
+bottom/right, aspect ratio kept — SAM's resize-longest-side + pad framing, which is also the model's
+``use_roi=False`` path). Cropping around the user's box would add resolution for small lesions, but
+then every box edit would need a new encoder pass; with the whole image the embedding depends only
+on the pixels, so it is cached (:class:`~service.embedding_cache.EmbeddingCache`, keyed by image
+digest and model version) and a prompt edit runs the decoder alone.
+
+Prompts reach the exported decoder in the de-facto SAM ONNX format: points, then the box corners
+(labels 2, 3), and a padding point (label -1) only when there is no box — exactly the tokens
+``Sam.decode`` builds. The graph returns one mask by SAM's ONNX rule: the single-mask token when more
+than two points/corners are given (e.g. the automatic path's 2 points + box), otherwise the
+multimask output with the best predicted IoU (a box alone, a single click), as the official ONNX
+model and web demo do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
+from models.prompts import mask_prompt, negative_point, positive_point, soft_box
+from models.roi import crop_roi, full_image_roi, paste_roi, roi_from_box, to_roi_frame
+from models.ultrarefiner import UltraRefinerConfig, resize
+from service.artifacts import Artifacts, load_artifacts
+from service.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
+from service.engines import Engine, build_engine
+
+__all__ = [
+    "OUTPUT_ARRAYS",
+    "InputError",
+    "PromptError",
+    "RefineResult",
+    "SegmentOptions",
+    "SegmentResult",
+    "SegmentationPipeline",
+]
+
+OUTPUT_ARRAYS = ("mask", "probability", "coarse_probability", "coarse_mask", "gate")
+DEFAULT_MAX_POINTS = 16
+_PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit (|logit| <= 16.1)
+
+
+class InputError(ValueError):
+    """A request value is invalid (the service answers 400). ``field`` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PromptError(InputError):
+    """An interactive prompt is invalid: outside the image, an inverted box, too many points, ..."""
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Per-request overrides of ``segment``.
+
+    Attributes:
+        threshold: probability threshold in (0, 1) for the masks; None = the manifest's validated one.
+        gate: gate type override: "none" (refined = refiner output), "uncertainty", or the model's own
+            "learned" / "hybrid" (only the type the model was exported with); None = the model's gate.
+        gate_gamma, gate_min, gate_max: uncertainty-gate parameters (only with an uncertainty gate).
+        outputs: which arrays to return, a subset of ``OUTPUT_ARRAYS``; the others are None.
+    """
+
+    threshold: float | None = None
+    gate: str | None = None
+    gate_gamma: float | None = None
+    gate_min: float | None = None
+    gate_max: float | None = None
+    outputs: tuple[str, ...] = OUTPUT_ARRAYS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.outputs, str):
+            object.__setattr__(self, "outputs", (self.outputs,))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        if self.threshold is not None:
+            _check_number(self.threshold, "threshold", low=0.0, high=1.0, open_interval=True)
+        if self.gate is not None and self.gate not in GATE_TYPES:
+            raise InputError(f"gate must be one of {list(GATE_TYPES)}, got {self.gate!r}", "gate")
+        if self.gate_gamma is not None:
+            _check_number(self.gate_gamma, "gate_gamma", low=0.0, high=None, open_interval=True)
+        for name in ("gate_min", "gate_max"):
+            if getattr(self, name) is not None:
+                _check_number(getattr(self, name), name, low=0.0, high=1.0, open_interval=False)
+        unknown = [name for name in self.outputs if name not in OUTPUT_ARRAYS]
+        if unknown:
+            raise InputError(f"outputs {unknown} are unknown; choose from {list(OUTPUT_ARRAYS)}", "outputs")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SegmentOptions:
+        """Options from a request mapping; unknown keys raise ``InputError`` naming them."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown}; expected a subset of {sorted(known)}", unknown[0])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_number(value: Any, name: str, *, low: float, high: float | None, open_interval: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}", name)
+    value = float(value)
+    if open_interval:
+        ok = value > low and (high is None or value < high)
+        expected = f"({low:g}, {high:g})" if high is not None else f"> {low:g}"
+    else:
+        ok = low <= value and (high is None or value <= high)
+        expected = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+    if not ok:
+        raise InputError(f"{name} must be in {expected}, got {value:g}", name)
+
+
+@dataclass
+class SegmentResult:
+    """One image's segmentation, everything in the image's original (H, W) pixel frame.
+
+    Attributes:
+        mask: (H, W) uint8 {0, 1}: probability > threshold.
+        probability: (H, W) float32 in [0, 1]: the gated refined probability.
+        coarse_probability: (H, W) float32 in [0, 1]: TransUNet's.
+        coarse_mask: (H, W) uint8 {0, 1}: coarse_probability > threshold.
+        gate: (H, W) float32 in [gate_min, gate_max]: where the refiner's correction was applied.
+        box: (4,) float32 xyxy, the prompt box (pixel frame: pixel centres at integers).
+        points: (2, 2) float32 xy, [positive, negative] prompt points.
+        point_labels: (2,) float32 SAM codes [1, 0].
+        roi: (4,) float32 xyxy square ROI the refiner saw (continuous frame: the image spans [0, W] x [0, H]).
+        iou: the refiner's predicted IoU.
+        uncertainty: mean gate over the image (0 = coarse kept everywhere, 1 = refiner everywhere).
+        area_pixels: foreground pixels of ``mask``.
+        area_mm2: area in mm^2 when the pixel spacing is known, else None.
+        threshold: the threshold used.
+        timings: per-stage wall times in ms of the batch this image was in (the same dict for every image
+            of a batch).
+        model_version: the artifact version that produced it.
+        Arrays not requested in ``SegmentOptions.outputs`` are None.
+    """
+
+    mask: np.ndarray | None
+    probability: np.ndarray | None
+    coarse_probability: np.ndarray | None
+    coarse_mask: np.ndarray | None
+    gate: np.ndarray | None
+    box: np.ndarray
+    points: np.ndarray
+    point_labels: np.ndarray
+    roi: np.ndarray
+    iou: float
+    uncertainty: float
+    area_pixels: int
+    area_mm2: float | None
+    threshold: float
+    timings: dict[str, float]
+    model_version: str
+
+
+@dataclass
+class RefineResult:
+    """The interactive refine result, in the image's original (H, W) pixel frame.
+
+    Attributes:
+        mask: (H, W) uint8 {0, 1}: probability > threshold.
+        probability: (H, W) float32 in [0, 1]: sigmoid of the refiner's logits.
+        iou: the refiner's predicted IoU.
+        area_pixels, area_mm2: foreground area (mm^2 when the spacing is known).
+        threshold: the threshold used.
+        cache_hit: True when the image embedding came from the cache (only the decoder ran).
+        image_key: the cache key's image part (the caller's key or the pixels' sha256).
+        timings: per-stage wall times in ms (no ``image_encoder`` entry on a cache hit).
+        model_version: the artifact version that produced it.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    iou: float
+    area_pixels: int
+    area_mm2: float | None
+    threshold: float
+    cache_hit: bool
+    image_key: str
+    timings: dict[str, float]
+    model_version: str
+
+
+class _Timer:
+    """Accumulates wall time per stage in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+    def total(self) -> dict[str, float]:
+        out = {k: round(v, 3) for k, v in self.ms.items()}
+        out["total"] = round((time.perf_counter() - self._start) * 1000.0, 3)
+        return out
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = (time.perf_counter() - self.start) * 1000.0
+        self.timer.ms[self.name] = self.timer.ms.get(self.name, 0.0) + elapsed
+
+
+@dataclass
+class _Prepared:
+    """Per-image refiner inputs (torch, batch 1)."""
+
+    image: torch.Tensor  # (1, 1, H, W)
+    coarse: torch.Tensor  # (1, 1, H, W)
+    roi: torch.Tensor  # (1, 4)
+    crop: torch.Tensor  # (1, 1, S, S) in [0, 1]
+    coords: torch.Tensor  # (1, N, 2) ROI frame
+    labels: torch.Tensor  # (1, N)
+    mask_logits: torch.Tensor  # (1, 1, m, m)
+    image_points: torch.Tensor  # (1, 2, 2)
+    image_box: torch.Tensor  # (1, 4)
+
+
+def _area_mm2(area_pixels: int, spacing: Sequence[float] | None) -> float | None:
+    if spacing is None:
+        return None
+    row, col = (float(v) for v in spacing)
+    return float(area_pixels) * row * col
+
+
+class SegmentationPipeline:
+    """UltraRefiner inference over an artifact directory.
+
+    Args:
+        engine: runs the graphs.
+        artifacts: the verified artifact directory the engine was built from.
+        embedding_cache: cache for ``refine``'s image embeddings (default: one of
+            ``embedding_cache_bytes``).
+        embedding_cache_bytes: budget of the default cache (0 disables caching).
+        max_points: most user points ``refine`` accepts.
+
+    Thread safety: ``segment`` and ``refine`` may be called concurrently (engines and the cache are
+    thread-safe; the glue holds no state).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        artifacts: Artifacts,
+        *,
+        embedding_cache: EmbeddingCache | None = None,
+        embedding_cache_bytes: int = DEFAULT_MAX_BYTES,
+        max_points: int = DEFAULT_MAX_POINTS,
+    ) -> None:
+        self.engine = engine
+        self.artifacts = artifacts
+        self.embedding_cache = embedding_cache if embedding_cache is not None else EmbeddingCache(embedding_cache_bytes)
+        if int(max_points) < 1:
+            raise ValueError(f"max_points must be >= 1, got {max_points}")
+        self.max_points = int(max_points)
+        spec = artifacts.pipeline
+        where = str(artifacts.root / "manifest.json")
+        try:
+            self.config = UltraRefinerConfig.from_dict(dict(spec.ultrarefiner))
+            self.gate_config = GateConfig.from_dict(dict(spec.gate)) if spec.gate else GateConfig(type="none")
+        except ValueError as exc:
+            raise ValueError(f"{where}: pipeline block: {exc}") from exc
+        self.transunet_size = spec.transunet_size
+        self.transunet_channels = spec.transunet_in_channels
+        self.refiner_size = spec.refiner_size
+        self.mask_prompt_size = self._mask_input_side(artifacts)
+        self.threshold = spec.threshold
+        if self.gate_config.type in ("learned", "hybrid") and "gate" not in engine.graph_names:
+            raise ValueError(f"{where}: gate type {self.gate_config.type!r} needs a 'gate' graph; the engine has "
+                             f"{list(engine.graph_names)}")
+        if self.config.multimask_output or (self.config.use_box and not self.config.use_points):
+            # The exported decoder picks its mask by SAM's ONNX rule (single-mask token for > 2 prompt points).
+            warnings.warn(
+                f"{where}: the model decodes with multimask_output={self.config.multimask_output}, "
+                f"use_points={self.config.use_points}, use_box={self.config.use_box}; the exported single-mask "
+                "decoder selects masks by SAM's ONNX rule, so refined masks may differ from the torch model",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_artifacts(
+        cls,
+        art_dir: str | Path,
+        backend: str = "onnxruntime",
+        *,
+        embedding_cache: EmbeddingCache | None = None,
+        embedding_cache_bytes: int = DEFAULT_MAX_BYTES,
+        max_points: int = DEFAULT_MAX_POINTS,
+        **engine_opts: Any,
+    ) -> SegmentationPipeline:
+        """Verify ``art_dir`` (sha256 of every graph) and build the pipeline on ``backend``.
+
+        Raises:
+            ArtifactError: the directory does not verify.
+            ValueError: unknown backend (names the choices) or bad engine options.
+        """
+        artifacts = load_artifacts(art_dir)
+        engine = build_engine(backend, artifacts, **engine_opts)
+        return cls(
+            engine,
+            artifacts,
+            embedding_cache=embedding_cache,
+            embedding_cache_bytes=embedding_cache_bytes,
+            max_points=max_points,
+        )
+
+    @staticmethod
+    def _mask_input_side(artifacts: Artifacts) -> int:
+        for spec in artifacts.graph("mask_decoder").inputs:
+            if spec.get("name") == "mask_input" and isinstance(spec.get("shape", [None])[-1], int):
+                return int(spec["shape"][-1])
+        return artifacts.pipeline.refiner_size // 4
+
+    @property
+    def version(self) -> str:
+        return self.artifacts.version
+
+    def model_info(self) -> dict[str, Any]:
+        """Version, backend, threshold, graphs and the pipeline settings (no server paths)."""
+        described = self.engine.describe()
+        return {
+            "version": self.artifacts.version,
+            "backend": described.get("backend", self.engine.backend),
+            "engine": described,
+            "threshold": self.threshold,
+            "precision": self.artifacts.precision,
+            "graphs": sorted(self.artifacts.graphs),
+            "transunet_size": self.transunet_size,
+            "refiner_size": self.refiner_size,
+            "refiner_preprocess": self.artifacts.pipeline.refiner_preprocess,
+            "gate": self.gate_config.to_dict(),
+            "ultrarefiner": self.config.to_dict(),
+            "max_points": self.max_points,
+            "metrics": dict(self.artifacts.source.get("metrics") or {}),
+            "data_fingerprint": self.artifacts.source.get("data_fingerprint"),
+        }
+
+    def cache_stats(self) -> CacheStats:
+        return self.embedding_cache.stats()
+
+    def warmup(self) -> dict[str, float]:
+        """Run every graph once on a synthetic image (first-call allocations, kernel selection).
+
+        Does not touch the embedding cache. Returns the segment timings in ms.
+        """
+        size = max(self.transunet_size, 32)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        image = 0.3 + 0.4 * np.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (2 * (size / 6) ** 2))
+        result = self.segment([image.astype(np.float32)], SegmentOptions(outputs=("mask",)))[0]
+        self._refine(image.astype(np.float32), np.array([size / 4, size / 4, 3 * size / 4, 3 * size / 4]),
+                     None, None, None, None, None, None, use_cache=False)
+        return result.timings
+
+    # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _check_image(image: Any, where: str) -> np.ndarray:
+        if not isinstance(image, np.ndarray):
+            raise InputError(f"{where} must be a numpy array (H, W) float32 in [0, 1], got {type(image).__name__}",
+                             "image")
+        if image.ndim != 2 or min(image.shape) < 2:
+            raise InputError(f"{where} must be 2-D (H, W) with H, W >= 2, got shape {image.shape}", "image")
+        if not np.issubdtype(image.dtype, np.floating):
+            raise InputError(f"{where} must be float in [0, 1], got dtype {image.dtype} (scale integers first)",
+                             "image")
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        if not np.isfinite(image).all():
+            raise InputError(f"{where} holds NaN or infinite values", "image")
+        low, high = float(image.min()), float(image.max())
+        if low < 0.0 or high > 1.0:
+            raise InputError(f"{where} values must be in [0, 1], got [{low:g}, {high:g}]", "image")
+        return image
+
+    def _effective_gate(self, options: SegmentOptions) -> tuple[GateConfig, bool]:
+        """(gate config, use the gate graph) for these options."""
+        base = self.gate_config
+        # option name -> GateConfig field
+        given = {name: value for name, value in (("gate_gamma", options.gate_gamma), ("gate_min", options.gate_min),
+                                                 ("gate_max", options.gate_max)) if value is not None}
+        gate_type = options.gate or base.type
+        if gate_type in ("learned", "hybrid"):
+            if gate_type != base.type:
+                raise InputError(f"gate {gate_type!r} is not available: this model's gate is {base.type!r} "
+                                 "(override with 'none' or 'uncertainty')", "gate")
+            if given:
+                raise InputError(f"gate parameter overrides {sorted(given)} apply to the 'uncertainty' gate only; "
+                                 f"this model's gate is {base.type!r}", sorted(given)[0])
+            return base, True
+        fields = {"gamma" if name == "gate_gamma" else name: value for name, value in given.items()}
+        try:
+            config = dataclasses.replace(base, type=gate_type, **fields)
+        except ValueError as exc:
+            raise InputError(str(exc).replace("GateConfig.", ""), "gate") from exc
+        return config, False
+
+    # ------------------------------------------------------------------ segment
+    def segment(
+        self,
+        images: Sequence[np.ndarray],
+        options: SegmentOptions | None = None,
+        *,
+        spacings: Sequence[Sequence[float] | None] | None = None,
+    ) -> list[SegmentResult]:
+        """Segment a batch of images of any sizes.
+
+        Args:
+            images: each (H_i, W_i) float32 in [0, 1].
+            options: overrides (threshold, gate, outputs); None = the manifest's settings.
+            spacings: per image (row, column) pixel spacing in mm, or None, for ``area_mm2``.
+
+        Returns:
+            One ``SegmentResult`` per image, in order, in each image's original frame.
+
+        Raises:
+            InputError: an image is not (H, W) float in [0, 1], a bad option or spacing.
+        """
+        # 1. Check inputs
+        options = options if options is not None else SegmentOptions()
+        threshold = float(options.threshold) if options.threshold is not None else self.threshold
+        gate_config, gate_graph = self._effective_gate(options)
+        arrays = [self._check_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        if spacings is not None and len(spacings) != len(arrays):
+            raise InputError(f"spacings has {len(spacings)} entries for {len(arrays)} images", "spacings")
+        if not arrays:
+            return []
+        timer = _Timer()
+        cfg, s = self.config, self.refiner_size
+        with torch.inference_mode():
+            # 2. TransUNet on the whole batch at its input size
+            with timer.stage("preprocess"):
+                tensors = [torch.from_numpy(a)[None, None] for a in arrays]
+                batch = torch.cat([resize(t, (self.transunet_size, self.transunet_size)) for t in tensors])
+                batch = batch.expand(-1, self.transunet_channels, -1, -1)
+            with timer.stage("transunet"):
+                probability = self.engine.run("transunet", {"image": batch.numpy()})["probability"]
+            # 3. Coarse probability at each image's size, prompts, ROI, crops
+            with timer.stage("prompts_roi"):
+                logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS)
+                prepared = []
+                for i, t in enumerate(tensors):
+                    coarse = torch.sigmoid(resize(logits[i : i + 1], tuple(t.shape[-2:]))).float()
+                    prepared.append(self._prepare_auto(t, coarse))
+                crops = torch.cat([p.crop for p in prepared])
+                refiner_image = (crops.expand(-1, 3, -1, -1) * 255.0).contiguous()
+                coords = torch.cat([p.coords for p in prepared])
+                labels = torch.cat([p.labels for p in prepared])
+                mask_input = torch.cat([p.mask_logits for p in prepared])
+                has_mask = torch.full((len(prepared),), 1.0 if cfg.use_mask_prompt else 0.0)
+            # 4. Refiner graphs on the whole batch
+            with timer.stage("image_encoder"):
+                embeddings = self.engine.run("image_encoder", {"image": refiner_image.numpy()})["image_embeddings"]
+            with timer.stage("mask_decoder"):
+                decoded = self._decode(embeddings, coords, labels, mask_input, has_mask)
+            # 5. Paste back, gate, threshold — per image at its own size
+            low = torch.from_numpy(decoded["low_res_masks"])
+            iou = decoded["iou_predictions"].reshape(len(prepared), -1)[:, 0]
+            with timer.stage("paste_back"):
+                sams = []
+                for i, p in enumerate(prepared):
+                    sam_roi = torch.sigmoid(F.interpolate(low[i : i + 1], (s, s), mode="bilinear", align_corners=False))
+                    sams.append(paste_roi(sam_roi, p.roi, tuple(p.image.shape[-2:])))
+            with timer.stage("gate"):
+                gates = self._gates(prepared, sams, gate_config, gate_graph)
+            with timer.stage("postprocess"):
+                results = []
+                for i, (p, sam, gate) in enumerate(zip(prepared, sams, gates, strict=True)):
+                    refined = apply_gate(p.coarse, sam, gate)
+                    results.append(self._segment_result(
+                        p, refined, gate, float(iou[i]), threshold, options.outputs,
+                        spacings[i] if spacings is not None else None,
+                    ))
+        timings = timer.total()
+        for result in results:
+            result.timings = dict(timings)
+        return results
+
+    def _prepare_auto(self, image: torch.Tensor, coarse: torch.Tensor) -> _Prepared:
+        """``UltraRefiner.prepare_refiner_inputs`` for one image, without the refiner's preprocessing
+        (it is inside the image_encoder graph); prompts packed in the SAM ONNX point format."""
+        cfg, s, m = self.config, self.refiner_size, self.mask_prompt_size
+        h, w = image.shape[-2:]
+        pos = positive_point(coarse, cfg.prompt_prior_mass)
+        box = soft_box(coarse, cfg.box_std_scale, cfg.prompt_prior_mass)
+        neg = negative_point(coarse, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass)
+        points = torch.stack([pos, neg], dim=1)  # (1, 2, 2) image pixel frame
+        if cfg.use_roi:
+            roi = roi_from_box(box, (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)
+        else:
+            roi = full_image_roi(1, (h, w), dtype=image.dtype)
+        crop = crop_roi(image, roi, s)
+        mask_logits = mask_prompt(crop_roi(coarse, roi, m), None, cfg.mask_prompt_style, cfg.gaussian_sigma * m)
+        coords, labels = self._pack_prompts(
+            to_roi_frame(points, roi, s) if cfg.use_points else None,
+            torch.tensor([[1.0, 0.0]]) if cfg.use_points else None,
+            to_roi_frame(box, roi, s) if cfg.use_box else None,
+        )
+        return _Prepared(image=image, coarse=coarse, roi=roi, crop=crop, coords=coords, labels=labels,
+                         mask_logits=mask_logits, image_points=points, image_box=box)
+
+    @staticmethod
+    def _pack_prompts(
+        points: torch.Tensor | None, labels: torch.Tensor | None, box: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM ONNX point format for one image: points, then the box corners (labels 2, 3); without a box a
+        padding point (label -1) is appended, as ``Sam.decode`` does. Returns (1, N, 2), (1, N) float32."""
+        coords = [points] if points is not None else []
+        codes = [labels] if labels is not None else []
+        if box is not None:
+            coords.append(box.view(1, 2, 2))
+            codes.append(torch.tensor([[2.0, 3.0]]))
+        else:
+            coords.append(torch.full((1, 1, 2), -0.5))  # +0.5 inside the decoder puts it at 0, like Sam's padding
+            codes.append(torch.tensor([[-1.0]]))
+        return torch.cat(coords, dim=1).float(), torch.cat(codes, dim=1).float()
+
+    def _decode(
+        self,
+        embeddings: np.ndarray,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask: torch.Tensor,
+    ) -> dict[str, np.ndarray]:
+        s = float(self.refiner_size)
+        return self.engine.run(
+            "mask_decoder",
+            {
+                "image_embeddings": embeddings,
+                "point_coords": coords.numpy(),
+                "point_labels": labels.numpy(),
+                "mask_input": mask_input.float().numpy(),
+                "has_mask_input": has_mask.float().numpy(),
+                "orig_im_size": np.array([s, s], dtype=np.float32),  # masks at the ROI frame; we use low_res_masks
+            },
+        )
+
+    def _gates(
+        self, prepared: list[_Prepared], sams: list[torch.Tensor], config: GateConfig, use_graph: bool
+    ) -> list[torch.Tensor]:
+        if not use_graph:
+            gate = Gate(config)  # "none" / "uncertainty": no parameters
+            return [gate(p.coarse, sam, p.image) for p, sam in zip(prepared, sams, strict=True)]
+        # The learned gate graph takes a batch of one size: group images by (H, W).
+        out: list[torch.Tensor | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(tuple(p.image.shape[-2:]), []).append(i)
+        names = self.engine.input_names("gate")
+        for indices in groups.values():
+            feeds = {
+                "coarse": torch.cat([prepared[i].coarse for i in indices]).numpy(),
+                "sam": torch.cat([sams[i] for i in indices]).numpy(),
+                "image": torch.cat([prepared[i].image for i in indices]).numpy(),
+            }
+            gate = torch.from_numpy(self.engine.run("gate", {n: feeds[n] for n in names})["gate"])
+            for j, i in enumerate(indices):
+                out[i] = gate[j : j + 1]
+        return out  # type: ignore[return-value]
+
+    def _segment_result(
+        self,
+        p: _Prepared,
+        refined: torch.Tensor,
+        gate: torch.Tensor,
+        iou: float,
+        threshold: float,
+        outputs: tuple[str, ...],
+        spacing: Sequence[float] | None,
+    ) -> SegmentResult:
+        probability = refined[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+        coarse = p.coarse[0, 0].numpy().astype(np.float32)
+        mask = (probability > threshold).astype(np.uint8)
+        gate_map = gate[0, 0].numpy().astype(np.float32)
+        area = int(mask.sum())
+        arrays = {
+            "mask": mask,
+            "probability": probability,
+            "coarse_probability": coarse,
+            "coarse_mask": (coarse > threshold).astype(np.uint8),
+            "gate": gate_map,
+        }
+        return SegmentResult(
+            **{name: (arrays[name] if name in outputs else None) for name in OUTPUT_ARRAYS},
+            box=p.image_box[0].numpy().astype(np.float32),
+            points=p.image_points[0].numpy().astype(np.float32),
+            point_labels=np.array([1.0, 0.0], dtype=np.float32),
+            roi=p.roi[0].numpy().astype(np.float32),
+            iou=float(iou),
+            uncertainty=float(gate_map.mean()),
+            area_pixels=area,
+            area_mm2=_area_mm2(area, spacing),
+            threshold=threshold,
+            timings={},
+            model_version=self.artifacts.version,
+        )
+
+    # ------------------------------------------------------------------ refine (interactive)
+    def refine(
+        self,
+        image: np.ndarray,
+        box: Sequence[float] | np.ndarray | None = None,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        point_labels: Sequence[float] | np.ndarray | None = None,
+        prior_mask: np.ndarray | None = None,
+        image_key: str | None = None,
+        *,
+        threshold: float | None = None,
+        spacing: Sequence[float] | None = None,
+    ) -> RefineResult:
+        """Refine with user prompts (MedSAM-style interactive use); see the module docstring for the framing.
+
+        Args:
+            image: (H, W) float32 in [0, 1].
+            box: (4,) xyxy in the image pixel frame (0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H), or None.
+            points: (N, 2) xy in the image pixel frame, N <= ``max_points``, or None.
+            point_labels: (N,) 1 foreground / 0 background; required with ``points``.
+            prior_mask: (H, W) in [0, 1] (a previous mask or probability) used as SAM's mask prompt, or None.
+            image_key: a content digest of the image the caller already has (e.g. sha256 of the uploaded
+                file's bytes) for the embedding cache; None = sha256 of the decoded pixels. It must change
+                whenever the pixels change.
+            threshold: in (0, 1); None = the manifest's.
+            spacing: (row, column) pixel spacing in mm for ``area_mm2``.
+
+        Raises:
+            InputError: bad image or threshold.
+            PromptError: no prompt, a prompt outside the image, an inverted or empty box, too many points,
+                labels that do not match the points, an all-zero / all-one prior mask.
+        """
+        image = self._check_image(image, "image")
+        if threshold is not None:
+            _check_number(threshold, "threshold", low=0.0, high=1.0, open_interval=True)
+        return self._refine(image, box, points, point_labels, prior_mask, image_key, threshold, spacing,
+                            use_cache=True)
+
+    def _check_prompts(
+        self, shape: tuple[int, int], box: Any, points: Any, point_labels: Any, prior_mask: Any
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        h, w = shape
+        if box is None and points is None and prior_mask is None:
+            raise PromptError("refine needs at least one prompt: box, points or prior_mask", "box")
+        box_arr = None
+        if box is not None:
+            box_arr = np.asarray(box, dtype=np.float64).reshape(-1)
+            if box_arr.shape != (4,) or not np.isfinite(box_arr).all():
+                raise PromptError(f"box must be 4 finite numbers x0, y0, x1, y1, got {np.asarray(box).tolist()}", "box")
+            x0, y0, x1, y1 = box_arr
+            if x1 <= x0 or y1 <= y0:
+                raise PromptError(f"box must have x0 < x1 and y0 < y1, got {box_arr.tolist()} (inverted or empty)",
+                                  "box")
+            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                raise PromptError(f"box {box_arr.tolist()} lies outside the image (width {w}, height {h})", "box")
+        pts = labels = None
+        if points is not None or point_labels is not None:
+            if points is None or point_labels is None:
+                raise PromptError("points and point_labels must be given together", "points")
+            pts = np.asarray(points, dtype=np.float64)
+            if pts.ndim == 1 and pts.size == 2:
+                pts = pts.reshape(1, 2)
+            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not np.isfinite(pts).all():
+                raise PromptError(f"points must be (N, 2) finite xy with N >= 1, got shape {pts.shape}", "points")
+            if len(pts) > self.max_points:
+                raise PromptError(f"too many points: {len(pts)} > max_points {self.max_points}", "points")
+            labels = np.asarray(point_labels, dtype=np.float64).reshape(-1)
+            if labels.shape != (len(pts),):
+                raise PromptError(f"point_labels must have one label per point ({len(pts)}), got {labels.size}",
+                                  "point_labels")
+            if not np.isin(labels, (0.0, 1.0)).all():
+                raise PromptError(f"point_labels must be 1 (foreground) or 0 (background), got {labels.tolist()}",
+                                  "point_labels")
+            outside = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+            if outside.any():
+                raise PromptError(f"points {pts[outside].tolist()} lie outside the image (width {w}, height {h})",
+                                  "points")
+        prior = None
+        if prior_mask is not None:
+            prior = np.asarray(prior_mask)
+            if prior.shape != (h, w):
+                raise PromptError(f"prior_mask shape {prior.shape} does not match the image {(h, w)}", "prior_mask")
+            prior = prior.astype(np.float32)
+            if not np.isfinite(prior).all() or prior.min() < 0.0 or prior.max() > 1.0:
+                raise PromptError("prior_mask values must be in [0, 1] (a mask or probability map)", "prior_mask")
+            if prior.max() == 0.0 or prior.min() == 1.0:
+                which = "all zero" if prior.max() == 0.0 else "all one"
+                raise PromptError(f"prior_mask is {which}; it carries no shape to refine", "prior_mask")
+        return box_arr, pts, labels, prior
+
+    def _refine(
+        self,
+        image: np.ndarray,
+        box: Any,
+        points: Any,
+        point_labels: Any,
+        prior_mask: Any,
+        image_key: str | None,
+        threshold: float | None,
+        spacing: Sequence[float] | None,
+        *,
+        use_cache: bool,
+    ) -> RefineResult:
+        # 1. Check prompts
+        h, w = image.shape
+        box_arr, pts, labels, prior = self._check_prompts((h, w), box, points, point_labels, prior_mask)
+        threshold = float(threshold) if threshold is not None else self.threshold
+        timer = _Timer()
+        s, m = self.refiner_size, self.mask_prompt_size
+        with torch.inference_mode():
+            tensor = torch.from_numpy(image)[None, None]
+            roi = full_image_roi(1, (h, w), dtype=tensor.dtype)
+            # 2. Image embedding: cached by (image digest, model version)
+            with timer.stage("cache_lookup"):
+                key_image = image_key if image_key is not None else pixels_digest(image)
+                key = (key_image, self.artifacts.version, (h, w))
+                embeddings = self.embedding_cache.get(key) if use_cache else None
+            cache_hit = embeddings is not None
+            if not cache_hit:
+                with timer.stage("image_encoder"):
+                    crop = crop_roi(tensor, roi, s)
+                    refiner_image = (crop.expand(-1, 3, -1, -1) * 255.0).contiguous().numpy()
+                    embeddings = self.engine.run("image_encoder", {"image": refiner_image})["image_embeddings"]
+                if use_cache:
+                    self.embedding_cache.put(key, embeddings)
+            # 3. Prompts in the refiner frame, decoder
+            with timer.stage("prompts"):
+                pts_t = to_roi_frame(torch.from_numpy(pts).float()[None], roi, s) if pts is not None else None
+                labels_t = torch.from_numpy(labels).float()[None] if labels is not None else None
+                box_t = to_roi_frame(torch.from_numpy(box_arr).float()[None], roi, s) if box_arr is not None else None
+                coords, codes = self._pack_prompts(pts_t, labels_t, box_t)
+                if prior is not None:
+                    mask_input = mask_prompt(crop_roi(torch.from_numpy(prior)[None, None], roi, m), None, "direct")
+                    has_mask = torch.ones(1)
+                else:
+                    mask_input, has_mask = torch.zeros(1, 1, m, m), torch.zeros(1)
+            with timer.stage("mask_decoder"):
+                decoded = self._decode(embeddings, coords, codes, mask_input, has_mask)
+            # 4. Back to the image frame
+            with timer.stage("postprocess"):
+                low = torch.from_numpy(decoded["low_res_masks"][:, :1])
+                sam_roi = torch.sigmoid(F.interpolate(low, (s, s), mode="bilinear", align_corners=False))
+                probability = paste_roi(sam_roi, roi, (h, w))[0, 0].numpy().astype(np.float32)
+                mask = (probability > threshold).astype(np.uint8)
+        area = int(mask.sum())
+        return RefineResult(
+            mask=mask,
+            probability=probability,
+            iou=float(decoded["iou_predictions"].reshape(-1)[0]),
+            area_pixels=area,
+            area_mm2=_area_mm2(area, spacing),
+            threshold=threshold,
+            cache_hit=cache_hit,
+            image_key=key_image,
+            timings=timer.total(),
+            model_version=self.artifacts.version,
+        )
