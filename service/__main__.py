@@ -1,0 +1,90 @@
+"""``python -m service``: check the artifacts, then serve REST + OIP-HTTP (BentoML) and gRPC in one worker.
+
+    python -m service [--port 3000] [--grpc-port 8001] [--backend onnxruntime|torch|tensorrt]
+                      [--artifacts DIR] [--host 127.0.0.1] [--api-key-env VAR]
+
+The flags override the ``MEDREFINE_*`` environment variables (see ``service.settings``); the result is
+exported to the environment and BentoML's own ``bentoml serve service.app:MedRefine`` command runs in
+this process, so ``python -m service`` and ``bentoml serve`` behave the same. The artifact directory
+is loaded and hash-verified here first, so a bad directory is a clear one-line error and exit code 2
+instead of a worker that keeps restarting. SIGTERM (or Ctrl-C) drains: readiness turns false, accepted
+requests complete (up to ``MEDREFINE_DRAIN_TIMEOUT_S``), then the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.settings import ServiceSettings, SettingsError, parse_cli
+
+SERVICE_IMPORT = "service.app:MedRefine"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+logger = logging.getLogger("service")
+
+
+def bentoml_serve_args(settings: ServiceSettings) -> list[str]:
+    """The ``bentoml serve`` argument list equivalent to ``settings``."""
+    return [
+        "serve", SERVICE_IMPORT,
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--working-dir", str(REPO_ROOT),
+        "--timeout-graceful-shutdown", str(max(1, math.ceil(settings.drain_timeout_s))),
+    ]
+
+
+def preflight(settings: ServiceSettings) -> str:
+    """Load and hash-verify the artifact directory; returns the model version.
+
+    Raises:
+        service.artifacts.ArtifactError: naming the file at fault.
+    """
+    from service.artifacts import load_artifacts
+
+    artifacts = load_artifacts(settings.artifacts)
+    return artifacts.version
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_cli(argv)
+    try:
+        settings = ServiceSettings.from_args(args)
+    except SettingsError as exc:
+        print(f"python -m service: {exc}", file=sys.stderr)
+        return 2
+    from service.artifacts import ArtifactError
+
+    try:
+        version = preflight(settings)
+    except ArtifactError as exc:
+        print(f"python -m service: cannot serve: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"medrefine: model {version[:12]} on {settings.backend}; HTTP http://{settings.host}:{settings.port} "
+        f"(REST, /v2, /ui, /metrics), gRPC "
+        + (f"{settings.host}:{settings.grpc_port}" if settings.grpc_port else "off")
+        + f", API key {'on' if settings.api_key else 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.environ.update(settings.to_env())
+    os.environ["MEDREFINE_ARTIFACTS"] = str(Path(settings.artifacts).resolve())
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a medical service
+
+    from bentoml_cli.cli import cli
+
+    try:
+        cli.main(args=bentoml_serve_args(settings), prog_name="bentoml", standalone_mode=False)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The BentoML 1.4 service: REST (/segment, /refine), KServe v2 over HTTP (/v2) and gRPC, /ui, probes, /metrics.
+
+Serve it with ``python -m service`` or ``bentoml serve service.app:MedRefine`` (settings come from the
+``MEDREFINE_*`` environment, see ``service.settings``). The class is deliberately thin: it builds the
+``ServiceRuntime`` once per process and hands each request to ``service.rest``; everything else lives in
+framework-free modules that the tests and benchmarks use directly.
+
+Why our own batcher (``service.batcher``) instead of BentoML's ``@bentoml.api(batchable=True)``:
+
+* BentoML's adaptive batching concatenates inputs along a batch dimension, so every item must have the
+  same shape; our images come in any (H, W) and the pipeline batches them itself (each is resized to the
+  graphs' fixed input sizes and pasted back at its own size).
+* REST, OIP-HTTP and gRPC must share ONE queue, ONE inference thread and ONE back-pressure limit
+  (``max_queue`` -> 503 + Retry-After); BentoML's dispatcher only serves its own ``@bentoml.api`` methods.
+* gRPC is ours: BentoML 1.4 cannot serve gRPC for new-style ``@bentoml.service`` classes, so
+  ``service.grpc_server`` runs ``grpc.aio`` on this worker's event loop, calling the same runtime.
+
+Hence exactly one worker per server (``workers=1``); scale with more containers, each with its own queue.
+
+Around BentoML: ``service.http_middleware.GuardMiddleware`` answers ``/livez`` and ``/readyz`` in JSON
+(ready only once every artifact is loaded and hash-verified against the manifest and the batcher runs),
+checks the API key, enforces ``max_upload_bytes`` before bodies are read (413), refuses non-multipart
+uploads (415) and keeps client errors in our ``{"error", "field"}`` shape. Our Prometheus metrics
+(``service.metrics``) appear on BentoML's ``/metrics`` next to its own ``bentoml_service_*`` series.
+
+Shutdown (SIGTERM): readiness turns false at once, uvicorn stops accepting connections and finishes open
+requests (``--timeout-graceful-shutdown`` = ``drain_timeout_s``), then the shutdown hook stops gRPC with
+the same grace and drains the batcher, so every accepted request is answered before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import typing as t
+from pathlib import Path
+
+import bentoml
+from pydantic import Field
+
+from service import rest
+from service.errors import NotReady
+from service.http_middleware import GuardMiddleware
+from service.metrics import exposition_if_separate
+from service.oip_http import create_oip_app
+from service.settings import ServiceSettings
+
+logger = logging.getLogger("service.app")
+
+SETTINGS = ServiceSettings.from_env()
+UI_DIR = Path(__file__).resolve().parent / "ui"
+
+
+class _Process:
+    """This worker process's runtime (None until built, or if the artifacts failed to load)."""
+
+    runtime: t.Any = None
+    load_failed: bool = False
+
+    def not_ready_reason(self) -> str:
+        if self.load_failed:
+            return "model artifacts failed to load or verify (see the server log)"
+        return "starting"
+
+
+PROCESS = _Process()
+
+
+@bentoml.service(
+    name="medrefine",
+    workers=1,
+    traffic={"timeout": int(SETTINGS.request_timeout_s) + 30, "max_concurrency": SETTINGS.max_concurrency},
+    metrics={"enabled": True},
+)
+class MedRefine:
+    """UltraRefiner lesion segmentation (TransUNet + SAM refiner) over verified exported artifacts."""
+
+    def __init__(self) -> None:
+        from service.artifacts import ArtifactError
+        from service.runtime import ServiceRuntime
+
+        self.settings = ServiceSettings.from_env()
+        self.grpc: t.Any = None
+        try:
+            self.runtime: t.Any = ServiceRuntime.load(self.settings)
+        except (ArtifactError, ValueError, OSError) as exc:
+            logger.error("cannot serve: %s", exc)
+            PROCESS.load_failed = True
+            self.runtime = None
+
+    @bentoml.on_startup
+    async def start_runtime(self) -> None:
+        """Start the batcher, then gRPC on this loop; only then is the process ready."""
+        if self.runtime is None:
+            return
+        await self.runtime.start()
+        if self.settings.grpc_port:
+            from service.grpc_server import start_grpc_server
+
+            self.grpc = await start_grpc_server(self.runtime, self.settings.host, self.settings.grpc_port)
+        _chain_drain_on_signals(self.runtime)
+        PROCESS.runtime = self.runtime
+        logger.info("ready: model %s on %s, HTTP REST + /v2, gRPC %s", self.runtime.model_version[:12],
+                    self.runtime.backend, self.grpc.address if self.grpc else "off")
+
+    @bentoml.on_shutdown
+    async def stop_runtime(self) -> None:
+        """Readiness off, gRPC stops with grace (in-flight RPCs finish), then the queue drains."""
+        if self.runtime is None:
+            return
+        self.runtime.begin_drain()
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.drain_timeout_s)
+            self.grpc = None
+        completed = await self.runtime.stop()
+        logger.info("drained (%s)", "all accepted requests answered" if completed else "drain timeout hit")
+
+    def __is_ready__(self) -> bool:
+        return self.runtime is not None and bool(self.runtime.ready)
+
+    def __metrics__(self, content: str) -> str:
+        """Append our metrics when BentoML's multiprocess collector does not already list them."""
+        if self.runtime is not None:
+            self.runtime.sync_metrics()
+        return content + exposition_if_separate().decode("utf-8")
+
+    def _require_runtime(self) -> t.Any:
+        # Not `ready`: a request accepted before SIGTERM must still be served while the server drains
+        # (the batcher refuses new work only once uvicorn has finished the open requests).
+        if self.runtime is None:
+            raise NotReady(f"server not ready: {PROCESS.not_ready_reason()}")
+        return self.runtime
+
+    @bentoml.api(route="/segment")
+    async def segment(
+        self,
+        file: Path,
+        threshold: float | None = Field(None, description="mask threshold in (0, 1); default: the model's"),
+        gate: str | None = Field(None, description="gate override: none | uncertainty | the model's own"),
+        gamma: float | None = Field(None, description="uncertainty-gate gamma (> 0)"),
+        gate_min: float | None = Field(None, description="uncertainty-gate floor in [0, 1]"),
+        gate_max: float | None = Field(None, description="uncertainty-gate ceiling in [0, 1]"),
+        outputs: str | list[str] | None = Field(
+            None, description="comma list of image, mask, coarse_mask, probability, coarse_probability, gate"),
+        dicom_seg: bool = Field(False, description="also return a DICOM SEG (DICOM uploads only)"),
+        anonymize: bool = Field(False, description="remove patient identifiers from the DICOM SEG"),
+    ) -> dict[str, t.Any]:
+        """Segment one uploaded image (PNG, JPEG, TIFF, DICOM, NIfTI); masks come back as base64 PNGs."""
+        try:
+            return await rest.segment(
+                self._require_runtime(), file, threshold=threshold, gate=gate, gamma=gamma, gate_min=gate_min,
+                gate_max=gate_max, outputs=outputs, dicom_seg=dicom_seg, anonymize=anonymize,
+            )
+        except Exception as exc:
+            return rest.error_response(exc)
+
+    @bentoml.api(route="/refine")
+    async def refine(
+        self,
+        file: Path,
+        box: list[float] | None = Field(None, description="[x0, y0, x1, y1] in image pixels"),
+        points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels"),
+        point_labels: list[float] | None = Field(None, description="1 foreground / 0 background per point"),
+        prior_mask: Path | None = Field(None, description="a previous mask (PNG) as the mask prompt"),
+        threshold: float | None = Field(None, description="mask threshold in (0, 1)"),
+        outputs: str | list[str] | None = Field(None, description="comma list of image, mask, probability"),
+    ) -> dict[str, t.Any]:
+        """Refine an uploaded image with your own prompts; the image embedding is cached between calls."""
+        try:
+            return await rest.refine(
+                self._require_runtime(), file, box=box, points=points, point_labels=point_labels,
+                prior_mask=prior_mask, threshold=threshold, outputs=outputs,
+            )
+        except Exception as exc:
+            return rest.error_response(exc)
+
+
+def _chain_drain_on_signals(runtime: t.Any) -> None:
+    """On SIGTERM/SIGINT turn readiness off first, then let uvicorn's own handler start its graceful exit."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+
+        def handler(received: int, frame: t.Any, _previous: t.Any = previous) -> None:
+            runtime.begin_drain()
+            if callable(_previous):
+                _previous(received, frame)
+            elif _previous == signal.SIG_DFL:
+                raise SystemExit(128 + received)
+
+        try:
+            signal.signal(signum, handler)
+        except ValueError:  # not the main thread (e.g. an embedded test server): uvicorn handles signals
+            return
+
+
+def _runtime() -> t.Any:
+    return PROCESS.runtime
+
+
+def _settings() -> ServiceSettings:
+    return SETTINGS
+
+
+MedRefine.add_asgi_middleware(GuardMiddleware, runtime=_runtime, settings=_settings,
+                              not_ready_reason=PROCESS.not_ready_reason)
+# PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
+# while BentoML's own routes ("/", "/metrics", ...) still match first.
+MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")
+
+
+if (UI_DIR / "index.html").is_file():
+    from starlette.staticfiles import StaticFiles
+
+    MedRefine.mount_asgi_app(StaticFiles(directory=str(UI_DIR), html=True), path="/ui", name="ui")
+else:  # an install without the package data: serve the APIs anyway
+    logger.warning("web UI files not found next to service/app.py; /ui is not served")

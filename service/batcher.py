@@ -1,0 +1,323 @@
+"""An asyncio adaptive batcher: the one inference queue shared by REST, OIP-HTTP and gRPC.
+
+Requests from every front end are ``submit``-ted here. A dispatcher task forms a batch from the
+oldest queued item and the items after it that share its batch key (images with the same options can
+go through the model together), closing the batch when it holds ``max_batch_size`` items or when the
+oldest item has waited ``max_latency_ms``. Batches run one at a time on a single inference thread
+(the engine parallelises inside each call), so while one batch runs the next one fills up: under load
+batches grow towards ``max_batch_size``, when idle a lone request waits at most ``max_latency_ms``.
+
+Back-pressure and failure modes:
+
+* the queue is bounded: ``submit`` raises :class:`QueueFullError` at once when ``max_queue`` items wait;
+* every request has a deadline (queue wait + inference): :class:`RequestTimeoutError` when it passes;
+* a request whose caller went away (client disconnect cancels the awaiting task) is dropped from the
+  queue and never runs;
+* :meth:`AdaptiveBatcher.drain` stops admissions (:class:`NotReady`) and completes accepted requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from service.errors import NotReady, QueueFullError, RequestTimeoutError
+
+__all__ = ["AdaptiveBatcher", "BatchObserver", "BatcherConfig"]
+
+logger = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+class BatchObserver(Protocol):
+    """Receives batcher events (``service.metrics.ServiceMetrics`` implements it)."""
+
+    def observe_queue_depth(self, depth: int) -> None: ...
+
+    def observe_batch(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Batching limits (see ``service.settings`` for the documented defaults).
+
+    ``max_latency_ms`` bounds how long the oldest queued item waits for company; ``max_queue`` bounds
+    waiting items (the running batch is not counted); ``timeout_s`` is the default per-request deadline.
+    """
+
+    max_batch_size: int = 16
+    max_latency_ms: float = 10.0
+    max_queue: int = 64
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_latency_ms < 0:
+            raise ValueError(f"max_latency_ms must be >= 0, got {self.max_latency_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: Hashable
+    item: Any
+    future: asyncio.Future[Any]
+    enqueued: float
+    batchable: bool = True
+    started: bool = field(default=False)
+
+
+class AdaptiveBatcher(Generic[ItemT, ResultT]):
+    """Queue items, run them in batches on one worker thread, hand each caller its own result.
+
+    Args:
+        run_batch: ``run_batch(key, items) -> results`` runs in the worker thread; ``len(results)`` must
+            equal ``len(items)``. A result that is an ``Exception`` instance is raised to that item's
+            caller only; an exception raised by ``run_batch`` goes to every caller in the batch.
+        config: limits.
+        observer: optional metrics sink.
+        name: thread-name prefix of the worker.
+
+    Call :meth:`start` from the event loop that will submit; :meth:`drain` before the loop closes.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Hashable, list[ItemT]], Sequence[ResultT | BaseException]],
+        config: BatcherConfig | None = None,
+        *,
+        observer: BatchObserver | None = None,
+        name: str = "medrefine-infer",
+    ) -> None:
+        self.config = config or BatcherConfig()
+        self._run_batch = run_batch
+        self._observer = observer
+        self._name = name
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._accepting = False
+        self._running_batch = 0
+        self.batches_run = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the dispatcher on the running loop (idempotent)."""
+        if self._task is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"{self._name}-dispatch")
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting (not counting the batch that is running)."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch runs or items wait."""
+        return bool(self._queue) or self._running_batch > 0
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop admissions, finish every accepted request, then stop the worker.
+
+        Args:
+            timeout_s: give up waiting after this long; requests still queued then get :class:`NotReady`.
+
+        Returns:
+            True if every accepted request completed.
+        """
+        self._accepting = False
+        if self._task is None:
+            return True
+        assert self._idle is not None and self._wakeup is not None
+        completed = True
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.busy:
+            self._idle.clear()
+            self._wakeup.set()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                completed = False
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=remaining)
+        for entry in list(self._queue):
+            if not entry.future.done():
+                entry.future.set_exception(NotReady("server shutting down"))
+        self._queue.clear()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=completed)
+            self._executor = None
+        self._notify_depth()
+        return completed
+
+    # -- submission -----------------------------------------------------------------------------------
+
+    async def submit(self, item: ItemT, key: Hashable = None, *, batchable: bool = True,
+                     timeout_s: float | None = None) -> ResultT:
+        """Queue ``item`` and wait for its result.
+
+        Args:
+            item: passed to ``run_batch`` as one element of its list.
+            key: items are only batched with items of an equal key (e.g. the same options).
+            batchable: False runs the item in a batch of its own without waiting for company.
+            timeout_s: deadline for queue wait + inference (default ``config.timeout_s``).
+
+        Raises:
+            QueueFullError: ``max_queue`` items are already waiting.
+            NotReady: the batcher is not started or is draining.
+            RequestTimeoutError: the deadline passed first.
+        """
+        if not self._accepting or self._wakeup is None:
+            raise NotReady("server not accepting requests (starting or shutting down)")
+        if len(self._queue) >= self.config.max_queue:
+            raise QueueFullError(
+                f"server busy: {len(self._queue)} requests queued (max_queue={self.config.max_queue})",
+                retry_after=self._retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        entry = _Entry(key=key, item=item, future=loop.create_future(), enqueued=time.monotonic(),
+                       batchable=batchable)
+        self._queue.append(entry)
+        self._notify_depth()
+        self._wakeup.set()
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.future), timeout=timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"request not finished within {timeout:g} s (request_timeout_s)") from None
+        finally:
+            # Timed out or cancelled (client gone): never run it, or drop its result if it is running.
+            if not entry.future.done():
+                entry.future.cancel()
+            self._remove(entry)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.config.max_latency_ms / 1000.0 * 2)
+
+    def _remove(self, entry: _Entry) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(entry)
+            self._notify_depth()
+
+    def _notify_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.observe_queue_depth(len(self._queue))
+
+    def _prune(self) -> None:
+        """Drop entries whose caller has gone (future cancelled or already answered)."""
+        if any(e.future.done() for e in self._queue):
+            self._queue = collections.deque(e for e in self._queue if not e.future.done())
+            self._notify_depth()
+
+    def _count_key(self, key: Hashable) -> int:
+        return sum(1 for e in self._queue if e.batchable and e.key == key and not e.future.done())
+
+    async def _next_batch(self) -> list[_Entry]:
+        """Wait for a batch to form and take it out of the queue."""
+        assert self._wakeup is not None and self._idle is not None
+        while True:
+            self._prune()
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._queue[0]
+            if head.batchable and self._accepting:
+                deadline = head.enqueued + self.config.max_latency_ms / 1000.0
+                while self._count_key(head.key) < self.config.max_batch_size and not head.future.done():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._accepting:
+                        break
+                    self._wakeup.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                if head.future.done():
+                    continue  # the head left while we waited; start over from the new head
+            batch: list[_Entry] = []
+            if head.batchable:
+                for entry in self._queue:
+                    if entry.batchable and entry.key == head.key and not entry.future.done():
+                        batch.append(entry)
+                        if len(batch) == self.config.max_batch_size:
+                            break
+            else:
+                batch.append(head)
+            taken = set(map(id, batch))
+            self._queue = collections.deque(e for e in self._queue if id(e) not in taken)
+            self._notify_depth()
+            return batch
+
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            now = time.monotonic()
+            for entry in batch:
+                entry.started = True
+            self._running_batch = len(batch)
+            if self._observer is not None:
+                self._observer.observe_batch(len(batch), [now - e.enqueued for e in batch])
+            items = [e.item for e in batch]
+            try:
+                assert self._executor is not None
+                results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key, items)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(NotReady("server shutting down"))
+                self._running_batch = 0
+                raise
+            except BaseException as exc:  # delivered to every caller of the batch
+                logger.exception("batch of %d failed", len(batch))
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+            else:
+                for entry, result in zip(batch, results, strict=True):
+                    if entry.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        entry.future.set_exception(result)
+                    else:
+                        entry.future.set_result(result)
+            finally:
+                self._running_batch = 0
+            self.batches_run += 1
+            if not self._queue:
+                assert self._idle is not None
+                self._idle.set()

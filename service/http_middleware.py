@@ -1,0 +1,385 @@
+"""The ASGI guard in front of every HTTP route of the BentoML app (REST, /v2 OIP, /ui, probes).
+
+BentoML 1.4 has no request-body limit and answers its own probes with plain text, so this middleware
+(installed with ``MedRefine.add_asgi_middleware``) does, in order:
+
+1. ``GET /livez`` and ``GET /readyz``: JSON probes from the runtime (ready only once every artifact is
+   loaded and verified and the batcher runs; false again as soon as draining starts).
+2. API key: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on ``/segment`` and ``/refine``
+   when a key is configured -> 401 (``/v2`` checks it itself, except its health probes).
+3. Content type of ``/segment`` and ``/refine``: ``multipart/form-data`` only -> 415.
+4. Body size: a ``Content-Length`` over ``max_upload_bytes`` is refused before any byte is read, and
+   streamed (chunked) bodies are counted as they arrive -> 413.
+5. Multipart structure: the body must start with its boundary and end with the closing one, and the
+   ``file``/``prior_mask`` fields must be file parts (BentoML's form parser would fetch a text value
+   as a URL, and answers 500 to malformed bodies) -> 400 before the body is parsed.
+6. BentoML's own input-validation 400s (pydantic) on ``/segment`` and ``/refine`` are rewritten to our
+   body ``{"error": ..., "field": ...}``.
+
+Refusals discovered mid-stream (4, 5) end the downstream app's body with ``http.disconnect``; whatever
+it then tries to send is dropped and the refusal goes out instead. A client that disconnects after
+sending a ``/segment`` or ``/refine`` request cancels its handler, which drops the request from the
+batching queue (counted with status 499). Every ``/segment`` and ``/refine`` request is counted in
+``medrefine_requests_total{protocol="rest"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+
+__all__ = ["API_ROUTES", "UPLOAD_FIELDS", "GuardMiddleware", "error_response_parts"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+API_ROUTES = {"/segment": "segment", "/refine": "refine"}
+UPLOAD_FIELDS = (b"file", b"prior_mask")
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+_DISPOSITION = re.compile(rb"content-disposition:[^\r\n]*", re.IGNORECASE)
+_FIELD_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+_HAS_FILENAME = re.compile(rb"\bfilename\*?=", re.IGNORECASE)
+
+
+def error_response_parts(error: ServiceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and JSON body of ``error`` as an HTTP response."""
+    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    return error.code, headers, body
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: ServiceError) -> None:
+    status, headers, body = error_response_parts(error)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _normalise_validation_error(body: bytes) -> bytes:
+    """BentoML's ``{"error": "1 validation error for Input", "detail": [...]}`` -> ``{"error", "field"}``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or "field" in data:
+        return body
+    detail = data.get("detail")
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+        field = loc[0] if loc else None
+        message = str(first.get("msg", "invalid value"))
+        prefix = ".".join(loc)
+        return json.dumps({"error": f"{prefix}: {message}" if prefix else message, "field": field},
+                          separators=(",", ":")).encode()
+    if isinstance(data.get("error"), str):
+        return json.dumps({"error": data["error"], "field": None}, separators=(",", ":")).encode()
+    return body
+
+
+class _MultipartGuard:
+    """Cheap structural checks of a multipart body as it streams past (BentoML would answer 500 instead).
+
+    * the body starts with ``--boundary`` and ends with the closing ``--boundary--``;
+    * a part named like an upload field (``file``, ``prior_mask``) is a file part (has a filename): BentoML
+      would fetch a text value as a URL.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"--" + boundary
+        self._head = b""
+        self._checked_start = False
+        self._tail = b""
+
+    def feed(self, chunk: bytes, more_body: bool) -> ServiceError | None:
+        if not self._checked_start:
+            self._head += chunk
+            head = self._head.lstrip(b"\r\n")
+            if len(head) >= len(self._delimiter) or not more_body:
+                if not head.startswith(self._delimiter):
+                    return BadRequest("malformed multipart/form-data body: it does not start with its boundary")
+                self._checked_start = True
+        data = self._tail + chunk
+        for match in _DISPOSITION.finditer(data):
+            line = match.group(0)
+            if match.end() == len(data) and more_body:
+                continue  # the header line may go on in the next chunk; the tail keeps it
+            name = _FIELD_NAME.search(line)
+            if name and name.group(1) in UPLOAD_FIELDS and not _HAS_FILENAME.search(line):
+                field = name.group(1).decode()
+                return BadRequest(f"field {field!r} must be a file upload (a multipart part with a filename); "
+                                  "text values and URLs are not accepted", field)
+        self._tail = data[-512:]
+        if not more_body and not data.rstrip(b"\r\n").endswith(self._delimiter + b"--"):
+            return BadRequest("malformed multipart/form-data body: truncated (no closing boundary)")
+        return None
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    return None
+
+
+class GuardMiddleware:
+    """See the module docstring.
+
+    Args:
+        app: the downstream ASGI app (BentoML's).
+        runtime: zero-argument callable returning the process's ``ServiceRuntime`` (None before start-up).
+        settings: zero-argument callable returning the ``ServiceSettings``.
+        not_ready_reason: why there is no runtime yet (``/readyz`` says it; never a server path).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, runtime: Callable[[], Any],
+                 settings: Callable[[], Any], not_ready_reason: Callable[[], str] = lambda: "starting") -> None:
+        self.app = app
+        self._runtime = runtime
+        self._settings = settings
+        self._not_ready_reason = not_ready_reason
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        method: str = scope.get("method", "GET")
+        if method in ("GET", "HEAD") and path in ("/livez", "/healthz"):
+            await self._livez(send)
+            return
+        if method in ("GET", "HEAD") and path == "/readyz":
+            await self._readyz(send)
+            return
+        if path == "/ui":
+            await send({"type": "http.response.start", "status": 307, "headers": [(b"location", b"/ui/")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        endpoint = API_ROUTES.get(path)
+        if endpoint is None:
+            await self._guarded(scope, receive, send, path, None, {})
+            return
+        metrics = self._metrics()
+        start = time.perf_counter()
+        status_box = {"status": 500}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box["status"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send, path, endpoint, status_box)
+        finally:
+            if metrics is not None:
+                metrics.observe_request(endpoint, "rest", str(status_box["status"]), time.perf_counter() - start)
+
+    # -- probes -----------------------------------------------------------------------------------------
+
+    async def _livez(self, send: Send) -> None:
+        runtime = self._runtime()
+        live = True if runtime is None else bool(runtime.live)
+        await _send_json(send, 200 if live else 503, {"live": live})
+
+    async def _readyz(self, send: Send) -> None:
+        runtime = self._runtime()
+        if runtime is None:
+            await _send_json(send, 503, {"ready": False, "reason": self._not_ready_reason()}, [(b"retry-after", b"1")])
+            return
+        report = runtime.readiness()
+        status = 200 if report.get("ready") else 503
+        extra = [] if status == 200 else [(b"retry-after", b"1")]
+        await _send_json(send, status, report, extra)
+
+    # -- guarded routes ---------------------------------------------------------------------------------
+
+    def _metrics(self) -> Any:
+        runtime = self._runtime()
+        return None if runtime is None else runtime.metrics
+
+    def _needs_key(self, path: str) -> bool:
+        # /v2 checks the key itself (service.oip_http), with the same headers and constant-time compare.
+        return path in API_ROUTES
+
+    def _check_key(self, scope: Scope) -> bool:
+        settings = self._settings()
+        if not settings.api_key:
+            return True
+        presented = None
+        auth = _header(scope, b"authorization")
+        if auth and auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        if presented is None:
+            presented = _header(scope, b"x-api-key")
+        runtime = self._runtime()
+        if runtime is not None:
+            return bool(runtime.check_api_key(presented))
+        import hmac
+
+        return presented is not None and hmac.compare_digest(presented.encode(), settings.api_key.encode())
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str, endpoint: str | None,
+                       status_box: dict[str, int]) -> None:
+        method = scope.get("method", "GET")
+        if self._needs_key(path) and not self._check_key(scope):
+            await _send_error(send, Unauthorized())
+            return
+        if endpoint is not None:
+            content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if method != "POST":
+                await _send_json(send, 405, {"error": f"{path} accepts POST only, got {method}", "field": None},
+                                 [(b"allow", b"POST")])
+                return
+            if content_type != "multipart/form-data":
+                await _send_error(send, UnsupportedMediaType(
+                    f"{path} expects multipart/form-data with a 'file' part, got content type "
+                    f"{content_type or 'none'!r}", "file"))
+                return
+            boundary = _boundary(_header(scope, b"content-type") or "")
+            if boundary is None:
+                await _send_error(send, BadRequest("multipart/form-data content type without a boundary"))
+                return
+        if method not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+
+        limit = int(self._settings().max_upload_bytes)
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                await _send_error(send, BadRequest(f"invalid Content-Length {declared!r}"))
+                return
+            if declared_bytes > limit:
+                await _send_error(send, _too_large(declared_bytes, limit))
+                return
+
+        guard = _MultipartGuard(boundary) if endpoint is not None else None
+        state: dict[str, Any] = {"received": 0, "reject": None, "replied": False, "status": None, "held": [],
+                                 "responded": False, "client_gone": False}
+        body_done = asyncio.Event()
+
+        async def guarded_receive() -> Message:
+            if state["reject"] is not None:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunk = message.get("body", b"")
+            state["received"] += len(chunk)
+            if state["received"] > limit:
+                state["reject"] = _too_large(state["received"], limit, streamed=True)
+                return {"type": "http.disconnect"}
+            if guard is not None:
+                problem = guard.feed(chunk, bool(message.get("more_body", False)))
+                if problem is not None:
+                    state["reject"] = problem
+                    return {"type": "http.disconnect"}
+            if not message.get("more_body", False):
+                body_done.set()
+            return message
+
+        async def reply_reject() -> None:
+            if not state["replied"]:
+                state["replied"] = True
+                await _send_error(send, state["reject"])
+
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["responded"] = True
+            if state["reject"] is not None:
+                await reply_reject()
+                return
+            if endpoint is None:
+                await send(message)
+                return
+            # Hold a 400 from BentoML's validator to rewrite its body into our error shape.
+            if message["type"] == "http.response.start":
+                state["status"] = int(message["status"])
+                if state["status"] != 400:
+                    await send(message)
+                else:
+                    state["held"].append(message)
+                return
+            if state["status"] != 400:
+                await send(message)
+                return
+            state["held"].append(message)
+            if message.get("more_body", False):
+                return
+            start, *bodies = state["held"]
+            body = _normalise_validation_error(b"".join(m.get("body", b"") for m in bodies))
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": 400, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        if endpoint is None:
+            try:
+                await self.app(scope, guarded_receive, guarded_send)
+            except Exception:
+                if state["reject"] is None:
+                    raise
+            if state["reject"] is not None:
+                await reply_reject()
+            return
+
+        # Inference routes: a client that hangs up after sending its request cancels the handler, so a
+        # request still waiting in the batching queue is dropped instead of run for nobody.
+        app_task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+
+        async def watch_disconnect() -> None:
+            await body_done.wait()
+            while not app_task.done():
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["responded"] and not app_task.done():
+                        state["client_gone"] = True
+                        app_task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            if not state["client_gone"]:
+                raise
+            status_box["status"] = 499  # client closed the request (nginx's code); nothing is sent
+            return
+        except Exception:
+            if state["reject"] is None:
+                raise
+        finally:
+            watcher.cancel()
+        if state["reject"] is not None:
+            await reply_reject()
+
+
+def _too_large(size: int, limit: int, *, streamed: bool = False) -> PayloadTooLarge:
+    what = f"more than {limit} bytes received" if streamed else f"request body of {size} bytes"
+    return PayloadTooLarge(f"{what}; the limit is {limit} bytes (max_upload_bytes)", "file")

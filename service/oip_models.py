@@ -1,0 +1,384 @@
+"""The models the Open Inference Protocol fronts serve, and the one place requests meet the runtime.
+
+``ModelRegistry.infer`` validates a decoded ``InferRequest`` against the model's declared tensors and
+parameters, calls the model, and packs its numpy results into output tensors. The HTTP and gRPC
+transports (``service.oip_http``, ``service.grpc_server``) both call it, so they cannot diverge.
+
+Models:
+
+``segment`` (``SegmentModel``)
+    input  ``IMAGE``        UINT8 ``[H, W]`` gray or ``[H, W, 3]`` RGB (RGB becomes luminance
+                            ``0.299 R + 0.587 G + 0.114 B``, as uploads are decoded by ``core.imageio``)
+    output ``MASK``         UINT8 ``[H, W]`` in {0, 1}
+    output ``PROBABILITY``  FP32 ``[H, W]`` in [0, 1]
+    output ``BOX``          FP32 ``[4]`` xyxy in input pixels
+    output ``IOU``          FP32 ``[1]`` predicted IoU of the refined mask
+    request parameter ``threshold`` (number in (0, 1), optional): mask threshold on PROBABILITY.
+
+A new model (e.g. ``generate``: PROMPT, MODALITY BYTES -> IMAGE) is an ``OipModel`` subclass with its
+tensor specs and ``run``; add it to the registry and both transports serve it unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.metadata
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from core.imageio import LUMA_WEIGHTS
+from service.errors import NotReady, PayloadTooLarge
+from service.oip import (
+    BINARY_DATA_EXTENSION,
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    ModelNotFoundError,
+    OipError,
+)
+
+__all__ = [
+    "SERVER_NAME",
+    "ModelRegistry",
+    "OipModel",
+    "ParameterSpec",
+    "SegmentModel",
+    "TensorSpec",
+    "default_registry",
+    "server_metadata",
+]
+
+SERVER_NAME = "medrefine"
+
+# Request parameters that belong to the protocol or the client library, not to a model: accepted, ignored.
+_PROTOCOL_PARAMETERS = frozenset(
+    {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared input or output tensor.
+
+    ``shapes`` lists every accepted shape (``-1`` = any size); the first one is what model metadata
+    reports. An input with ``optional=True`` may be left out of a request.
+    """
+
+    name: str
+    datatype: str
+    shapes: tuple[tuple[int, ...], ...]
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"TensorSpec {self.name!r}: unknown datatype {self.datatype!r}")
+        if not self.shapes:
+            raise ValueError(f"TensorSpec {self.name!r}: needs at least one shape")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shapes[0]
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return any(
+            len(spec) == len(shape) and all(s == -1 or s == d for s, d in zip(spec, shape, strict=True))
+            for spec in self.shapes
+        )
+
+    def describe_shapes(self) -> str:
+        return " or ".join(str(list(s)) for s in self.shapes)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """A model option passed as a request-level parameter: a finite number in ``(low, high)`` exclusive."""
+
+    name: str
+    low: float
+    high: float
+    description: str = ""
+
+    def parse(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OipError(
+                f"parameter '{self.name}' must be a number in ({self.low}, {self.high}), got {value!r}",
+                field=f"parameters.{self.name}",
+            )
+        number = float(value)
+        if not math.isfinite(number) or not self.low < number < self.high:
+            raise OipError(
+                f"parameter '{self.name}' must be a finite number in ({self.low}, {self.high}), got {value!r}",
+                field=f"parameters.{self.name}",
+            )
+        return number
+
+
+class OipModel(abc.ABC):
+    """One servable model: its tensor/parameter declarations and how it runs on the ``ServiceRuntime``."""
+
+    name: ClassVar[str]
+    platform: ClassVar[str]
+    inputs: ClassVar[tuple[TensorSpec, ...]]
+    outputs: ClassVar[tuple[TensorSpec, ...]]
+    parameters: ClassVar[tuple[ParameterSpec, ...]] = ()
+
+    def versions(self, runtime: Any) -> tuple[str, ...]:
+        """Versions a request may name; the first is the one served. Default: the artifact version."""
+        try:
+            version = runtime.model_info().get("version")
+        except Exception:  # model_info may be unavailable before the runtime is ready
+            return ()
+        return (str(version),) if version else ()
+
+    def is_ready(self, runtime: Any) -> bool:
+        return bool(getattr(runtime, "ready", False))
+
+    @abc.abstractmethod
+    async def run(
+        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+    ) -> Mapping[str, np.ndarray]:
+        """Run the model.
+
+        Args:
+            runtime: the ``service.runtime.ServiceRuntime``.
+            inputs: input name -> array, already validated against ``inputs`` (dtype and shape).
+            parameters: parameter name -> parsed value, only those the request gave.
+            protocol: metrics/protocol label of the caller (``"oip-http"`` or ``"grpc"``).
+
+        Returns:
+            output name -> array for every declared output (dtype and shape as declared).
+        """
+
+
+class SegmentModel(OipModel):
+    """UltraRefiner segmentation of one 2-D image through ``runtime.segment`` (the shared batching queue)."""
+
+    name = "segment"
+    platform = "medrefine_ultrarefiner"
+    inputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1), (-1, -1, 3))),)
+    outputs = (
+        TensorSpec("MASK", "UINT8", ((-1, -1),)),
+        TensorSpec("PROBABILITY", "FP32", ((-1, -1),)),
+        TensorSpec("BOX", "FP32", ((4,),)),
+        TensorSpec("IOU", "FP32", ((1,),)),
+    )
+    parameters = (ParameterSpec("threshold", 0.0, 1.0, "mask threshold on PROBABILITY"),)
+
+    async def run(
+        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+    ) -> Mapping[str, np.ndarray]:
+        image = inputs["IMAGE"]
+        height, width = int(image.shape[0]), int(image.shape[1])
+        if height == 0 or width == 0:
+            raise OipError(f"input 'IMAGE' must not be empty, got shape {list(image.shape)}", field="IMAGE")
+        max_pixels = int(runtime.settings.max_pixels)
+        if height * width > max_pixels:
+            raise PayloadTooLarge(
+                f"input 'IMAGE' has {height} x {width} = {height * width} pixels, more than the limit {max_pixels}",
+                "IMAGE",
+            )
+        gray = _to_gray_unit(image)
+        options = _segment_options(parameters)
+        result = await runtime.segment(gray, options, protocol=protocol)
+        return {
+            "MASK": np.asarray(result.mask).astype(np.uint8, copy=False),
+            "PROBABILITY": np.asarray(result.probability).astype(np.float32, copy=False),
+            "BOX": np.asarray(result.box, dtype=np.float32).reshape(4),
+            "IOU": np.asarray(result.iou, dtype=np.float32).reshape(1),
+        }
+
+
+def _to_gray_unit(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 -> ``(H, W) float32 in [0, 1]`` (RGB as BT.601 luminance)."""
+    pixels = image.astype(np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels @ np.asarray(LUMA_WEIGHTS, dtype=np.float32)
+    return np.clip(pixels / 255.0, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _segment_options(parameters: Mapping[str, float]) -> Any:
+    if not parameters:
+        return None
+    from service.pipeline import SegmentOptions  # the pipeline module loads engines; import it on first use
+
+    return SegmentOptions(**parameters)
+
+
+class ModelRegistry:
+    """Models by name, plus the shared request -> runtime -> response path of both OIP transports.
+
+    Raises:
+        ValueError: if two models share a name.
+    """
+
+    def __init__(self, models: Iterable[OipModel]) -> None:
+        self._models: dict[str, OipModel] = {}
+        for model in models:
+            if model.name in self._models:
+                raise ValueError(f"ModelRegistry: model name {model.name!r} registered twice")
+            self._models[model.name] = model
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def get(self, runtime: Any, name: str, version: str = "") -> OipModel:
+        """The model called ``name``; ``version`` must be empty or one of its versions.
+
+        Raises:
+            ModelNotFoundError: unknown model or version (the message lists what exists).
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFoundError(
+                f"unknown model '{name}'; this server serves: {', '.join(self._models) or 'nothing'}", field="model"
+            )
+        if version:
+            versions = model.versions(runtime)
+            if version not in versions:
+                raise ModelNotFoundError(
+                    f"model '{name}' has no version '{version}'; available: {', '.join(versions) or 'none'}",
+                    field="version",
+                )
+        return model
+
+    def model_metadata(self, runtime: Any, name: str, version: str = "") -> dict[str, Any]:
+        """The KServe v2 model metadata object (JSON form; the gRPC transport maps it to protobuf)."""
+        model = self.get(runtime, name, version)
+        return {
+            "name": model.name,
+            "versions": list(model.versions(runtime)),
+            "platform": model.platform,
+            "inputs": [spec.metadata() for spec in model.inputs],
+            "outputs": [spec.metadata() for spec in model.outputs],
+        }
+
+    def model_ready(self, runtime: Any, name: str, version: str = "") -> bool:
+        """Whether the model can take inference requests now (raises ``ModelNotFoundError`` if unknown)."""
+        return self.get(runtime, name, version).is_ready(runtime)
+
+    async def infer(self, runtime: Any, request: InferRequest, *, protocol: str) -> InferResponse:
+        """Validate ``request``, run its model on ``runtime``, and return the requested outputs.
+
+        Raises:
+            ModelNotFoundError: unknown model/version.
+            OipError: unknown/missing inputs, wrong datatype or shape, unknown or invalid parameters,
+                unknown requested outputs (each message names the tensor or parameter).
+            service.errors.ServiceError: from the runtime (not ready, queue full, timeout, too large).
+        """
+        # 1. The model and the outputs to send (checked before any work is queued).
+        model = self.get(runtime, request.model_name, request.model_version)
+        output_specs = _requested_output_specs(model, request)
+        # 2. Inputs and parameters against the model's declarations.
+        inputs = _validated_inputs(model, request.inputs)
+        parameters = _validated_parameters(model, request.parameters)
+        if not model.is_ready(runtime):
+            raise NotReady(f"model '{model.name}' is not ready")
+        # 3. Run (through the runtime's shared queue) and pack the outputs.
+        results = await model.run(runtime, inputs, parameters, protocol=protocol)
+        outputs = tuple(_output_tensor(model, spec, results) for spec in output_specs)
+        versions = model.versions(runtime)
+        return InferResponse(
+            model_name=model.name,
+            model_version=versions[0] if versions else "",
+            id=request.id,
+            outputs=outputs,
+        )
+
+
+def _requested_output_specs(model: OipModel, request: InferRequest) -> tuple[TensorSpec, ...]:
+    if not request.outputs:
+        return model.outputs
+    by_name = {spec.name: spec for spec in model.outputs}
+    specs = []
+    for requested in request.outputs:
+        spec = by_name.get(requested.name)
+        if spec is None:
+            raise OipError(
+                f"unknown output '{requested.name}' for model '{model.name}'; outputs: {', '.join(by_name)}",
+                field=requested.name,
+            )
+        if spec in specs:
+            raise OipError(f"output '{requested.name}' is requested more than once", field=requested.name)
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _validated_inputs(model: OipModel, tensors: Iterable[InferTensor]) -> dict[str, np.ndarray]:
+    by_name = {spec.name: spec for spec in model.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in tensors:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise OipError(
+                f"unknown input '{tensor.name}' for model '{model.name}'; expected: {', '.join(by_name)}",
+                field=tensor.name,
+            )
+        if tensor.name in arrays:
+            raise OipError(f"input '{tensor.name}' is given more than once", field=tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise OipError(
+                f"input '{tensor.name}' has datatype {tensor.datatype}, model '{model.name}' expects {spec.datatype}",
+                field=tensor.name,
+            )
+        if not spec.accepts(tensor.shape):
+            raise OipError(
+                f"input '{tensor.name}' has shape {list(tensor.shape)}, model '{model.name}' expects "
+                f"{spec.describe_shapes()} (-1 = any size)",
+                field=tensor.name,
+            )
+        arrays[tensor.name] = tensor.data
+    missing = [spec.name for spec in model.inputs if not spec.optional and spec.name not in arrays]
+    if missing:
+        raise OipError(f"model '{model.name}' needs input(s) {', '.join(missing)}", field=missing[0])
+    return arrays
+
+
+def _validated_parameters(model: OipModel, raw: Mapping[str, object]) -> dict[str, float]:
+    specs = {spec.name: spec for spec in model.parameters}
+    parsed: dict[str, float] = {}
+    for key, value in raw.items():
+        if key in _PROTOCOL_PARAMETERS or key.startswith("triton_"):
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            known = ", ".join(specs) or "none"
+            raise OipError(
+                f"unknown parameter '{key}' for model '{model.name}'; model parameters: {known}",
+                field=f"parameters.{key}",
+            )
+        parsed[key] = spec.parse(value)
+    return parsed
+
+
+def _output_tensor(model: OipModel, spec: TensorSpec, results: Mapping[str, np.ndarray]) -> InferTensor:
+    if spec.name not in results:
+        raise RuntimeError(f"model '{model.name}' returned no output '{spec.name}'")
+    data = np.asarray(results[spec.name]).astype(DATATYPES[spec.datatype], copy=False)
+    if not spec.accepts(tuple(data.shape)):
+        raise RuntimeError(
+            f"model '{model.name}' output '{spec.name}' has shape {list(data.shape)}, declared {spec.describe_shapes()}"
+        )
+    return InferTensor(name=spec.name, datatype=spec.datatype, data=data)
+
+
+def server_metadata() -> dict[str, Any]:
+    """The KServe v2 server metadata object: name, version (the installed package's) and extensions."""
+    try:
+        version = importlib.metadata.version("medrefine")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"name": SERVER_NAME, "version": version, "extensions": [BINARY_DATA_EXTENSION]}
+
+
+def default_registry() -> ModelRegistry:
+    """The registry both transports use unless given another: the ``segment`` model."""
+    return ModelRegistry([SegmentModel()])

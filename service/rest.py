@@ -1,0 +1,257 @@
+"""The REST endpoints' work, free of BentoML: decode an upload, call the runtime, encode the JSON answer.
+
+``service.app`` only declares the BentoML API (typed multipart fields) and calls :func:`segment` /
+:func:`refine` here; every client error comes back as a ``ServiceError`` and is answered by
+:func:`error_response` as ``{"error": ..., "field": ...}``.
+
+Response JSON of ``POST /segment`` (arrays as base64 PNGs in the image's pixel frame)::
+
+    {"mask_png_base64": "...",            # 0/255 refined mask            (outputs: mask)
+     "coarse_mask_png_base64": "...",     # 0/255 TransUNet mask          (outputs: coarse_mask)
+     "probability_png_base64": "...",     # 8-bit refined probability     (outputs: probability)
+     "coarse_probability_png_base64": "...", "gate_png_base64": "...",   # 8-bit, 255 = 1.0
+     "image_png_base64": "...",           # the decoded 8-bit gray image   (outputs: image)
+     "shape": [H, W], "box": [x0, y0, x1, y1], "points": [[x, y], [x, y]], "point_labels": [1, 0],
+     "iou": 0.91, "uncertainty": 0.12, "area_px": 1234, "area_mm2": 55.3 | null, "threshold": 0.5,
+     "model": {"version": "...", "backend": "onnxruntime"},
+     "timings_ms": {"decode": ..., "transunet": ..., ..., "total": ...},
+     "dicom_seg_base64": "..."}           # only with dicom_seg=true on a DICOM upload
+
+``POST /refine`` answers the same keys that apply (mask, probability, image, shape, box, points,
+point_labels, iou, area_px, area_mm2, threshold, model, timings_ms) plus ``cache_hit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.imageio import DecodedImage, decode_image, decode_mask, encode_mask_png, encode_png, to_uint8
+from service.errors import BadRequest, ServiceError, as_service_error
+
+__all__ = [
+    "DEFAULT_REFINE_OUTPUTS",
+    "DEFAULT_SEGMENT_OUTPUTS",
+    "REST_OUTPUTS",
+    "error_response",
+    "parse_outputs",
+    "refine",
+    "segment",
+]
+
+logger = logging.getLogger(__name__)
+
+REST_OUTPUTS = ("image", "mask", "coarse_mask", "probability", "coarse_probability", "gate")
+DEFAULT_SEGMENT_OUTPUTS = ("mask", "coarse_mask")
+DEFAULT_REFINE_OUTPUTS = ("mask",)
+_MASKS = ("mask", "coarse_mask")
+_MAPS = ("probability", "coarse_probability", "gate")
+
+
+def error_response(exc: BaseException) -> Any:
+    """A Starlette JSON response for ``exc``: its ``ServiceError`` form, or a bare 500 (logged)."""
+    from starlette.responses import JSONResponse
+
+    error = as_service_error(exc)
+    if error is None:
+        logger.exception("unexpected error in a REST endpoint", exc_info=exc)
+        error = ServiceError("internal error; see the server log", code=500)
+    return JSONResponse(error.to_dict(), status_code=error.code, headers=error.headers())
+
+
+def parse_outputs(value: str | Sequence[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``"mask,gate"`` or ``["mask", "gate"]`` -> ``("mask", "gate")``; every name must be in ``REST_OUTPUTS``."""
+    if value is None or value == "" or value == []:
+        return default
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in REST_OUTPUTS]
+    if unknown:
+        raise BadRequest(f"outputs {unknown} are unknown; choose from {list(REST_OUTPUTS)}", "outputs")
+    return tuple(dict.fromkeys(names))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _encode_arrays(arrays: dict[str, np.ndarray | None], outputs: tuple[str, ...]) -> dict[str, str]:
+    encoded = {}
+    for name in outputs:
+        array = arrays.get(name)
+        if array is None:
+            continue
+        data = encode_mask_png(array) if name in _MASKS else encode_png(to_uint8(array))
+        encoded[f"{name}_png_base64"] = _b64(data)
+    return encoded
+
+
+async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
+    data = await asyncio.to_thread(path.read_bytes)
+    limit = int(runtime.settings.max_upload_bytes)
+    if len(data) > limit:  # the middleware bounds the whole body; this bounds one part
+        from service.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"{field} has {len(data)} bytes; the limit is {limit} bytes (max_upload_bytes)", field)
+    return data
+
+
+async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
+    data = await _read_upload(path, runtime, "file")
+    settings = runtime.settings
+    try:
+        decoded = await asyncio.to_thread(decode_image, data, name="upload", max_pixels=settings.max_pixels,
+                                          max_bytes=settings.max_upload_bytes)
+    except ValueError as exc:
+        raise _field_error(exc, "file") from None
+    return data, decoded
+
+
+def _field_error(exc: ValueError, field: str) -> ServiceError:
+    error = as_service_error(exc)
+    assert error is not None  # every ValueError maps
+    if error.field is None:
+        error.field = field
+    return error
+
+
+def _model(runtime: Any) -> dict[str, str]:
+    return {"version": runtime.model_version, "backend": runtime.backend}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+async def segment(
+    runtime: Any,
+    file: Path,
+    *,
+    threshold: float | None = None,
+    gate: str | None = None,
+    gamma: float | None = None,
+    gate_min: float | None = None,
+    gate_max: float | None = None,
+    outputs: str | Sequence[str] | None = None,
+    dicom_seg: bool = False,
+    anonymize: bool = False,
+) -> dict[str, Any]:
+    """``POST /segment``: decode the upload, segment it through the shared queue, encode the answer.
+
+    Raises:
+        ServiceError: 400 (bad option or image), 413 (too large), 415 (unsupported format), 503, 504.
+    """
+    from service.pipeline import SegmentOptions
+
+    started = time.perf_counter()
+    wanted = parse_outputs(outputs, DEFAULT_SEGMENT_OUTPUTS)
+    try:
+        options = SegmentOptions(threshold=threshold, gate=gate, gate_gamma=gamma, gate_min=gate_min,
+                                 gate_max=gate_max, outputs=tuple(n for n in wanted if n != "image"))
+    except ValueError as exc:
+        raise _field_error(exc, "options") from None
+    if anonymize and not dicom_seg:
+        raise BadRequest("anonymize applies to the DICOM SEG output; set dicom_seg=true as well", "anonymize")
+    _, decoded = await _decode(file, runtime)
+    if dicom_seg and decoded.format != "dicom":
+        raise BadRequest(f"dicom_seg needs a DICOM upload, got {decoded.format.upper()}", "dicom_seg")
+    decode_s = time.perf_counter() - started
+    result = await runtime.segment(decoded.pixels, options, protocol="rest", spacing=decoded.spacing_mm)
+    encode_started = time.perf_counter()
+    arrays = {
+        "image": decoded.pixels, "mask": result.mask, "coarse_mask": result.coarse_mask,
+        "probability": result.probability, "coarse_probability": result.coarse_probability, "gate": result.gate,
+    }
+    body: dict[str, Any] = await asyncio.to_thread(_encode_arrays, arrays, wanted)
+    body.update({
+        "shape": list(decoded.shape),
+        "box": [float(v) for v in np.asarray(result.box).reshape(-1)],
+        "points": np.asarray(result.points, dtype=float).reshape(-1, 2).tolist(),
+        "point_labels": [int(v) for v in np.asarray(result.point_labels).reshape(-1)],
+        "iou": float(result.iou),
+        "uncertainty": float(result.uncertainty),
+        "area_px": int(result.area_pixels),
+        "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
+        "threshold": float(result.threshold),
+        "model": _model(runtime),
+    })
+    if dicom_seg:
+        from service.dicom_seg import build_dicom_seg
+
+        mask = result.mask if result.mask is not None else (np.asarray(result.probability) > result.threshold)
+        try:
+            seg = await asyncio.to_thread(build_dicom_seg, decoded.source, np.asarray(mask, np.uint8),
+                                          model_version=runtime.model_version, anonymize=anonymize)
+        except ValueError as exc:
+            raise _field_error(exc, "dicom_seg") from None
+        body["dicom_seg_base64"] = _b64(seg)
+    timings = {"decode": _ms(decode_s), **{k: round(float(v), 3) for k, v in result.timings.items()},
+               "encode": _ms(time.perf_counter() - encode_started), "total": _ms(time.perf_counter() - started)}
+    body["timings_ms"] = timings
+    return body
+
+
+async def refine(
+    runtime: Any,
+    file: Path,
+    *,
+    box: Sequence[float] | None = None,
+    points: Sequence[Sequence[float]] | None = None,
+    point_labels: Sequence[float] | None = None,
+    prior_mask: Path | None = None,
+    threshold: float | None = None,
+    outputs: str | Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """``POST /refine``: prompts (pixel frame of the upload) -> refined mask; the embedding is cached per image.
+
+    Raises:
+        ServiceError: as :func:`segment`; 400 names the prompt at fault.
+    """
+    started = time.perf_counter()
+    wanted = parse_outputs(outputs, DEFAULT_REFINE_OUTPUTS)
+    not_refine = [n for n in wanted if n not in ("image", "mask", "probability")]
+    if not_refine:
+        raise BadRequest(f"outputs {not_refine} are not produced by /refine; choose from image, mask, probability",
+                         "outputs")
+    data, decoded = await _decode(file, runtime)
+    prior = None
+    if prior_mask is not None:
+        prior_bytes = await _read_upload(prior_mask, runtime, "prior_mask")
+        try:
+            prior = await asyncio.to_thread(decode_mask, prior_bytes, name="prior_mask",
+                                            max_pixels=runtime.settings.max_pixels)
+        except ValueError as exc:
+            raise _field_error(exc, "prior_mask") from None
+    decode_s = time.perf_counter() - started
+    result = await runtime.refine(
+        decoded.pixels, box=box, points=points, point_labels=point_labels, prior_mask=prior,
+        image_key=hashlib.sha256(data).hexdigest(), threshold=threshold, spacing=decoded.spacing_mm,
+        protocol="rest",
+    )
+    encode_started = time.perf_counter()
+    arrays = {"image": decoded.pixels, "mask": result.mask, "probability": result.probability}
+    body: dict[str, Any] = await asyncio.to_thread(_encode_arrays, arrays, wanted)
+    body.update({
+        "shape": list(decoded.shape),
+        "box": None if box is None else [float(v) for v in box],
+        "points": None if points is None else [[float(x), float(y)] for x, y in points],
+        "point_labels": None if point_labels is None else [int(v) for v in point_labels],
+        "iou": float(result.iou),
+        "area_px": int(result.area_pixels),
+        "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
+        "threshold": float(result.threshold),
+        "cache_hit": bool(result.cache_hit),
+        "model": _model(runtime),
+    })
+    body["timings_ms"] = {"decode": _ms(decode_s), **{k: round(float(v), 3) for k, v in result.timings.items()},
+                          "encode": _ms(time.perf_counter() - encode_started),
+                          "total": _ms(time.perf_counter() - started)}
+    return body

@@ -1,0 +1,354 @@
+"""``ServiceRuntime``: the one object every front end (REST, OIP-HTTP, gRPC) calls in a server process.
+
+It owns the segmentation pipeline (built once from the verified artifact directory), the shared
+adaptive batcher in front of it, the metrics facade and the process state (``live``, ``ready``,
+``draining``). Front ends pass decoded numpy images and get the pipeline's results back; they never
+touch the pipeline or the batcher directly, so all protocols share one queue and one inference thread.
+
+Lifecycle: ``ServiceRuntime.load(settings)`` (blocking: loads and hash-verifies artifacts, builds the
+engine) -> ``await start()`` on the serving event loop (ready) -> ``begin_drain()`` (signal-safe:
+readiness false) -> ``await stop()`` (completes accepted requests, stops the worker thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batcher import AdaptiveBatcher, BatcherConfig
+from service.errors import BadRequest, NotReady, PayloadTooLarge, ServiceError, as_service_error
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+
+__all__ = ["RefineRequest", "ServiceRuntime", "SegmentRequest"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentRequest:
+    """One queued segmentation: ``image (H, W) float32 in [0, 1]``, its options and pixel spacing (mm)."""
+
+    image: np.ndarray
+    options: Any
+    spacing: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class RefineRequest:
+    """One queued interactive refinement (prompts in the image's pixel frame)."""
+
+    image: np.ndarray
+    kwargs: dict[str, Any]
+
+
+class ServiceRuntime:
+    """See the module docstring.
+
+    Args:
+        settings: the process settings.
+        pipeline: a ``service.pipeline.SegmentationPipeline`` (or any object with its ``segment``,
+            ``refine``, ``model_info`` methods).
+        metrics: the metrics facade (default: a new one over the module-level Prometheus objects).
+    """
+
+    def __init__(self, settings: ServiceSettings, pipeline: Any, *, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.metrics = metrics or ServiceMetrics()
+        self.live = True
+        self.draining = False
+        self._started = False
+        self._info = dict(pipeline.model_info())
+        self._info.setdefault("backend", settings.backend)
+        self.batcher: AdaptiveBatcher[Any, Any] = AdaptiveBatcher(
+            self._run_batch,
+            BatcherConfig(
+                max_batch_size=settings.max_batch_size,
+                max_latency_ms=settings.max_latency_ms,
+                max_queue=settings.max_queue,
+                timeout_s=settings.request_timeout_s,
+            ),
+            observer=self.metrics,
+        )
+        self.metrics.set_model_info(self.model_version, self.backend)
+        self.sync_metrics()
+
+    # -- construction -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, settings: ServiceSettings, *, metrics: ServiceMetrics | None = None) -> ServiceRuntime:
+        """Build the pipeline from ``settings.artifacts`` (every graph hash-verified against the manifest).
+
+        Raises:
+            service.artifacts.ArtifactError: the directory is missing, malformed or does not match.
+        """
+        from service.pipeline import SegmentationPipeline
+
+        started = time.perf_counter()
+        pipeline = SegmentationPipeline.from_artifacts(
+            settings.artifacts,
+            settings.backend,
+            embedding_cache_bytes=settings.embedding_cache_bytes,
+            max_points=settings.max_points,
+            **engine_options(settings),
+        )
+        runtime = cls(settings, pipeline, metrics=metrics)
+        logger.info("model %s loaded on %s in %.1f s", runtime.model_version[:12], runtime.backend,
+                    time.perf_counter() - started)
+        return runtime
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once started and until draining begins (artifacts were verified when the pipeline loaded)."""
+        return self._started and not self.draining and self.batcher.accepting
+
+    @property
+    def model_version(self) -> str:
+        return str(self._info.get("version", ""))
+
+    @property
+    def backend(self) -> str:
+        return str(self._info.get("backend", self.settings.backend))
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model: ``version`` (artifact manifest version), ``backend`` and pipeline details."""
+        return dict(self._info)
+
+    def readiness(self) -> dict[str, Any]:
+        """The ``/readyz`` body."""
+        report: dict[str, Any] = {
+            "ready": self.ready,
+            "live": self.live,
+            "draining": self.draining,
+            "backend": self.backend,
+            "model_version": self.model_version,
+            "queue_depth": self.batcher.queue_depth,
+        }
+        if not self.ready:
+            report["reason"] = "draining for shutdown" if self.draining else "starting"
+        return report
+
+    def check_api_key(self, presented: str | None) -> bool:
+        """Constant-time comparison with the configured key; True when authentication is off."""
+        expected = self.settings.api_key
+        if not expected:
+            return True
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+    async def start(self) -> None:
+        """Start the batcher on the running loop; the runtime is ready afterwards."""
+        await self.batcher.start()
+        self._started = True
+
+    def begin_drain(self) -> None:
+        """Turn readiness off (safe to call from a signal handler); requests already accepted still run."""
+        self.draining = True
+
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Drain: refuse new requests, complete accepted ones, stop the inference thread.
+
+        Returns:
+            True if every accepted request completed within ``timeout_s`` (default ``drain_timeout_s``).
+        """
+        self.begin_drain()
+        timeout = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        completed = await self.batcher.drain(timeout)
+        self.sync_metrics()
+        return completed
+
+    # -- inference --------------------------------------------------------------------------------------
+
+    async def segment(self, image: np.ndarray, options: Any = None, *, protocol: str,
+                      spacing: Sequence[float] | None = None) -> Any:
+        """Segment one image through the shared batching queue.
+
+        Images with equal options (threshold, gate) share batches whatever arrays they asked for: the
+        batch computes every output array and each caller gets the ones its ``options.outputs`` names.
+
+        Args:
+            image: ``(H, W) float32 in [0, 1]``.
+            options: ``service.pipeline.SegmentOptions`` or None for the model's defaults.
+            protocol: ``"rest"``, ``"oip-http"`` or ``"grpc"`` (for logs).
+            spacing: ``(row, col)`` pixel spacing in mm for ``area_mm2``, or None.
+
+        Returns:
+            ``service.pipeline.SegmentResult``.
+
+        Raises:
+            QueueFullError (503), RequestTimeoutError (504), NotReady (503), PayloadTooLarge (413),
+            BadRequest (400: image or option checks).
+        """
+        from service.pipeline import OUTPUT_ARRAYS, SegmentOptions
+
+        image = self._checked_image(image)
+        options = options if options is not None else SegmentOptions()
+        wanted = tuple(options.outputs)
+        batch_options = dataclasses.replace(options, outputs=OUTPUT_ARRAYS)
+        request = SegmentRequest(image, batch_options, _spacing(spacing))
+        with self.metrics.inflight():
+            result = await self.batcher.submit(request, ("segment", batch_options))
+        dropped = {name: None for name in OUTPUT_ARRAYS if name not in wanted}
+        return dataclasses.replace(result, **dropped) if dropped else result
+
+    async def refine(
+        self,
+        image: np.ndarray,
+        *,
+        box: Sequence[float] | None = None,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[float] | None = None,
+        prior_mask: np.ndarray | None = None,
+        image_key: str | None = None,
+        threshold: float | None = None,
+        spacing: Sequence[float] | None = None,
+        protocol: str,
+    ) -> Any:
+        """Refine one image with user prompts (box / points / prior mask) through the shared queue.
+
+        Prompts are in the image's pixel frame: ``box`` (4,) xyxy, ``points`` (N, 2) xy with
+        ``point_labels`` (N,) in {0, 1}, ``prior_mask`` (H, W) in [0, 1]. The image embedding is cached
+        under ``image_key`` (default: the pixels' sha256), so editing the prompts on the same image only
+        re-runs the decoder.
+
+        Returns:
+            ``service.pipeline.RefineResult`` (with ``cache_hit``).
+
+        Raises:
+            As :meth:`segment`; BadRequest names the prompt at fault.
+        """
+        image = self._checked_image(image)
+        if points is not None and len(points) > self.settings.max_points:
+            raise BadRequest(f"{len(points)} points given, at most {self.settings.max_points} allowed (max_points)",
+                             "points")
+        if box is None and points is None and prior_mask is None:
+            raise BadRequest("refine needs a prompt: a box, points or a prior mask", "box")
+        kwargs = {"box": box, "points": points, "point_labels": point_labels, "prior_mask": prior_mask,
+                  "image_key": image_key, "threshold": threshold, "spacing": _spacing(spacing)}
+        with self.metrics.inflight():
+            return await self.batcher.submit(RefineRequest(image, kwargs), ("refine",), batchable=False)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _checked_image(self, image: np.ndarray) -> np.ndarray:
+        if not self._started:
+            raise NotReady("server is starting: the model is not ready yet")
+        array = np.asarray(image)
+        if array.ndim != 2:
+            raise BadRequest(f"image must be 2-D (H, W) grayscale, got shape {tuple(array.shape)}", "image")
+        height, width = array.shape
+        if height < 1 or width < 1:
+            raise BadRequest(f"image is empty (shape {tuple(array.shape)})", "image")
+        if height * width > self.settings.max_pixels:
+            raise PayloadTooLarge(
+                f"image of {width}x{height} = {height * width} pixels is over the limit of "
+                f"{self.settings.max_pixels} pixels (max_pixels)", "image")
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise BadRequest("image values must be finite and in [0, 1]", "image")
+        return array
+
+    def sync_metrics(self) -> None:
+        """Mirror the embedding cache counters into the Prometheus metrics (also called on each scrape)."""
+        stats_fn = getattr(self.pipeline, "cache_stats", None)
+        if stats_fn is None:
+            return
+        stats = stats_fn()
+        self.metrics.sync_cache(int(stats.hits), int(stats.misses), int(stats.bytes))
+
+    def _run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
+        """Worker-thread side of the batcher: one pipeline call per batch; failures isolated per item."""
+        try:
+            if key[0] == "segment":
+                results = self._segment_batch(items)
+            else:
+                results = [self._refine_one(item) for item in items]
+        finally:
+            self.sync_metrics()
+        return results
+
+    def _segment_batch(self, items: list[SegmentRequest]) -> list[Any]:
+        images = [item.image for item in items]
+        try:
+            results = self.pipeline.segment(images, items[0].options, spacings=[item.spacing for item in items])
+        except Exception as exc:
+            if len(items) == 1:
+                return [self._client_error(exc)]
+            # One bad image must not fail its neighbours: retry one by one.
+            return [self._segment_one(item) for item in items]
+        self._observe_timings(results[0] if results else None)
+        return list(results)
+
+    def _segment_one(self, item: SegmentRequest) -> Any:
+        try:
+            (result,) = self.pipeline.segment([item.image], item.options, spacings=[item.spacing])
+        except Exception as exc:
+            return self._client_error(exc)
+        self._observe_timings(result)
+        return result
+
+    def _refine_one(self, item: RefineRequest) -> Any:
+        try:
+            result = self.pipeline.refine(item.image, **item.kwargs)
+        except Exception as exc:
+            return self._client_error(exc)
+        self._observe_timings(result)
+        return result
+
+    def _observe_timings(self, result: Any) -> None:
+        timings = getattr(result, "timings", None)
+        if timings:
+            self.metrics.observe_stages(timings)
+
+    @staticmethod
+    def _client_error(exc: Exception) -> Exception:
+        """A ``ServiceError`` for input problems; unexpected errors are logged and passed on as they are."""
+        mapped = as_service_error(exc)
+        if mapped is not None:
+            return mapped
+        logger.exception("inference failed", exc_info=exc)
+        return ServiceError("inference failed; see the server log", code=500)
+
+
+def _spacing(spacing: Sequence[float] | None) -> tuple[float, float] | None:
+    if spacing is None:
+        return None
+    values = tuple(float(v) for v in spacing)
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise BadRequest(f"spacing must be two positive numbers (row, col) in mm, got {list(values)}", "spacing")
+    return values  # type: ignore[return-value]
+
+
+def engine_options(settings: ServiceSettings) -> dict[str, Any]:
+    """Engine keyword options for ``settings.backend`` from ``device`` and ``intra_op_threads``.
+
+    ``device="auto"`` picks CUDA when the backend can use it here (onnxruntime: the CUDA execution provider
+    is installed; torch: a CUDA device is visible), else the CPU; TensorRT always runs on a GPU.
+    """
+    device = settings.device
+    if settings.backend == "onnxruntime":
+        opts: dict[str, Any] = {}
+        if device == "auto":
+            import onnxruntime
+
+            device = "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+        opts["device"] = "cuda" if device.startswith("cuda") else device
+        if settings.intra_op_threads:
+            opts["intra_op_threads"] = settings.intra_op_threads
+        return opts
+    if settings.backend == "torch":
+        return {} if device == "auto" else {"device": device}
+    if settings.backend == "tensorrt":
+        return {"device": int(device[5:])} if device.startswith("cuda:") else {}
+    return {}

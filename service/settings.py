@@ -1,0 +1,219 @@
+"""Service settings: one frozen dataclass read from ``MEDREFINE_*`` environment variables or the CLI.
+
+The environment is the single source of truth at run time: ``python -m service`` parses its flags,
+exports them as ``MEDREFINE_*`` variables (:meth:`ServiceSettings.to_env`) and starts BentoML, whose
+worker process rebuilds the same settings with :meth:`ServiceSettings.from_env`. ``bentoml serve``
+and the Docker image set the variables directly.
+
+Documented limits (variable, default):
+
+==============================  ===================  ==================================================
+``MEDREFINE_ARTIFACTS``         ``artifacts/default`` exported artifact directory (read only)
+``MEDREFINE_BACKEND``           ``onnxruntime``      ``onnxruntime`` | ``torch`` | ``tensorrt``
+``MEDREFINE_DEVICE``            ``auto``             ``auto`` (CUDA when available) | ``cpu`` | ``cuda[:N]``
+                                                     | ``tensorrt`` (onnxruntime's TensorRT provider)
+``MEDREFINE_HOST``              ``127.0.0.1``        HTTP and gRPC bind address
+``MEDREFINE_PORT``              ``3000``             HTTP port (REST, /v2 OIP, /ui, /metrics)
+``MEDREFINE_GRPC_PORT``         ``8001``             gRPC (KServe v2) port; ``0`` turns gRPC off
+``MEDREFINE_MAX_UPLOAD_BYTES``  20 MiB (20971520)    request body limit -> 413
+``MEDREFINE_MAX_PIXELS``        40 000 000           decoded image size limit -> 413
+``MEDREFINE_MAX_POINTS``        16                   prompt points per refine request -> 400
+``MEDREFINE_MAX_BATCH_SIZE``    16                   adaptive batcher: images per model call
+``MEDREFINE_MAX_LATENCY_MS``    10                   adaptive batcher: longest wait to fill a batch
+``MEDREFINE_MAX_QUEUE``         64                   queued requests before 503 + Retry-After
+``MEDREFINE_REQUEST_TIMEOUT_S`` 30                   queue wait + inference per request -> 504
+``MEDREFINE_MAX_CONCURRENCY``   128                  open HTTP requests per server -> 429
+``MEDREFINE_DRAIN_TIMEOUT_S``   30                   grace for accepted requests on SIGTERM
+``MEDREFINE_API_KEY_ENV``       ``MEDREFINE_API_KEY`` name of the variable holding the API key
+``MEDREFINE_API_KEY``           unset (auth off)     the API key itself (never a CLI flag)
+``MEDREFINE_REQUIRE_API_KEY``   ``0``                ``1``: refuse to start without an API key
+``MEDREFINE_EMBEDDING_CACHE_BYTES`` 256 MiB          SAM embedding LRU cache budget (0 = off)
+``MEDREFINE_INTRA_OP_THREADS``  0 (engine default)   intra-op threads of the inference engine
+==============================  ===================  ==================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BACKENDS", "ENV_PREFIX", "ServiceSettings", "SettingsError", "add_cli_arguments"]
+
+ENV_PREFIX = "MEDREFINE_"
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside its documented range; the message names the variable or flag."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything a server process needs to start; immutable once built.
+
+    Byte sizes are bytes, times are milliseconds (``*_ms``) or seconds (``*_s``). ``api_key`` is None
+    when authentication is off; it is never printed (see :meth:`public_dict`).
+    """
+
+    artifacts: Path = Path("artifacts/default")
+    backend: str = "onnxruntime"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 3000
+    grpc_port: int = 8001
+    max_upload_bytes: int = 20 * MIB
+    max_pixels: int = 40_000_000
+    max_points: int = 16
+    max_batch_size: int = 16
+    max_latency_ms: float = 10.0
+    max_queue: int = 64
+    request_timeout_s: float = 30.0
+    max_concurrency: int = 128
+    drain_timeout_s: float = 30.0
+    api_key_env: str = "MEDREFINE_API_KEY"
+    api_key: str | None = None
+    require_api_key: bool = False
+    embedding_cache_bytes: int = 256 * MIB
+    intra_op_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"{ENV_PREFIX}BACKEND: expected one of {BACKENDS}, got {self.backend!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "tensorrt") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise SettingsError(f"{ENV_PREFIX}DEVICE: expected auto, cpu, cuda, cuda:N or tensorrt, got {self.device!r}")
+        for name in ("port", "grpc_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise SettingsError(f"{_env_name(name)}: expected a port in [0, 65535], got {value}")
+        positive = ("max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
+                    "request_timeout_s", "max_concurrency")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env_name(name)}: expected a value > 0, got {getattr(self, name)}")
+        for name in ("max_latency_ms", "drain_timeout_s", "embedding_cache_bytes", "intra_op_threads"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_env_name(name)}: expected a value >= 0, got {getattr(self, name)}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise SettingsError(f"{self.api_key_env}: the API key must be at least 8 characters")
+        if self.require_api_key and self.api_key is None:
+            raise SettingsError(
+                f"{ENV_PREFIX}REQUIRE_API_KEY is on but {self.api_key_env} is unset: set the key "
+                f"(at least 8 characters) or turn {ENV_PREFIX}REQUIRE_API_KEY off"
+            )
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceSettings:
+        """Settings from ``MEDREFINE_*`` variables (defaults where unset), then keyword overrides.
+
+        Raises:
+            SettingsError: naming the variable whose value does not parse or is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            if item.name == "api_key":
+                continue
+            raw = env.get(_env_name(item.name))
+            if raw is None or raw == "":
+                continue
+            values[item.name] = _parse(item.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        key_env = str(values.get("api_key_env", cls.api_key_env))
+        if "api_key" not in values:
+            key = env.get(key_env)
+            values["api_key"] = key if key else None
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Settings from parsed CLI flags (see :func:`add_cli_arguments`) over the environment."""
+        overrides = {
+            "port": args.port,
+            "grpc_port": args.grpc_port,
+            "backend": args.backend,
+            "artifacts": Path(args.artifacts) if args.artifacts is not None else None,
+            "host": args.host,
+            "api_key_env": args.api_key_env,
+        }
+        return cls.from_env(environ, **overrides)
+
+    def to_env(self) -> dict[str, str]:
+        """The ``MEDREFINE_*`` variables that rebuild these settings in another process.
+
+        The API key itself is exported under ``api_key_env`` only when set.
+        """
+        env: dict[str, str] = {}
+        for item in fields(self):
+            if item.name == "api_key":
+                continue
+            env[_env_name(item.name)] = str(getattr(self, item.name))
+        if self.api_key is not None:
+            env[self.api_key_env] = self.api_key
+        return env
+
+    def public_dict(self) -> dict[str, Any]:
+        """A JSON-ready view for logs and diagnostics: the API key is reduced to on/off."""
+        data = asdict(self)
+        data["artifacts"] = str(self.artifacts)
+        data["api_key"] = "set" if self.api_key else None
+        return data
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The handful of flags ``python -m service`` takes; every other limit is an environment variable."""
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 3000, MEDREFINE_PORT)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="gRPC port (default 8001, MEDREFINE_GRPC_PORT; 0 turns gRPC off)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="inference engine (default onnxruntime, MEDREFINE_BACKEND)")
+    parser.add_argument("--artifacts", default=None,
+                        help="exported artifact directory (default artifacts/default, MEDREFINE_ARTIFACTS)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1, MEDREFINE_HOST)")
+    parser.add_argument("--api-key-env", default=None,
+                        help="name of the environment variable holding the API key (default MEDREFINE_API_KEY); "
+                             "auth is off when that variable is unset")
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+_INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
+               "max_concurrency", "embedding_cache_bytes", "intra_op_threads"}
+_FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s"}
+
+
+def _parse(name: str, raw: str) -> Any:
+    try:
+        if name in _INT_FIELDS:
+            return int(raw)
+        if name in _FLOAT_FIELDS:
+            return float(raw)
+    except ValueError:
+        kind = "an integer" if name in _INT_FIELDS else "a number"
+        raise SettingsError(f"{_env_name(name)}: expected {kind}, got {raw!r}") from None
+    if name == "artifacts":
+        return Path(raw)
+    if name == "require_api_key":
+        lowered = raw.strip().lower()
+        if lowered not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise SettingsError(f"{_env_name(name)}: expected 0/1 (or true/false), got {raw!r}")
+        return lowered in ("1", "true", "yes", "on")
+    return raw
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``python -m service`` flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Serve medrefine over HTTP (REST, /v2, /ui, /metrics) and gRPC.",
+        epilog="Every other limit is a MEDREFINE_* environment variable (see service/settings.py).")
+    add_cli_arguments(parser)
+    return parser.parse_args(argv)

@@ -1,0 +1,244 @@
+// medrefine UI: upload an image, show coarse vs refined contours and the gate heat map, drag a box to refine.
+// Plain browser JavaScript, no build step. Talks to POST /segment and POST /refine (multipart) and GET /readyz.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  file: null,          // the File the user chose (sent again with /refine)
+  size: null,          // [H, W] of the decoded image
+  image: null,         // ImageBitmap/HTMLImageElement of the decoded gray image
+  coarse: null,        // Uint8Array H*W masks (0/1)
+  refined: null,
+  user: null,          // mask from the last box refine
+  gate: null,          // Uint8ClampedArray H*W (0..255)
+  box: null,           // prompt box of the automatic pipeline [x0, y0, x1, y1]
+  userBox: null,       // box the user dragged
+  drag: null,
+};
+
+function setStatus(text, kind) {
+  $("status").textContent = text;
+  document.body.dataset.state = kind;
+}
+
+function authHeaders() {
+  const key = $("apikey").value.trim();
+  if (key) sessionStorage.setItem("medrefine-api-key", key);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+async function postForm(path, form) {
+  const response = await fetch(path, { method: "POST", body: form, headers: authHeaders() });
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = { error: response.statusText }; }
+  if (!response.ok) {
+    const field = body && body.field ? " (field " + body.field + ")" : "";
+    throw new Error(response.status + ": " + ((body && body.error) || "request failed") + field);
+  }
+  return body;
+}
+
+function loadImage(base64) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("cannot decode a PNG returned by the server"));
+    img.src = "data:image/png;base64," + base64;
+  });
+}
+
+async function pngPixels(base64, width, height) {
+  // One channel (0..255) of a server PNG, resampled to width x height (masks come at image size already).
+  const img = await loadImage(base64);
+  const canvas = document.createElement("canvas");
+  canvas.width = width; canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, width, height);
+  const rgba = ctx.getImageData(0, 0, width, height).data;
+  const out = new Uint8ClampedArray(width * height);
+  for (let i = 0; i < out.length; i++) out[i] = rgba[4 * i];
+  return out;
+}
+
+async function maskFrom(base64) {
+  const [h, w] = state.size;
+  const values = await pngPixels(base64, w, h);
+  const mask = new Uint8Array(w * h);
+  for (let i = 0; i < mask.length; i++) mask[i] = values[i] > 127 ? 1 : 0;
+  return mask;
+}
+
+function contourInto(rgba, mask, w, h, color, radius) {
+  // Paint the boundary pixels of a 0/1 mask (a pixel inside with a 4-neighbour outside), thickened.
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const i = y * w + x;
+      if (!mask[i]) continue;
+      const edge = x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
+        !mask[i - 1] || !mask[i + 1] || !mask[i - w] || !mask[i + w];
+      if (!edge) continue;
+      for (let dy = -radius; dy <= radius; dy++) {
+        for (let dx = -radius; dx <= radius; dx++) {
+          const xx = x + dx, yy = y + dy;
+          if (xx < 0 || yy < 0 || xx >= w || yy >= h) continue;
+          const j = 4 * (yy * w + xx);
+          rgba[j] = color[0]; rgba[j + 1] = color[1]; rgba[j + 2] = color[2]; rgba[j + 3] = 255;
+        }
+      }
+    }
+  }
+}
+
+function gateInto(rgba, gate) {
+  // Blue (low gate: keep the coarse mask) to red (high gate: trust the refiner), half transparent.
+  for (let i = 0; i < gate.length; i++) {
+    const g = gate[i] / 255;
+    const j = 4 * i;
+    rgba[j] = Math.round(255 * g); rgba[j + 1] = 48; rgba[j + 2] = Math.round(255 * (1 - g)); rgba[j + 3] = 110;
+  }
+}
+
+function drawBox(ctx, box, color, scale) {
+  if (!box) return;
+  ctx.save();
+  ctx.strokeStyle = color; ctx.lineWidth = Math.max(1, scale);
+  ctx.setLineDash([4 * scale, 3 * scale]);
+  ctx.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]);
+  ctx.restore();
+}
+
+function render() {
+  if (!state.size) return;
+  const [h, w] = state.size;
+  const overlay = $("overlay-layer");
+  overlay.width = w; overlay.height = h;
+  const ctx = overlay.getContext("2d");
+  const layer = ctx.createImageData(w, h);
+  const radius = Math.max(0, Math.round(Math.max(w, h) / 512));
+  if ($("show-gate").checked && state.gate) gateInto(layer.data, state.gate);
+  if ($("show-coarse").checked && state.coarse) contourInto(layer.data, state.coarse, w, h, [255, 176, 32], radius);
+  if ($("show-refined").checked && state.refined) contourInto(layer.data, state.refined, w, h, [57, 224, 127], radius);
+  if (state.user) contourInto(layer.data, state.user, w, h, [53, 198, 255], radius);
+  ctx.putImageData(layer, 0, 0);
+  const scale = Math.max(1, Math.round(Math.max(w, h) / 512));
+  if ($("show-box").checked) drawBox(ctx, state.box, "#ffffff", scale);
+  drawBox(ctx, state.userBox, "#35c6ff", scale);
+  if (state.drag) drawBox(ctx, normalise(state.drag), "#35c6ff", scale);
+  let painted = 0;
+  for (let i = 3; i < layer.data.length; i += 4) if (layer.data[i]) painted++;
+  overlay.dataset.painted = String(painted);
+}
+
+function showTable(result, extra) {
+  const rows = {
+    "area (px)": result.area_px,
+    "area (mm²)": result.area_mm2 === null || result.area_mm2 === undefined ? "no spacing" : result.area_mm2.toFixed(2),
+    "predicted IoU": result.iou === undefined ? "" : Number(result.iou).toFixed(3),
+    "uncertainty": result.uncertainty === undefined ? "" : Number(result.uncertainty).toFixed(3),
+    "box (xyxy)": result.box ? result.box.map((v) => Math.round(v)).join(", ") : "none",
+    ...extra,
+  };
+  for (const [stage, ms] of Object.entries(result.timings_ms || {})) rows["time " + stage + " (ms)"] = Number(ms).toFixed(1);
+  const body = $("result-table").tBodies[0];
+  body.replaceChildren();
+  for (const [key, value] of Object.entries(rows)) {
+    if (value === "" || value === undefined) continue;
+    const tr = body.insertRow();
+    tr.insertCell().textContent = key;
+    tr.insertCell().textContent = String(value);
+  }
+}
+
+async function segment(file) {
+  state.file = file; state.user = null; state.userBox = null;
+  setStatus("Segmenting " + file.name + " …", "busy");
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("outputs", "image,mask,coarse_mask,gate");
+  const threshold = $("threshold").value.trim();
+  if (threshold) form.append("threshold", threshold);
+  try {
+    const result = await postForm("/segment", form);
+    state.size = result.shape;
+    const [h, w] = state.size;
+    state.image = await loadImage(result.image_png_base64);
+    const base = $("image-layer");
+    base.width = w; base.height = h;
+    base.getContext("2d").drawImage(state.image, 0, 0, w, h);
+    state.refined = await maskFrom(result.mask_png_base64);
+    state.coarse = result.coarse_mask_png_base64 ? await maskFrom(result.coarse_mask_png_base64) : null;
+    state.gate = result.gate_png_base64 ? await pngPixels(result.gate_png_base64, w, h) : null;
+    state.box = result.box;
+    render();
+    showTable(result, { model: result.model.version.slice(0, 12) + " / " + result.model.backend });
+    setStatus("Segmented " + w + "×" + h + " image. Drag a box to refine.", "segmented");
+  } catch (err) {
+    setStatus(err.message, "error");
+  }
+}
+
+function toImage(event) {
+  const overlay = $("overlay-layer");
+  const rect = overlay.getBoundingClientRect();
+  const [h, w] = state.size;
+  const x = Math.min(w, Math.max(0, (event.clientX - rect.left) * w / rect.width));
+  const y = Math.min(h, Math.max(0, (event.clientY - rect.top) * h / rect.height));
+  return [x, y];
+}
+
+function normalise(drag) {
+  return [Math.min(drag[0], drag[2]), Math.min(drag[1], drag[3]), Math.max(drag[0], drag[2]), Math.max(drag[1], drag[3])];
+}
+
+async function refine(box) {
+  setStatus("Refining with your box …", "busy");
+  const form = new FormData();
+  form.append("file", state.file, state.file.name);
+  form.append("box", JSON.stringify(box.map((v) => Math.round(v * 10) / 10)));
+  form.append("outputs", "mask");
+  try {
+    const result = await postForm("/refine", form);
+    state.user = await maskFrom(result.mask_png_base64);
+    state.userBox = box;
+    render();
+    showTable(result, { "embedding cache": result.cache_hit ? "hit" : "miss" });
+    setStatus("Refined with your box (embedding cache " + (result.cache_hit ? "hit" : "miss") + ").", "refined");
+  } catch (err) {
+    setStatus(err.message, "error");
+  }
+}
+
+function wire() {
+  const saved = sessionStorage.getItem("medrefine-api-key");
+  if (saved) $("apikey").value = saved;
+  $("file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) segment(file);
+  });
+  for (const id of ["show-coarse", "show-refined", "show-gate", "show-box"]) $(id).addEventListener("change", render);
+  const overlay = $("overlay-layer");
+  overlay.addEventListener("mousedown", (event) => {
+    if (!state.size || !state.file) return;
+    const [x, y] = toImage(event);
+    state.drag = [x, y, x, y];
+  });
+  overlay.addEventListener("mousemove", (event) => {
+    if (!state.drag) return;
+    const [x, y] = toImage(event);
+    state.drag[2] = x; state.drag[3] = y;
+    render();
+  });
+  window.addEventListener("mouseup", () => {
+    if (!state.drag) return;
+    const box = normalise(state.drag);
+    state.drag = null;
+    if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) refine(box); else render();
+  });
+  fetch("/readyz").then((r) => r.json()).then((info) => {
+    $("model").textContent = info.ready
+      ? "model " + String(info.model_version).slice(0, 12) + " · " + info.backend
+      : "server not ready: " + (info.reason || "starting");
+  }).catch(() => { $("model").textContent = "server unreachable"; });
+}
+
+wire();
