@@ -1,0 +1,63 @@
+# medrefine inference server: REST + KServe v2 (HTTP /v2 and gRPC) + /ui + /metrics, one process.
+#
+# CPU (default):   docker build -t medrefine .
+# CUDA:            docker build -t medrefine:cuda --build-arg DEVICE=cuda .
+#                  (torch and onnxruntime-gpu wheels bring their CUDA libraries; the host needs the NVIDIA
+#                  driver and container toolkit: docker run --gpus all ...)
+# Run (the API key is required in this image; the model directory is read-only):
+#   docker run --rm -p 3000:3000 -p 8001:8001 -e MEDREFINE_API_KEY="$(openssl rand -hex 24)" \
+#       --read-only --tmpfs /tmp medrefine
+# Other models: mount an exported artifact directory read-only over /models/default:
+#   docker run ... -v "$PWD/artifacts/mymodel:/models/default:ro" medrefine
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ARG DEVICE=cpu
+# CPU torch comes from the PyTorch CPU index (PyPI's default Linux wheel is the multi-GB CUDA build).
+ARG TORCH_INDEX_URL_CPU=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL_CUDA=https://download.pytorch.org/whl/cu128
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY models ./models
+COPY training ./training
+COPY export ./export
+COPY service ./service
+# The same install as the README: torch first, then the project.
+RUN set -eux; \
+    if [ "$DEVICE" = "cuda" ]; then index="$TORCH_INDEX_URL_CUDA"; extras=".[gpu]"; \
+    else index="$TORCH_INDEX_URL_CPU"; extras="."; fi; \
+    pip install --index-url "$index" torch==2.13.0 && pip install "$extras"; \
+    if [ "$DEVICE" = "cuda" ]; then \
+        # onnxruntime and onnxruntime-gpu provide the same module: keep only the GPU build.
+        pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18"; \
+    fi; \
+    python -c "import service.app"
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    BENTOML_HOME=/tmp/bentoml \
+    BENTOML_DO_NOT_TRACK=True \
+    MEDREFINE_ARTIFACTS=/models/default \
+    MEDREFINE_BACKEND=onnxruntime \
+    MEDREFINE_DEVICE=auto \
+    MEDREFINE_API_KEY_ENV=MEDREFINE_API_KEY \
+    MEDREFINE_REQUIRE_API_KEY=1
+RUN useradd --system --uid 10001 --user-group --home-dir /home/medrefine --create-home medrefine
+COPY --from=build /opt/venv /opt/venv
+# Model artifacts: owned by root, read-only for the service user.
+COPY --chown=root:root --chmod=0555 artifacts/default /models/default
+WORKDIR /home/medrefine
+USER medrefine
+EXPOSE 3000 8001
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
+CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "3000", "--grpc-port", "8001", "--artifacts", "/models/default", "--backend", "onnxruntime", "--api-key-env", "MEDREFINE_API_KEY"]

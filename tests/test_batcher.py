@@ -1,0 +1,218 @@
+"""The shared adaptive batcher: batching, keys, back-pressure, timeouts, cancellation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import AdaptiveBatcher, BatcherConfig
+from service.errors import NotReady, QueueFullError, RequestTimeoutError
+
+
+class Recorder:
+    """run_batch that records every batch and can be held closed by an event."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[tuple[object, list[int]]] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def __call__(self, key, items):
+        self.started.set()
+        self.gate.wait(10)
+        self.threads.add(threading.current_thread().name)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.batches.append((key, list(items)))
+        return [x * 10 if x >= 0 else ValueError(f"negative item {x}") for x in items]
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.depths: list[int] = []
+
+    def observe_queue_depth(self, depth):
+        self.depths.append(depth)
+
+    def observe_batch(self, size, waits):
+        assert len(waits) == size and all(w >= 0 for w in waits)
+        self.sizes.append(size)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_items_share_batches_and_get_their_own_results():
+    async def main():
+        rec, obs = Recorder(), Observer()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=4, max_latency_ms=50, max_queue=64), observer=obs)
+        await b.start()
+        results = await asyncio.gather(*(b.submit(i, key="k") for i in range(10)))
+        await b.drain()
+        return rec, obs, results
+
+    rec, obs, results = run(main())
+    assert results == [i * 10 for i in range(10)]
+    sizes = [len(items) for _, items in rec.batches]
+    assert sum(sizes) == 10 and max(sizes) == 4 and len(sizes) == 3
+    assert obs.sizes == sizes
+    assert len(rec.threads) == 1  # one inference thread
+    assert obs.depths[-1] == 0
+
+
+def test_items_with_different_keys_are_never_batched_together():
+    async def main():
+        rec = Recorder()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=8, max_latency_ms=30))
+        await b.start()
+        keys = ["a", "b"] * 4
+        out = await asyncio.gather(*(b.submit(i, key=k) for i, k in enumerate(keys)))
+        await b.drain()
+        return rec, out
+
+    rec, out = run(main())
+    assert out == [i * 10 for i in range(8)]
+    for key, items in rec.batches:
+        assert all(("a" if i % 2 == 0 else "b") == key for i in items)
+    assert sorted(len(items) for _, items in rec.batches) == [4, 4]
+
+
+def test_lone_request_waits_about_max_latency_not_more():
+    async def main():
+        rec = Recorder()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=16, max_latency_ms=40))
+        await b.start()
+        t0 = time.perf_counter()
+        await b.submit(1)
+        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        await b.submit(2, batchable=False)
+        dt_unbatched = time.perf_counter() - t1
+        await b.drain()
+        return dt, dt_unbatched
+
+    dt, dt_unbatched = run(main())
+    assert 0.035 <= dt < 1.0
+    assert dt_unbatched < 0.035
+
+
+def test_per_item_exception_goes_to_its_caller_only():
+    async def main():
+        b = AdaptiveBatcher(Recorder(), BatcherConfig(max_batch_size=4, max_latency_ms=20))
+        await b.start()
+        out = await asyncio.gather(b.submit(1), b.submit(-1), b.submit(2), return_exceptions=True)
+        await b.drain()
+        return out
+
+    out = run(main())
+    assert out[0] == 10 and out[2] == 20
+    assert isinstance(out[1], ValueError) and "negative item -1" in str(out[1])
+
+
+def test_full_queue_rejects_immediately_with_retry_after():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()  # hold the first batch in the worker
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=1, max_latency_ms=0, max_queue=2))
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        waiting = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFullError) as info:
+            await b.submit(3)
+        rejected_in = time.perf_counter() - t0
+        rec.gate.set()
+        results = await asyncio.gather(first, *waiting)
+        await b.drain()
+        return info.value, rejected_in, results
+
+    err, rejected_in, results = run(main())
+    assert err.code == 503 and int(err.headers()["Retry-After"]) >= 1
+    assert rejected_in < 0.05
+    assert results == [0, 10, 20]
+
+
+def test_timeout_raises_504_error_and_item_never_runs():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=1, max_latency_ms=0))
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        with pytest.raises(RequestTimeoutError) as info:
+            await b.submit(7, timeout_s=0.05)
+        depth_after_timeout = b.queue_depth
+        rec.gate.set()
+        await first
+        await b.drain()
+        return info.value, depth_after_timeout, rec
+
+    err, depth, rec = run(main())
+    assert err.code == 504
+    assert depth == 0
+    assert [items for _, items in rec.batches] == [[0]]
+
+
+def test_cancelled_request_is_dropped_before_running():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=4, max_latency_ms=0))
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        gone = asyncio.ensure_future(b.submit(5))
+        kept = asyncio.ensure_future(b.submit(6))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # what a client disconnect does to the handler task
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        out = await asyncio.gather(first, kept)
+        await b.drain()
+        return rec, out, gone
+
+    rec, out, gone = run(main())
+    assert gone.cancelled()
+    assert out == [0, 60]
+    ran = [i for _, items in rec.batches for i in items]
+    assert 5 not in ran and sorted(ran) == [0, 6]
+
+
+def test_drain_completes_accepted_requests_and_refuses_new_ones():
+    async def main():
+        rec = Recorder(delay_s=0.02)
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=2, max_latency_ms=5))
+        await b.start()
+        pending = [asyncio.ensure_future(b.submit(i)) for i in range(6)]
+        await asyncio.sleep(0)
+        drained = asyncio.ensure_future(b.drain(timeout_s=5))
+        await asyncio.sleep(0)
+        with pytest.raises(NotReady):
+            await b.submit(99)
+        ok = await drained
+        return ok, [p.result() for p in pending]
+
+    ok, results = run(main())
+    assert ok is True
+    assert results == [i * 10 for i in range(6)]
+
+
+def test_config_rejects_bad_limits():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatcherConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        BatcherConfig(max_queue=0)
