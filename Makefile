@@ -1,12 +1,13 @@
-# One entry point that works from a fresh clone: every target builds the venv it needs.
+# One entry point that works from a fresh clone: every target builds what it needs first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 GRPC_PORT ?= 8001
+BACKEND ?= onnxruntime
 ARTIFACTS ?= artifacts/default
 
-.PHONY: install test serve lint default-models bench clean
+.PHONY: install browser test serve export lint default-models bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +19,30 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Headless Chromium for the /ui browser test (Debian packages; the test drives /usr/bin/chromium).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+# The committed default checkpoints, exported to ONNX with parity checked (skipped when up to date).
+$(ARTIFACTS)/manifest.json: $(VENV)/.installed checkpoints/default/weights.safetensors
+	$(PY) -m export onnx --model default --out $(ARTIFACTS)
+
+export: $(ARTIFACTS)/manifest.json
+
+test: install browser
 	$(PY) -m pytest -q tests
+
+serve: export
+	$(PY) -m service --port $(PORT) --grpc-port $(GRPC_PORT) --backend $(BACKEND) --artifacts $(ARTIFACTS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 default-models: install
 	$(PY) -m training default-models --out checkpoints/default
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache
