@@ -1,0 +1,209 @@
+"""The artifact directory's ``manifest.json``: hashing, the model version, loading and verification.
+
+Layout (contracts.md, "Artifact directory")::
+
+    ART_DIR/manifest.json            format "medrefine-artifacts/1"
+    ART_DIR/<graph>.onnx             one file per served graph, sha256 in the manifest
+
+The model version reported by the service is ``compute_version(graph sha256s, pipeline block)``: any
+changed byte of any graph, or any changed pipeline setting (threshold, ROI ratio, gate, ...), changes it.
+
+``verify_artifacts`` re-hashes every file (a corrupted artifact fails with an error naming the file),
+re-computes the version, and then either re-runs parity from the source run directory (when it still
+exists and its weights hash matches) or, without it, runs a structural check: onnx.checker, graph
+input/output names and dtypes against the manifest, and an ONNX Runtime session on each graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "medrefine-artifacts/1"
+MANIFEST_NAME = "manifest.json"
+REQUIRED_FIELDS = ("format", "version", "created", "code_version", "opset", "precision", "source",
+                   "pipeline", "graphs")
+REQUIRED_GRAPH_FIELDS = ("file", "sha256", "inputs", "outputs", "dynamic_axes", "parity")
+_CHUNK = 1 << 20
+
+
+class ArtifactError(RuntimeError):
+    """An artifact directory is missing, malformed or corrupted; the message names the file at fault."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_version(graph_hashes: Mapping[str, str], pipeline: Mapping[str, Any]) -> str:
+    """The model version: sha256 over the graphs' sha256s (by graph name) and the pipeline block.
+
+    Canonical JSON (sorted keys, no whitespace) so the version does not depend on dict order.
+    """
+    payload = json.dumps({"graphs": dict(sorted(graph_hashes.items())), "pipeline": pipeline},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def write_manifest(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Write ``ART_DIR/manifest.json`` (indented, sorted keys) and return its path."""
+    path = Path(art_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def load_manifest(art_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and structurally validate ``ART_DIR/manifest.json``.
+
+    Raises:
+        ArtifactError: the directory or manifest is missing, not JSON, of another format, or lacks a
+            required field (the message names the file and the field).
+    """
+    art_dir = Path(art_dir)
+    path = art_dir / MANIFEST_NAME
+    if not art_dir.is_dir():
+        raise ArtifactError(f"{art_dir}: artifact directory does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (expected an artifact directory written by `python -m export onnx`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
+    for key in REQUIRED_FIELDS:
+        if key not in manifest:
+            raise ArtifactError(f"{path}: missing field {key!r}")
+    if not isinstance(manifest["graphs"], dict) or not manifest["graphs"]:
+        raise ArtifactError(f"{path}: field 'graphs' must be a non-empty object")
+    for name, graph in manifest["graphs"].items():
+        for key in REQUIRED_GRAPH_FIELDS:
+            if key not in graph:
+                raise ArtifactError(f"{path}: graph {name!r} is missing field {key!r}")
+    return manifest
+
+
+def check_hashes(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Re-hash every graph file and re-compute the version.
+
+    Raises:
+        ArtifactError: a graph file is missing or its bytes changed (names the file and both hashes),
+            or the recorded version does not match the graphs and pipeline block.
+    """
+    art_dir = Path(art_dir)
+    hashes: dict[str, str] = {}
+    for name, graph in manifest["graphs"].items():
+        path = art_dir / graph["file"]
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (graph {name!r} of {art_dir / MANIFEST_NAME})")
+        actual = sha256_file(path)
+        if actual != graph["sha256"]:
+            raise ArtifactError(
+                f"{path}: sha256 mismatch (manifest {graph['sha256'][:16]}..., file {actual[:16]}...): "
+                "the file changed after export; re-export it")
+        hashes[name] = actual
+    version = compute_version(hashes, manifest["pipeline"])
+    if version != manifest["version"]:
+        raise ArtifactError(
+            f"{art_dir / MANIFEST_NAME}: field 'version' is {manifest['version'][:16]}..., but the graphs and "
+            f"pipeline block give {version[:16]}...: the manifest was edited after export")
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_artifacts`` checked: ``mode`` is "parity" (re-run from the source run) or "structural"."""
+
+    art_dir: str
+    version: str
+    mode: str
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _source_run_usable(manifest: Mapping[str, Any]) -> tuple[bool, str]:
+    source = manifest.get("source", {})
+    run_dir = source.get("run_dir")
+    if not run_dir:
+        return False, "manifest names no source run directory"
+    run_path = Path(run_dir)
+    weights = run_path / "weights.safetensors"
+    if not weights.is_file():
+        return False, f"source run {run_path} is not available"
+    if sha256_file(weights) != source.get("weights_sha256"):
+        return False, f"source run {run_path} has different weights now than at export"
+    return True, ""
+
+
+def structural_check(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """onnx.checker + input/output names and dtypes vs the manifest + an ONNX Runtime session per graph.
+
+    Raises:
+        ArtifactError: naming the graph file and the field that disagrees.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from export.onnx_export import describe_io
+
+    art_dir = Path(art_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for name, graph in manifest["graphs"].items():
+        path = art_dir / graph["file"]
+        try:
+            onnx.checker.check_model(str(path))
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # onnx raises several unrelated types here
+            raise ArtifactError(f"{path}: not a valid ONNX model ({exc})") from exc
+        inputs, outputs = describe_io(model)
+        for kind, actual, expected in (("inputs", inputs, graph["inputs"]), ("outputs", outputs, graph["outputs"])):
+            got = [(t["name"], t["dtype"]) for t in actual]
+            want = [(t["name"], t["dtype"]) for t in expected]
+            if got != want:
+                raise ArtifactError(f"{path}: {kind} are {got}, manifest says {want}")
+        try:
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        results[name] = {"checked": "onnx.checker+io+session"}
+    return results
+
+
+def verify_artifacts(art_dir: str | os.PathLike[str], *, rerun_parity: bool = True,
+                     threads: int = 1) -> VerifyReport:
+    """Verify an artifact directory; returns what was checked or raises on the first problem.
+
+    1. manifest structure; 2. every graph's sha256 and the version; 3. parity re-run from the source run
+    (when ``rerun_parity`` and the run still exists with the same weights), else a structural check.
+
+    Raises:
+        ArtifactError: corrupted or malformed artifacts (names the file).
+        export.parity.ParityError: a graph no longer matches its source model within its bound.
+    """
+    # 1. Structure
+    manifest = load_manifest(art_dir)
+    # 2. Bytes
+    check_hashes(art_dir, manifest)
+    report = VerifyReport(art_dir=str(art_dir), version=manifest["version"], mode="structural")
+    # 3. Behaviour
+    usable, why = _source_run_usable(manifest) if rerun_parity else (False, "parity re-run disabled")
+    if usable:
+        from export.onnx_export import reverify_parity
+
+        report.mode = "parity"
+        report.graphs = reverify_parity(art_dir, manifest, threads=threads)
+    else:
+        report.notes.append(f"structural check only: {why}")
+        report.graphs = structural_check(art_dir, manifest)
+    return report
