@@ -1,10 +1,11 @@
 """SAM's image encoder: a plain ViT with windowed and global attention, decomposed relative positions and a
 convolutional neck (ViTDet style).
 
-Tokens are kept as (B, H, W, C) grids between blocks. Two attention implementations share one set of
-parameters: ``"reference"`` (explicit softmax, the official numerics) and ``"sdpa"``
+Tokens are kept as (B, H, W, C) grids between blocks. Three attention implementations share one set of
+parameters: ``"reference"`` (explicit softmax, the official numerics), ``"sdpa"``
 (``torch.nn.functional.scaled_dot_product_attention`` with the relative-position term as an additive bias,
-the fast path for GPUs).
+the fast path for GPUs) and ``"flex"`` (FlexAttention with the relative-position term as a ``score_mod``, no
+(N, N) bias tensor; see :mod:`.flex_attention`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .flex_attention import flex_attention_rel_pos
 
-ATTN_IMPLS = ("reference", "sdpa")
+ATTN_IMPLS = ("reference", "sdpa", "flex")
 
 
 def _check_attn_impl(attn_impl: str) -> str:
@@ -175,7 +177,8 @@ class Attention(nn.Module):
         use_rel_pos: add the relative-position term (tables ``rel_pos_h``/``rel_pos_w`` of (2 * size - 1, C / heads)).
         rel_pos_zero_init: start the tables at zero (otherwise a truncated normal, std 0.02).
         input_size: (H, W) the tables are sized for (the window, or the whole grid for global blocks).
-        attn_impl: "reference" (explicit softmax) or "sdpa" (scaled_dot_product_attention with an additive bias).
+        attn_impl: "reference" (explicit softmax), "sdpa" (scaled_dot_product_attention with an additive bias)
+            or "flex" (FlexAttention with a relative-position score_mod).
     """
 
     def __init__(
@@ -214,6 +217,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if self.attn_impl == "sdpa":
             out = self._sdpa(qkv, h, w)
+        elif self.attn_impl == "flex":
+            out = self._flex(qkv, h, w)
         else:
             out = self._reference(qkv, h, w)
         # (B * heads, HW, d) -> (B, H, W, heads * d)
@@ -239,6 +244,19 @@ class Attention(nn.Module):
             # materialise (B, heads, HW, HW): logit bias for query (y, x) and key (y', x')
             bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return out.reshape(b * heads, n, d)
+
+    def _flex(self, qkv: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        q, k, v = qkv.unbind(0)  # each (B, heads, HW, d)
+        b, heads, n, d = q.shape
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            rel_h, rel_w = decomposed_rel_pos_terms(
+                q.reshape(b * heads, n, d), self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
+            )
+            # factors only: (B, heads, HW, h) and (B, heads, HW, w); the score_mod adds them per key
+            rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
+        out = flex_attention_rel_pos(q, k, v, rel_h, rel_w, scale=self.scale)
         return out.reshape(b * heads, n, d)
 
 
@@ -326,7 +344,7 @@ class ImageEncoderViT(nn.Module):
         rel_pos_zero_init: zero-initialise the relative-position tables.
         window_size: window side for windowed blocks.
         global_attn_indexes: indexes of blocks with global attention.
-        attn_impl: "reference" or "sdpa" (same parameters, see :class:`Attention`).
+        attn_impl: "reference", "sdpa" or "flex" (same parameters, see :class:`Attention`).
     """
 
     def __init__(
@@ -383,11 +401,11 @@ class ImageEncoderViT(nn.Module):
 
     @property
     def attn_impl(self) -> str:
-        """The attention implementation of the blocks: "reference" or "sdpa"."""
+        """The attention implementation of the blocks: "reference", "sdpa" or "flex"."""
         return self.blocks[0].attn.attn_impl if len(self.blocks) else "reference"
 
     def set_attn_impl(self, attn_impl: str) -> None:
-        """Switch every block to ``attn_impl`` ("reference" | "sdpa"); parameters are untouched."""
+        """Switch every block to ``attn_impl`` ("reference" | "sdpa" | "flex"); parameters are untouched."""
         _check_attn_impl(attn_impl)
         for blk in self.blocks:
             blk.attn.attn_impl = attn_impl
