@@ -40,15 +40,28 @@ def bentoml_serve_args(settings: ServiceSettings) -> list[str]:
 
 
 def preflight(settings: ServiceSettings) -> str:
-    """Load and hash-verify the artifact directory; returns the model version.
+    """Load and hash-verify the artifact directory (and, for ``--backend tensorrt``, the engine record
+    against this GPU and TensorRT); returns the model version.
 
     Raises:
         service.artifacts.ArtifactError: naming the file at fault.
+        export.tensorrt.EngineCompatibilityError: TensorRT engines built for another GPU or TensorRT version.
+        export.tensorrt.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU.
     """
-    from service.artifacts import load_artifacts
+    from service.artifacts import check_tensorrt_engines, load_artifacts
 
     artifacts = load_artifacts(settings.artifacts)
+    if settings.backend == "tensorrt":
+        check_tensorrt_engines(artifacts)
     return artifacts.version
+
+
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    """What a failed preflight raises: each is answered with one line on stderr and exit code 2."""
+    from export.tensorrt import EngineCompatibilityError, MissingDependencyError
+    from service.artifacts import ArtifactError
+
+    return ArtifactError, EngineCompatibilityError, MissingDependencyError, OSError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,12 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"python -m service: {exc}", file=sys.stderr)
         return 2
-    from service.artifacts import ArtifactError
-
     try:
         version = preflight(settings)
-    except ArtifactError as exc:
-        print(f"python -m service: cannot serve: {exc}", file=sys.stderr)
+    except _startup_errors() as exc:
+        reason = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"python -m service: cannot serve: {reason}", file=sys.stderr)
         return 2
     print(
         f"medrefine: model {version[:12]} on {settings.backend}; HTTP http://{settings.host}:{settings.port} "

@@ -23,15 +23,18 @@ checks the API key, enforces ``max_upload_bytes`` before bodies are read (413), 
 uploads (415) and keeps client errors in our ``{"error", "field"}`` shape. Our Prometheus metrics
 (``service.metrics``) appear on BentoML's ``/metrics`` next to its own ``bentoml_service_*`` series.
 
-Shutdown (SIGTERM): readiness turns false at once, uvicorn stops accepting connections and finishes open
-requests (``--timeout-graceful-shutdown`` = ``drain_timeout_s``), then the shutdown hook stops gRPC with
-the same grace and drains the batcher, so every accepted request is answered before the process exits.
+Shutdown (SIGTERM): readiness turns false at once and new requests are answered 503 (HTTP and gRPC) while
+the accepted ones finish; then uvicorn stops accepting connections (``--timeout-graceful-shutdown`` =
+``drain_timeout_s``), the shutdown hook stops gRPC with the same grace and drains the batcher, so every
+accepted request is answered before the process exits (see ``_chain_drain_on_signals``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import time
 import typing as t
 from pathlib import Path
 
@@ -40,14 +43,18 @@ from pydantic import Field
 
 from service import rest
 from service.errors import NotReady
-from service.http_middleware import GuardMiddleware
+from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_entered
+from service.log_privacy import install_log_redaction
 from service.metrics import exposition_if_separate
 from service.oip_http import create_oip_app
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("service.app")
+# BentoML's server logging shows INFO for its own loggers only; ours report start-up, drain and shutdown.
+logging.getLogger("service").setLevel(logging.INFO)
 
 SETTINGS = ServiceSettings.from_env()
+install_log_redaction()  # BentoML's request-error log would quote submitted form values
 UI_DIR = Path(__file__).resolve().parent / "ui"
 
 
@@ -64,12 +71,14 @@ class _Process:
 
 
 PROCESS = _Process()
+OPEN_REQUESTS = OpenRequests()  # HTTP requests let in by the guard and not yet answered
 
 
 @bentoml.service(
     name="medrefine",
     workers=1,
-    traffic={"timeout": int(SETTINGS.request_timeout_s) + 30, "max_concurrency": SETTINGS.max_concurrency},
+    # max_concurrency is enforced by GuardMiddleware (429 + Retry-After + our JSON body), not by BentoML.
+    traffic={"timeout": int(SETTINGS.request_timeout_s) + 30},
     metrics={"enabled": True},
 )
 class MedRefine:
@@ -98,7 +107,7 @@ class MedRefine:
             from service.grpc_server import start_grpc_server
 
             self.grpc = await start_grpc_server(self.runtime, self.settings.host, self.settings.grpc_port)
-        _chain_drain_on_signals(self.runtime)
+        _chain_drain_on_signals(self.runtime, self.settings.drain_timeout_s)
         PROCESS.runtime = self.runtime
         logger.info("ready: model %s on %s, HTTP REST + /v2, gRPC %s", self.runtime.model_version[:12],
                     self.runtime.backend, self.grpc.address if self.grpc else "off")
@@ -135,17 +144,21 @@ class MedRefine:
     async def segment(
         self,
         file: Path,
-        threshold: float | None = Field(None, description="mask threshold in (0, 1); default: the model's"),
-        gate: str | None = Field(None, description="gate override: none | uncertainty | the model's own"),
-        gamma: float | None = Field(None, description="uncertainty-gate gamma (> 0)"),
-        gate_min: float | None = Field(None, description="uncertainty-gate floor in [0, 1]"),
-        gate_max: float | None = Field(None, description="uncertainty-gate ceiling in [0, 1]"),
+        threshold: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                                        description="mask threshold in (0, 1); default: the model's"),
+        gate: t.Literal["none", "uncertainty", "learned", "hybrid"] | None = Field(
+            None, description="gate override: none | uncertainty | the model's own (learned / hybrid)"),
+        gamma: float | None = Field(None, gt=0, allow_inf_nan=False, description="uncertainty-gate gamma (> 0)"),
+        gate_min: float | None = Field(None, ge=0, le=1, description="uncertainty-gate floor in [0, 1]"),
+        gate_max: float | None = Field(None, ge=0, le=1, description="uncertainty-gate ceiling in [0, 1]"),
         outputs: str | list[str] | None = Field(
             None, description="comma list of image, mask, coarse_mask, probability, coarse_probability, gate"),
         dicom_seg: bool = Field(False, description="also return a DICOM SEG (DICOM uploads only)"),
-        anonymize: bool = Field(False, description="remove patient identifiers from the DICOM SEG"),
+        anonymize: bool | None = Field(
+            None, description="remove patient identifiers from the DICOM SEG; default: MEDREFINE_ANONYMIZE_DICOM (on)"),
     ) -> dict[str, t.Any]:
         """Segment one uploaded image (PNG, JPEG, TIFF, DICOM, NIfTI); masks come back as base64 PNGs."""
+        mark_handler_entered()
         try:
             return await rest.segment(
                 self._require_runtime(), file, threshold=threshold, gate=gate, gamma=gamma, gate_min=gate_min,
@@ -158,39 +171,75 @@ class MedRefine:
     async def refine(
         self,
         file: Path,
-        box: list[float] | None = Field(None, description="[x0, y0, x1, y1] in image pixels"),
+        box: list[float] | None = Field(None, min_length=4, max_length=4,
+                                        description="[x0, y0, x1, y1] in image pixels"),
         points: list[list[float]] | None = Field(None, description="[[x, y], ...] in image pixels"),
         point_labels: list[float] | None = Field(None, description="1 foreground / 0 background per point"),
-        prior_mask: Path | None = Field(None, description="a previous mask (PNG) as the mask prompt"),
-        threshold: float | None = Field(None, description="mask threshold in (0, 1)"),
+        # A list, not `Path | None`: BentoML 1.4 makes an optional Path a text field (and cannot build
+        # `Optional[Path]` at all), while a list of Paths is an optional file part.
+        prior_mask: list[Path] = Field(default_factory=list,
+                                       description="a previous mask (PNG, one file) as the mask prompt"),
+        threshold: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="mask threshold in (0, 1)"),
         outputs: str | list[str] | None = Field(None, description="comma list of image, mask, probability"),
     ) -> dict[str, t.Any]:
         """Refine an uploaded image with your own prompts; the image embedding is cached between calls."""
+        mark_handler_entered()
         try:
             return await rest.refine(
                 self._require_runtime(), file, box=box, points=points, point_labels=point_labels,
-                prior_mask=prior_mask, threshold=threshold, outputs=outputs,
+                prior_mask=rest.single_upload(prior_mask, "prior_mask"), threshold=threshold, outputs=outputs,
             )
         except Exception as exc:
             return rest.error_response(exc)
 
 
-def _chain_drain_on_signals(runtime: t.Any) -> None:
-    """On SIGTERM/SIGINT turn readiness off first, then let uvicorn's own handler start its graceful exit."""
+def _chain_drain_on_signals(runtime: t.Any, drain_timeout_s: float) -> None:
+    """On SIGTERM/SIGINT: readiness off at once, finish what was accepted, then let uvicorn exit.
+
+    uvicorn's own handler closes the listening socket immediately. Under BentoML the socket belongs to
+    the supervisor process, which keeps it open until the worker has exited, so connections made in the
+    meantime would wait unanswered and then be reset. Hence the worker keeps serving while it drains:
+    new requests get a clean 503 (``GuardMiddleware``, gRPC ``ModelInfer``), and only once no accepted
+    HTTP request is open and the batching queue is idle (or ``drain_timeout_s`` has passed) is uvicorn's
+    handler called. A second signal calls it at once.
+    """
+    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
 
         def handler(received: int, frame: t.Any, _previous: t.Any = previous) -> None:
-            runtime.begin_drain()
-            if callable(_previous):
+            if not callable(_previous):
+                if _previous == signal.SIG_DFL:
+                    raise SystemExit(128 + received)
+                return
+            if runtime.draining:  # second signal: stop waiting
                 _previous(received, frame)
-            elif _previous == signal.SIG_DFL:
-                raise SystemExit(128 + received)
+                return
+            runtime.begin_drain()
+            logger.info("signal %d: draining (readiness off, new requests answered 503)", received)
+            loop.call_soon_threadsafe(_start_exit_after_drain, runtime, drain_timeout_s,
+                                      lambda: _previous(received, frame))
 
         try:
             signal.signal(signum, handler)
         except ValueError:  # not the main thread (e.g. an embedded test server): uvicorn handles signals
             return
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # keeps the drain task referenced until it is done
+
+
+def _start_exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callable[[], None]) -> None:
+    task = asyncio.get_running_loop().create_task(_exit_after_drain(runtime, timeout_s, exit_now))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (OPEN_REQUESTS.count > 0 or runtime.batcher.busy) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    exit_now()
 
 
 def _runtime() -> t.Any:
@@ -202,7 +251,7 @@ def _settings() -> ServiceSettings:
 
 
 MedRefine.add_asgi_middleware(GuardMiddleware, runtime=_runtime, settings=_settings,
-                              not_ready_reason=PROCESS.not_ready_reason)
+                              not_ready_reason=PROCESS.not_ready_reason, open_requests=OPEN_REQUESTS)
 # PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")

@@ -10,13 +10,15 @@ checks as ``python -m export verify``: ``export.manifest``).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
 
-__all__ = ["ArtifactError", "Artifacts", "GraphSpec", "PipelineSpec", "load_artifacts"]
+__all__ = ["ArtifactError", "Artifacts", "GraphSpec", "PipelineSpec", "check_tensorrt_engines", "load_artifacts"]
 
 REQUIRED_GRAPHS = ("transunet", "image_encoder", "mask_decoder")
 
@@ -184,3 +186,69 @@ def load_artifacts(art_dir: str | Path, *, verify: bool = True) -> Artifacts:
     if verify:
         artifacts.verify()
     return artifacts
+
+
+def check_tensorrt_engines(
+    artifacts: Artifacts,
+    engines_dir: str | Path | None = None,
+    *,
+    gpu: Any = None,
+    tensorrt_version: str | None = None,
+) -> dict[str, Any]:
+    """Check the TensorRT engine record (``ART_DIR/trt/manifest.json``) before any engine is deserialised.
+
+    In order: the record exists and is a JSON object; it was built from these artifacts (same version);
+    every engine file exists with the recorded sha256; and the engines were built for this GPU model,
+    compute capability and TensorRT version (engines are not portable across any of the three).
+
+    Args:
+        artifacts: the verified artifact directory.
+        engines_dir: where the engines are (default ``ART_DIR/trt``).
+        gpu: this machine's GPU (``export.tensorrt.GpuInfo`` or a mapping with ``name`` and
+            ``compute_capability``); None queries it (``export.tensorrt.query_gpu``).
+        tensorrt_version: ``tensorrt.__version__`` here; None imports tensorrt to read it.
+
+    Returns:
+        The engine record.
+
+    Raises:
+        ArtifactError: missing or malformed record, artifact-version mismatch, missing or modified engine file.
+        export.tensorrt.EngineCompatibilityError: built for another GPU, compute capability or TensorRT.
+        export.tensorrt.MissingDependencyError: no TensorRT or no NVIDIA GPU here (only when asked to query).
+    """
+    from export.manifest import sha256_file
+    from export.tensorrt import check_engine_compatible, import_tensorrt, query_gpu
+
+    engines_dir = Path(engines_dir) if engines_dir is not None else artifacts.root / "trt"
+    record_path = engines_dir / "manifest.json"
+    if not record_path.is_file():
+        raise ArtifactError(f"{record_path}: no TensorRT engine record; build engines with `python -m export tensorrt`")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{record_path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise ArtifactError(f"{record_path}: expected a JSON object, got {type(record).__name__}")
+    if record.get("artifact_version") != artifacts.version:
+        raise ArtifactError(
+            f"{record_path}: engines were built from artifact version {str(record.get('artifact_version'))[:16]}..., "
+            f"the artifacts are {artifacts.version[:16]}...; rebuild them")
+    engines = record.get("engines")
+    if not isinstance(engines, Mapping) or not engines:
+        raise ArtifactError(f"{record_path}: field 'engines' must be a non-empty object")
+    for name, entry in engines.items():
+        if not isinstance(entry, Mapping) or "file" not in entry or "sha256" not in entry:
+            raise ArtifactError(f"{record_path}: engines.{name} needs 'file' and 'sha256'")
+        path = engines_dir / str(entry["file"])
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (TensorRT engine for graph {name!r} of {record_path})")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path}: sha256 differs from {record_path} (TensorRT engine for graph {name!r})")
+    # TensorRT first: without it there is nothing to run, whatever the GPU.
+    here_trt = str(import_tensorrt().__version__ if tensorrt_version is None else tensorrt_version)
+    here_gpu = query_gpu() if gpu is None else gpu
+    try:
+        check_engine_compatible(record, here_gpu, here_trt)
+    except ValueError as exc:  # the record lacks gpu / tensorrt_version
+        raise ArtifactError(f"{record_path}: {exc}") from exc
+    return record

@@ -113,6 +113,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
         self._running_batch = 0
+        self._batch_seconds = 0.0  # moving average of a batch's run time (for Retry-After)
         self.batches_run = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -182,6 +183,14 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
 
     # -- submission -----------------------------------------------------------------------------------
 
+    def check_capacity(self) -> None:
+        """Raise :class:`QueueFullError` if ``submit`` would refuse for a full queue right now."""
+        if len(self._queue) >= self.config.max_queue:
+            raise QueueFullError(
+                f"server busy: {len(self._queue)} requests queued (max_queue={self.config.max_queue})",
+                retry_after=self._retry_after(),
+            )
+
     async def submit(self, item: ItemT, key: Hashable = None, *, batchable: bool = True,
                      timeout_s: float | None = None) -> ResultT:
         """Queue ``item`` and wait for its result.
@@ -199,11 +208,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         """
         if not self._accepting or self._wakeup is None:
             raise NotReady("server not accepting requests (starting or shutting down)")
-        if len(self._queue) >= self.config.max_queue:
-            raise QueueFullError(
-                f"server busy: {len(self._queue)} requests queued (max_queue={self.config.max_queue})",
-                retry_after=self._retry_after(),
-            )
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         entry = _Entry(key=key, item=item, future=loop.create_future(), enqueued=time.monotonic(),
                        batchable=batchable)
@@ -224,7 +229,11 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
     # -- internals ------------------------------------------------------------------------------------
 
     def _retry_after(self) -> float:
-        return max(1.0, self.config.max_latency_ms / 1000.0 * 2)
+        """Seconds until the queue has likely drained: queued batches (plus the running one) x the average
+        batch time; at least 1 s, at most the request timeout."""
+        batches = -(-len(self._queue) // self.config.max_batch_size) + (1 if self._running_batch else 0)
+        estimate = batches * self._batch_seconds + self.config.max_latency_ms / 1000.0
+        return min(max(1.0, estimate), max(1.0, self.config.timeout_s))
 
     def _remove(self, entry: _Entry) -> None:
         with contextlib.suppress(ValueError):
@@ -293,7 +302,10 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             items = [e.item for e in batch]
             try:
                 assert self._executor is not None
+                started = time.monotonic()
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key, items)
+                elapsed = time.monotonic() - started
+                self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             except asyncio.CancelledError:

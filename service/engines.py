@@ -16,7 +16,6 @@ so the pipeline never knows which runtime it drives. Implementations:
 from __future__ import annotations
 
 import abc
-import json
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from service.artifacts import ArtifactError, Artifacts, load_artifacts
+from service.artifacts import ArtifactError, Artifacts, check_tensorrt_engines, load_artifacts
 
 __all__ = [
     "ENGINE_REGISTRY",
@@ -289,7 +288,7 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, *, engines_dir: str | Path | None = None, device: int = 0) -> None:
-        from export.tensorrt import MissingDependencyError, check_engine_compatible, query_gpu
+        from export.tensorrt import MissingDependencyError, query_gpu
 
         try:
             import tensorrt as trt
@@ -299,19 +298,10 @@ class TensorRTEngine(Engine):
 
         if not torch.cuda.is_available():
             raise MissingDependencyError("TensorRTEngine needs a CUDA GPU; torch.cuda.is_available() is False")
-        from export.manifest import sha256_file
 
         engines_dir = Path(engines_dir) if engines_dir is not None else artifacts.root / "trt"
-        record_path = engines_dir / "manifest.json"
-        if not record_path.is_file():
-            raise ArtifactError(f"{record_path}: no TensorRT engine record; build engines with `python -m export tensorrt`")
-        record = json.loads(record_path.read_text())
-        check_engine_compatible(record, query_gpu(), trt.__version__)
-        if record.get("artifact_version") != artifacts.version:
-            raise ArtifactError(
-                f"{record_path}: engines were built from artifact version {str(record.get('artifact_version'))[:16]}..., "
-                f"the artifacts are {artifacts.version[:16]}...; rebuild them"
-            )
+        # The same check `python -m service` runs before start-up: record, artifact version, hashes, GPU.
+        record = check_tensorrt_engines(artifacts, engines_dir, gpu=query_gpu(), tensorrt_version=trt.__version__)
         self._torch, self._trt = torch, trt
         self._device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -321,10 +311,8 @@ class TensorRTEngine(Engine):
         self._inputs: dict[str, tuple[str, ...]] = {}
         self._outputs: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
-        for name, entry in record.get("engines", {}).items():
+        for name, entry in record["engines"].items():
             path = engines_dir / entry["file"]
-            if not path.is_file() or sha256_file(path) != entry["sha256"]:
-                raise ArtifactError(f"{path}: TensorRT engine for graph {name!r} is missing or its sha256 differs from {record_path}")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise ArtifactError(f"{path}: TensorRT could not deserialize the engine for graph {name!r}")

@@ -14,6 +14,7 @@ __all__ = [
     "QueueFullError",
     "RequestTimeoutError",
     "ServiceError",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
     "as_service_error",
@@ -79,6 +80,20 @@ class QueueFullError(ServiceError):
 
     def __init__(self, message: str = "server busy: the inference queue is full", field: str | None = None,
                  *, retry_after: float = 1.0) -> None:
+        super().__init__(message, field)
+        self.retry_after = float(retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class TooManyRequests(ServiceError):
+    """More requests are open than ``max_concurrency`` allows; retry after ``retry_after`` seconds."""
+
+    code = 429
+
+    def __init__(self, message: str = "server busy: too many open requests", field: str | None = None, *,
+                 retry_after: float = 1.0) -> None:
         super().__init__(message, field)
         self.retry_after = float(retry_after)
 

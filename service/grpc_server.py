@@ -199,14 +199,20 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.registry = registry or default_registry()
 
     async def _call(
-        self, rpc_name: str, request: Any, context: grpc.aio.ServicerContext, handler: Rpc, *, auth: bool = True
+        self, rpc_name: str, request: Any, context: grpc.aio.ServicerContext, handler: Rpc, *, auth: bool = True,
+        inference: bool = False,
     ) -> Any:
         """Run ``handler`` with the API-key check, status mapping and request metrics.
+
+        ``inference=True``: refused with UNAVAILABLE once the server drains for shutdown (RPCs that started
+        before the drain run to completion).
 
         The request is counted before the answer leaves, so a client never sees a reply its metric lacks.
         """
         start = time.perf_counter()
         try:
+            if inference and getattr(self.runtime, "draining", False) is True:
+                raise NotReady("server shutting down; retry on another instance", retry_after=1)
             if auth:
                 metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
                 presented = presented_api_key(metadata.get("authorization"), metadata.get("x-api-key"))
@@ -280,7 +286,7 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             infer_response = await self.registry.infer(self.runtime, infer_request, protocol=PROTOCOL)
             return await asyncio.to_thread(infer_response_to_proto, infer_response)
 
-        return await self._call("ModelInfer", request, context, handle)
+        return await self._call("ModelInfer", request, context, handle, inference=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,6 +341,8 @@ async def start_grpc_server(
     """
     max_bytes = int(runtime.settings.max_upload_bytes)
     server = grpc.aio.server(
+        # RPCs beyond max_concurrency are refused at once with RESOURCE_EXHAUSTED (HTTP answers 429)
+        maximum_concurrent_rpcs=int(runtime.settings.max_concurrency),
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", -1),

@@ -5,6 +5,10 @@ BentoML 1.4 has no request-body limit and answers its own probes with plain text
 
 1. ``GET /livez`` and ``GET /readyz``: JSON probes from the runtime (ready only once every artifact is
    loaded and verified and the batcher runs; false again as soon as draining starts).
+1b. Draining for shutdown: new requests (not probes or ``/metrics``) -> 503 + ``Retry-After`` +
+   ``Connection: close``; requests let in before the drain began run to completion.
+1c. Concurrency: more than ``max_concurrency`` open requests (probes and ``/metrics`` not counted) -> 429
+   with ``Retry-After`` and our JSON body (BentoML's own limiter would answer 429 without either).
 2. API key: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on ``/segment`` and ``/refine``
    when a key is configured -> 401 (``/v2`` checks it itself, except its health probes).
 3. Content type of ``/segment`` and ``/refine``: ``multipart/form-data`` only -> 415.
@@ -18,23 +22,41 @@ BentoML 1.4 has no request-body limit and answers its own probes with plain text
 
 Refusals discovered mid-stream (4, 5) end the downstream app's body with ``http.disconnect``; whatever
 it then tries to send is dropped and the refusal goes out instead. A client that disconnects after
-sending a ``/segment`` or ``/refine`` request cancels its handler, which drops the request from the
-batching queue (counted with status 499). Every ``/segment`` and ``/refine`` request is counted in
-``medrefine_requests_total{protocol="rest"}``.
+sending a ``/segment``, ``/refine`` or ``/v2/.../infer`` request cancels its handler, which drops the
+request from the batching queue (counted with status 499). Every ``/segment`` and ``/refine`` request is
+counted in ``medrefine_requests_total{protocol="rest"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    NotReady,
+    PayloadTooLarge,
+    ServiceError,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
-__all__ = ["API_ROUTES", "UPLOAD_FIELDS", "GuardMiddleware", "error_response_parts"]
+__all__ = [
+    "API_ROUTES",
+    "UNLIMITED_PATHS",
+    "UPLOAD_FIELDS",
+    "GuardMiddleware",
+    "OpenRequests",
+    "error_response_parts",
+    "mark_handler_entered",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,6 +64,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 API_ROUTES = {"/segment": "segment", "/refine": "refine"}
+# Never refused for concurrency or while draining (probes and scrapes must answer); no API key either.
+# The model-readiness probes /v2/models/{model}[/versions/{v}]/ready are matched by _is_probe as well.
+UNLIMITED_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 UPLOAD_FIELDS = (b"file", b"prior_mask")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 _DISPOSITION = re.compile(rb"content-disposition:[^\r\n]*", re.IGNORECASE)
@@ -65,8 +90,10 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], extra: li
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, error: ServiceError) -> None:
+async def _send_error(send: Send, error: ServiceError, *, close: bool = False) -> None:
     status, headers, body = error_response_parts(error)
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -146,6 +173,16 @@ def _boundary(content_type: str) -> bytes | None:
     return None
 
 
+class OpenRequests:
+    """Requests the guard has let in and not yet answered (probes, ``/metrics`` and refusals not counted).
+
+    One event loop per worker touches it, so a plain integer suffices.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class GuardMiddleware:
     """See the module docstring.
 
@@ -154,14 +191,17 @@ class GuardMiddleware:
         runtime: zero-argument callable returning the process's ``ServiceRuntime`` (None before start-up).
         settings: zero-argument callable returning the ``ServiceSettings``.
         not_ready_reason: why there is no runtime yet (``/readyz`` says it; never a server path).
+        open_requests: the shared count of requests in progress (the shutdown path waits for it to reach 0).
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, runtime: Callable[[], Any],
-                 settings: Callable[[], Any], not_ready_reason: Callable[[], str] = lambda: "starting") -> None:
+                 settings: Callable[[], Any], not_ready_reason: Callable[[], str] = lambda: "starting",
+                 open_requests: OpenRequests | None = None) -> None:
         self.app = app
         self._runtime = runtime
         self._settings = settings
         self._not_ready_reason = not_ready_reason
+        self.open_requests = open_requests if open_requests is not None else OpenRequests()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,11 +219,11 @@ class GuardMiddleware:
             await send({"type": "http.response.start", "status": 307, "headers": [(b"location", b"/ui/")]})
             await send({"type": "http.response.body", "body": b""})
             return
-        endpoint = API_ROUTES.get(path)
-        if endpoint is None:
-            await self._guarded(scope, receive, send, path, None, {})
+        if _is_probe(method, path):
+            await self.app(scope, receive, send)
             return
-        metrics = self._metrics()
+        endpoint = API_ROUTES.get(path)
+        metrics = self._metrics() if endpoint is not None else None
         start = time.perf_counter()
         status_box = {"status": 500}
 
@@ -192,8 +232,25 @@ class GuardMiddleware:
                 status_box["status"] = int(message["status"])
             await send(message)
 
+        limit = int(self._settings().max_concurrency)
+        runtime = self._runtime()
         try:
-            await self._guarded(scope, receive, counting_send, path, endpoint, status_box)
+            if getattr(runtime, "draining", False) is True:
+                # Shutting down: requests accepted before the signal finish; new ones are turned away
+                # cleanly (the listening socket stays open until they have, see service.app).
+                await _send_error(counting_send, NotReady("server shutting down; retry on another instance",
+                                                          retry_after=1), close=True)
+                return
+            if self.open_requests.count >= limit:
+                await _send_error(counting_send, TooManyRequests(
+                    f"server busy: {self.open_requests.count} requests open (max_concurrency={limit}); "
+                    "retry later"))
+                return
+            self.open_requests.count += 1
+            try:
+                await self._guarded(scope, receive, counting_send, path, endpoint, status_box)
+            finally:
+                self.open_requests.count -= 1
         finally:
             if metrics is not None:
                 metrics.observe_request(endpoint, "rest", str(status_box["status"]), time.perf_counter() - start)
@@ -280,6 +337,7 @@ class GuardMiddleware:
                 return
 
         guard = _MultipartGuard(boundary) if endpoint is not None else None
+        marker = {"entered": False}
         state: dict[str, Any] = {"received": 0, "reject": None, "replied": False, "status": None, "held": [],
                                  "responded": False, "client_gone": False}
         body_done = asyncio.Event()
@@ -318,9 +376,13 @@ class GuardMiddleware:
             if endpoint is None:
                 await send(message)
                 return
-            # Hold a 400 from BentoML's validator to rewrite its body into our error shape.
+            # Hold a 400 from BentoML's validator to rewrite its body into our error shape, and turn a 500
+            # answered before our handler ran into a 400: BentoML could not parse the form (the client's
+            # malformed multipart body); every error after that point is answered by our handler itself.
             if message["type"] == "http.response.start":
                 state["status"] = int(message["status"])
+                if state["status"] == 500 and not marker["entered"]:
+                    state["status"], state["unparsed"] = 400, True
                 if state["status"] != 400:
                     await send(message)
                 else:
@@ -333,13 +395,17 @@ class GuardMiddleware:
             if message.get("more_body", False):
                 return
             start, *bodies = state["held"]
-            body = _normalise_validation_error(b"".join(m.get("body", b"") for m in bodies))
+            if state.get("unparsed"):
+                body = json.dumps(BadRequest(
+                    "malformed multipart/form-data body: the form could not be parsed").to_dict()).encode()
+            else:
+                body = _normalise_validation_error(b"".join(m.get("body", b"") for m in bodies))
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             await send({"type": "http.response.start", "status": 400, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        if endpoint is None:
+        if endpoint is None and not _is_oip_infer(method, path):
             try:
                 await self.app(scope, guarded_receive, guarded_send)
             except Exception:
@@ -349,9 +415,14 @@ class GuardMiddleware:
                 await reply_reject()
             return
 
-        # Inference routes: a client that hangs up after sending its request cancels the handler, so a
-        # request still waiting in the batching queue is dropped instead of run for nobody.
-        app_task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+        # Inference routes (/segment, /refine, /v2/.../infer): a client that hangs up after sending its
+        # request cancels the handler, so a request still waiting in the batching queue is dropped
+        # instead of run for nobody.
+        marker_token = _HANDLER_ENTERED.set(marker)  # the app task gets a copy of this context
+        try:
+            app_task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+        finally:
+            _HANDLER_ENTERED.reset(marker_token)
 
         async def watch_disconnect() -> None:
             await body_done.wait()
@@ -369,7 +440,13 @@ class GuardMiddleware:
         except asyncio.CancelledError:
             if not state["client_gone"]:
                 raise
-            status_box["status"] = 499  # client closed the request (nginx's code); nothing is sent
+            status_box["status"] = 499  # client closed the request (nginx's code)
+            # Nobody reads this answer (the server drops writes to a closed connection), but the layers
+            # outside us must see the request end: BentoML's timeout middleware would otherwise hold the
+            # request open until its timeout, and a graceful shutdown would wait for it.
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
             return
         except Exception:
             if state["reject"] is None:
@@ -378,6 +455,28 @@ class GuardMiddleware:
             watcher.cancel()
         if state["reject"] is not None:
             await reply_reject()
+
+
+_HANDLER_ENTERED: contextvars.ContextVar[dict[str, bool] | None] = contextvars.ContextVar(
+    "medrefine_handler_entered", default=None)
+
+
+def mark_handler_entered() -> None:
+    """Called first by the ``/segment`` and ``/refine`` handlers: BentoML parsed the request, so any error
+    from here on is answered by our handler, and a bare BentoML 500 can only mean an unparsable form."""
+    marker = _HANDLER_ENTERED.get()
+    if marker is not None:
+        marker["entered"] = True
+
+
+def _is_probe(method: str, path: str) -> bool:
+    if path in UNLIMITED_PATHS:
+        return True
+    return method in ("GET", "HEAD") and path.startswith("/v2/models/") and path.endswith("/ready")
+
+
+def _is_oip_infer(method: str, path: str) -> bool:
+    return method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 def _too_large(size: int, limit: int, *, streamed: bool = False) -> PayloadTooLarge:

@@ -15,11 +15,12 @@ Errors are ``{"error": "..."}`` with 400 (invalid request, naming the input/fiel
 415 (unknown Content-Encoding), 503 (+ Retry-After: queue full or not ready), 504 (timeout).
 The body is read in chunks and refused as soon as it passes ``settings.max_upload_bytes`` (also after
 gzip/deflate decompression). The API key (``Authorization: Bearer <key>`` or ``X-API-Key``) is checked
-on every route except the two health probes. Every answer is counted with protocol ``"oip-http"``.
+on every route except the health probes (server live/ready, model ready). Every answer is counted with protocol ``"oip-http"``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import zlib
@@ -145,6 +146,10 @@ class _OipHttp:
                 response = await handler(request, runtime)
             except ClientDisconnect:
                 response = Response(status_code=499)  # nobody is listening; counted as 499, like nginx
+            except asyncio.CancelledError:  # the guard cancels the handler of a client that hung up
+                if runtime is not None:
+                    runtime.metrics.observe_request(label, PROTOCOL, "499", time.perf_counter() - start)
+                raise
             except Exception as exc:  # every failure becomes an OIP error body
                 response = _error_response(exc)
             if runtime is not None:
@@ -235,7 +240,9 @@ def create_oip_app(
         label = "/v2" + path
         routes += [
             Route(prefix + path, oip.endpoint(label, oip.model_metadata), methods=["GET"]),
-            Route(prefix + path + "/ready", oip.endpoint(label + "/ready", oip.model_ready), methods=["GET"]),
+            # model readiness is a health probe (KServe v2 "Health" API): no API key, as over gRPC
+            Route(prefix + path + "/ready", oip.endpoint(label + "/ready", oip.model_ready, auth=False),
+                  methods=["GET"]),
             Route(prefix + path + "/infer", oip.endpoint(label + "/infer", oip.infer), methods=["POST"]),
         ]
 

@@ -280,8 +280,14 @@ class ModelRegistry:
         # 2. Inputs and parameters against the model's declarations.
         inputs = _validated_inputs(model, request.inputs)
         parameters = _validated_parameters(model, request.parameters)
-        if not model.is_ready(runtime):
+        # A request the transport let in before a drain began still runs (``serving``); new ones are
+        # refused at the transport's entry. Runtimes without ``serving`` fall back to readiness.
+        serving = getattr(runtime, "serving", None)
+        if not (serving if isinstance(serving, bool) else model.is_ready(runtime)):
             raise NotReady(f"model '{model.name}' is not ready")
+        check_capacity = getattr(runtime, "check_capacity", None)
+        if check_capacity is not None:
+            check_capacity()  # 503 at once when the shared queue is full
         # 3. Run (through the runtime's shared queue) and pack the outputs.
         results = await model.run(runtime, inputs, parameters, protocol=protocol)
         outputs = tuple(_output_tensor(model, spec, results) for spec in output_specs)

@@ -45,6 +45,7 @@ __all__ = [
     "parse_outputs",
     "refine",
     "segment",
+    "single_upload",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,19 @@ def error_response(exc: BaseException) -> Any:
         logger.exception("unexpected error in a REST endpoint", exc_info=exc)
         error = ServiceError("internal error; see the server log", code=500)
     return JSONResponse(error.to_dict(), status_code=error.code, headers=error.headers())
+
+
+def single_upload(paths: Sequence[Path] | Path | None, field: str) -> Path | None:
+    """An optional single-file field that BentoML hands over as a list: its one file, or None.
+
+    Raises:
+        BadRequest: more than one file under ``field``.
+    """
+    if paths is None or isinstance(paths, Path):
+        return paths
+    if len(paths) > 1:
+        raise BadRequest(f"{field} takes one file, got {len(paths)}", field)
+    return paths[0] if paths else None
 
 
 def parse_outputs(value: str | Sequence[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -105,6 +119,9 @@ async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
 
 
 async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
+    check_capacity = getattr(runtime, "check_capacity", None)
+    if check_capacity is not None:
+        check_capacity()  # 503 before spending memory and CPU on decoding when the queue is full
     data = await _read_upload(path, runtime, "file")
     settings = runtime.settings
     try:
@@ -142,9 +159,13 @@ async def segment(
     gate_max: float | None = None,
     outputs: str | Sequence[str] | None = None,
     dicom_seg: bool = False,
-    anonymize: bool = False,
+    anonymize: bool | None = None,
 ) -> dict[str, Any]:
     """``POST /segment``: decode the upload, segment it through the shared queue, encode the answer.
+
+    ``anonymize`` None takes the server's default (``MEDREFINE_ANONYMIZE_DICOM``, on unless turned off):
+    a DICOM SEG then carries no patient identifiers. ``anonymize=false`` keeps them (e.g. to store the SEG
+    back beside its source in a PACS); ``anonymize=true`` without ``dicom_seg`` is a 400.
 
     Raises:
         ServiceError: 400 (bad option or image), 413 (too large), 415 (unsupported format), 503, 504.
@@ -158,7 +179,7 @@ async def segment(
                                  gate_max=gate_max, outputs=tuple(n for n in wanted if n != "image"))
     except ValueError as exc:
         raise _field_error(exc, "options") from None
-    if anonymize and not dicom_seg:
+    if anonymize is True and not dicom_seg:
         raise BadRequest("anonymize applies to the DICOM SEG output; set dicom_seg=true as well", "anonymize")
     _, decoded = await _decode(file, runtime)
     if dicom_seg and decoded.format != "dicom":
@@ -185,6 +206,9 @@ async def segment(
     })
     if dicom_seg:
         from service.dicom_seg import build_dicom_seg
+
+        if anonymize is None:
+            anonymize = bool(getattr(runtime.settings, "anonymize_dicom", True))
 
         mask = result.mask if result.mask is not None else (np.asarray(result.probability) > result.threshold)
         try:

@@ -113,6 +113,11 @@ class ServiceRuntime:
         return self._started and not self.draining and self.batcher.accepting
 
     @property
+    def serving(self) -> bool:
+        """True while accepted requests can still run: started and the batcher not stopped (also while draining)."""
+        return self._started and self.batcher.accepting
+
+    @property
     def model_version(self) -> str:
         return str(self._info.get("version", ""))
 
@@ -146,6 +151,17 @@ class ServiceRuntime:
         if presented is None:
             return False
         return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+    def check_capacity(self) -> None:
+        """Refuse early (before a request's upload is decoded) when the batching queue is already full.
+
+        Cheap and advisory: ``segment`` / ``refine`` check again when they queue. Draining does not refuse
+        here, so requests accepted before SIGTERM are still served.
+
+        Raises:
+            QueueFullError: 503 + Retry-After.
+        """
+        self.batcher.check_capacity()
 
     async def start(self) -> None:
         """Start the batcher on the running loop; the runtime is ready afterwards."""

@@ -22,11 +22,16 @@ Documented limits (variable, default):
 ``MEDREFINE_MAX_LATENCY_MS``    10                   adaptive batcher: longest wait to fill a batch
 ``MEDREFINE_MAX_QUEUE``         64                   queued requests before 503 + Retry-After
 ``MEDREFINE_REQUEST_TIMEOUT_S`` 30                   queue wait + inference per request -> 504
-``MEDREFINE_MAX_CONCURRENCY``   128                  open HTTP requests per server -> 429
-``MEDREFINE_DRAIN_TIMEOUT_S``   30                   grace for accepted requests on SIGTERM
+``MEDREFINE_MAX_CONCURRENCY``   128                  open HTTP requests per server -> 429 + Retry-After;
+                                                     concurrent gRPC calls -> RESOURCE_EXHAUSTED
+``MEDREFINE_DRAIN_TIMEOUT_S``   25                   grace for accepted requests on SIGTERM (keep it
+                                                     under 30 s: BentoML's supervisor kills a worker
+                                                     30 s after SIGTERM, as Kubernetes does by default)
 ``MEDREFINE_API_KEY_ENV``       ``MEDREFINE_API_KEY`` name of the variable holding the API key
 ``MEDREFINE_API_KEY``           unset (auth off)     the API key itself (never a CLI flag)
 ``MEDREFINE_REQUIRE_API_KEY``   ``0``                ``1``: refuse to start without an API key
+``MEDREFINE_ANONYMIZE_DICOM``   ``1``                strip patient identifiers from DICOM the service
+                                                     writes (DICOM SEG) unless a request says otherwise
 ``MEDREFINE_EMBEDDING_CACHE_BYTES`` 256 MiB          SAM embedding LRU cache budget (0 = off)
 ``MEDREFINE_INTRA_OP_THREADS``  0 (engine default)   intra-op threads of the inference engine
 ==============================  ===================  ==================================================
@@ -74,10 +79,11 @@ class ServiceSettings:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     max_concurrency: int = 128
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 25.0
     api_key_env: str = "MEDREFINE_API_KEY"
     api_key: str | None = None
     require_api_key: bool = False
+    anonymize_dicom: bool = True
     embedding_cache_bytes: int = 256 * MIB
     intra_op_threads: int = 0
 
@@ -189,6 +195,7 @@ def _env_name(field_name: str) -> str:
 _INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
                "max_concurrency", "embedding_cache_bytes", "intra_op_threads"}
 _FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s"}
+_BOOL_FIELDS = {"require_api_key", "anonymize_dicom"}
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -202,7 +209,7 @@ def _parse(name: str, raw: str) -> Any:
         raise SettingsError(f"{_env_name(name)}: expected {kind}, got {raw!r}") from None
     if name == "artifacts":
         return Path(raw)
-    if name == "require_api_key":
+    if name in _BOOL_FIELDS:
         lowered = raw.strip().lower()
         if lowered not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
             raise SettingsError(f"{_env_name(name)}: expected 0/1 (or true/false), got {raw!r}")
