@@ -1,0 +1,193 @@
+"""``python -m training default-models --out checkpoints/default``: the committed default UltraRefiner.
+
+Recipe (all seeded, CPU, 2 cores):
+
+1. Phantom breast-ultrasound data (``core.phantoms``) at 256 px: train / val / test sets written with
+   distinct seeds (default 240 / 40 / 60 cases) under ``--work``. The TransUNet works at 128 px inside the
+   model; the refiner crops its ROI from the 256 px image (run preset ``default``).
+2. Phase 1 ``transunet`` on train, validated on val.
+3. Phase 2 ``refiner`` with ``--transunet`` (hybrid: real TransUNet predictions at ``--real-ratio``, the rest
+   augmented ground truth), validated on the TransUNet's real val predictions.
+4. Phase 3 ``e2e`` from both runs, with the TransUNet protections (anchor, gradient scale, frozen first epoch).
+5. The final run directory is copied to ``--out`` together with ``eval_test.json`` (``training.evaluate``
+   on the held-out test set) and ``recipe.json`` (the exact commands, per-phase wall times and metrics).
+
+Every phase goes through the same CLI a user would run (``training.__main__.main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.checkpoints import RUN_JSON, WEIGHTS_FILE, load_run
+from core.datasets import SegmentationDataset
+
+log = logging.getLogger("training.default_models")
+
+MAX_WEIGHTS_MB = 25.0
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-models") -> None:
+    parser.add_argument("--out", default="checkpoints/default", help="final run directory")
+    parser.add_argument("--work", help="intermediate runs and data (default: OUT/../default_work)")
+    parser.add_argument("--n-train", type=int, default=240)
+    parser.add_argument("--n-val", type=int, default=40)
+    parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--size", type=int, default=256, help="phantom side in pixels (the default preset's size)")
+    parser.add_argument("--data-seed", type=int, default=1000, help="train/val/test use this seed +0/+1/+2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="default", help="run preset of all three phases")
+    parser.add_argument("--transunet-epochs", type=int, default=30)
+    parser.add_argument("--refiner-epochs", type=int, default=25)
+    parser.add_argument("--e2e-epochs", type=int, default=4)
+    parser.add_argument("--real-ratio", type=float, default=0.5)
+    parser.add_argument("--augmentor-preset", default="default")
+    parser.add_argument("--max-steps", type=int, help="cap every phase's optimiser steps (smoke tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the intermediate runs and data")
+
+
+def _write_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    from core.phantoms import write_dataset
+
+    dirs = {}
+    for offset, (split, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test))):
+        out = work / "data" / split
+        if out.exists():
+            shutil.rmtree(out)
+        write_dataset("ultrasound", n, out, args.data_seed + offset, size=args.size)
+        dirs[split] = out
+    return dirs
+
+
+def _portable(obj: Any, work: Path) -> Any:
+    """``obj`` with the (temporary) work directory in every string replaced by ``<work>``."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, work) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v, work) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(str(work), "<work>")
+    return obj
+
+
+def make_portable(out: Path, work: Path) -> None:
+    """Rewrite ``out/run.json`` (and ``recipe.json``/``eval_test.json`` if present) without work-dir paths."""
+    for name in (RUN_JSON, "recipe.json", "eval_test.json"):
+        path = out / name
+        if path.is_file():
+            path.write_text(json.dumps(_portable(json.loads(path.read_text()), work), indent=2) + "\n")
+
+
+def benchmark_step_seconds(steps: int = 4) -> float:
+    """Median seconds of one training step of the default TransUNet (batch 8, 128 px) on this machine now.
+
+    Recorded in recipe.json so wall times measured on a busy or different machine can be compared.
+    """
+    from models.build import build_transunet
+
+    torch.manual_seed(0)
+    model = build_transunet("default")
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    x = torch.rand(8, 1, 128, 128)
+    times = []
+    for _ in range(steps + 1):
+        t = time.time()
+        opt.zero_grad()
+        model(x).mean().backward()
+        opt.step()
+        times.append(time.time() - t)
+    return float(sorted(times[1:])[len(times[1:]) // 2])
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.__main__ import main
+    from training.evaluate import evaluate_run, format_summary
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    timings: dict[str, float] = {}
+
+    bench = benchmark_step_seconds()
+    t = time.time()
+    data = _write_data(work, args)
+    timings["data"] = time.time() - t
+
+    common = ["--data", str(data["train"]), "--val-data", str(data["val"]), "--config", args.config,
+              "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+    if args.max_steps:
+        common += ["--max-steps", str(args.max_steps)]
+    runs = {name: work / name for name in ("transunet", "refiner", "e2e")}
+    commands = {
+        "transunet": ["transunet", "--out", str(runs["transunet"]), "--epochs", str(args.transunet_epochs), *common],
+        "refiner": ["refiner", "--out", str(runs["refiner"]), "--epochs", str(args.refiner_epochs),
+                    "--transunet", str(runs["transunet"]), "--real-ratio", str(args.real_ratio),
+                    "--augmentor-preset", args.augmentor_preset, *common],
+        "e2e": ["e2e", "--out", str(runs["e2e"]), "--epochs", str(args.e2e_epochs),
+                "--init", str(runs["transunet"]), str(runs["refiner"]), *common],
+    }
+    phase_metrics: dict[str, Any] = {}
+    for name, argv in commands.items():
+        t = time.time()
+        log.info("default-models: python -m training %s", " ".join(argv))
+        main(argv)
+        timings[name] = time.time() - t
+        phase_metrics[name] = load_run(runs[name]).metrics
+        log.info("default-models: %s done in %.0f s", name, timings[name])
+
+    # The final run directory: the e2e run, copied.
+    out.mkdir(parents=True, exist_ok=True)
+    for fname in (RUN_JSON, WEIGHTS_FILE, "log.csv", "curves.png"):
+        shutil.copy2(runs["e2e"] / fname, out / fname)
+    weights_mb = (out / WEIGHTS_FILE).stat().st_size / 2**20
+    if weights_mb > MAX_WEIGHTS_MB:
+        raise RuntimeError(f"{out / WEIGHTS_FILE}: {weights_mb:.1f} MB exceeds the {MAX_WEIGHTS_MB} MB budget")
+
+    t = time.time()
+    result = evaluate_run(out, SegmentationDataset(data["test"]), device=args.device)
+    result["data"] = f"phantom ultrasound test set ({args.n_test} cases, seed {args.data_seed + 2}, {args.size} px)"
+    (out / "eval_test.json").write_text(json.dumps(result, indent=2) + "\n")
+    timings["evaluate"] = time.time() - t
+    timings["total"] = time.time() - start
+    print(format_summary(result))
+
+    recipe = {
+        "commands": {k: "python -m training " + " ".join(v) for k, v in commands.items()},
+        "data": {"kind": "ultrasound", "size": args.size, "n_train": args.n_train, "n_val": args.n_val,
+                 "n_test": args.n_test, "seeds": [args.data_seed, args.data_seed + 1, args.data_seed + 2]},
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+        "benchmark_step_seconds": round(bench, 3),
+        "weights_mb": round(weights_mb, 2),
+        "phase_val_metrics": {
+            k: {m: v for m, v in metrics.items() if not m.startswith("threshold_sweep")}
+            for k, metrics in phase_metrics.items()
+        },
+        "test": {
+            "coarse_dice": result["coarse"]["mean"]["dice"],
+            "refined_dice": result["refined"]["mean"]["dice"],
+            "hard_cases": result["hard_cases"],
+            "refined_vs_coarse": result["refined_vs_coarse"],
+        },
+    }
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    make_portable(out, work)
+    log.info("default-models: wrote %s in %.0f s", out, timings["total"])
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
