@@ -7,7 +7,7 @@ GRPC_PORT ?= 8001
 BACKEND ?= onnxruntime
 ARTIFACTS ?= artifacts/default
 
-.PHONY: install browser test serve export lint default-models bench clean
+.PHONY: install browser test serve export lint default-models bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: install browser
 
 serve: export
 	$(PY) -m service --port $(PORT) --grpc-port $(GRPC_PORT) --backend $(BACKEND) --artifacts $(ARTIFACTS)
+
+# The one-command benchmark (offline, naive baseline, our service over REST and gRPC) -> loadtest/results/
+bench: install
+	$(PY) -m loadtest bench --threads 1
+
+soak: install
+	$(PY) -m loadtest soak --minutes 10 --out loadtest/results/soak.json
 
 lint: install
 	$(VENV)/bin/ruff check .

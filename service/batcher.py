@@ -70,7 +70,8 @@ class BatcherConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
-@dataclass(eq=False)
+# repr=False: a failed deque.remove formats the entry, and its repr would print the whole image.
+@dataclass(eq=False, repr=False)
 class _Entry:
     key: Hashable
     item: Any
@@ -236,7 +237,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         return min(max(1.0, estimate), max(1.0, self.config.timeout_s))
 
     def _remove(self, entry: _Entry) -> None:
-        with contextlib.suppress(ValueError):
+        # Usually already taken by a batch: check first instead of paying for a ValueError.
+        if entry in self._queue:
             self._queue.remove(entry)
             self._notify_depth()
 

@@ -142,7 +142,11 @@ def test_crop_then_paste_stays_finite_in_range_and_zero_outside_the_roi(image, s
     ys = torch.arange(h, dtype=torch.float32) + 0.5
     for i in range(b):
         x0, y0, x1, y1 = roi[i].tolist()
-        outside = ((xs < x0 - 1) | (xs > x1 + 1))[None, :] | ((ys < y0 - 1) | (ys > y1 + 1))[:, None]
+        # Bilinear sampling reads half a crop pixel past the ROI edge: that band, in image pixels,
+        # is (x1 - x0) / (2 * size); beyond it (plus one image pixel) the paste must be exactly zero.
+        mx = 1 + (x1 - x0) / (2 * size)
+        my = 1 + (y1 - y0) / (2 * size)
+        outside = ((xs < x0 - mx) | (xs > x1 + mx))[None, :] | ((ys < y0 - my) | (ys > y1 + my))[:, None]
         spill = pasted[i, 0][outside]
         assert spill.numel() == 0 or float(spill.abs().max()) == 0.0
 
