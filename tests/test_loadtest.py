@@ -402,3 +402,16 @@ def test_locust_refuses_a_non_loopback_host():
     done = _locust("http://10.20.30.40:3000", "-u", "1", "-r", "1", "--run-time", "20s", timeout=60)
     assert done.returncode == 2
     assert "not a loopback address" in done.stderr
+
+
+def test_one_minute_soak_at_half_of_peak_has_no_errors_and_bounded_rss(service, tmp_path):
+    """CI's soak: one minute at 50 % of the probed peak against the live service (the 10-minute
+    version is `make soak`)."""
+    config = SoakConfig(minutes=1.0, fraction=0.5, peak_probe_s=5.0, sample_s=2.0, interval_s=10.0,
+                        image_size=IMAGE_SIZE, url=service.http_url, server_pid=service.pid,
+                        out=str(tmp_path / "soak.json"), max_errors=0, max_growth_mb=64)
+    report, passed = run_soak(config)
+    assert report["errors"] == 0 and report["server_alive_at_end"]
+    assert report["answered"] == report["issued"] > 0
+    assert report["memory"]["growth_mib"] is not None and report["memory"]["growth_mib"] < 64
+    assert passed
