@@ -44,7 +44,7 @@ bench: install
 	$(PY) -m loadtest bench --threads 1
 
 soak: install
-	$(PY) -m loadtest soak --minutes 10 --out loadtest/results/soak.json
+	$(PY) -m loadtest soak --minutes 10 --out loadtest/results/soak-10min.json
 
 lint: install
 	$(VENV)/bin/ruff check .
