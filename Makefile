@@ -50,7 +50,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 default-models: install
-	$(PY) -m training default-models --out checkpoints/default
+	$(PY) -m training default-models --out checkpoints/default --threads 1
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
