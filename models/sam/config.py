@@ -170,45 +170,31 @@ class SamConfig:
 
 _VIT_B = SamConfig()
 
+# The official reference fixture's config (tests/fixtures/sam/tiny_config.json).
+_TINY = SamConfig(
+    img_size=256,
+    patch_size=16,
+    encoder_embed_dim=96,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    encoder_global_attn_indexes=(1, 3),
+    window_size=4,
+    mlp_ratio=4.0,
+    out_chans=64,
+    prompt_embed_dim=64,
+    mask_in_chans=16,
+    decoder_depth=2,
+    decoder_mlp_dim=256,
+    decoder_num_heads=4,
+    iou_head_depth=3,
+    iou_head_hidden_dim=64,
+    num_multimask_outputs=3,
+)
+
 SAM_PRESETS: dict[str, SamConfig] = {
-    "tiny": SamConfig(
-        img_size=256,
-        patch_size=16,
-        encoder_embed_dim=96,
-        encoder_depth=4,
-        encoder_num_heads=4,
-        encoder_global_attn_indexes=(1, 3),
-        window_size=4,
-        mlp_ratio=4.0,
-        out_chans=64,
-        prompt_embed_dim=64,
-        mask_in_chans=16,
-        decoder_depth=2,
-        decoder_mlp_dim=256,
-        decoder_num_heads=4,
-        iou_head_depth=3,
-        iou_head_hidden_dim=64,
-        num_multimask_outputs=3,
-    ),
-    "default": SamConfig(
-        img_size=256,
-        patch_size=16,
-        encoder_embed_dim=128,
-        encoder_depth=4,
-        encoder_num_heads=4,
-        encoder_global_attn_indexes=(1, 3),
-        window_size=8,
-        mlp_ratio=4.0,
-        out_chans=64,
-        prompt_embed_dim=64,
-        mask_in_chans=16,
-        decoder_depth=2,
-        decoder_mlp_dim=256,
-        decoder_num_heads=4,
-        iou_head_depth=3,
-        iou_head_hidden_dim=64,
-        num_multimask_outputs=3,
-    ),
+    "tiny": _TINY,
+    # Our CPU default refiner: the tiny architecture, wider (128) with 8x8 attention windows.
+    "default": _TINY.replace(encoder_embed_dim=128, window_size=8),
     "vit_b": _VIT_B,
     "vit_l": _VIT_B.replace(
         encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
