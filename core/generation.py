@@ -44,6 +44,28 @@ class GenerationLimits:
     max_images: int = 16
     max_prompts: int = 32
     max_prompt_chars: int = 300
+    max_total_images: int = 64  # prompts x images per prompt, in one call
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation call's arguments (see :meth:`Text2ImagePipeline.generate` for their meaning).
+
+    Requests are independent: :meth:`Text2ImagePipeline.sample_many` runs several in one denoising loop
+    (the service's batching), and each gets the images it would get alone.
+    """
+
+    prompts: list[str]
+    modalities: list[str]
+    negative_prompts: list[str] | None = None
+    guidance_scale: float = 1.5
+    steps: int = 25
+    seed: int = 0
+    num_images: int = 1
+
+    @property
+    def image_count(self) -> int:
+        return len(self.prompts) * int(self.num_images)
 
 
 def resolve_generators_dir(name_or_path: str | Path) -> Path:
@@ -147,10 +169,13 @@ class Text2ImagePipeline:
             raise GenerationInputError("num_images", f"{num_images!r}; expected an integer in [1, {lim.max_images}]")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63 - 1024:
             raise GenerationInputError("seed", f"{seed!r}; expected a non-negative integer")
+        if len(prompts) * num_images > lim.max_total_images:
+            raise GenerationInputError("num_images", f"{len(prompts)} prompts x {num_images} images = "
+                                                     f"{len(prompts) * num_images}; at most {lim.max_total_images} "
+                                                     "images per call")
 
     # 2. Generation ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def sample(
         self,
         prompts: list[str],
@@ -162,34 +187,70 @@ class Text2ImagePipeline:
         num_images: int = 1,
     ) -> torch.Tensor:
         """Like :meth:`generate` but returns ``(N * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major)."""
-        # 1. Check inputs
-        self.check_inputs(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images)
+        request = GenerationRequest(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images)
+        return self.sample_many([request])[0]
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """:meth:`check_inputs` on a :class:`GenerationRequest`."""
+        self.check_inputs(request.prompts, request.modalities, request.negative_prompts, request.guidance_scale,
+                          request.steps, request.seed, request.num_images)
+
+    @torch.no_grad()
+    def sample_many(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+        """Run several requests together: one denoising loop per distinct ``steps``, one model call per step.
+
+        Every image keeps its own seed (``seed + k``) and guidance weight, so a request's images are those
+        it gets alone, up to float rounding of the batched model calls.
+
+        Returns:
+            per request, ``(len(prompts) * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major).
+
+        Raises:
+            GenerationInputError: naming the first bad argument of the first bad request.
+        """
+        for request in requests:
+            self.check_request(request)
+        results: list[torch.Tensor | None] = [None] * len(requests)
+        for steps in sorted({int(r.steps) for r in requests}):
+            group = [i for i, r in enumerate(requests) if int(r.steps) == steps]
+            images = self._denoise([requests[i] for i in group], steps)
+            for i, chunk in zip(group, images.split([requests[i].image_count for i in group]), strict=True):
+                results[i] = chunk
+        return results  # type: ignore[return-value]
+
+    def _denoise(self, requests: list[GenerationRequest], steps: int) -> torch.Tensor:
+        """DDIM with classifier-free guidance over every image of ``requests`` (all with ``steps`` steps)."""
         model, size = self.model, self.image_size
-        n = len(prompts) * num_images
-        # 2. Encode the prompts (and the unconditional / negative branch): null modality there
-        hidden, mask = self.text_encoder.encode(list(prompts))
-        mod = model.modality_ids(list(modalities))
-        hidden, mask, mod = (t.repeat_interleave(num_images, 0) for t in (hidden, mask, mod))
-        do_cfg = guidance_scale != 1.0
+        # 1. Conditions per image (prompt-major within each request)
+        prompts = [p for r in requests for p in r.prompts]
+        repeats = torch.tensor([r.num_images for r in requests for _ in r.prompts])
+        hidden, mask = self.text_encoder.encode(prompts)
+        mod = model.modality_ids([m for r in requests for m in r.modalities])
+        hidden, mask, mod = (t.repeat_interleave(repeats, 0) for t in (hidden, mask, mod))
+        weights = torch.cat([torch.full((r.image_count,), float(r.guidance_scale)) for r in requests])
+        # 2. The unconditional / negative branch, with the null modality: only when some image is guided
+        do_cfg = bool((weights != 1.0).any())
         if do_cfg:
-            negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+            negatives = [n for r in requests for n in (r.negative_prompts or [""] * len(r.prompts))]
             u_hidden, u_mask = self.text_encoder.encode(negatives)
-            u_hidden, u_mask = u_hidden.repeat_interleave(num_images, 0), u_mask.repeat_interleave(num_images, 0)
+            u_hidden, u_mask = u_hidden.repeat_interleave(repeats, 0), u_mask.repeat_interleave(repeats, 0)
             u_mod = torch.full_like(mod, model.null_modality)
             hidden, mask, mod = torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask]), torch.cat([u_mod, mod])
         # 3. Initial noise, one generator per image
-        latents = torch.cat([torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(int(seed) + k))
-                             for k in range(n)])
+        seeds = [int(r.seed) + k for r in requests for k in range(r.image_count)]
+        latents = torch.cat([torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
         # 4. Timesteps
         scheduler = self._build_sampler(model.config)
         scheduler.set_timesteps(int(steps))
-        # 5. Denoising loop
+        # 5. Denoising loop; w = 1 takes the conditional prediction as it is
+        w = weights.view(-1, 1, 1, 1)
         for t in scheduler.timesteps:
             x = torch.cat([latents, latents]) if do_cfg else latents
             eps = model(x, t.expand(x.shape[0]), hidden, mask, mod)
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                eps = torch.where(w == 1.0, eps_cond, eps_uncond + w * (eps_cond - eps_uncond))
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
         # 6. Back to [0, 1]
         return ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
@@ -219,7 +280,6 @@ class Text2ImagePipeline:
         """
         return to_uint8(self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images))
 
-    @torch.no_grad()
     def generate_best_of(
         self,
         prompts: list[str],
@@ -236,18 +296,30 @@ class Text2ImagePipeline:
             ``(images (len(prompts), S, S) uint8, scores (len(prompts),) float32)`` with the selector's score
             ``log p(modality) + log p(real)`` of each kept image.
         """
+        self.check_candidates(candidates)
+        images = self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, candidates)
+        return self.select_best(images, modalities, candidates)
+
+    def check_candidates(self, candidates: Any) -> None:
+        """Raise :class:`GenerationInputError` unless best-of-``candidates`` can run."""
         if self.selector is None:
             raise GenerationInputError("candidates", "best-of-N needs a selector; this pipeline has none")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or not (
+        if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or not (
             1 <= candidates <= self.limits.max_images
         ):
             raise GenerationInputError("candidates", f"{candidates!r}; expected an integer in "
                                                      f"[1, {self.limits.max_images}]")
-        images = self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, candidates)
+
+    @torch.no_grad()
+    def select_best(self, images: torch.Tensor, modalities: list[str], candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """``images (len(modalities) * candidates, 1, S, S)`` in [0, 1], prompt-major -> the best per prompt:
+        ``(uint8 (len(modalities), S, S), selector scores (len(modalities),) float32)``."""
+        self.check_candidates(candidates)
+        count = len(modalities)
         ids = self.model.modality_ids(list(modalities)).repeat_interleave(candidates)
-        scores = self.selector.score(images, ids).view(len(prompts), candidates)
+        scores = self.selector.score(images, ids).view(count, candidates)
         best = scores.argmax(dim=1)
-        chosen = images.view(len(prompts), candidates, *images.shape[1:])[torch.arange(len(prompts)), best]
+        chosen = images.view(count, candidates, *images.shape[1:])[torch.arange(count), best]
         return to_uint8(chosen), scores.max(dim=1).values.numpy().astype(np.float32)
 
 
@@ -268,22 +340,36 @@ class Pix2PixPipeline:
     @torch.no_grad()
     def sample(self, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``(N, H, W)`` masks -> ``(N, 1, H, W) float32 in [0, 1]`` images."""
-        import torch.nn.functional as F
-
         m = torch.as_tensor(np.asarray(masks))
         if m.ndim != 3 or m.shape[0] < 1:
             raise GenerationInputError("masks", f"shape {tuple(m.shape)}; expected (N, H, W)")
-        m = m.float()
-        if m.max() > 1.0:
-            m = m / 255.0
-        m = (m > 0.5).float()[:, None]
-        h, w = m.shape[-2:]
+        return torch.cat(self.sample_many(list(m)))
+
+    @torch.no_grad()
+    def sample_many(self, masks: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Masks of any sizes ``(H_i, W_i)`` -> ``(1, 1, H_i, W_i) float32 in [0, 1]`` each, one generator call.
+
+        Each mask is binarised (``> 0.5`` after scaling 0/255 masks to [0, 1]), resized (nearest) to the
+        generator's size, and its image resized back (bilinear).
+        """
+        import torch.nn.functional as F
+
         size = self.image_size
-        x = F.interpolate(m, size=(size, size), mode="nearest") if (h, w) != (size, size) else m
-        out = self.generator(x)
-        if (h, w) != (size, size):
-            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-        return out.clamp(0.0, 1.0)
+        batch, shapes = [], []
+        for index, mask in enumerate(masks):
+            m = torch.as_tensor(np.asarray(mask))
+            if m.ndim != 2 or min(m.shape) < 1:
+                raise GenerationInputError("masks", f"mask {index} has shape {tuple(m.shape)}; expected (H, W)")
+            m = m.float()
+            if m.max() > 1.0:
+                m = m / 255.0
+            m = (m > 0.5).float()[None, None]
+            shapes.append(tuple(m.shape[-2:]))
+            batch.append(F.interpolate(m, size=(size, size), mode="nearest") if shapes[-1] != (size, size) else m)
+        out = self.generator(torch.cat(batch)).clamp(0.0, 1.0)
+        return [o[None] if shape == (size, size) else
+                F.interpolate(o[None], size=shape, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+                for o, shape in zip(out, shapes, strict=True)]
 
     def generate(self, masks: np.ndarray | torch.Tensor) -> np.ndarray:
         return to_uint8(self.sample(masks))
@@ -359,6 +445,7 @@ __all__ = [
     "GENERATORS_DIR",
     "GenerationInputError",
     "GenerationLimits",
+    "GenerationRequest",
     "Pix2PixPipeline",
     "Text2ImagePipeline",
     "load_pix2pix",

@@ -94,6 +94,22 @@ def test_batched_prompts_match_single_prompts(pipe):
     assert not torch.allclose(batch[0], batch[1])  # two images of one prompt differ
 
 
+def test_independent_requests_batched_together_get_their_own_images(pipe):
+    from core.generation import GenerationRequest
+
+    guided = GenerationRequest(["chest ct, emphysema"], ["chest_ct"], ["noise"], guidance_scale=4.0, steps=3, seed=5,
+                               num_images=2)
+    unguided = GenerationRequest(["retinal oct, drusen"], ["oct"], guidance_scale=1.0, steps=3, seed=9)
+    other_steps = GenerationRequest(["brain mri"], ["brain_mri"], steps=2, seed=1)
+    together = pipe.sample_many([guided, unguided, other_steps])
+    assert [tuple(t.shape) for t in together] == [(2, 1, 16, 16), (1, 1, 16, 16), (1, 1, 16, 16)]
+    for request, images in zip([guided, unguided, other_steps], together, strict=True):
+        alone = pipe.sample_many([request])[0]
+        torch.testing.assert_close(images, alone, atol=1e-4, rtol=0)
+    with pytest.raises(GenerationInputError, match="num_images: 8 prompts x 9 images = 72"):
+        pipe.sample_many([GenerationRequest(["brain mri"] * 8, ["brain_mri"] * 8, num_images=9)])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
