@@ -2,7 +2,8 @@
 
     python -m export onnx --model RUN_DIR|default --out ART_DIR [--fp16] [--opset 17]
     python -m export onnx --random-config paper --out ART_DIR      (random weights, paper sizes)
-    python -m export verify ART_DIR [--structural]
+    python -m export generators --model default|DIR --out artifacts/generators [--fp16] [--opset 17]
+    python -m export verify ART_DIR [--structural]                 (segmentation or generator artifacts)
     python -m export tensorrt --onnx ART_DIR [--out ART_DIR/trt] [--fp16] [--min-batch 1 --opt-batch 8
                               --max-batch 16] [--timing-cache PATH]
     python -m export bentoml ART_DIR [--name medrefine]
@@ -41,6 +42,19 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the parity check")
     p.add_argument("--graphs", help="comma-separated subset of graphs to export (default: all the run serves)")
+
+
+def _add_generators(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generators", help="export the generator runs (text2image, pix2pix, selector) to "
+                                          "parity-checked ONNX graphs + manifest.json")
+    p.add_argument("--model", default="default",
+                   help="generators directory holding text2image/ pix2pix/ selector/ run directories, or "
+                        "'default' for checkpoints/generators")
+    p.add_argument("--out", default="artifacts/generators", help="artifact directory to write (replaced only on "
+                                                                 "success)")
+    p.add_argument("--fp16", action="store_true", help="convert the graphs to fp16 after fp32 export")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the parity check")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +121,18 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generators(args: argparse.Namespace) -> int:
+    from export.generators import export_generator_artifacts
+
+    start = time.perf_counter()
+    manifest = export_generator_artifacts(args.model, args.out, fp16=args.fp16, opset=args.opset,
+                                          threads=args.threads, log=_log)
+    total = sum(g["bytes"] for g in manifest["graphs"].values())
+    print(f"wrote {args.out}: version {manifest['version'][:16]}, {len(manifest['graphs'])} graphs "
+          f"({', '.join(manifest['graphs'])}), {total / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from export.manifest import verify_artifacts
 
@@ -149,14 +175,14 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"onnx": cmd_onnx, "verify": cmd_verify, "tensorrt": cmd_tensorrt, "bentoml": cmd_bentoml,
+COMMANDS = {"onnx": cmd_onnx, "generators": cmd_generators, "verify": cmd_verify, "tensorrt": cmd_tensorrt, "bentoml": cmd_bentoml,
             "triton": cmd_triton}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_onnx, _add_verify, _add_tensorrt, _add_bentoml, _add_triton):
+    for add in (_add_onnx, _add_generators, _add_verify, _add_tensorrt, _add_bentoml, _add_triton):
         add(sub)
     args = parser.parse_args(argv)
 

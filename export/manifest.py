@@ -4,14 +4,18 @@ Layout (contracts.md, "Artifact directory")::
 
     ART_DIR/manifest.json            format "medrefine-artifacts/1"
     ART_DIR/<graph>.onnx             one file per served graph, sha256 in the manifest
+    ART_DIR/<asset file>             optional ``assets`` (e.g. the generators' tokenizer/tokenizer.json), hashed too
 
-The model version reported by the service is ``compute_version(graph sha256s, pipeline block)``: any
-changed byte of any graph, or any changed pipeline setting (threshold, ROI ratio, gate, ...), changes it.
+The model version reported by the service is ``compute_version(graph sha256s, pipeline block, asset
+sha256s)``: any changed byte of any graph or asset, or any changed pipeline setting (threshold, ROI ratio,
+gate, ...), changes it.
 
 ``verify_artifacts`` re-hashes every file (a corrupted artifact fails with an error naming the file),
 re-computes the version, and then either re-runs parity from the source run directory (when it still
 exists and its weights hash matches) or, without it, runs a structural check: onnx.checker, graph
-input/output names and dtypes against the manifest, and an ONNX Runtime session on each graph.
+input/output names and dtypes against the manifest, and an ONNX Runtime session on each graph. Generator
+artifact directories (``source.kind == "generators"``, ``python -m export generators``) re-run parity
+against their source runs through ``export.generators``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ MANIFEST_NAME = "manifest.json"
 REQUIRED_FIELDS = ("format", "version", "created", "code_version", "opset", "precision", "source",
                    "pipeline", "graphs")
 REQUIRED_GRAPH_FIELDS = ("file", "sha256", "inputs", "outputs", "dynamic_axes", "parity")
+REQUIRED_ASSET_FIELDS = ("file", "sha256")
 _CHUNK = 1 << 20
 
 
@@ -45,13 +50,18 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def compute_version(graph_hashes: Mapping[str, str], pipeline: Mapping[str, Any]) -> str:
-    """The model version: sha256 over the graphs' sha256s (by graph name) and the pipeline block.
+def compute_version(graph_hashes: Mapping[str, str], pipeline: Mapping[str, Any],
+                    asset_hashes: Mapping[str, str] | None = None) -> str:
+    """The model version: sha256 over the graphs' sha256s (by graph name), the pipeline block and, when
+    there are any, the assets' sha256s (by asset name).
 
-    Canonical JSON (sorted keys, no whitespace) so the version does not depend on dict order.
+    Canonical JSON (sorted keys, no whitespace) so the version does not depend on dict order; without
+    assets the payload is the one of artifact sets that have none, so their versions do not change.
     """
-    payload = json.dumps({"graphs": dict(sorted(graph_hashes.items())), "pipeline": pipeline},
-                         sort_keys=True, separators=(",", ":"))
+    body: dict[str, Any] = {"graphs": dict(sorted(graph_hashes.items())), "pipeline": pipeline}
+    if asset_hashes:
+        body["assets"] = dict(sorted(asset_hashes.items()))
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -92,33 +102,49 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> dict[str, Any]:
         for key in REQUIRED_GRAPH_FIELDS:
             if key not in graph:
                 raise ArtifactError(f"{path}: graph {name!r} is missing field {key!r}")
+    assets = manifest.get("assets", {})
+    if not isinstance(assets, dict):
+        raise ArtifactError(f"{path}: field 'assets' must be an object, got {type(assets).__name__}")
+    for name, asset in assets.items():
+        if not isinstance(asset, dict) or any(key not in asset for key in REQUIRED_ASSET_FIELDS):
+            raise ArtifactError(f"{path}: asset {name!r} needs fields {list(REQUIRED_ASSET_FIELDS)}")
+        relative = Path(str(asset["file"]))
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ArtifactError(f"{path}: asset {name!r} file must be a path inside the artifact directory, "
+                                f"got {relative}")
     return manifest
 
 
+def _check_file(path: Path, expected: str, what: str) -> str:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing ({what})")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactError(
+            f"{path}: sha256 mismatch (manifest {expected[:16]}..., file {actual[:16]}...): "
+            "the file changed after export; re-export it")
+    return actual
+
+
 def check_hashes(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
-    """Re-hash every graph file and re-compute the version.
+    """Re-hash every graph and asset file and re-compute the version.
 
     Raises:
-        ArtifactError: a graph file is missing or its bytes changed (names the file and both hashes),
-            or the recorded version does not match the graphs and pipeline block.
+        ArtifactError: a graph or asset file is missing or its bytes changed (names the file and both
+            hashes), or the recorded version does not match the graphs, assets and pipeline block.
     """
     art_dir = Path(art_dir)
-    hashes: dict[str, str] = {}
-    for name, graph in manifest["graphs"].items():
-        path = art_dir / graph["file"]
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing (graph {name!r} of {art_dir / MANIFEST_NAME})")
-        actual = sha256_file(path)
-        if actual != graph["sha256"]:
-            raise ArtifactError(
-                f"{path}: sha256 mismatch (manifest {graph['sha256'][:16]}..., file {actual[:16]}...): "
-                "the file changed after export; re-export it")
-        hashes[name] = actual
-    version = compute_version(hashes, manifest["pipeline"])
+    hashes = {name: _check_file(art_dir / graph["file"], graph["sha256"],
+                                f"graph {name!r} of {art_dir / MANIFEST_NAME}")
+              for name, graph in manifest["graphs"].items()}
+    asset_hashes = {name: _check_file(art_dir / asset["file"], asset["sha256"],
+                                      f"asset {name!r} of {art_dir / MANIFEST_NAME}")
+                    for name, asset in (manifest.get("assets") or {}).items()}
+    version = compute_version(hashes, manifest["pipeline"], asset_hashes)
     if version != manifest["version"]:
         raise ArtifactError(
-            f"{art_dir / MANIFEST_NAME}: field 'version' is {manifest['version'][:16]}..., but the graphs and "
-            f"pipeline block give {version[:16]}...: the manifest was edited after export")
+            f"{art_dir / MANIFEST_NAME}: field 'version' is {manifest['version'][:16]}..., but the graphs, "
+            f"assets and pipeline block give {version[:16]}...: the manifest was edited after export")
 
 
 @dataclass
@@ -197,10 +223,14 @@ def verify_artifacts(art_dir: str | os.PathLike[str], *, rerun_parity: bool = Tr
     check_hashes(art_dir, manifest)
     report = VerifyReport(art_dir=str(art_dir), version=manifest["version"], mode="structural")
     # 3. Behaviour
-    usable, why = _source_run_usable(manifest) if rerun_parity else (False, "parity re-run disabled")
-    if usable:
+    if manifest["source"].get("kind") == "generators":
+        from export.generators import reverify_parity, source_runs_usable
+    else:
         from export.onnx_export import reverify_parity
 
+        source_runs_usable = _source_run_usable
+    usable, why = source_runs_usable(manifest) if rerun_parity else (False, "parity re-run disabled")
+    if usable:
         report.mode = "parity"
         report.graphs = reverify_parity(art_dir, manifest, threads=threads)
     else:

@@ -11,6 +11,9 @@ Steps of ``export_artifacts(run_dir, out_dir)``:
    with the looser fp16 bound;
 4. write manifest.json (export/manifest.py) and move the directory into place.
 
+``export_specs`` (steps 3) and ``write_artifact_manifest`` (step 4) are shared with the generator
+exporter (export/generators.py).
+
 A graph that fails parity raises ``ParityError``; the temporary directory is deleted, so neither the
 graph nor a manifest is left behind, and an existing ``out_dir`` is untouched.
 """
@@ -229,6 +232,53 @@ def _export_one(spec: Any, stage: Path, *, fp16: bool, opset: int, threads: int)
     return entry
 
 
+def export_specs(specs: Sequence[Any], stage: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                 threads: int = 1, log: Any = None) -> dict[str, Any]:
+    """Export + parity-check every ``GraphSpec`` into ``stage``; returns the manifest's ``graphs`` block.
+
+    Shared by the segmentation and the generator exporters.
+
+    Raises:
+        export.parity.ParityError: a graph failed parity (the caller's staging directory is dropped).
+    """
+    say = log or (lambda _msg: None)
+    graphs: dict[str, Any] = {}
+    for spec in specs:
+        say(f"exporting {spec.name} ...")
+        graphs[spec.name] = entry = _export_one(spec, stage, fp16=fp16, opset=opset, threads=threads)
+        p = entry["parity"]
+        say(f"  {spec.name}: {entry['bytes'] / 1e6:.1f} MB, export {entry['export_seconds']:.1f} s, "
+            f"max abs err {p['max_abs_err']:.2e} (bound {p['bound']:g}), mask dice {p['mask_dice']}")
+    return graphs
+
+
+def write_artifact_manifest(stage: Path, graphs: Mapping[str, Any], *, pipeline: Mapping[str, Any],
+                            source: Mapping[str, Any], opset: int, fp16: bool,
+                            assets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Build the manifest (format, version over graphs + pipeline [+ assets], provenance) and write it.
+
+    ``assets`` maps an asset name to ``{"file": path relative to the artifact directory, "sha256", ...}``.
+    """
+    from core.checkpoints import code_version
+
+    asset_hashes = {name: a["sha256"] for name, a in (assets or {}).items()}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": compute_version({n: g["sha256"] for n, g in graphs.items()}, pipeline, asset_hashes),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "opset": opset,
+        "precision": "fp16" if fp16 else "fp32",
+        "source": dict(source),
+        "pipeline": dict(pipeline),
+        "graphs": dict(graphs),
+    }
+    if assets:
+        manifest["assets"] = {name: dict(a) for name, a in assets.items()}
+    write_manifest(stage, manifest)
+    return manifest
+
+
 def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, fp16: bool = False,
                      opset: int = DEFAULT_OPSET, threads: int = 1, only: Sequence[str] | None = None,
                      log: Any = None) -> dict[str, Any]:
@@ -241,10 +291,9 @@ def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         core.checkpoints.RunDirError: the run directory is missing or inconsistent.
         export.parity.ParityError: a graph failed parity (nothing is written).
     """
-    from core.checkpoints import build_model_from_run, code_version, load_run
+    from core.checkpoints import build_model_from_run, load_run
     from export.graphs import build_graph_specs, pipeline_block
 
-    say = log or (lambda _msg: None)
     # 1. Load the run and its model
     info = load_run(run_dir)
     model = build_model_from_run(info)
@@ -257,34 +306,37 @@ def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                              f"{[s.name for s in specs]}")
         specs = [s for s in specs if s.name in only]
     pipeline = pipeline_block(model, info)
-    out_dir = Path(out_dir)
-    graphs: dict[str, Any] = {}
-    # 3. Export + parity per graph, in a staging directory
-    with staging_dir(out_dir) as stage:
-        for spec in specs:
-            say(f"exporting {spec.name} ...")
-            graphs[spec.name] = _export_one(spec, stage, fp16=fp16, opset=opset, threads=threads)
-            p = graphs[spec.name]["parity"]
-            say(f"  {spec.name}: {graphs[spec.name]['bytes'] / 1e6:.1f} MB, export "
-                f"{graphs[spec.name]['export_seconds']:.1f} s, max abs err {p['max_abs_err']:.2e} "
-                f"(bound {p['bound']:g}), mask dice {p['mask_dice']}")
-        # 4. Manifest
-        manifest = {
-            "format": FORMAT,
-            "version": compute_version({n: g["sha256"] for n, g in graphs.items()}, pipeline),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "code_version": code_version(),
-            "opset": opset,
-            "precision": "fp16" if fp16 else "fp32",
-            "source": {"run_dir": str(Path(info.run_dir).resolve()), "kind": info.kind,
-                       "weights_sha256": info.weights_sha256, "config": info.config,
-                       "threshold": info.threshold, "metrics": info.metrics,
-                       "data_fingerprint": info.data_fingerprint},
-            "pipeline": pipeline,
-            "graphs": graphs,
-        }
-        write_manifest(stage, manifest)
+    source = {"run_dir": str(Path(info.run_dir).resolve()), "kind": info.kind,
+              "weights_sha256": info.weights_sha256, "config": info.config,
+              "threshold": info.threshold, "metrics": info.metrics,
+              "data_fingerprint": info.data_fingerprint}
+    # 3. Export + parity per graph, in a staging directory; 4. the manifest
+    with staging_dir(Path(out_dir)) as stage:
+        graphs = export_specs(specs, stage, fp16=fp16, opset=opset, threads=threads, log=log)
+        manifest = write_artifact_manifest(stage, graphs, pipeline=pipeline, source=source, opset=opset, fp16=fp16)
     return manifest
+
+
+def reverify_specs(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any], specs: Mapping[str, Any], *,
+                   threads: int = 1, source: str = "the source run") -> dict[str, dict[str, Any]]:
+    """Re-run parity of every graph in the manifest against ``specs`` (name -> GraphSpec), with the bound
+    recorded in the manifest.
+
+    Raises:
+        ValueError: a graph that ``specs`` does not produce (names the graph file).
+        export.parity.ParityError: names the graph file on failure.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for name, graph in manifest["graphs"].items():
+        path = Path(art_dir) / graph["file"]
+        if name not in specs:
+            raise ValueError(f"{path}: graph {name!r} is not produced by {source} (it produces {sorted(specs)})")
+        spec = specs[name]
+        result = check_parity(name, path, spec.reference, spec.cases(), bound=float(graph["parity"]["bound"]),
+                              mask_outputs=spec.mask_outputs, mask_fn=spec.mask_fn, threads=threads)
+        result.raise_if_failed(str(path))
+        results[name] = result.to_dict()
+    return results
 
 
 def reverify_parity(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any], *,
@@ -298,18 +350,7 @@ def reverify_parity(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]
 
     info = load_run(manifest["source"]["run_dir"])
     specs = {s.name: s for s in build_graph_specs(build_model_from_run(info), info)}
-    results: dict[str, dict[str, Any]] = {}
-    for name, graph in manifest["graphs"].items():
-        if name not in specs:
-            raise ValueError(f"{Path(art_dir) / graph['file']}: graph {name!r} is not produced by the source run "
-                             f"{info.run_dir} (it produces {sorted(specs)})")
-        spec = specs[name]
-        path = Path(art_dir) / graph["file"]
-        result = check_parity(name, path, spec.reference, spec.cases(), bound=float(graph["parity"]["bound"]),
-                              mask_outputs=spec.mask_outputs, mask_fn=spec.mask_fn, threads=threads)
-        result.raise_if_failed(str(path))
-        results[name] = result.to_dict()
-    return results
+    return reverify_specs(art_dir, manifest, specs, threads=threads, source=f"the source run {info.run_dir}")
 
 
 def default_bound(graph: str, precision: str) -> float:

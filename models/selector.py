@@ -71,6 +71,17 @@ class SelectorOutput(NamedTuple):
     features: torch.Tensor
 
 
+def fit_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, 1, H, W)`` -> ``(B, 1, size, size)``: bilinear with antialiasing, the identity at that size already.
+
+    The selector's input resize, shared with the ONNX-backed selector of the service (whose graph takes
+    ``size`` x ``size`` images only).
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 class Selector(nn.Module):
     """Modality classifier + realness score (see the module docstring)."""
 
@@ -95,9 +106,7 @@ class Selector(nn.Module):
     def forward(self, images: torch.Tensor) -> SelectorOutput:
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"Selector: images shape {tuple(images.shape)}; expected (B, 1, H, W)")
-        size = self.config.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        images = fit_size(images, self.config.image_size)
         feats = self.features(images * 2.0 - 1.0).mean(dim=(2, 3))  # (B, F) global average pool
         return SelectorOutput(self.modality_head(feats), self.real_head(feats)[:, 0], feats)
 
@@ -123,4 +132,4 @@ def build_selector(name_or_config: str | SelectorConfig | dict[str, Any] = "defa
     return Selector(config)
 
 
-__all__ = ["SELECTOR_PRESETS", "Selector", "SelectorConfig", "SelectorOutput", "build_selector"]
+__all__ = ["SELECTOR_PRESETS", "Selector", "SelectorConfig", "SelectorOutput", "build_selector", "fit_size"]

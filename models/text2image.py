@@ -95,6 +95,11 @@ class Text2ImageConfig:
             raise ValueError(f"Text2ImageConfig.prediction_type = {self.prediction_type!r}; expected one of "
                              f"{PREDICTION_TYPES}")
 
+    @property
+    def null_modality(self) -> int:
+        """Index of the learned "no modality" embedding row (classifier-free guidance): ``len(modalities)``."""
+        return len(self.modalities)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -118,6 +123,21 @@ TEXT2IMAGE_PRESETS: dict[str, Text2ImageConfig] = {
     "base64": Text2ImageConfig(image_size=64, block_out_channels=(64, 128, 128), attention_head_dim=16,
                                norm_num_groups=16, cross_attention_dim=128),
 }
+
+
+def modality_ids(config: Text2ImageConfig, modalities: list[str]) -> torch.Tensor:
+    """Modality names -> ``(B,) int64`` indices into ``config.modalities`` (the model's embedding rows).
+
+    Shared by :class:`Text2ImageModel` and the ONNX-backed denoiser of the service.
+
+    Raises:
+        ValueError: an unknown modality (named, with the known ones).
+    """
+    index = {m: i for i, m in enumerate(config.modalities)}
+    unknown = [m for m in modalities if m not in index]
+    if unknown:
+        raise ValueError(f"modalities: unknown modality {unknown[0]!r}; expected one of {list(config.modalities)}")
+    return torch.tensor([index[m] for m in modalities], dtype=torch.long)
 
 
 class Text2ImageModel(nn.Module):
@@ -153,11 +173,7 @@ class Text2ImageModel(nn.Module):
 
     def modality_ids(self, modalities: list[str]) -> torch.Tensor:
         """Names -> ``(B,) int64`` indices. Raises ``ValueError`` naming the unknown modality and the known ones."""
-        index = {m: i for i, m in enumerate(self.config.modalities)}
-        unknown = [m for m in modalities if m not in index]
-        if unknown:
-            raise ValueError(f"modalities: unknown modality {unknown[0]!r}; expected one of {list(self.config.modalities)}")
-        return torch.tensor([index[m] for m in modalities], dtype=torch.long)
+        return modality_ids(self.config, modalities)
 
     def forward(
         self,
@@ -214,4 +230,5 @@ __all__ = [
     "build_sampler",
     "build_text2image",
     "build_train_scheduler",
+    "modality_ids",
 ]

@@ -33,6 +33,8 @@ __all__ = [
     "TensorRTEngine",
     "TorchEngine",
     "build_engine",
+    "ort_providers",
+    "ort_session_options",
     "physical_cores",
 ]
 
@@ -58,6 +60,49 @@ def physical_cores() -> int:
     except ImportError:
         physical = logical
     return max(1, min(physical, logical))
+
+
+ORT_DEVICE_PROVIDERS: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def ort_providers(device: str = "cpu", providers: list[str] | None = None) -> list[str]:
+    """The onnxruntime provider list for ``device`` (``ORT_DEVICE_PROVIDERS``), or ``providers`` as given,
+    checked against this onnxruntime build.
+
+    Raises:
+        ValueError: unknown device, or a provider this build lacks (install onnxruntime-gpu for CUDA / TensorRT).
+    """
+    import onnxruntime as ort
+
+    if providers is None:
+        if device not in ORT_DEVICE_PROVIDERS:
+            raise ValueError(f"onnxruntime device {device!r} is not one of {sorted(ORT_DEVICE_PROVIDERS)}")
+        providers = ORT_DEVICE_PROVIDERS[device]
+    available = ort.get_available_providers()
+    unavailable = [p for p in providers if p not in available]
+    if unavailable:
+        raise ValueError(
+            f"onnxruntime providers {unavailable} are not available in this build (available: {available}); "
+            "GPU providers need `pip install 'medrefine[gpu]'` (onnxruntime-gpu) on an NVIDIA GPU machine"
+        )
+    return list(providers)
+
+
+def ort_session_options(intra_op_threads: int) -> Any:
+    """The serving session options: ``intra_op_threads`` threads inside an operator, one across operators,
+    sequential execution, every graph optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
 
 class Engine(abc.ABC):
@@ -142,28 +187,9 @@ class OnnxRuntimeEngine(Engine):
     ) -> None:
         import onnxruntime as ort
 
-        available = ort.get_available_providers()
-        if providers is None:
-            presets = {
-                "cpu": ["CPUExecutionProvider"],
-                "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-            }
-            if device not in presets:
-                raise ValueError(f"onnxruntime device {device!r} is not one of {sorted(presets)}")
-            providers = presets[device]
-        unavailable = [p for p in providers if p not in available]
-        if unavailable:
-            raise ValueError(
-                f"onnxruntime providers {unavailable} are not available in this build (available: {available}); "
-                "GPU providers need `pip install 'medrefine[gpu]'` (onnxruntime-gpu) on an NVIDIA GPU machine"
-            )
+        providers = ort_providers(device, providers)
         self._intra_op_threads = int(intra_op_threads) if intra_op_threads else physical_cores()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = ort_session_options(self._intra_op_threads)
         names = list(graphs) if graphs is not None else list(artifacts.graphs)
         self._sessions = {}
         for name in names:
