@@ -7,7 +7,8 @@
 # Run (the API key is required in this image; the model directory is read-only):
 #   docker run --rm -p 3000:3000 -p 8001:8001 -e MEDREFINE_API_KEY="$(openssl rand -hex 24)" \
 #       --read-only --tmpfs /tmp medrefine
-# Other models: mount an exported artifact directory read-only over /models/default:
+# Other models: mount an exported artifact directory read-only over /models/default (and generators
+# over /models/generators, or -e MEDREFINE_GENERATORS=off to serve segmentation only):
 #   docker run ... -v "$PWD/artifacts/mymodel:/models/default:ro" medrefine
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -52,8 +53,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     MEDREFINE_REQUIRE_API_KEY=1
 RUN useradd --system --uid 10001 --user-group --home-dir /home/medrefine --create-home medrefine
 COPY --from=build /opt/venv /opt/venv
-# Model artifacts: owned by root, read-only for the service user.
+# Model artifacts (`make export` writes both): owned by root, read-only for the service user. The
+# generators beside the segmentation model are found by MEDREFINE_GENERATORS=auto (the default).
 COPY --chown=root:root --chmod=0555 artifacts/default /models/default
+COPY --chown=root:root --chmod=0555 artifacts/generators /models/generators
 WORKDIR /home/medrefine
 USER medrefine
 EXPOSE 3000 8001

@@ -31,7 +31,12 @@ browser:
 $(ARTIFACTS)/manifest.json: $(VENV)/.installed checkpoints/default/weights.safetensors
 	$(PY) -m export onnx --model default --out $(ARTIFACTS)
 
-export: $(ARTIFACTS)/manifest.json
+# The committed default generators (text2image, pix2pix, selector), served beside the segmentation model.
+GENERATORS := $(dir $(ARTIFACTS))generators
+$(GENERATORS)/manifest.json: $(VENV)/.installed $(wildcard checkpoints/generators/*/weights.safetensors)
+	$(PY) -m export generators --model default --out $(GENERATORS)
+
+export: $(ARTIFACTS)/manifest.json $(GENERATORS)/manifest.json
 
 test: install browser
 	$(PY) -m pytest -q tests

@@ -41,18 +41,23 @@ def bentoml_serve_args(settings: ServiceSettings) -> list[str]:
 
 def preflight(settings: ServiceSettings) -> str:
     """Load and hash-verify the artifact directory (and, for ``--backend tensorrt``, the engine record
-    against this GPU and TensorRT); returns the model version.
+    against this GPU and TensorRT; and the generator directory when one is configured); returns the
+    model version.
 
     Raises:
         service.artifacts.ArtifactError: naming the file at fault.
         export.tensorrt.EngineCompatibilityError: TensorRT engines built for another GPU or TensorRT version.
         export.tensorrt.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU.
     """
+    from export.manifest import check_hashes, load_manifest
     from service.artifacts import check_tensorrt_engines, load_artifacts
 
     artifacts = load_artifacts(settings.artifacts)
     if settings.backend == "tensorrt":
         check_tensorrt_engines(artifacts)
+    generators = settings.generators_dir
+    if generators is not None:
+        check_hashes(generators, load_manifest(generators))
     return artifacts.version
 
 
@@ -81,12 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"medrefine: model {version[:12]} on {settings.backend}; HTTP http://{settings.host}:{settings.port} "
         f"(REST, /v2, /ui, /metrics), gRPC "
         + (f"{settings.host}:{settings.grpc_port}" if settings.grpc_port else "off")
+        + f", generators {settings.generators_dir or 'off'}"
         + f", API key {'on' if settings.api_key else 'off'}",
         file=sys.stderr,
         flush=True,
     )
     os.environ.update(settings.to_env())
     os.environ["MEDREFINE_ARTIFACTS"] = str(Path(settings.artifacts).resolve())
+    # Resolved here, so the worker serves what preflight checked whatever its working directory.
+    os.environ["MEDREFINE_GENERATORS"] = str(Path(settings.generators_dir).resolve()) if settings.generators_dir else "off"
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a medical service
 
     from bentoml_cli.cli import cli

@@ -41,7 +41,7 @@ from pathlib import Path
 import bentoml
 from pydantic import Field
 
-from service import rest
+from service import rest, rest_generation
 from service.errors import NotReady
 from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_entered
 from service.log_privacy import install_log_redaction
@@ -192,6 +192,37 @@ class MedRefine:
         except Exception as exc:
             return rest.error_response(exc)
 
+    @bentoml.api(route="/generate")
+    async def generate(
+        self,
+        prompt: str = Field(description="text prompt, e.g. 'chest x-ray, left lower lobe nodule'"),
+        modality: str = Field(description="one of the generator's modalities (see /readyz generation.modalities)"),
+        negative_prompt: str | None = Field(None, description="what to steer away from (classifier-free guidance)"),
+        guidance_scale: float = Field(1.5, allow_inf_nan=False, description="guidance weight w (1 = none)"),
+        steps: int = Field(25, description="DDIM steps"),
+        seed: int | None = Field(None, description="same seed, same images; default: drawn and returned"),
+        num_images: int = Field(1, description="images for this prompt"),
+        best_of: int | None = Field(None, description="generate N candidates, return the selector's best"),
+    ) -> dict[str, t.Any]:
+        """Text + modality -> images (MINIM-style conditional diffusion), as base64 PNGs."""
+        mark_handler_entered()
+        try:
+            return await rest_generation.generate(
+                self._require_runtime(), prompt=prompt, modality=modality, negative_prompt=negative_prompt,
+                guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+            )
+        except Exception as exc:
+            return rest.error_response(exc)
+
+    @bentoml.api(route="/synthesize")
+    async def synthesize(self, file: Path) -> dict[str, t.Any]:
+        """Mask -> image (GenSeg's pix2pix generator): upload a mask image (nonzero = foreground)."""
+        mark_handler_entered()
+        try:
+            return await rest_generation.synthesize(self._require_runtime(), file)
+        except Exception as exc:
+            return rest.error_response(exc)
+
 
 def _chain_drain_on_signals(runtime: t.Any, drain_timeout_s: float) -> None:
     """On SIGTERM/SIGINT: readiness off at once, finish what was accepted, then let uvicorn exit.
@@ -237,7 +268,7 @@ def _start_exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callab
 
 async def _exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callable[[], None]) -> None:
     deadline = time.monotonic() + timeout_s
-    while (OPEN_REQUESTS.count > 0 or runtime.batcher.busy) and time.monotonic() < deadline:
+    while (OPEN_REQUESTS.count > 0 or runtime.busy) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     exit_now()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequest",
+    "NotFound",
     "NotReady",
     "PayloadTooLarge",
     "QueueFullError",
@@ -63,6 +64,12 @@ class Unauthorized(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServiceError):
+    """The route exists but what it serves is not enabled here (e.g. generation without generator artifacts)."""
+
+    code = 404
 
 
 class PayloadTooLarge(ServiceError):

@@ -9,22 +9,24 @@ BentoML 1.4 has no request-body limit and answers its own probes with plain text
    ``Connection: close``; requests let in before the drain began run to completion.
 1c. Concurrency: more than ``max_concurrency`` open requests (probes and ``/metrics`` not counted) -> 429
    with ``Retry-After`` and our JSON body (BentoML's own limiter would answer 429 without either).
-2. API key: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on ``/segment`` and ``/refine``
-   when a key is configured -> 401 (``/v2`` checks it itself, except its health probes).
-3. Content type of ``/segment`` and ``/refine``: ``multipart/form-data`` only -> 415.
+2. API key: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on the REST routes (``/segment``,
+   ``/refine``, ``/synthesize``, ``/generate``) when a key is configured -> 401 (``/v2`` checks it
+   itself, except its health probes).
+3. Content type: ``multipart/form-data`` on ``/segment``, ``/refine`` and ``/synthesize``,
+   ``application/json`` on ``/generate`` -> 415 otherwise.
 4. Body size: a ``Content-Length`` over ``max_upload_bytes`` is refused before any byte is read, and
    streamed (chunked) bodies are counted as they arrive -> 413.
 5. Multipart structure: the body must start with its boundary and end with the closing one, and the
    ``file``/``prior_mask`` fields must be file parts (BentoML's form parser would fetch a text value
    as a URL, and answers 500 to malformed bodies) -> 400 before the body is parsed.
-6. BentoML's own input-validation 400s (pydantic) on ``/segment`` and ``/refine`` are rewritten to our
-   body ``{"error": ..., "field": ...}``.
+6. BentoML's own input-validation 400s (pydantic) on the REST routes are rewritten to our body
+   ``{"error": ..., "field": ...}``.
 
 Refusals discovered mid-stream (4, 5) end the downstream app's body with ``http.disconnect``; whatever
 it then tries to send is dropped and the refusal goes out instead. A client that disconnects after
-sending a ``/segment``, ``/refine`` or ``/v2/.../infer`` request cancels its handler, which drops the
-request from the batching queue (counted with status 499). Every ``/segment`` and ``/refine`` request is
-counted in ``medrefine_requests_total{protocol="rest"}``.
+sending a REST or ``/v2/.../infer`` request cancels its handler, which drops the request from the
+batching queue (counted with status 499). Every REST request is counted in
+``medrefine_requests_total{protocol="rest"}``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-API_ROUTES = {"/segment": "segment", "/refine": "refine"}
+API_ROUTES = {"/segment": "segment", "/refine": "refine", "/synthesize": "synthesize", "/generate": "generate"}
+JSON_ROUTES = frozenset({"/generate"})  # the others take multipart/form-data uploads
 # Never refused for concurrency or while draining (probes and scrapes must answer); no API key either.
 # The model-readiness probes /v2/models/{model}[/versions/{v}]/ready are matched by _is_probe as well.
 UNLIMITED_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -305,19 +308,25 @@ class GuardMiddleware:
         if self._needs_key(path) and not self._check_key(scope):
             await _send_error(send, Unauthorized())
             return
+        json_body = path in JSON_ROUTES
+        boundary: bytes | None = None
         if endpoint is not None:
             content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if method != "POST":
                 await _send_json(send, 405, {"error": f"{path} accepts POST only, got {method}", "field": None},
                                  [(b"allow", b"POST")])
                 return
-            if content_type != "multipart/form-data":
+            if json_body and content_type != "application/json":
+                await _send_error(send, UnsupportedMediaType(
+                    f"{path} expects an application/json body, got content type {content_type or 'none'!r}"))
+                return
+            if not json_body and content_type != "multipart/form-data":
                 await _send_error(send, UnsupportedMediaType(
                     f"{path} expects multipart/form-data with a 'file' part, got content type "
                     f"{content_type or 'none'!r}", "file"))
                 return
-            boundary = _boundary(_header(scope, b"content-type") or "")
-            if boundary is None:
+            boundary = None if json_body else _boundary(_header(scope, b"content-type") or "")
+            if not json_body and boundary is None:
                 await _send_error(send, BadRequest("multipart/form-data content type without a boundary"))
                 return
         if method not in _BODY_METHODS:
@@ -336,7 +345,7 @@ class GuardMiddleware:
                 await _send_error(send, _too_large(declared_bytes, limit))
                 return
 
-        guard = _MultipartGuard(boundary) if endpoint is not None else None
+        guard = _MultipartGuard(boundary) if boundary is not None else None
         marker = {"entered": False}
         state: dict[str, Any] = {"received": 0, "reject": None, "replied": False, "status": None, "held": [],
                                  "responded": False, "client_gone": False}
@@ -396,8 +405,9 @@ class GuardMiddleware:
                 return
             start, *bodies = state["held"]
             if state.get("unparsed"):
+                kind = "JSON" if json_body else "multipart/form-data"
                 body = json.dumps(BadRequest(
-                    "malformed multipart/form-data body: the form could not be parsed").to_dict()).encode()
+                    f"malformed {kind} body: it could not be parsed").to_dict()).encode()
             else:
                 body = _normalise_validation_error(b"".join(m.get("body", b"") for m in bodies))
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]

@@ -27,6 +27,8 @@ __all__ = [
     "CACHE_BYTES",
     "CACHE_HITS",
     "CACHE_MISSES",
+    "GENERATION_BATCH_SIZE",
+    "GENERATION_QUEUE_DEPTH",
     "INFLIGHT",
     "MODEL_INFO",
     "QUEUE_DEPTH",
@@ -71,6 +73,14 @@ INFLIGHT = Gauge(
 )
 QUEUE_DEPTH = Gauge(
     "medrefine_queue_depth", "Items waiting in the batching queue.", registry=REGISTRY, multiprocess_mode="livesum",
+)
+GENERATION_BATCH_SIZE = Histogram(
+    "medrefine_generation_batch_size", "Requests per batch run by the generation batcher (generate, synthesize).",
+    buckets=_BATCH_BUCKETS, registry=REGISTRY,
+)
+GENERATION_QUEUE_DEPTH = Gauge(
+    "medrefine_generation_queue_depth", "Requests waiting in the generation queue.", registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 CACHE_HITS = Counter(
     "medrefine_embedding_cache_hits_total", "SAM embedding cache hits.", registry=REGISTRY,

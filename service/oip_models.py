@@ -15,8 +15,23 @@ Models:
     output ``IOU``          FP32 ``[1]`` predicted IoU of the refined mask
     request parameter ``threshold`` (number in (0, 1), optional): mask threshold on PROBABILITY.
 
-A new model (e.g. ``generate``: PROMPT, MODALITY BYTES -> IMAGE) is an ``OipModel`` subclass with its
-tensor specs and ``run``; add it to the registry and both transports serve it unchanged.
+``generate`` (``GenerateModel``; listed only when the server has a text2image generator)
+    input  ``PROMPT``           BYTES ``[N]`` UTF-8 prompts
+    input  ``MODALITY``         BYTES ``[N]`` one modality per prompt (or ``[1]``: the same for all)
+    input  ``NEGATIVE_PROMPT``  BYTES ``[N]`` or ``[1]``, optional
+    input  ``GUIDANCE_SCALE``   FP32 ``[1]``, optional (default 1.5)
+    input  ``STEPS``            INT32 ``[1]``, optional (default 25)
+    input  ``SEED``             INT64 ``[1]``, optional (default: drawn; returned in ``SEED``)
+    input  ``NUM_IMAGES``       INT32 ``[1]``, optional (default 1): images per prompt
+    output ``IMAGE``            UINT8 ``[N * NUM_IMAGES, S, S]`` prompt-major
+    output ``SEED``             INT64 ``[1]`` the seed used (same inputs + this seed = same images)
+
+``synthesize`` (``SynthesizeModel``; listed only when the server has a pix2pix generator)
+    input  ``MASK``   UINT8 ``[H, W]`` (nonzero = foreground)
+    output ``IMAGE``  UINT8 ``[H, W]``
+
+A new model is an ``OipModel`` subclass with its tensor specs and ``run``; add it to the registry and
+both transports serve it unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.imageio import LUMA_WEIGHTS
-from service.errors import NotReady, PayloadTooLarge
+from service.errors import BadRequest, NotReady, PayloadTooLarge
 from service.oip import (
     BINARY_DATA_EXTENSION,
     DATATYPES,
@@ -46,8 +61,10 @@ __all__ = [
     "SERVER_NAME",
     "ModelRegistry",
     "OipModel",
+    "GenerateModel",
     "ParameterSpec",
     "SegmentModel",
+    "SynthesizeModel",
     "TensorSpec",
     "default_registry",
     "server_metadata",
@@ -141,6 +158,16 @@ class OipModel(abc.ABC):
     def is_ready(self, runtime: Any) -> bool:
         return bool(getattr(runtime, "ready", False))
 
+    def available(self, runtime: Any) -> bool:
+        """Whether this server serves the model at all (e.g. generators are optional)."""
+        return True
+
+    def check_capacity(self, runtime: Any) -> None:
+        """503 at once when the queue this model runs on is full (default: the segmentation queue)."""
+        check = getattr(runtime, "check_capacity", None)
+        if check is not None:
+            check()
+
     @abc.abstractmethod
     async def run(
         self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
@@ -196,6 +223,105 @@ class SegmentModel(OipModel):
         }
 
 
+class _GenerationModel(OipModel):
+    """A model served by ``runtime.generation`` (present only when the server loaded generators)."""
+
+    def versions(self, runtime: Any) -> tuple[str, ...]:
+        generation = getattr(runtime, "generation", None)
+        return (generation.version,) if generation is not None else ()
+
+    def check_capacity(self, runtime: Any) -> None:
+        runtime.generation.check_capacity()
+
+
+class GenerateModel(_GenerationModel):
+    """Text + modality -> images through ``runtime.generation.generate`` (the generation queue)."""
+
+    name = "generate"
+    platform = "medrefine_text2image"
+    inputs = (
+        TensorSpec("PROMPT", "BYTES", ((-1,),)),
+        TensorSpec("MODALITY", "BYTES", ((-1,),)),
+        TensorSpec("NEGATIVE_PROMPT", "BYTES", ((-1,),), optional=True),
+        TensorSpec("GUIDANCE_SCALE", "FP32", ((1,),), optional=True),
+        TensorSpec("STEPS", "INT32", ((1,),), optional=True),
+        TensorSpec("SEED", "INT64", ((1,),), optional=True),
+        TensorSpec("NUM_IMAGES", "INT32", ((1,),), optional=True),
+    )
+    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1, -1),)), TensorSpec("SEED", "INT64", ((1,),)))
+
+    def available(self, runtime: Any) -> bool:
+        generation = getattr(runtime, "generation", None)
+        return generation is not None and generation.generators.text2image is not None
+
+    async def run(
+        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+    ) -> Mapping[str, np.ndarray]:
+        prompts = _strings(inputs["PROMPT"], "PROMPT")
+        count = len(prompts)
+        modalities = _broadcast(_strings(inputs["MODALITY"], "MODALITY"), count, "MODALITY")
+        negatives = None
+        if "NEGATIVE_PROMPT" in inputs:
+            negatives = _broadcast(_strings(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT"), count, "NEGATIVE_PROMPT")
+        scalars = {name: inputs[name].reshape(-1)[0].item() for name in ("GUIDANCE_SCALE", "STEPS", "SEED",
+                                                                          "NUM_IMAGES") if name in inputs}
+        try:
+            result = await runtime.generation.generate(
+                prompts, modalities, negative_prompts=negatives,
+                guidance_scale=float(scalars.get("GUIDANCE_SCALE", 1.5)), steps=int(scalars.get("STEPS", 25)),
+                seed=int(scalars["SEED"]) if "SEED" in scalars else None,
+                num_images=int(scalars.get("NUM_IMAGES", 1)),
+            )
+        except BadRequest as exc:
+            raise OipError(exc.message, field=_OIP_FIELDS.get(exc.field or "", exc.field)) from None
+        return {"IMAGE": result.images, "SEED": np.asarray([result.seed], dtype=np.int64)}
+
+
+# core.generation argument names -> this model's input names, for error messages.
+_OIP_FIELDS = {"prompts": "PROMPT", "modalities": "MODALITY", "negative_prompts": "NEGATIVE_PROMPT",
+               "guidance_scale": "GUIDANCE_SCALE", "steps": "STEPS", "seed": "SEED", "num_images": "NUM_IMAGES"}
+
+
+class SynthesizeModel(_GenerationModel):
+    """Mask -> image through ``runtime.generation.synthesize`` (the generation queue)."""
+
+    name = "synthesize"
+    platform = "medrefine_pix2pix"
+    inputs = (TensorSpec("MASK", "UINT8", ((-1, -1),)),)
+    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1),)),)
+
+    def available(self, runtime: Any) -> bool:
+        generation = getattr(runtime, "generation", None)
+        return generation is not None and generation.generators.pix2pix is not None
+
+    async def run(
+        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+    ) -> Mapping[str, np.ndarray]:
+        mask = inputs["MASK"]
+        if min(mask.shape) < 1:
+            raise OipError(f"input 'MASK' must not be empty, got shape {list(mask.shape)}", field="MASK")
+        result = await runtime.generation.synthesize(mask)
+        return {"IMAGE": result.image}
+
+
+def _strings(array: np.ndarray, name: str) -> list[str]:
+    """A 1-D BYTES tensor -> UTF-8 strings (OipError naming the tensor otherwise)."""
+    if array.size < 1:
+        raise OipError(f"input '{name}' must hold at least one string", field=name)
+    try:
+        return [bytes(item).decode("utf-8") for item in array.reshape(-1)]
+    except UnicodeDecodeError:
+        raise OipError(f"input '{name}' must hold UTF-8 text", field=name) from None
+
+
+def _broadcast(values: list[str], count: int, name: str) -> list[str]:
+    if len(values) == count:
+        return values
+    if len(values) == 1:
+        return values * count
+    raise OipError(f"input '{name}' has {len(values)} entries; expected 1 or one per prompt ({count})", field=name)
+
+
 def _to_gray_unit(image: np.ndarray) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` uint8 -> ``(H, W) float32 in [0, 1]`` (RGB as BT.601 luminance)."""
     pixels = image.astype(np.float32)
@@ -237,9 +363,10 @@ class ModelRegistry:
             ModelNotFoundError: unknown model or version (the message lists what exists).
         """
         model = self._models.get(name)
-        if model is None:
+        if model is None or not model.available(runtime):
+            served = [n for n, m in self._models.items() if m.available(runtime)]
             raise ModelNotFoundError(
-                f"unknown model '{name}'; this server serves: {', '.join(self._models) or 'nothing'}", field="model"
+                f"unknown model '{name}'; this server serves: {', '.join(served) or 'nothing'}", field="model"
             )
         if version:
             versions = model.versions(runtime)
@@ -285,9 +412,7 @@ class ModelRegistry:
         serving = getattr(runtime, "serving", None)
         if not (serving if isinstance(serving, bool) else model.is_ready(runtime)):
             raise NotReady(f"model '{model.name}' is not ready")
-        check_capacity = getattr(runtime, "check_capacity", None)
-        if check_capacity is not None:
-            check_capacity()  # 503 at once when the shared queue is full
+        model.check_capacity(runtime)  # 503 at once when its queue is full
         # 3. Run (through the runtime's shared queue) and pack the outputs.
         results = await model.run(runtime, inputs, parameters, protocol=protocol)
         outputs = tuple(_output_tensor(model, spec, results) for spec in output_specs)
@@ -386,5 +511,6 @@ def server_metadata() -> dict[str, Any]:
 
 
 def default_registry() -> ModelRegistry:
-    """The registry both transports use unless given another: the ``segment`` model."""
-    return ModelRegistry([SegmentModel()])
+    """The registry both transports use unless given another: ``segment``, plus ``generate`` and
+    ``synthesize`` where the runtime has those generators."""
+    return ModelRegistry([SegmentModel(), GenerateModel(), SynthesizeModel()])

@@ -57,11 +57,15 @@ class ServiceRuntime:
         pipeline: a ``service.pipeline.SegmentationPipeline`` (or any object with its ``segment``,
             ``refine``, ``model_info`` methods).
         metrics: the metrics facade (default: a new one over the module-level Prometheus objects).
+        generation: the ``service.generation.GenerationRuntime`` (its own queue), or None when generation
+            is off.
     """
 
-    def __init__(self, settings: ServiceSettings, pipeline: Any, *, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, pipeline: Any, *, metrics: ServiceMetrics | None = None,
+                 generation: Any = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
+        self.generation = generation
         self.metrics = metrics or ServiceMetrics()
         self.live = True
         self.draining = False
@@ -87,8 +91,12 @@ class ServiceRuntime:
     def load(cls, settings: ServiceSettings, *, metrics: ServiceMetrics | None = None) -> ServiceRuntime:
         """Build the pipeline from ``settings.artifacts`` (every graph hash-verified against the manifest).
 
+        Generators are loaded too when ``settings.generators_dir`` names a directory (always on ONNX Runtime,
+        on the device ``settings`` picks for it).
+
         Raises:
-            service.artifacts.ArtifactError: the directory is missing, malformed or does not match.
+            service.artifacts.ArtifactError: the directory (or the generator directory) is missing,
+                malformed or does not match.
         """
         from service.pipeline import SegmentationPipeline
 
@@ -100,9 +108,11 @@ class ServiceRuntime:
             max_points=settings.max_points,
             **engine_options(settings),
         )
-        runtime = cls(settings, pipeline, metrics=metrics)
-        logger.info("model %s loaded on %s in %.1f s", runtime.model_version[:12], runtime.backend,
-                    time.perf_counter() - started)
+        generation = load_generation(settings)
+        runtime = cls(settings, pipeline, metrics=metrics, generation=generation)
+        logger.info("model %s loaded on %s in %.1f s%s", runtime.model_version[:12], runtime.backend,
+                    time.perf_counter() - started,
+                    f"; generators {generation.version[:12]} from {settings.generators_dir}" if generation else "")
         return runtime
 
     # -- state ------------------------------------------------------------------------------------------
@@ -116,6 +126,11 @@ class ServiceRuntime:
     def serving(self) -> bool:
         """True while accepted requests can still run: started and the batcher not stopped (also while draining)."""
         return self._started and self.batcher.accepting
+
+    @property
+    def busy(self) -> bool:
+        """True while any queue holds or runs work (segmentation or generation)."""
+        return self.batcher.busy or (self.generation is not None and self.generation.batcher.busy)
 
     @property
     def model_version(self) -> str:
@@ -138,6 +153,7 @@ class ServiceRuntime:
             "backend": self.backend,
             "model_version": self.model_version,
             "queue_depth": self.batcher.queue_depth,
+            "generation": self.generation.info() if self.generation is not None else None,
         }
         if not self.ready:
             report["reason"] = "draining for shutdown" if self.draining else "starting"
@@ -164,8 +180,10 @@ class ServiceRuntime:
         self.batcher.check_capacity()
 
     async def start(self) -> None:
-        """Start the batcher on the running loop; the runtime is ready afterwards."""
+        """Start the batchers on the running loop; the runtime is ready afterwards."""
         await self.batcher.start()
+        if self.generation is not None:
+            await self.generation.start()
         self._started = True
 
     def begin_drain(self) -> None:
@@ -180,7 +198,10 @@ class ServiceRuntime:
         """
         self.begin_drain()
         timeout = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         completed = await self.batcher.drain(timeout)
+        if self.generation is not None:
+            completed = await self.generation.drain(max(0.0, deadline - time.monotonic())) and completed
         self.sync_metrics()
         return completed
 
@@ -344,6 +365,23 @@ def _spacing(spacing: Sequence[float] | None) -> tuple[float, float] | None:
     if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
         raise BadRequest(f"spacing must be two positive numbers (row, col) in mm, got {list(values)}", "spacing")
     return values  # type: ignore[return-value]
+
+
+def load_generation(settings: ServiceSettings) -> Any:
+    """The ``GenerationRuntime`` over ``settings.generators_dir`` (ONNX Runtime), or None when it is off.
+
+    Raises:
+        service.artifacts.ArtifactError: the directory is missing, malformed or does not match its manifest.
+    """
+    directory = settings.generators_dir
+    if directory is None:
+        return None
+    from service.generation import GenerationRuntime
+    from service.generator_artifacts import load_generators
+
+    options = engine_options(dataclasses.replace(settings, backend="onnxruntime",
+                                                 device="cpu" if settings.device == "tensorrt" else settings.device))
+    return GenerationRuntime(load_generators(directory, **options), settings)
 
 
 def engine_options(settings: ServiceSettings) -> dict[str, Any]:

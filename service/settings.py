@@ -34,6 +34,15 @@ Documented limits (variable, default):
                                                      writes (DICOM SEG) unless a request says otherwise
 ``MEDREFINE_EMBEDDING_CACHE_BYTES`` 256 MiB          SAM embedding LRU cache budget (0 = off)
 ``MEDREFINE_INTRA_OP_THREADS``  0 (engine default)   intra-op threads of the inference engine
+``MEDREFINE_GENERATORS``        ``auto``             generator artifact directory (``python -m export
+                                                     generators``) for /generate, /synthesize and the
+                                                     OIP ``generate`` / ``synthesize`` models; ``auto``:
+                                                     ``artifacts/generators`` if it exists, else off;
+                                                     ``off``: off; a path: required (exit 2 if broken)
+``MEDREFINE_GENERATION_MAX_IMAGES`` 16               images per generation request (prompts x images
+                                                     or best-of candidates) -> 400
+``MEDREFINE_GENERATION_MAX_STEPS`` 100               DDIM steps per generation request -> 400
+``MEDREFINE_GENERATION_MAX_QUEUE`` 32                queued generation requests before 503 + Retry-After
 ==============================  ===================  ==================================================
 """
 
@@ -86,6 +95,10 @@ class ServiceSettings:
     anonymize_dicom: bool = True
     embedding_cache_bytes: int = 256 * MIB
     intra_op_threads: int = 0
+    generators: str = "auto"
+    generation_max_images: int = 16
+    generation_max_steps: int = 100
+    generation_max_queue: int = 32
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -98,7 +111,8 @@ class ServiceSettings:
             if not 0 <= value <= 65535:
                 raise SettingsError(f"{_env_name(name)}: expected a port in [0, 65535], got {value}")
         positive = ("max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
-                    "request_timeout_s", "max_concurrency")
+                    "request_timeout_s", "max_concurrency", "generation_max_images", "generation_max_steps",
+                    "generation_max_queue")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_name(name)}: expected a value > 0, got {getattr(self, name)}")
@@ -112,6 +126,21 @@ class ServiceSettings:
                 f"{ENV_PREFIX}REQUIRE_API_KEY is on but {self.api_key_env} is unset: set the key "
                 f"(at least 8 characters) or turn {ENV_PREFIX}REQUIRE_API_KEY off"
             )
+
+    @property
+    def generators_dir(self) -> Path | None:
+        """The generator artifact directory to load, or None when generation is off.
+
+        ``auto`` resolves to ``artifacts/generators`` next to ``artifacts`` only if it exists, so a server
+        without exported generators still serves segmentation; an explicit path must load.
+        """
+        value = self.generators.strip()
+        if value.lower() in ("", "off", "none", "0"):
+            return None
+        if value.lower() == "auto":
+            candidate = Path(self.artifacts).parent / "generators"
+            return candidate if (candidate / "manifest.json").is_file() else None
+        return Path(value).expanduser()
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -148,6 +177,7 @@ class ServiceSettings:
             "artifacts": Path(args.artifacts) if args.artifacts is not None else None,
             "host": args.host,
             "api_key_env": args.api_key_env,
+            "generators": args.generators,
         }
         return cls.from_env(environ, **overrides)
 
@@ -183,6 +213,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", default=None,
                         help="exported artifact directory (default artifacts/default, MEDREFINE_ARTIFACTS)")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1, MEDREFINE_HOST)")
+    parser.add_argument("--generators", default=None,
+                        help="generator artifact directory, 'auto' (default: artifacts/generators beside "
+                             "--artifacts when present) or 'off' (MEDREFINE_GENERATORS)")
     parser.add_argument("--api-key-env", default=None,
                         help="name of the environment variable holding the API key (default MEDREFINE_API_KEY); "
                              "auth is off when that variable is unset")
@@ -193,7 +226,8 @@ def _env_name(field_name: str) -> str:
 
 
 _INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
-               "max_concurrency", "embedding_cache_bytes", "intra_op_threads"}
+               "max_concurrency", "embedding_cache_bytes", "intra_op_threads", "generation_max_images",
+               "generation_max_steps", "generation_max_queue"}
 _FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s"}
 _BOOL_FIELDS = {"require_api_key", "anonymize_dicom"}
 

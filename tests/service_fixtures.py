@@ -32,6 +32,7 @@ __all__ = [
     "TEST_API_KEY",
     "ServerProcess",
     "free_port",
+    "generator_artifacts",
     "live_server",
     "service_artifacts",
     "start_server",
@@ -170,12 +171,26 @@ def service_artifacts(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def live_server(service_artifacts, tmp_path_factory: pytest.TempPathFactory,
+def generator_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed default generators (checkpoints/generators) exported once per session."""
+    if "generators" not in _SESSION:
+        from export.generators import export_generator_artifacts
+
+        out = tmp_path_factory.mktemp("generator_artifacts") / "generators"
+        export_generator_artifacts("default", out)
+        _SESSION["generators"] = out
+    return _SESSION["generators"]
+
+
+@pytest.fixture(scope="session")
+def live_server(service_artifacts, generator_artifacts, tmp_path_factory: pytest.TempPathFactory,
                 request: pytest.FixtureRequest) -> ServerProcess:
-    """One real server for the session (API key on: use ``server.client()`` or ``server.headers()``)."""
+    """One real server for the session, generators included (API key on: use ``server.client()`` or
+    ``server.headers()``)."""
     server = _SESSION.get("server")
     if server is None or server.process.poll() is not None:
-        server = start_server(service_artifacts.art_dir, tmp_path_factory.mktemp("live_server"))
+        server = start_server(service_artifacts.art_dir, tmp_path_factory.mktemp("live_server"),
+                              env={"MEDREFINE_GENERATORS": str(generator_artifacts)})
         _SESSION["server"] = server
         request.config.add_cleanup(server.stop)
     return server

@@ -47,8 +47,9 @@ def _bentofile() -> dict:
 
 
 @pytest.fixture(scope="module")
-def built_bento(service_artifacts, tmp_path_factory):
-    """Build from a clean copy of the sources plus the tiny artifacts as artifacts/default."""
+def built_bento(service_artifacts, generator_artifacts, tmp_path_factory):
+    """Build from a clean copy of the sources plus the tiny artifacts as artifacts/default and the
+    exported default generators as artifacts/generators."""
     work = tmp_path_factory.mktemp("bento")
     context = work / "context"
     context.mkdir()
@@ -58,6 +59,7 @@ def built_bento(service_artifacts, tmp_path_factory):
     for name in ("pyproject.toml", "bentofile.yaml"):
         shutil.copy2(REPO_ROOT / name, context / name)
     shutil.copytree(service_artifacts.art_dir, context / "artifacts" / "default")
+    shutil.copytree(generator_artifacts, context / "artifacts" / "generators")
     home = work / "bentoml_home"
     env = {**_clean_env(), **OFFLINE, "BENTOML_HOME": str(home)}
     done = subprocess.run([*BENTOML, "build", "--output", "tag"], cwd=context, env=env, capture_output=True,
@@ -80,13 +82,13 @@ def test_bentofile_packages_are_the_pyproject_dependencies():
     assert python["lock_packages"] is False  # locking would resolve against an index: no offline build
 
 
-def test_bentoml_build_packs_service_ui_and_artifacts(built_bento, service_artifacts):
+def test_bentoml_build_packs_service_ui_and_artifacts(built_bento, service_artifacts, generator_artifacts):
     bento = built_bento["dir"]
     spec = yaml.safe_load((bento / "bento.yaml").read_text())
     assert spec["service"] == "service.app:MedRefine" and spec["name"] == "medrefine"
     assert spec["services"][0]["config"]["workers"] == 1
     routes = {route["route"] for route in spec["schema"]["routes"]}
-    assert routes == {"/segment", "/refine"}
+    assert routes == {"/segment", "/refine", "/generate", "/synthesize"}
     src = bento / "src"
     for path in ("service/app.py", "service/pipeline.py", "service/ui/index.html", "service/ui/app.js",
                  "core/imageio.py", "models/gate.py", "export/graphs.py", "artifacts/default/manifest.json"):
@@ -95,6 +97,9 @@ def test_bentoml_build_packs_service_ui_and_artifacts(built_bento, service_artif
     for graph in manifest["graphs"].values():
         assert (src / "artifacts" / "default" / graph["file"]).read_bytes() == (
             service_artifacts.art_dir / graph["file"]).read_bytes()
+    generators = json.loads((generator_artifacts / "manifest.json").read_text())
+    for entry in [*generators["graphs"].values(), *generators.get("assets", {}).values()]:
+        assert (src / "artifacts" / "generators" / entry["file"]).is_file(), entry["file"]
     assert not list(src.rglob("__pycache__")) and not (src / "tests").exists() and not (src / "training").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
     for dependency in _pyproject_dependencies():

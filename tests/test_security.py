@@ -119,9 +119,12 @@ PUBLIC_HTTP = [("GET", "/livez", {}), ("GET", "/healthz", {}), ("GET", "/readyz"
 PROTECTED_HTTP = [
     ("POST", "/segment", {"files": {"file": ("k.png", "PNG", "image/png")}}),
     ("POST", "/refine", {"files": {"file": ("k.png", "PNG", "image/png")}, "data": {"box": "[4, 4, 20, 20]"}}),
+    ("POST", "/synthesize", {"files": {"file": ("k.png", "PNG", "image/png")}}),
+    ("POST", "/generate", {"json": {"prompt": "chest x-ray", "modality": "chest_xray", "steps": 2}}),
     ("GET", "/v2", {}),
     ("GET", "/v2/models/segment", {}),
     ("POST", "/v2/models/segment/infer", {"json": "INFER"}),
+    ("GET", "/v2/models/generate", {}),
 ]
 # Static documentation: the web page and the API description hold no data and call the API with the key.
 STATIC = {"/", "/docs.json", "/ui", "/ui/"}
@@ -133,7 +136,7 @@ def _kwargs(spec: dict) -> dict:
         if key == "files":
             out["files"] = {k: (v[0], _png(), v[2]) for k, v in value.items()}
         elif key == "json":
-            out["json"] = _infer_json()
+            out["json"] = _infer_json() if value == "INFER" else value
         else:
             out[key] = value
     return out

@@ -134,3 +134,35 @@ def test_ui_shows_server_errors(browser, live_server, tmp_path):
     browser.find_element(By.ID, "file").send_keys(str(bogus))
     WebDriverWait(browser, 30).until(lambda d: _state(d) == "error")
     assert browser.find_element(By.ID, "status").text.startswith("415:")
+
+
+def test_generate_panel_shows_the_generated_images(browser, live_server):
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(live_server.url + "/ui/")
+    panel = browser.find_element(By.ID, "generate-panel")
+    WebDriverWait(browser, 30).until(lambda d: panel.is_displayed())
+    modalities = [o.text for o in Select(browser.find_element(By.ID, "gen-modality")).options]
+    assert "chest_xray" in modalities and "brain_mri" in modalities
+    key = browser.find_element(By.ID, "apikey")
+    key.clear()
+    key.send_keys(live_server.api_key)
+    browser.find_element(By.ID, "gen-prompt").send_keys("brain mri, glioma")
+    Select(browser.find_element(By.ID, "gen-modality")).select_by_visible_text("brain_mri")
+    steps = browser.find_element(By.ID, "gen-steps")
+    steps.clear()
+    steps.send_keys("5")
+    browser.find_element(By.ID, "gen-run").click()
+
+    def finished(d):
+        state = d.find_element(By.TAG_NAME, "body").get_attribute("data-generate")
+        if state == "error":
+            raise AssertionError("UI error: " + d.find_element(By.ID, "gen-status").text)
+        return state == "done"
+
+    WebDriverWait(browser, 60, poll_frequency=0.1).until(finished)
+    script = ("const imgs = [...document.querySelectorAll('#gen-gallery img')];"
+              "return imgs.every(i => i.complete) ? imgs.map(i => [i.naturalWidth, i.naturalHeight]) : null;")
+    sizes = WebDriverWait(browser, 10).until(lambda d: d.execute_script(script))
+    assert sizes == [[32, 32]] * 4  # four images (the panel's default) at the generator's size
+    assert "seed" in browser.find_element(By.ID, "gen-status").text

@@ -1,5 +1,6 @@
 // medrefine UI: upload an image, show coarse vs refined contours and the gate heat map, drag a box to refine.
-// Plain browser JavaScript, no build step. Talks to POST /segment and POST /refine (multipart) and GET /readyz.
+// Plain browser JavaScript, no build step. Talks to POST /segment and POST /refine (multipart), POST /generate
+// (JSON; the panel shows only when the server serves generators) and GET /readyz.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -208,6 +209,53 @@ async function refine(box) {
   }
 }
 
+async function generate(event) {
+  event.preventDefault();
+  const number = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
+  const body = {
+    prompt: $("gen-prompt").value, modality: $("gen-modality").value,
+    guidance_scale: number("gen-guidance"), steps: number("gen-steps"), num_images: number("gen-count"),
+  };
+  if ($("gen-negative").value.trim()) body.negative_prompt = $("gen-negative").value;
+  if (number("gen-seed") !== null) body.seed = number("gen-seed");
+  $("gen-status").textContent = "Generating…";
+  document.body.dataset.generate = "busy";
+  try {
+    const response = await fetch("/generate", {
+      method: "POST", body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", ...authHeaders() },
+    });
+    const result = await response.json();
+    if (!response.ok) {
+      throw new Error(response.status + ": " + (result.error || "request failed") +
+                      (result.field ? " (field " + result.field + ")" : ""));
+    }
+    const gallery = $("gen-gallery");
+    gallery.replaceChildren(...result.images_png_base64.map((b64) => {
+      const img = document.createElement("img");
+      img.src = "data:image/png;base64," + b64;
+      img.alt = result.modality + ": " + result.prompt;
+      return img;
+    }));
+    $("gen-seed").placeholder = "random (last: " + result.seed + ")";
+    $("gen-status").textContent = result.images_png_base64.length + " image(s), seed " + result.seed + ", " +
+      Math.round(result.timings_ms.total) + " ms";
+    document.body.dataset.generate = "done";
+  } catch (err) {
+    $("gen-status").textContent = err.message;
+    document.body.dataset.generate = "error";
+  }
+}
+
+function showGeneration(info) {
+  const generation = info.generation;
+  if (!generation || !generation.modalities || !generation.modalities.length) return;
+  $("gen-modality").replaceChildren(...generation.modalities.map((name) => new Option(name, name)));
+  if (generation.max_steps) $("gen-steps").max = generation.max_steps;
+  if (generation.max_images) $("gen-count").max = generation.max_images;
+  $("generate-panel").hidden = false;
+}
+
 function wire() {
   const saved = sessionStorage.getItem("medrefine-api-key");
   if (saved) $("apikey").value = saved;
@@ -216,6 +264,7 @@ function wire() {
     if (file) segment(file);
   });
   for (const id of ["show-coarse", "show-refined", "show-gate", "show-box"]) $(id).addEventListener("change", render);
+  $("generate-form").addEventListener("submit", generate);
   const overlay = $("overlay-layer");
   overlay.addEventListener("mousedown", (event) => {
     if (!state.size || !state.file) return;
@@ -238,6 +287,7 @@ function wire() {
     $("model").textContent = info.ready
       ? "model " + String(info.model_version).slice(0, 12) + " · " + info.backend
       : "server not ready: " + (info.reason || "starting");
+    showGeneration(info);
   }).catch(() => { $("model").textContent = "server unreachable"; });
 }
 

@@ -1,0 +1,120 @@
+"""The REST generation endpoints' work, free of BentoML: check the arguments, call the generation runtime,
+encode the JSON answer (images as base64 PNGs).
+
+``POST /generate`` (JSON body)::
+
+    {"prompt": "chest x-ray, left lower lobe nodule", "modality": "chest_xray",
+     "negative_prompt": "blurry", "guidance_scale": 1.5, "steps": 25, "seed": 7, "num_images": 2}
+    -> {"images_png_base64": ["...", "..."], "seed": 7, "width": 32, "height": 32,
+        "prompt": ..., "modality": ..., "scores": null,
+        "model": {"version": "...", "backend": "onnxruntime"}, "timings_ms": {"generate": ..., "total": ...}}
+
+``best_of: N`` (instead of ``num_images``) generates N candidates and returns the selector's best, with its
+score in ``scores``. Without ``seed`` the server draws one and returns it: sending it back gives the same
+images.
+
+``POST /synthesize`` (multipart, ``file`` = a mask image, nonzero = foreground)::
+
+    -> {"image_png_base64": "...", "shape": [H, W], "model": {...}, "timings_ms": {...}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+from core.imageio import decode_mask, encode_png
+from service.errors import BadRequest, NotFound
+from service.rest import _field_error, _ms, _read_upload
+
+__all__ = ["generate", "synthesize"]
+
+
+def _generation(runtime: Any) -> Any:
+    generation = getattr(runtime, "generation", None)
+    if generation is None:
+        raise NotFound("generation is not enabled on this server: start it with generator artifacts "
+                       "(python -m export generators; MEDREFINE_GENERATORS)")
+    return generation
+
+
+def _model(generation: Any) -> dict[str, str]:
+    return {"version": generation.version, "backend": "onnxruntime"}
+
+
+def _png_b64(image: Any) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+async def generate(
+    runtime: Any,
+    *,
+    prompt: str,
+    modality: str,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 1.5,
+    steps: int = 25,
+    seed: int | None = None,
+    num_images: int = 1,
+    best_of: int | None = None,
+) -> dict[str, Any]:
+    """``POST /generate``: one prompt -> ``num_images`` images (or the best of ``best_of``).
+
+    Raises:
+        ServiceError: 400 naming the argument at fault, 404 without generators, 503, 504.
+    """
+    started = time.perf_counter()
+    generation = _generation(runtime)
+    generation.check_capacity()
+    if not isinstance(prompt, str) or not isinstance(modality, str):
+        raise BadRequest("prompt and modality must be strings", "prompt" if not isinstance(prompt, str) else "modality")
+    result = await generation.generate(
+        [prompt], [modality], negative_prompts=None if negative_prompt is None else [negative_prompt],
+        guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+    )
+    encode_started = time.perf_counter()
+    images = await asyncio.to_thread(lambda: [_png_b64(image) for image in result.images])
+    height, width = (int(d) for d in result.images.shape[1:])
+    return {
+        "images_png_base64": images,
+        "seed": result.seed,
+        "width": width,
+        "height": height,
+        "prompt": prompt,
+        "modality": modality,
+        "scores": None if result.scores is None else [float(s) for s in result.scores],
+        "model": _model(generation),
+        "timings_ms": {"generate": _ms(result.seconds), "encode": _ms(time.perf_counter() - encode_started),
+                       "total": _ms(time.perf_counter() - started)},
+    }
+
+
+async def synthesize(runtime: Any, file: Path) -> dict[str, Any]:
+    """``POST /synthesize``: a mask upload -> a generated image of the same size.
+
+    Raises:
+        ServiceError: 400 (not a readable 2-D mask), 413, 415, 404 without generators, 503, 504.
+    """
+    started = time.perf_counter()
+    generation = _generation(runtime)
+    generation.check_capacity()
+    data = await _read_upload(file, runtime, "file")
+    try:
+        mask = await asyncio.to_thread(decode_mask, data, name="upload", max_pixels=runtime.settings.max_pixels)
+    except ValueError as exc:
+        raise _field_error(exc, "file") from None
+    decode_s = time.perf_counter() - started
+    result = await generation.synthesize(mask)
+    encode_started = time.perf_counter()
+    image = await asyncio.to_thread(_png_b64, result.image)
+    return {
+        "image_png_base64": image,
+        "shape": [int(d) for d in result.image.shape],
+        "model": _model(generation),
+        "timings_ms": {"decode": _ms(decode_s), "synthesize": _ms(result.seconds),
+                       "encode": _ms(time.perf_counter() - encode_started),
+                       "total": _ms(time.perf_counter() - started)},
+    }
