@@ -185,3 +185,26 @@ def test_the_worker_also_refuses_to_become_ready(service_artifacts, tmp_path):
     response = asyncio.run(probe())
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json() == {"ready": False, "reason": "model artifacts failed to load or verify (see the server log)"}
+
+
+def test_explicit_generator_directory_must_load(service_artifacts, generator_artifacts, tmp_path):
+    art_dir = _copy(service_artifacts, tmp_path, "artifacts")
+    line = _one_line(_serve(art_dir, "--generators", str(tmp_path / "no-such-generators")))
+    assert "no-such-generators" in line and "does not exist" in line
+    broken = tmp_path / "generators"
+    shutil.copytree(generator_artifacts, broken)
+    tokenizer = broken / "tokenizer" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:-10] + b"0123456789")
+    line = _one_line(_serve(art_dir, "--generators", str(broken)))
+    assert "tokenizer.json" in line and "sha256 mismatch" in line
+
+
+def test_generators_auto_and_off(service_artifacts, tmp_path):
+    from service.settings import ServiceSettings
+
+    art_dir = _copy(service_artifacts, tmp_path, "default")
+    assert ServiceSettings(artifacts=art_dir).generators_dir is None  # auto: nothing beside it -> off
+    (tmp_path / "generators").mkdir()
+    (tmp_path / "generators" / "manifest.json").write_text("{}")
+    assert ServiceSettings(artifacts=art_dir).generators_dir == tmp_path / "generators"
+    assert ServiceSettings(artifacts=art_dir, generators="off").generators_dir is None
