@@ -289,3 +289,11 @@ def test_generation_metrics_are_exported(live_server):
         text = client.get("/metrics").text
     assert "medrefine_generation_batch_size_count" in text
     assert 'endpoint="generate"' in text
+
+
+def test_generation_bench_offline_step(generator_artifacts):
+    from loadtest.generation_bench import offline_throughput
+
+    result = offline_throughput(generator_artifacts, concurrency=[1, 3], steps=2, threads=1, duration_s=0.05)
+    assert set(result) == {"1", "3"}
+    assert all(r["images_per_s"] > 0 and r["calls"] >= 1 for r in result.values())
