@@ -11,6 +11,11 @@ Stages (``forward`` composes them; the service can run them one by one, e.g. wit
 3. ``refiner.encode(refiner_image)`` -> embeddings; ``decode(embeddings, prompts)`` -> low-res logits and IoU.
 4. ``finish(coarse_prob, low_res_logits, roi, image)`` -> sam / refined masks and the gate at image resolution.
 
+The framework-free parts of steps 2 and 4 are the module functions ``roi_prompts`` (prompts, ROI and crop,
+before the refiner's preprocessing) and ``paste_refiner_logits`` (refiner logits -> probability in the image);
+the service pipeline (``service.pipeline``) calls the same two around its exported graphs, whose image encoder
+holds the preprocessing.
+
 Frames: image pixel frame (points, boxes) and continuous frame (ROIs) as in ``models.roi``; the refiner's
 S x S input frame is the ROI frame (a square ROI resized to S exactly, so ``Sam.preprocess`` neither resizes nor
 pads). Where a square ROI extends past a non-square image, the crop holds black pixels (0 before the refiner's
@@ -155,6 +160,97 @@ class RefinerInputs:
     image_box: torch.Tensor
 
 
+@dataclass
+class RoiPrompts:
+    """Prompts, ROI and ROI crop for one batch, from ``roi_prompts`` (no refiner preprocessing applied).
+
+    Attributes:
+        roi: (B, 4) xyxy square ROI, continuous image frame.
+        crop: (B, 1, S, S) the image resampled over the ROI, in [0, 1] (0 where the ROI leaves the image).
+        prompts: ``PromptSet`` in the ROI frame (S x S pixels); point_labels (B, 2) = [1, 0];
+            mask_logits (B, 1, S/4, S/4).
+        image_points: (B, 2, 2) [positive, negative] xy, image pixel frame.
+        image_box: (B, 4) xyxy, image pixel frame.
+    """
+
+    roi: torch.Tensor
+    crop: torch.Tensor
+    prompts: PromptSet
+    image_points: torch.Tensor
+    image_box: torch.Tensor
+
+
+def roi_prompts(
+    image: torch.Tensor,
+    coarse_prob: torch.Tensor,
+    config: UltraRefinerConfig,
+    *,
+    refiner_size: int,
+    mask_prompt_size: int,
+) -> RoiPrompts:
+    """Differentiable prompts from the coarse probability, the square ROI, the ROI crop and the mask prompt.
+
+    Pure tensor arithmetic (step 2 of the module docstring without ``Sam.preprocess``): used by
+    ``UltraRefiner.prepare_refiner_inputs`` and by the service pipeline, whose exported image encoder
+    preprocesses the crop itself. Every prompt is computed whatever ``config.use_*`` says; the decoder
+    call decides which ones the refiner gets.
+
+    Args:
+        image: (B, 1, H, W) float32 in [0, 1].
+        coarse_prob: (B, 1, H, W) float32 in [0, 1] (gradient scaling, if any, already applied).
+        config: the ``UltraRefinerConfig`` (ROI and prompt settings).
+        refiner_size: S, side of the refiner's input (= ROI crop) frame.
+        mask_prompt_size: side of the mask prompt (S / 4 for SAM).
+
+    Returns:
+        ``RoiPrompts`` (see its docstring for frames and shapes).
+    """
+    cfg, s, m = config, refiner_size, mask_prompt_size
+    b, _, h, w = image.shape
+    pos = _positive_point(coarse_prob, cfg.prompt_prior_mass)
+    box = _soft_box(coarse_prob, cfg.box_std_scale, cfg.prompt_prior_mass)
+    neg = _negative_point(coarse_prob, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass)
+    points = torch.stack([pos, neg], dim=1)  # (B, 2, 2) image pixel frame
+    if cfg.use_roi:
+        roi = roi_from_box(box, (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)
+    else:
+        roi = full_image_roi(b, (h, w), dtype=image.dtype, device=image.device)
+    crop = crop_roi(image, roi, s)  # (B, 1, S, S) in [0, 1]
+    mask_logits = mask_prompt(
+        crop_roi(coarse_prob, roi, m), None, cfg.mask_prompt_style, cfg.gaussian_sigma * m
+    )  # (B, 1, S/4, S/4)
+    labels = torch.tensor([[1.0, 0.0]], dtype=image.dtype, device=image.device).repeat(b, 1)
+    prompts = PromptSet(
+        points=to_roi_frame(points, roi, s),
+        point_labels=labels,
+        box=to_roi_frame(box, roi, s),
+        mask_logits=mask_logits,
+    )
+    return RoiPrompts(roi=roi, crop=crop, prompts=prompts, image_points=points, image_box=box)
+
+
+def paste_refiner_logits(
+    low_res_logits: torch.Tensor, roi: torch.Tensor, image_hw: tuple[int, int], refiner_size: int
+) -> torch.Tensor:
+    """Refiner logits over the ROI -> refiner probability in the image (0 outside the ROI).
+
+    The low-res logits are upsampled (bilinear, align_corners=False: ``Sam.postprocess_masks`` for a square
+    unpadded input) to S x S, passed through a sigmoid and pasted into the image with ``paste_roi``.
+
+    Args:
+        low_res_logits: (B, 1, S/4, S/4) ROI frame.
+        roi: (B, 4) xyxy continuous frame.
+        image_hw: (H, W) of the image.
+        refiner_size: S.
+
+    Returns:
+        (B, 1, H, W) in [0, 1].
+    """
+    s = refiner_size
+    sam_roi = torch.sigmoid(F.interpolate(low_res_logits, (s, s), mode="bilinear", align_corners=False))
+    return paste_roi(sam_roi, roi, tuple(image_hw))
+
+
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass."""
     if scale == 1.0:
@@ -246,33 +342,12 @@ class UltraRefiner(nn.Module):
         self._check_image(image)
         if coarse_prob.shape != image.shape:
             raise ValueError(f"coarse_prob {tuple(coarse_prob.shape)} must match image {tuple(image.shape)}")
-        cfg = self.config
-        b, _, h, w = image.shape
-        s = self.refiner_size
-        prob = scale_grad(coarse_prob, cfg.prompt_grad_scale)
-        pos = _positive_point(prob, cfg.prompt_prior_mass)
-        box = _soft_box(prob, cfg.box_std_scale, cfg.prompt_prior_mass)
-        neg = _negative_point(prob, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass)
-        points = torch.stack([pos, neg], dim=1)
-        if cfg.use_roi:
-            roi = roi_from_box(box, (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)
-        else:
-            roi = full_image_roi(b, (h, w), dtype=image.dtype, device=image.device)
-
-        crop = crop_roi(image, roi, s)  # (B, 1, S, S) in [0, 1]
-        refiner_image = self.refiner.preprocess(crop.expand(-1, 3, -1, -1) * 255.0)
-        m = self.mask_prompt_size
-        mask_logits = mask_prompt(
-            crop_roi(prob, roi, m), None, cfg.mask_prompt_style, cfg.gaussian_sigma * m
-        )  # (B, 1, S/4, S/4)
-        labels = torch.tensor([[1.0, 0.0]], dtype=image.dtype, device=image.device).repeat(b, 1)
-        prompts = PromptSet(
-            points=to_roi_frame(points, roi, s),
-            point_labels=labels,
-            box=to_roi_frame(box, roi, s),
-            mask_logits=mask_logits,
-        )
-        return RefinerInputs(roi=roi, refiner_image=refiner_image, prompts=prompts, image_points=points, image_box=box)
+        prob = scale_grad(coarse_prob, self.config.prompt_grad_scale)
+        parts = roi_prompts(image, prob, self.config, refiner_size=self.refiner_size,
+                            mask_prompt_size=self.mask_prompt_size)
+        refiner_image = self.refiner.preprocess(parts.crop.expand(-1, 3, -1, -1) * 255.0)
+        return RefinerInputs(roi=parts.roi, refiner_image=refiner_image, prompts=parts.prompts,
+                             image_points=parts.image_points, image_box=parts.image_box)
 
     # ---- 3. refiner ---------------------------------------------------------------------------------------------
     def decode(self, embeddings: torch.Tensor, prompts: PromptSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +386,7 @@ class UltraRefiner(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Refiner logits -> probability in the image, gate, refined mask.
 
-        The low-res logits are upsampled (bilinear, align_corners=False: ``Sam.postprocess_masks`` for a square
-        unpadded input) to S x S, passed through a sigmoid and pasted into the image (0 outside the ROI).
+        The refiner probability in the image is ``paste_refiner_logits`` (0 outside the ROI).
 
         Args:
             coarse_prob: (B, 1, H, W) in [0, 1].
@@ -324,9 +398,7 @@ class UltraRefiner(nn.Module):
             dict of (B, 1, H, W) tensors: ``sam_mask`` and ``refined_mask`` in [0, 1], ``gate`` in
             [gate_min, gate_max] (1 for type "none"), ``residual`` = sam_mask - coarse_prob in [-1, 1].
         """
-        s = self.refiner_size
-        sam_roi = torch.sigmoid(F.interpolate(low_res_logits, (s, s), mode="bilinear", align_corners=False))
-        sam = paste_roi(sam_roi, roi, tuple(coarse_prob.shape[-2:]))
+        sam = paste_refiner_logits(low_res_logits, roi, tuple(coarse_prob.shape[-2:]), self.refiner_size)
         gate = self.gate(coarse_prob, sam, image)
         return {
             "sam_mask": sam,

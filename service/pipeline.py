@@ -4,17 +4,17 @@
 size, with the heavy parts run as graphs on an :class:`~service.engines.Engine` over the WHOLE batch:
 
 1. resize every image to the TransUNet size and run the ``transunet`` graph on the batch;
-2. per image: the coarse probability at the image's size (the TransUNet logits resized back, as
-   ``UltraRefiner.coarse`` does), differentiable prompts (``models.prompts``), the square ROI and its
-   S x S crop plus the mask prompt (``models.roi``);
+2. per group of images of one size: the coarse probability at that size (the TransUNet logits
+   resized back, as ``UltraRefiner.coarse`` does), then ``models.ultrarefiner.roi_prompts``:
+   differentiable prompts, the square ROI, its S x S crop and the mask prompt;
 3. ``image_encoder`` on the stacked crops, then ``mask_decoder`` (SAM ONNX signature: the two points
    plus the box corners as labels 2 and 3, the mask prompt with ``has_mask_input``);
-4. per image: refiner logits upsampled over the ROI, pasted back into the image (``models.roi``),
-   gated against the coarse probability (``models.gate``; learned gates via the ``gate`` graph),
-   thresholded.
+4. per group: ``models.ultrarefiner.paste_refiner_logits`` (refiner logits upsampled over the ROI,
+   pasted back into the image), gated against the coarse probability (``models.gate``; learned gates
+   via the ``gate`` graph), thresholded.
 
-The glue between graphs runs in torch on CPU with the same functions the model uses, so the
-numbers equal the torch forward within the graphs' export parity bounds (tests/test_pipeline.py).
+The glue between graphs runs in torch on CPU with the functions ``UltraRefiner`` itself calls, so
+the numbers equal the torch forward within the graphs' export parity bounds (tests/test_pipeline.py).
 
 ``refine`` is the interactive (MedSAM-style) path: user prompts in the original image frame, the
 refiner sees the WHOLE image as one square ROI ``[0, 0, L, L]`` (L = max(H, W); zero padded
@@ -44,12 +44,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
-from models.prompts import mask_prompt, negative_point, positive_point, soft_box
-from models.roi import crop_roi, full_image_roi, paste_roi, roi_from_box, to_roi_frame
-from models.ultrarefiner import UltraRefinerConfig, resize
+from models.prompts import mask_prompt
+from models.roi import crop_roi, full_image_roi, to_roi_frame
+from models.ultrarefiner import RoiPrompts, UltraRefinerConfig, paste_refiner_logits, resize, roi_prompts
 from service.artifacts import Artifacts, load_artifacts
 from service.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
 from service.engines import Engine, build_engine
@@ -245,18 +244,15 @@ class _Stage:
 
 
 @dataclass
-class _Prepared:
-    """Per-image refiner inputs (torch, batch 1)."""
+class _Group:
+    """The images of one size in a ``segment`` batch, prepared for the refiner (torch, batch G)."""
 
-    image: torch.Tensor  # (1, 1, H, W)
-    coarse: torch.Tensor  # (1, 1, H, W)
-    roi: torch.Tensor  # (1, 4)
-    crop: torch.Tensor  # (1, 1, S, S) in [0, 1]
-    coords: torch.Tensor  # (1, N, 2) ROI frame
-    labels: torch.Tensor  # (1, N)
-    mask_logits: torch.Tensor  # (1, 1, m, m)
-    image_points: torch.Tensor  # (1, 2, 2)
-    image_box: torch.Tensor  # (1, 4)
+    indices: list[int]  # positions in the request batch
+    image: torch.Tensor  # (G, 1, H, W) in [0, 1]
+    coarse: torch.Tensor  # (G, 1, H, W) coarse probability
+    parts: RoiPrompts  # ROI, crop (G, 1, S, S), prompts in the ROI frame, image-frame points and box
+    coords: torch.Tensor  # (G, N, 2) SAM ONNX point format, ROI frame
+    labels: torch.Tensor  # (G, N)
 
 
 def _area_mm2(area_pixels: int, spacing: Sequence[float] | None) -> float | None:
@@ -467,93 +463,98 @@ class SegmentationPipeline:
         if not arrays:
             return []
         timer = _Timer()
-        cfg, s = self.config, self.refiner_size
+        cfg = self.config
         with torch.inference_mode():
-            # 2. TransUNet on the whole batch at its input size
+            # 2. TransUNet on the whole batch at its input size (images grouped by size: the glue runs per group)
             with timer.stage("preprocess"):
-                tensors = [torch.from_numpy(a)[None, None] for a in arrays]
-                batch = torch.cat([resize(t, (self.transunet_size, self.transunet_size)) for t in tensors])
+                sizes: dict[tuple[int, int], list[int]] = {}
+                for i, a in enumerate(arrays):
+                    sizes.setdefault(a.shape, []).append(i)
+                order = [i for indices in sizes.values() for i in indices]  # refiner batch order
+                stacks = [torch.from_numpy(np.stack([arrays[i] for i in indices]))[:, None]
+                          for indices in sizes.values()]  # (G, 1, H, W) per size
+                batch = torch.cat([resize(t, (self.transunet_size, self.transunet_size)) for t in stacks])
                 batch = batch.expand(-1, self.transunet_channels, -1, -1)
             with timer.stage("transunet"):
                 probability = self.engine.run("transunet", {"image": batch.numpy()})["probability"]
             # 3. Coarse probability at each image's size, prompts, ROI, crops
             with timer.stage("prompts_roi"):
                 logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS)
-                prepared = []
-                for i, t in enumerate(tensors):
-                    coarse = torch.sigmoid(resize(logits[i : i + 1], tuple(t.shape[-2:]))).float()
-                    prepared.append(self._prepare_auto(t, coarse))
-                crops = torch.cat([p.crop for p in prepared])
-                refiner_image = (crops.expand(-1, 3, -1, -1) * 255.0).contiguous()
-                coords = torch.cat([p.coords for p in prepared])
-                labels = torch.cat([p.labels for p in prepared])
-                mask_input = torch.cat([p.mask_logits for p in prepared])
-                has_mask = torch.full((len(prepared),), 1.0 if cfg.use_mask_prompt else 0.0)
+                groups, offset = [], 0
+                for indices, image in zip(sizes.values(), stacks, strict=True):
+                    rows = logits[offset : offset + len(indices)]  # batch order = group order
+                    offset += len(indices)
+                    coarse = torch.sigmoid(resize(rows, tuple(image.shape[-2:]))).float()
+                    groups.append(self._prepare_group(indices, image, coarse))
+                refiner_image = (torch.cat([g.parts.crop for g in groups]).expand(-1, 3, -1, -1) * 255.0).contiguous()
+                coords = torch.cat([g.coords for g in groups])
+                labels = torch.cat([g.labels for g in groups])
+                mask_input = torch.cat([g.parts.prompts.mask_logits for g in groups])
+                has_mask = torch.full((len(order),), 1.0 if cfg.use_mask_prompt else 0.0)
             # 4. Refiner graphs on the whole batch
             with timer.stage("image_encoder"):
                 embeddings = self.engine.run("image_encoder", {"image": refiner_image.numpy()})["image_embeddings"]
             with timer.stage("mask_decoder"):
                 decoded = self._decode(embeddings, coords, labels, mask_input, has_mask)
-            # 5. Paste back, gate, threshold — per image at its own size
+            # 5. Paste back, gate, threshold — per group at its own size
             low = torch.from_numpy(decoded["low_res_masks"])
-            iou = decoded["iou_predictions"].reshape(len(prepared), -1)[:, 0]
+            iou = decoded["iou_predictions"].reshape(len(order), -1)[:, 0]
             with timer.stage("paste_back"):
-                sams = []
-                for i, p in enumerate(prepared):
-                    sam_roi = torch.sigmoid(F.interpolate(low[i : i + 1], (s, s), mode="bilinear", align_corners=False))
-                    sams.append(paste_roi(sam_roi, p.roi, tuple(p.image.shape[-2:])))
+                sams, offset = [], 0
+                for g in groups:
+                    rows = slice(offset, offset + len(g.indices))
+                    offset += len(g.indices)
+                    sams.append(paste_refiner_logits(low[rows, :1], g.parts.roi, tuple(g.image.shape[-2:]),
+                                                     self.refiner_size))
             with timer.stage("gate"):
-                gates = self._gates(prepared, sams, gate_config, gate_graph)
+                gates = self._gates(groups, sams, gate_config, gate_graph)
             with timer.stage("postprocess"):
-                results = []
-                for i, (p, sam, gate) in enumerate(zip(prepared, sams, gates, strict=True)):
-                    refined = apply_gate(p.coarse, sam, gate)
-                    results.append(self._segment_result(
-                        p, refined, gate, float(iou[i]), threshold, options.outputs,
-                        spacings[i] if spacings is not None else None,
-                    ))
+                results: list[SegmentResult | None] = [None] * len(arrays)
+                position = 0
+                for g, sam, gate in zip(groups, sams, gates, strict=True):
+                    refined = apply_gate(g.coarse, sam, gate)
+                    for j, i in enumerate(g.indices):
+                        results[i] = self._segment_result(
+                            g, j, refined, gate, float(iou[position]), threshold, options.outputs,
+                            spacings[i] if spacings is not None else None,
+                        )
+                        position += 1
         timings = timer.total()
         for result in results:
             result.timings = dict(timings)
-        return results
+        return results  # type: ignore[return-value]
 
-    def _prepare_auto(self, image: torch.Tensor, coarse: torch.Tensor) -> _Prepared:
-        """``UltraRefiner.prepare_refiner_inputs`` for one image, without the refiner's preprocessing
-        (it is inside the image_encoder graph); prompts packed in the SAM ONNX point format."""
-        cfg, s, m = self.config, self.refiner_size, self.mask_prompt_size
-        h, w = image.shape[-2:]
-        pos = positive_point(coarse, cfg.prompt_prior_mass)
-        box = soft_box(coarse, cfg.box_std_scale, cfg.prompt_prior_mass)
-        neg = negative_point(coarse, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass)
-        points = torch.stack([pos, neg], dim=1)  # (1, 2, 2) image pixel frame
-        if cfg.use_roi:
-            roi = roi_from_box(box, (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)
-        else:
-            roi = full_image_roi(1, (h, w), dtype=image.dtype)
-        crop = crop_roi(image, roi, s)
-        mask_logits = mask_prompt(crop_roi(coarse, roi, m), None, cfg.mask_prompt_style, cfg.gaussian_sigma * m)
+    def _prepare_group(self, indices: list[int], image: torch.Tensor, coarse: torch.Tensor) -> _Group:
+        """``models.ultrarefiner.roi_prompts`` for images of one size (the refiner's preprocessing is inside
+        the image_encoder graph); prompts packed in the SAM ONNX point format."""
+        cfg, s = self.config, self.refiner_size
+        parts = roi_prompts(image, coarse, cfg, refiner_size=s, mask_prompt_size=self.mask_prompt_size)
         coords, labels = self._pack_prompts(
-            to_roi_frame(points, roi, s) if cfg.use_points else None,
-            torch.tensor([[1.0, 0.0]]) if cfg.use_points else None,
-            to_roi_frame(box, roi, s) if cfg.use_box else None,
+            parts.prompts.points if cfg.use_points else None,
+            parts.prompts.point_labels if cfg.use_points else None,
+            parts.prompts.box if cfg.use_box else None,
+            batch=len(indices),
         )
-        return _Prepared(image=image, coarse=coarse, roi=roi, crop=crop, coords=coords, labels=labels,
-                         mask_logits=mask_logits, image_points=points, image_box=box)
+        return _Group(indices=indices, image=image, coarse=coarse, parts=parts, coords=coords, labels=labels)
 
     @staticmethod
     def _pack_prompts(
-        points: torch.Tensor | None, labels: torch.Tensor | None, box: torch.Tensor | None
+        points: torch.Tensor | None, labels: torch.Tensor | None, box: torch.Tensor | None, *, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM ONNX point format for one image: points, then the box corners (labels 2, 3); without a box a
-        padding point (label -1) is appended, as ``Sam.decode`` does. Returns (1, N, 2), (1, N) float32."""
+        """SAM ONNX point format: points (B, P, 2) with labels (B, P), then the box (B, 4) corners (labels 2, 3);
+        without a box a padding point (label -1) is appended, as ``Sam.decode`` does.
+
+        Returns:
+            coords (B, N, 2) and labels (B, N), float32.
+        """
         coords = [points] if points is not None else []
         codes = [labels] if labels is not None else []
         if box is not None:
-            coords.append(box.view(1, 2, 2))
-            codes.append(torch.tensor([[2.0, 3.0]]))
+            coords.append(box.reshape(batch, 2, 2))  # xyxy -> two corner points
+            codes.append(torch.tensor([[2.0, 3.0]]).expand(batch, 2))
         else:
-            coords.append(torch.full((1, 1, 2), -0.5))  # +0.5 inside the decoder puts it at 0, like Sam's padding
-            codes.append(torch.tensor([[-1.0]]))
+            coords.append(torch.full((batch, 1, 2), -0.5))  # +0.5 inside the decoder puts it at 0, like Sam's padding
+            codes.append(torch.full((batch, 1), -1.0))
         return torch.cat(coords, dim=1).float(), torch.cat(codes, dim=1).float()
 
     def _decode(
@@ -578,31 +579,23 @@ class SegmentationPipeline:
         )
 
     def _gates(
-        self, prepared: list[_Prepared], sams: list[torch.Tensor], config: GateConfig, use_graph: bool
+        self, groups: list[_Group], sams: list[torch.Tensor], config: GateConfig, use_graph: bool
     ) -> list[torch.Tensor]:
+        """The gate of each group, (G, 1, H, W); the learned gate graph takes one size per call."""
         if not use_graph:
             gate = Gate(config)  # "none" / "uncertainty": no parameters
-            return [gate(p.coarse, sam, p.image) for p, sam in zip(prepared, sams, strict=True)]
-        # The learned gate graph takes a batch of one size: group images by (H, W).
-        out: list[torch.Tensor | None] = [None] * len(prepared)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(prepared):
-            groups.setdefault(tuple(p.image.shape[-2:]), []).append(i)
+            return [gate(g.coarse, sam, g.image) for g, sam in zip(groups, sams, strict=True)]
         names = self.engine.input_names("gate")
-        for indices in groups.values():
-            feeds = {
-                "coarse": torch.cat([prepared[i].coarse for i in indices]).numpy(),
-                "sam": torch.cat([sams[i] for i in indices]).numpy(),
-                "image": torch.cat([prepared[i].image for i in indices]).numpy(),
-            }
-            gate = torch.from_numpy(self.engine.run("gate", {n: feeds[n] for n in names})["gate"])
-            for j, i in enumerate(indices):
-                out[i] = gate[j : j + 1]
-        return out  # type: ignore[return-value]
+        out = []
+        for g, sam in zip(groups, sams, strict=True):
+            feeds = {"coarse": g.coarse.numpy(), "sam": sam.numpy(), "image": g.image.numpy()}
+            out.append(torch.from_numpy(self.engine.run("gate", {n: feeds[n] for n in names})["gate"]))
+        return out
 
     def _segment_result(
         self,
-        p: _Prepared,
+        g: _Group,
+        j: int,
         refined: torch.Tensor,
         gate: torch.Tensor,
         iou: float,
@@ -610,10 +603,11 @@ class SegmentationPipeline:
         outputs: tuple[str, ...],
         spacing: Sequence[float] | None,
     ) -> SegmentResult:
-        probability = refined[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
-        coarse = p.coarse[0, 0].numpy().astype(np.float32)
+        """Image ``j`` of group ``g``; ``refined`` and ``gate`` are the group's (G, 1, H, W)."""
+        probability = refined[j, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+        coarse = g.coarse[j, 0].numpy().astype(np.float32)
         mask = (probability > threshold).astype(np.uint8)
-        gate_map = gate[0, 0].numpy().astype(np.float32)
+        gate_map = gate[j, 0].numpy().astype(np.float32)
         area = int(mask.sum())
         arrays = {
             "mask": mask,
@@ -624,10 +618,10 @@ class SegmentationPipeline:
         }
         return SegmentResult(
             **{name: (arrays[name] if name in outputs else None) for name in OUTPUT_ARRAYS},
-            box=p.image_box[0].numpy().astype(np.float32),
-            points=p.image_points[0].numpy().astype(np.float32),
+            box=g.parts.image_box[j].numpy().astype(np.float32),
+            points=g.parts.image_points[j].numpy().astype(np.float32),
             point_labels=np.array([1.0, 0.0], dtype=np.float32),
-            roi=p.roi[0].numpy().astype(np.float32),
+            roi=g.parts.roi[j].numpy().astype(np.float32),
             iou=float(iou),
             uncertainty=float(gate_map.mean()),
             area_pixels=area,
@@ -767,7 +761,7 @@ class SegmentationPipeline:
                 pts_t = to_roi_frame(torch.from_numpy(pts).float()[None], roi, s) if pts is not None else None
                 labels_t = torch.from_numpy(labels).float()[None] if labels is not None else None
                 box_t = to_roi_frame(torch.from_numpy(box_arr).float()[None], roi, s) if box_arr is not None else None
-                coords, codes = self._pack_prompts(pts_t, labels_t, box_t)
+                coords, codes = self._pack_prompts(pts_t, labels_t, box_t, batch=1)
                 if prior is not None:
                     mask_input = mask_prompt(crop_roi(torch.from_numpy(prior)[None, None], roi, m), None, "direct")
                     has_mask = torch.ones(1)
@@ -778,8 +772,7 @@ class SegmentationPipeline:
             # 4. Back to the image frame
             with timer.stage("postprocess"):
                 low = torch.from_numpy(decoded["low_res_masks"][:, :1])
-                sam_roi = torch.sigmoid(F.interpolate(low, (s, s), mode="bilinear", align_corners=False))
-                probability = paste_roi(sam_roi, roi, (h, w))[0, 0].numpy().astype(np.float32)
+                probability = paste_refiner_logits(low, roi, (h, w), s)[0, 0].numpy().astype(np.float32)
                 mask = (probability > threshold).astype(np.uint8)
         area = int(mask.sum())
         return RefineResult(

@@ -90,6 +90,18 @@ def test_batched_equals_one_by_one(pipeline, images):
         assert alone.iou == pytest.approx(together.iou, abs=1e-5)
 
 
+def test_interleaved_sizes_keep_request_order(pipeline, images):
+    # images of one size share one glue group; results come back in request order all the same
+    batch = [images[0], images[1], images[0][::-1].copy(), images[2], images[1][:, ::-1].copy()]
+    together = pipeline.segment(batch)
+    for image, result in zip(batch, together, strict=True):
+        (alone,) = pipeline.segment([image])
+        assert result.probability.shape == image.shape
+        np.testing.assert_allclose(result.probability, alone.probability, atol=1e-5)
+        np.testing.assert_allclose(result.roi, alone.roi, atol=1e-4)
+        assert result.iou == pytest.approx(alone.iou, abs=1e-5)
+
+
 def test_threshold_and_uncertainty_gate_overrides_match_torch(pipeline, model, images):
     image = images[1]
     options = SegmentOptions(threshold=0.3, gate="uncertainty", gate_gamma=2.0, gate_max=0.6)
