@@ -65,7 +65,7 @@ def test_registry_rejects_unknown_backend_naming_the_choices(tiny):
 def test_onnxruntime_engine_runs_every_graph(ort_engine, artifacts):
     assert set(ort_engine.graph_names) == set(artifacts.graphs)
     assert ort_engine.describe() == {"backend": "onnxruntime", "providers": ["CPUExecutionProvider"],
-                                     "intra_op_threads": 1}
+                                     "intra_op_threads": 1, "allow_spinning": False}
     for name in artifacts.graphs:
         assert ort_engine.input_names(name) == artifacts.graph(name).input_names
         assert ort_engine.output_names(name) == artifacts.graph(name).output_names
