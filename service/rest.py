@@ -108,9 +108,9 @@ def _encode_arrays(arrays: dict[str, np.ndarray | None], outputs: tuple[str, ...
     return encoded
 
 
-async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
-    data = await asyncio.to_thread(path.read_bytes)
-    limit = int(runtime.settings.max_upload_bytes)
+def _read_part(path: Path, limit: int, field: str) -> bytes:
+    """The bytes of one uploaded part (blocking), at most ``limit`` of them."""
+    data = path.read_bytes()
     if len(data) > limit:  # the middleware bounds the whole body; this bounds one part
         from service.errors import PayloadTooLarge
 
@@ -118,18 +118,25 @@ async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
     return data
 
 
+async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
+    return await asyncio.to_thread(_read_part, path, int(runtime.settings.max_upload_bytes), field)
+
+
 async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
     check_capacity = getattr(runtime, "check_capacity", None)
     if check_capacity is not None:
         check_capacity()  # 503 before spending memory and CPU on decoding when the queue is full
-    data = await _read_upload(path, runtime, "file")
     settings = runtime.settings
-    try:
-        decoded = await asyncio.to_thread(decode_image, data, name="upload", max_pixels=settings.max_pixels,
-                                          max_bytes=settings.max_upload_bytes)
-    except ValueError as exc:
-        raise _field_error(exc, "file") from None
-    return data, decoded
+
+    def read_and_decode() -> tuple[bytes, DecodedImage]:  # one worker-thread hop for both
+        data = _read_part(path, int(settings.max_upload_bytes), "file")
+        try:
+            return data, decode_image(data, name="upload", max_pixels=settings.max_pixels,
+                                      max_bytes=settings.max_upload_bytes)
+        except ValueError as exc:
+            raise _field_error(exc, "file") from None
+
+    return await asyncio.to_thread(read_and_decode)
 
 
 def _field_error(exc: ValueError, field: str) -> ServiceError:

@@ -329,6 +329,21 @@ def test_encode_png_and_mask_png_round_trip():
     np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0, 2.0])), [0, 128, 255, 255])
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (57, 131)])
+def test_encode_mask_png_is_a_plain_8_bit_gray_png(shape):
+    mask = (np.random.default_rng(0).random(shape) > 0.5).astype(np.uint8)
+    for level in (0, 1, 9):
+        data = encode_mask_png(mask, compress_level=level)
+        image = Image.open(io.BytesIO(data))
+        assert image.mode == "L" and image.size == (shape[1], shape[0])
+        np.testing.assert_array_equal(np.asarray(image), mask * 255)
+        assert encode_mask_png(mask.astype(bool), compress_level=level) == data  # deterministic, any dtype
+    with pytest.raises(ValueError, match="compress_level"):
+        encode_mask_png(mask, compress_level=10)
+    with pytest.raises(ValueError, match="empty"):
+        encode_mask_png(np.zeros((0, 4), np.uint8))
+
+
 def test_mask_binarisation_rule(tmp_path):
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 4:20] = 1
