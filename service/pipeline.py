@@ -479,12 +479,14 @@ class SegmentationPipeline:
                 probability = self.engine.run("transunet", {"image": batch.numpy()})["probability"]
             # 3. Coarse probability at each image's size, prompts, ROI, crops
             with timer.stage("prompts_roi"):
-                logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS)
+                # logits back from the graph's probability (in float64, then float32 like the model's own
+                # logits: resizing and the sigmoid in float64 changed no value by more than 1 ulp)
+                logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS).float()
                 groups, offset = [], 0
                 for indices, image in zip(sizes.values(), stacks, strict=True):
                     rows = logits[offset : offset + len(indices)]  # batch order = group order
                     offset += len(indices)
-                    coarse = torch.sigmoid(resize(rows, tuple(image.shape[-2:]))).float()
+                    coarse = torch.sigmoid(resize(rows, tuple(image.shape[-2:])))
                     groups.append(self._prepare_group(indices, image, coarse))
                 refiner_image = (torch.cat([g.parts.crop for g in groups]).expand(-1, 3, -1, -1) * 255.0).contiguous()
                 coords = torch.cat([g.coords for g in groups])
@@ -510,15 +512,15 @@ class SegmentationPipeline:
                 gates = self._gates(groups, sams, gate_config, gate_graph)
             with timer.stage("postprocess"):
                 results: list[SegmentResult | None] = [None] * len(arrays)
-                position = 0
+                offset = 0
                 for g, sam, gate in zip(groups, sams, gates, strict=True):
                     refined = apply_gate(g.coarse, sam, gate)
-                    for j, i in enumerate(g.indices):
-                        results[i] = self._segment_result(
-                            g, j, refined, gate, float(iou[position]), threshold, options.outputs,
-                            spacings[i] if spacings is not None else None,
-                        )
-                        position += 1
+                    group_iou = iou[offset : offset + len(g.indices)]
+                    offset += len(g.indices)
+                    group_spacings = [spacings[i] if spacings is not None else None for i in g.indices]
+                    for i, result in zip(g.indices, self._group_results(
+                            g, refined, gate, group_iou, threshold, options.outputs, group_spacings), strict=True):
+                        results[i] = result
         timings = timer.total()
         for result in results:
             result.timings = dict(timings)
@@ -592,44 +594,52 @@ class SegmentationPipeline:
             out.append(torch.from_numpy(self.engine.run("gate", {n: feeds[n] for n in names})["gate"]))
         return out
 
-    def _segment_result(
+    def _group_results(
         self,
         g: _Group,
-        j: int,
         refined: torch.Tensor,
         gate: torch.Tensor,
-        iou: float,
+        iou: np.ndarray,
         threshold: float,
         outputs: tuple[str, ...],
-        spacing: Sequence[float] | None,
-    ) -> SegmentResult:
-        """Image ``j`` of group ``g``; ``refined`` and ``gate`` are the group's (G, 1, H, W)."""
-        probability = refined[j, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
-        coarse = g.coarse[j, 0].numpy().astype(np.float32)
+        spacings: list[Sequence[float] | None],
+    ) -> list[SegmentResult]:
+        """One ``SegmentResult`` per image of group ``g`` (``refined``, ``gate``: (G, 1, H, W); ``iou``: (G,)).
+
+        The arrays are computed once for the group; each result holds its image's slice (contiguous).
+        """
+        probability = refined[:, 0].clamp(0.0, 1.0).numpy()  # (G, H, W) float32
+        coarse = g.coarse[:, 0].numpy()
         mask = (probability > threshold).astype(np.uint8)
-        gate_map = gate[j, 0].numpy().astype(np.float32)
-        area = int(mask.sum())
+        gates = gate[:, 0].numpy()
         arrays = {
             "mask": mask,
             "probability": probability,
             "coarse_probability": coarse,
-            "coarse_mask": (coarse > threshold).astype(np.uint8),
-            "gate": gate_map,
+            "coarse_mask": (coarse > threshold).astype(np.uint8) if "coarse_mask" in outputs else None,
+            "gate": gates,
         }
-        return SegmentResult(
-            **{name: (arrays[name] if name in outputs else None) for name in OUTPUT_ARRAYS},
-            box=g.parts.image_box[j].numpy().astype(np.float32),
-            points=g.parts.image_points[j].numpy().astype(np.float32),
-            point_labels=np.array([1.0, 0.0], dtype=np.float32),
-            roi=g.parts.roi[j].numpy().astype(np.float32),
-            iou=float(iou),
-            uncertainty=float(gate_map.mean()),
-            area_pixels=area,
-            area_mm2=_area_mm2(area, spacing),
-            threshold=threshold,
-            timings={},
-            model_version=self.artifacts.version,
-        )
+        box = g.parts.image_box.numpy()
+        points = g.parts.image_points.numpy()
+        roi = g.parts.roi.numpy()
+        results = []
+        for j, spacing in enumerate(spacings):
+            area = int(mask[j].sum())
+            results.append(SegmentResult(
+                **{name: (arrays[name][j] if name in outputs else None) for name in OUTPUT_ARRAYS},
+                box=box[j].astype(np.float32),
+                points=points[j].astype(np.float32),
+                point_labels=np.array([1.0, 0.0], dtype=np.float32),
+                roi=roi[j].astype(np.float32),
+                iou=float(iou[j]),
+                uncertainty=float(gates[j].mean()),
+                area_pixels=area,
+                area_mm2=_area_mm2(area, spacing),
+                threshold=threshold,
+                timings={},
+                model_version=self.artifacts.version,
+            ))
+        return results
 
     # ------------------------------------------------------------------ refine (interactive)
     def refine(
