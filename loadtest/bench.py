@@ -20,7 +20,8 @@ least ``--duration-s``, at most ``--max-step-s``), so percentiles rest on enough
 Thread counts are pinned the same everywhere: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``
 for every child, ONNX Runtime intra-op threads = ``--threads`` (offline engine and
 ``MEDREFINE_INTRA_OP_THREADS`` for the service), ``torch.set_num_threads(--threads)`` offline and in the
-naive server. Every step records the cores used by the server, by the load generator and by everything
+naive server. ONNX Runtime's intra-op threads do not spin between operators (``service.engines``), so
+``--threads`` above 1 no longer costs the HTTP side its CPU. Every step records the cores used by the server, by the load generator and by everything
 else on the machine (other tenants), so a result taken on a shared machine says so.
 
 Because other tenants may take a different share of the CPU during the offline and the served
