@@ -404,14 +404,17 @@ def test_locust_refuses_a_non_loopback_host():
     assert "not a loopback address" in done.stderr
 
 
-def test_one_minute_soak_at_half_of_peak_has_no_errors_and_bounded_rss(service, tmp_path):
-    """CI's soak: one minute at 50 % of the probed peak against the live service (the 10-minute
-    version is `make soak`)."""
-    config = SoakConfig(minutes=1.0, fraction=0.5, peak_probe_s=5.0, sample_s=2.0, interval_s=10.0,
-                        image_size=IMAGE_SIZE, url=service.http_url, server_pid=service.pid,
-                        out=str(tmp_path / "soak.json"), max_errors=0, max_growth_mb=64)
+def test_two_minute_soak_at_half_of_peak_has_no_errors_and_bounded_rss(service, tmp_path):
+    """CI's soak: two minutes at 50 % of the probed peak against the live service (the 10-minute
+    version is `make soak`). Growth is measured over the second minute: at ~80 req/s the server's RSS
+    climbs for about a minute (allocator and ONNX Runtime arenas reaching the sizes the load needs) and
+    then stays flat (measured: 423 -> 612 MiB in the first 60 s, 612 -> 622 MiB over the next 120 s), so
+    a window inside the climb would flag warm-up as a leak."""
+    config = SoakConfig(minutes=2.0, fraction=0.5, peak_probe_s=5.0, sample_s=2.0, interval_s=10.0,
+                        warmup_fraction=0.5, image_size=IMAGE_SIZE, url=service.http_url, server_pid=service.pid,
+                        out=str(tmp_path / "soak.json"), max_errors=0, max_growth_mb=32)
     report, passed = run_soak(config)
     assert report["errors"] == 0 and report["server_alive_at_end"]
     assert report["answered"] == report["issued"] > 0
-    assert report["memory"]["growth_mib"] is not None and report["memory"]["growth_mib"] < 64
+    assert report["memory"]["growth_mib"] is not None and report["memory"]["growth_mib"] < 32
     assert passed
