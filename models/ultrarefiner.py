@@ -142,25 +142,6 @@ ULTRAREFINER_PRESETS: dict[str, UltraRefinerConfig] = {
 
 
 @dataclass
-class RefinerInputs:
-    """What the refiner needs for one batch, from ``UltraRefiner.prepare_refiner_inputs``.
-
-    Attributes:
-        roi: (B, 4) xyxy square ROI, continuous image frame.
-        refiner_image: (B, 3, S, S) the ROI crop after ``Sam.preprocess`` (ready for ``Sam.encode``).
-        prompts: ``PromptSet`` in the ROI frame (S x S pixels); mask_logits (B, 1, S/4, S/4).
-        image_points: (B, 2, 2) [positive, negative] xy, image pixel frame.
-        image_box: (B, 4) xyxy, image pixel frame.
-    """
-
-    roi: torch.Tensor
-    refiner_image: torch.Tensor
-    prompts: PromptSet
-    image_points: torch.Tensor
-    image_box: torch.Tensor
-
-
-@dataclass
 class RoiPrompts:
     """Prompts, ROI and ROI crop for one batch, from ``roi_prompts`` (no refiner preprocessing applied).
 
@@ -178,6 +159,15 @@ class RoiPrompts:
     prompts: PromptSet
     image_points: torch.Tensor
     image_box: torch.Tensor
+
+
+@dataclass
+class RefinerInputs(RoiPrompts):
+    """What the refiner needs for one batch, from ``UltraRefiner.prepare_refiner_inputs``: the
+    :class:`RoiPrompts` plus ``refiner_image`` (B, 3, S, S), the ROI crop after ``Sam.preprocess`` (ready
+    for ``Sam.encode``)."""
+
+    refiner_image: torch.Tensor
 
 
 def roi_prompts(
@@ -346,8 +336,8 @@ class UltraRefiner(nn.Module):
         parts = roi_prompts(image, prob, self.config, refiner_size=self.refiner_size,
                             mask_prompt_size=self.mask_prompt_size)
         refiner_image = self.refiner.preprocess(parts.crop.expand(-1, 3, -1, -1) * 255.0)
-        return RefinerInputs(roi=parts.roi, refiner_image=refiner_image, prompts=parts.prompts,
-                             image_points=parts.image_points, image_box=parts.image_box)
+        return RefinerInputs(roi=parts.roi, crop=parts.crop, prompts=parts.prompts, image_points=parts.image_points,
+                             image_box=parts.image_box, refiner_image=refiner_image)
 
     # ---- 3. refiner ---------------------------------------------------------------------------------------------
     def decode(self, embeddings: torch.Tensor, prompts: PromptSet) -> tuple[torch.Tensor, torch.Tensor]:

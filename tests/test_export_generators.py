@@ -32,6 +32,8 @@ NEGATIVES = ["blurry, low quality", "", "noise; artifacts", "MOTION artifact"]
 MAX_FLOAT_DIFF = 1e-4
 MAX_GRAY_DIFF = 1
 
+pytest_plugins = ["service_fixtures"]  # generator_artifacts (one export per session)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -42,10 +44,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen") / "generators"
-    export_generator_artifacts("default", out)
-    return out
+def art(generator_artifacts) -> Path:
+    """The committed default generators, exported once per session (``export_generator_artifacts``)."""
+    return generator_artifacts
 
 
 @pytest.fixture(scope="module")
