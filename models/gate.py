@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.presets import resolve_preset
+
 GATE_TYPES = ("none", "uncertainty", "learned", "hybrid")
 
 
@@ -161,14 +163,5 @@ def build_gate(name_or_config: str | GateConfig | dict[str, Any] = "default") ->
     Raises:
         ValueError: unknown preset or invalid field.
     """
-    if isinstance(name_or_config, str):
-        if name_or_config not in GATE_PRESETS:
-            raise ValueError(f"unknown gate preset {name_or_config!r}; expected one of {sorted(GATE_PRESETS)}")
-        config = GATE_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = GateConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, GateConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_gate: expected a preset name, dict or GateConfig, got {name_or_config!r}")
+    config = resolve_preset(name_or_config, GATE_PRESETS, GateConfig, family="gate", builder="build_gate")
     return Gate(config)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.pix2pix import NORMS, _check_fields, norm_layer
+from models.presets import resolve_preset
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,8 @@ class PatchGANDiscriminator(nn.Module):
 
 def build_patchgan(name_or_config: str | PatchGANConfig | dict[str, Any] = "default") -> PatchGANDiscriminator:
     """Build a discriminator from a preset name (``PATCHGAN_PRESETS``), a config or a config dict."""
-    if isinstance(name_or_config, str):
-        if name_or_config not in PATCHGAN_PRESETS:
-            raise ValueError(f"unknown PatchGAN preset {name_or_config!r}; expected one of {sorted(PATCHGAN_PRESETS)}")
-        config = PATCHGAN_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = PatchGANConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, PatchGANConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_patchgan: expected a preset name, PatchGANConfig or dict, got {type(name_or_config)}")
+    config = resolve_preset(name_or_config, PATCHGAN_PRESETS, PatchGANConfig,
+                            family="PatchGAN", builder="build_patchgan")
     return PatchGANDiscriminator(config)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.presets import resolve_preset
+
 NORMS = ("batch", "instance")
 
 
@@ -187,16 +189,8 @@ class Pix2PixGenerator(nn.Module):
 
 def build_pix2pix(name_or_config: str | Pix2PixConfig | dict[str, Any] = "default") -> Pix2PixGenerator:
     """Build a generator from a preset name (``PIX2PIX_PRESETS``), a config or a config dict."""
-    if isinstance(name_or_config, str):
-        if name_or_config not in PIX2PIX_PRESETS:
-            raise ValueError(f"unknown pix2pix preset {name_or_config!r}; expected one of {sorted(PIX2PIX_PRESETS)}")
-        config = PIX2PIX_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = Pix2PixConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, Pix2PixConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_pix2pix: expected a preset name, Pix2PixConfig or dict, got {type(name_or_config)}")
+    config = resolve_preset(name_or_config, PIX2PIX_PRESETS, Pix2PixConfig,
+                            family="pix2pix", builder="build_pix2pix")
     return Pix2PixGenerator(config)
 
 

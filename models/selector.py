@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.presets import resolve_preset
 from models.text2image import DEFAULT_MODALITIES
 
 
@@ -119,16 +120,8 @@ class Selector(nn.Module):
 
 def build_selector(name_or_config: str | SelectorConfig | dict[str, Any] = "default") -> Selector:
     """Build from a preset name (``SELECTOR_PRESETS``), a config or a config dict."""
-    if isinstance(name_or_config, str):
-        if name_or_config not in SELECTOR_PRESETS:
-            raise ValueError(f"unknown selector preset {name_or_config!r}; expected one of {sorted(SELECTOR_PRESETS)}")
-        config = SELECTOR_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = SelectorConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, SelectorConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_selector: expected a preset name, config or dict, got {type(name_or_config)}")
+    config = resolve_preset(name_or_config, SELECTOR_PRESETS, SelectorConfig,
+                            family="selector", builder="build_selector")
     return Selector(config)
 
 

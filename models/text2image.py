@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from models.presets import resolve_preset
 from models.text_encoder import ConditionFusion
 
 DEFAULT_MODALITIES = ("oct", "fundus", "chest_xray", "chest_ct", "brain_mri")
@@ -193,17 +194,8 @@ class Text2ImageModel(nn.Module):
 
 def build_text2image(name_or_config: str | Text2ImageConfig | dict[str, Any] = "default") -> Text2ImageModel:
     """Build from a preset name (``TEXT2IMAGE_PRESETS``), a config or a config dict."""
-    if isinstance(name_or_config, str):
-        if name_or_config not in TEXT2IMAGE_PRESETS:
-            raise ValueError(f"unknown text2image preset {name_or_config!r}; expected one of "
-                             f"{sorted(TEXT2IMAGE_PRESETS)}")
-        config = TEXT2IMAGE_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = Text2ImageConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, Text2ImageConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_text2image: expected a preset name, config or dict, got {type(name_or_config)}")
+    config = resolve_preset(name_or_config, TEXT2IMAGE_PRESETS, Text2ImageConfig,
+                            family="text2image", builder="build_text2image")
     return Text2ImageModel(config)
 
 

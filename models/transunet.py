@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.presets import resolve_preset
 from models.resnet import ResNetV2
 
 
@@ -340,18 +341,8 @@ def build_transunet(name_or_config: str | TransUNetConfig | dict[str, Any] = "de
     Raises:
         ValueError: unknown preset name or invalid config field.
     """
-    if isinstance(name_or_config, str):
-        if name_or_config not in TRANSUNET_PRESETS:
-            raise ValueError(
-                f"unknown TransUNet preset {name_or_config!r}; expected one of {sorted(TRANSUNET_PRESETS)}"
-            )
-        config = TRANSUNET_PRESETS[name_or_config]
-    elif isinstance(name_or_config, dict):
-        config = TransUNetConfig.from_dict(name_or_config)
-    elif isinstance(name_or_config, TransUNetConfig):
-        config = name_or_config
-    else:
-        raise ValueError(f"build_transunet: expected a preset name, dict or TransUNetConfig, got {name_or_config!r}")
+    config = resolve_preset(name_or_config, TRANSUNET_PRESETS, TransUNetConfig,
+                            family="TransUNet", builder="build_transunet")
     return TransUNet(config)
 
 
