@@ -72,6 +72,17 @@ def write_manifest(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any])
     return path
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ArtifactError naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_manifest(art_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and structurally validate ``ART_DIR/manifest.json``.
 
@@ -85,12 +96,7 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactError(f"{art_dir}: artifact directory does not exist")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (expected an artifact directory written by `python -m export onnx`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(path)
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
     for key in REQUIRED_FIELDS:

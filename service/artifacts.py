@@ -10,13 +10,12 @@ checks as ``python -m export verify``: ``export.manifest``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
+from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest, read_json_object
 
 __all__ = ["ArtifactError", "Artifacts", "GraphSpec", "PipelineSpec", "check_tensorrt_engines", "load_artifacts"]
 
@@ -223,12 +222,7 @@ def check_tensorrt_engines(
     record_path = engines_dir / "manifest.json"
     if not record_path.is_file():
         raise ArtifactError(f"{record_path}: no TensorRT engine record; build engines with `python -m export tensorrt`")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{record_path}: not valid JSON ({exc})") from exc
-    if not isinstance(record, dict):
-        raise ArtifactError(f"{record_path}: expected a JSON object, got {type(record).__name__}")
+    record = read_json_object(record_path)
     if record.get("artifact_version") != artifacts.version:
         raise ArtifactError(
             f"{record_path}: engines were built from artifact version {str(record.get('artifact_version'))[:16]}..., "
