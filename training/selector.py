@@ -163,12 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "selector
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.text2image import write_modality_dataset
+    from training.text2image import modality_csvs
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data_root = Path(args.out).parent / f".{Path(args.out).name}-data"
-    csv_train = args.csv or write_modality_dataset(data_root / "train", 600, args.seed)
-    csv_val = args.val_csv or write_modality_dataset(data_root / "val", 100, args.seed + 1000)
+    csv_train, csv_val = modality_csvs(args)
     _, metrics = train_selector(csv_train, csv_val, args.out, preset=args.preset, epochs=args.epochs,
                                 steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed, progress=True)

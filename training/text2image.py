@@ -278,6 +278,15 @@ def train_text2image(
     return model.eval(), result.best_metrics
 
 
+def modality_csvs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(train CSV, validation CSV)`` of a command: ``--csv`` / ``--val-csv`` when given, else 600 / 100
+    five-modality phantoms written (once) next to ``--out``, seeded by ``--seed`` / ``--seed + 1000``."""
+    data_root = Path(args.out).parent / f".{Path(args.out).name}-data"
+    csv_train = Path(args.csv) if args.csv else write_modality_dataset(data_root / "train", 600, args.seed)
+    csv_val = Path(args.val_csv) if args.val_csv else write_modality_dataset(data_root / "val", 100, args.seed + 1000)
+    return csv_train, csv_val
+
+
 def write_modality_dataset(out_dir: str | Path, n: int, seed: int, size: int = 64) -> Path:
     """Write (once) ``n`` five-modality phantoms with ``captions.csv``; returns the CSV path."""
     from core.phantoms import write_dataset
@@ -305,9 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "text2ima
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data_root = Path(args.out).parent / f".{Path(args.out).name}-data"
-    csv_train = args.csv or write_modality_dataset(data_root / "train", 600, args.seed)
-    csv_val = args.val_csv or write_modality_dataset(data_root / "val", 100, args.seed + 1000)
+    csv_train, csv_val = modality_csvs(args)
     config = Text2ImageTrainConfig(lr=args.lr, p_uncond=args.p_uncond, batch_size=args.batch_size)
     _, metrics = train_text2image(csv_train, csv_val, args.out, preset=args.preset, text_encoder=args.text_encoder,
                                   config=config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
