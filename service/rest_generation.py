@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.imageio import decode_mask, encode_png
-from service.errors import BadRequest, NotFound
+from service.errors import NotFound
 from service.rest import _field_error, _ms, _read_upload
 
 __all__ = ["generate", "synthesize"]
@@ -68,9 +68,6 @@ async def generate(
     """
     started = time.perf_counter()
     generation = _generation(runtime)
-    generation.check_capacity()
-    if not isinstance(prompt, str) or not isinstance(modality, str):
-        raise BadRequest("prompt and modality must be strings", "prompt" if not isinstance(prompt, str) else "modality")
     result = await generation.generate(
         [prompt], [modality], negative_prompts=None if negative_prompt is None else [negative_prompt],
         guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
