@@ -13,6 +13,7 @@ and a prompt's images do not depend on the other prompts in the batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,9 @@ class Text2ImagePipeline:
     ) -> torch.Tensor:
         """Like :meth:`generate` but returns ``(N * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major)."""
         request = GenerationRequest(prompts, modalities, negative_prompts, guidance_scale, steps, seed, num_images)
-        return self.sample_many([request])[0]
+        (images,) = self.sample_many([request])
+        assert images is not None  # only `wanted` drops a request
+        return images
 
     def check_request(self, request: GenerationRequest) -> None:
         """:meth:`check_inputs` on a :class:`GenerationRequest`."""
@@ -196,14 +199,23 @@ class Text2ImagePipeline:
                           request.steps, request.seed, request.num_images)
 
     @torch.no_grad()
-    def sample_many(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+    def sample_many(
+        self, requests: list[GenerationRequest], *, wanted: Callable[[int], bool] | None = None
+    ) -> list[torch.Tensor | None]:
         """Run several requests together: one denoising loop per distinct ``steps``, one model call per step.
 
         Every image keeps its own seed (``seed + k``) and guidance weight, so a request's images are those
         it gets alone, up to float rounding of the batched model calls.
 
+        Args:
+            requests: the requests to run.
+            wanted: optional ``wanted(i) -> bool``, asked once before every denoising step for each request
+                ``i`` still in its loop: False drops request ``i``'s images from the loop (its result is None) and a
+                loop with no request left stops. A server uses it to stop work whose caller timed out or left.
+
         Returns:
-            per request, ``(len(prompts) * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major).
+            per request, ``(len(prompts) * num_images, 1, S, S) float32 in [0, 1]`` (prompt-major), or None
+            for a request ``wanted`` dropped.
 
         Raises:
             GenerationInputError: naming the first bad argument of the first bad request.
@@ -213,13 +225,16 @@ class Text2ImagePipeline:
         results: list[torch.Tensor | None] = [None] * len(requests)
         for steps in sorted({int(r.steps) for r in requests}):
             group = [i for i, r in enumerate(requests) if int(r.steps) == steps]
-            images = self._denoise([requests[i] for i in group], steps)
-            for i, chunk in zip(group, images.split([requests[i].image_count for i in group]), strict=True):
+            keep = None if wanted is None else (lambda j, group=group: wanted(group[j]))
+            images = self._denoise([requests[i] for i in group], steps, keep)
+            for i, chunk in zip(group, images, strict=True):
                 results[i] = chunk
-        return results  # type: ignore[return-value]
+        return results
 
-    def _denoise(self, requests: list[GenerationRequest], steps: int) -> torch.Tensor:
-        """DDIM with classifier-free guidance over every image of ``requests`` (all with ``steps`` steps)."""
+    def _denoise(self, requests: list[GenerationRequest], steps: int,
+                 wanted: Callable[[int], bool] | None = None) -> list[torch.Tensor | None]:
+        """DDIM with classifier-free guidance over every image of ``requests`` (all with ``steps`` steps);
+        per request its images, or None when ``wanted`` dropped it (see :meth:`sample_many`)."""
         model, size = self.model, self.image_size
         # 1. Conditions per image (prompt-major within each request)
         prompts = [p for r in requests for p in r.prompts]
@@ -245,15 +260,29 @@ class Text2ImagePipeline:
         scheduler.set_timesteps(int(steps))
         # 5. Denoising loop; w = 1 takes the conditional prediction as it is
         w = weights.view(-1, 1, 1, 1)
+        owner = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor([r.image_count for r in requests]))
+        live = list(range(len(requests)))
         for t in scheduler.timesteps:
+            flags = [True] if wanted is None else [wanted(i) for i in live]
+            if not all(flags):
+                # Drop the images of requests nobody waits for (DDIM steps each image on its own).
+                live = [i for i, flag in zip(live, flags, strict=True) if flag]
+                if not live:
+                    return [None] * len(requests)
+                rows = torch.isin(owner, torch.tensor(live)).nonzero()[:, 0]
+                both = torch.cat([rows, rows + len(owner)]) if do_cfg else rows
+                latents, w, owner = latents[rows], w[rows], owner[rows]
+                hidden, mask, mod = hidden[both], mask[both], mod[both]
             x = torch.cat([latents, latents]) if do_cfg else latents
             eps = model(x, t.expand(x.shape[0]), hidden, mask, mod)
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = torch.where(w == 1.0, eps_cond, eps_uncond + w * (eps_cond - eps_uncond))
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        # 6. Back to [0, 1]
-        return ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
+        # 6. Back to [0, 1], split per request
+        images = ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
+        chunks = dict(zip(live, images.split([requests[i].image_count for i in live]), strict=True))
+        return [chunks.get(i) for i in range(len(requests))]
 
     def generate(
         self,

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.batcher import AdaptiveBatcher, BatcherConfig
-from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, as_service_error
-from service.metrics import GENERATION_BATCH_SIZE, GENERATION_QUEUE_DEPTH, STAGE_LATENCY
+from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError, as_service_error
+from service.metrics import GENERATION_BATCH_SIZE, GENERATION_QUEUE_DEPTH, GENERATION_STEPS, STAGE_LATENCY
 from service.settings import ServiceSettings
 
 __all__ = ["GenerateResult", "GenerationRuntime", "SynthesizeResult"]
@@ -58,6 +59,16 @@ class SynthesizeResult:
 class _GenerateItem:
     request: Any  # core.generation.GenerationRequest
     best_of: int | None
+    # Set once nobody waits for the answer (answered, timed out, client gone, shutdown): the denoising
+    # loop drops this request's images at its next step instead of finishing orphaned work.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def wanted(self) -> bool:
+        """Asked by the denoising loop before each step (worker thread); counts the steps run."""
+        if self.abandoned.is_set():
+            return False
+        GENERATION_STEPS.inc()
+        return True
 
 
 class _QueueObserver:
@@ -180,8 +191,11 @@ class GenerationRuntime:
             pipeline.check_request(request)
         except ValueError as exc:
             raise _client_error(exc) from None
-        result = await self.batcher.submit(_GenerateItem(request, best_of), ("generate", int(request.steps)))
-        images, scores, seconds = result
+        item = _GenerateItem(request, best_of)
+        try:
+            images, scores, seconds = await self.batcher.submit(item, ("generate", int(request.steps)))
+        finally:
+            item.abandoned.set()
         return GenerateResult(images=images, seed=int(seed), scores=scores, seconds=seconds)
 
     async def synthesize(self, mask: np.ndarray) -> SynthesizeResult:
@@ -223,16 +237,19 @@ class GenerationRuntime:
 
         started = time.perf_counter()
         pipeline = self.text2image
-        samples = pipeline.sample_many([item.request for item in items])
-        results = []
+        samples = pipeline.sample_many([item.request for item in items], wanted=lambda i: items[i].wanted())
+        results: list[Any] = []
         for item, images in zip(items, samples, strict=True):
-            if item.best_of is None:
+            if images is None:  # dropped: nobody waits for this answer any more
+                results.append(None)
+            elif item.best_of is None:
                 results.append((to_uint8(images), None))
             else:
                 results.append(pipeline.select_best(images, item.request.modalities, item.best_of))
         seconds = time.perf_counter() - started
         STAGE_LATENCY.labels(stage="generate").observe(seconds)
-        return [(images, scores, seconds) for images, scores in results]
+        return [NotReady("generation stopped: nobody waits for this answer") if result is None
+                else (*result, seconds) for result in results]
 
     def _synthesize_batch(self, masks: list[np.ndarray]) -> list[Any]:
         from core.generation import to_uint8

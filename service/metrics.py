@@ -29,6 +29,7 @@ __all__ = [
     "CACHE_MISSES",
     "GENERATION_BATCH_SIZE",
     "GENERATION_QUEUE_DEPTH",
+    "GENERATION_STEPS",
     "INFLIGHT",
     "MODEL_INFO",
     "QUEUE_DEPTH",
@@ -81,6 +82,10 @@ GENERATION_BATCH_SIZE = Histogram(
 GENERATION_QUEUE_DEPTH = Gauge(
     "medrefine_generation_queue_depth", "Requests waiting in the generation queue.", registry=REGISTRY,
     multiprocess_mode="livesum",
+)
+GENERATION_STEPS = Counter(
+    "medrefine_generation_steps_total", "Denoising steps run, summed over requests (a request that timed out "
+    "or left stops counting at its next step).", registry=REGISTRY,
 )
 CACHE_HITS = Counter(
     "medrefine_embedding_cache_hits_total", "SAM embedding cache hits.", registry=REGISTRY,
