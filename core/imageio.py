@@ -25,9 +25,14 @@ Limits for untrusted input: ``max_bytes`` bounds the encoded size (checked befor
 (Pillow lazy open for PNG/JPEG, page shape for TIFF, Rows x Columns for DICOM, header shape for NIfTI);
 a whole volume may hold at most ``max_pixels * VOLUME_SLICE_LIMIT`` voxels. Pillow's own
 decompression-bomb guard stays on and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed.
+Compressed containers (Deflated Explicit VR Little Endian DICOM, ``.nii.gz``) may inflate to at most
+:func:`inflate_budget` bytes, counted while streaming with a bounded ``zlib`` inflater, never by inflating
+first: a deflated DICOM is refused once it passes its declared pixel data plus headroom (Rows, Columns,
+NumberOfFrames, SamplesPerPixel, BitsAllocated are read from its first inflated MiB), a ``.nii.gz`` when the
+chosen slice ends past the budget; only the bytes up to that slice are inflated and only the slice is kept.
 
 Every failure raises :class:`ImageDecodeError` (a ``ValueError``) whose message starts with the file name
-(or ``"upload"``) and says what was wrong.
+(or ``"upload"``) and says what was wrong; a size limit raises its subclass :class:`ImageTooLargeError`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,12 @@ from PIL import Image
 FORMATS = ("png", "jpeg", "tiff", "dicom", "nifti")
 VOLUME_SLICE_LIMIT = 1024  # a volume may hold max_pixels * VOLUME_SLICE_LIMIT voxels
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+INFLATE_BYTES_PER_PIXEL = 8  # one plane of the widest sample (float64; RGB 16-bit needs 6)
+INFLATE_HEADROOM_BYTES = 64 * 2**20  # headers and metadata when no max_bytes is given
+_INFLATE_CHUNK = 1 << 20  # bytes of inflated output held at once while streaming
+_INFLATE_FEED = 1 << 16  # compressed bytes handed to zlib per call (keeps unconsumed_tail copies small)
+_DICOM_HEAD_BYTES = 1 << 20  # inflated bytes searched for the DICOM pixel description
+_DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -66,6 +78,10 @@ _OTHER_MAGICS = (
 
 class ImageDecodeError(ValueError):
     """An image could not be decoded; the message names the file (or ``"upload"``) and the reason."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """Over a size limit (bytes, pixels, voxels or the inflate budget); the message says "over the limit"."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +149,20 @@ def detect_format(data: bytes) -> str | None:
         if _nifti_version(head) is not None:
             return "nifti"
     return None
+
+
+def inflate_budget(max_pixels: int | None, max_bytes: int | None) -> int | None:
+    """Most bytes a compressed container (deflated DICOM, ``.nii.gz``) may inflate to, or None (no limit).
+
+    One plane of ``max_pixels`` samples of :data:`INFLATE_BYTES_PER_PIXEL` bytes plus ``max_bytes`` of
+    headroom (as much metadata, or as many leading planes, as an uncompressed upload could hold);
+    :data:`INFLATE_HEADROOM_BYTES` when ``max_bytes`` is None. At the service defaults (40 000 000 pixels,
+    20 MiB) that is 340 971 520 bytes (325 MiB). Without ``max_pixels`` there is no budget.
+    """
+    if max_pixels is None:
+        return None
+    headroom = INFLATE_HEADROOM_BYTES if max_bytes is None else int(max_bytes)
+    return INFLATE_BYTES_PER_PIXEL * int(max_pixels) + headroom
 
 
 def decode_image(
@@ -295,7 +325,7 @@ def _read_bytes(path: str | os.PathLike[str], max_bytes: int | None) -> bytes:
     try:
         size = os.stat(path).st_size
         if max_bytes is not None and size > max_bytes:
-            raise ImageDecodeError(f"{path}: file is {size} bytes, over the limit of {max_bytes} bytes")
+            raise ImageTooLargeError(f"{path}: file is {size} bytes, over the limit of {max_bytes} bytes")
         return Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{path}: no such file") from exc
@@ -312,7 +342,7 @@ def _decode_plane(
         raise ImageDecodeError(f"{name}: expected encoded bytes, got {type(data).__name__}")
     data = bytes(data)
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageDecodeError(f"{name}: {len(data)} bytes, over the limit of {max_bytes} bytes")
+        raise ImageTooLargeError(f"{name}: {len(data)} bytes, over the limit of {max_bytes} bytes")
     if len(data) == 0:
         raise ImageDecodeError(f"{name}: empty file, not an image")
     if slice_index is not None and slice_index < 0:
@@ -329,7 +359,7 @@ def _decode_plane(
         "dicom": _decode_dicom,
         "nifti": _decode_nifti,
     }[fmt]
-    plane = decoder(data, name, fmt, max_pixels, slice_index)
+    plane = decoder(data, name, fmt, max_pixels, slice_index, inflate_budget(max_pixels, max_bytes))
     if plane.values.shape[0] == 0 or plane.values.shape[1] == 0:
         raise ImageDecodeError(f"{name}: image has no pixels (shape {plane.values.shape})")
     return plane
@@ -337,7 +367,7 @@ def _decode_plane(
 
 def _check_plane(name: str, fmt: str, height: int, width: int, max_pixels: int | None) -> None:
     if max_pixels is not None and height * width > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"{name}: {fmt.upper()} of {width}x{height} = {height * width} pixels is over the limit of "
             f"{max_pixels} pixels (decompression bomb protection)"
         )
@@ -345,10 +375,39 @@ def _check_plane(name: str, fmt: str, height: int, width: int, max_pixels: int |
 
 def _check_volume(name: str, fmt: str, voxels: int, max_pixels: int | None) -> None:
     if max_pixels is not None and voxels > max_pixels * VOLUME_SLICE_LIMIT:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"{name}: {fmt.upper()} volume of {voxels} voxels is over the limit of "
             f"{max_pixels} x {VOLUME_SLICE_LIMIT} voxels"
         )
+
+
+def _inflate(data: bytes | memoryview, wbits: int) -> Iterator[bytes]:
+    """Inflate a deflate stream lazily, at most ``_INFLATE_CHUNK`` bytes per item.
+
+    ``wbits``: ``-15`` raw deflate (DICOM), ``31`` gzip (concatenated members are read one after another,
+    as ``gzip`` does). The caller counts what it gets and stops when it has enough, so a bomb costs the
+    CPU of the bytes the caller accepted and the memory of one chunk. Bytes after the last member are
+    ignored. Raises ``EOFError`` when the stream ends early, ``zlib.error`` when it is corrupt.
+    """
+    view, pos = memoryview(data), 0
+    inflater = zlib.decompressobj(wbits)
+    while True:
+        if inflater.unconsumed_tail:
+            feed = inflater.unconsumed_tail
+        else:
+            feed = view[pos:pos + _INFLATE_FEED]
+            pos += len(feed)
+        out = inflater.decompress(feed, _INFLATE_CHUNK)
+        if out:
+            yield out
+        if inflater.eof:
+            rest = inflater.unused_data + bytes(view[pos:])
+            if wbits <= 0 or not rest.startswith(_GZIP_MAGIC):
+                return
+            view, pos = memoryview(rest), 0
+            inflater = zlib.decompressobj(wbits)
+        elif not out and not feed:
+            raise EOFError("compressed stream ended before its end marker")
 
 
 def _pick_slice(name: str, count: int, slice_index: int | None, what: str) -> int:
@@ -368,11 +427,13 @@ def _pick_slice(name: str, count: int, slice_index: int | None, what: str) -> in
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
 
 
-def _decode_pil(data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None) -> _Plane:
+def _decode_pil(
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None = None
+) -> _Plane:
     try:
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])  # lazy: reads the header only
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: {fmt.upper()} rejected as a decompression bomb ({exc})") from exc
+        raise ImageTooLargeError(f"{name}: {fmt.upper()} rejected as a decompression bomb ({exc})") from exc
     except Exception as exc:  # Pillow raises many types for corrupt headers
         raise ImageDecodeError(f"{name}: corrupt {fmt.upper()} header ({exc})") from exc
     with image:
@@ -414,7 +475,9 @@ def _pil_plane(image: Image.Image, fmt: str) -> _Plane:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _decode_tiff(data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None) -> _Plane:
+def _decode_tiff(
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None = None
+) -> _Plane:
     import tifffile
 
     try:
@@ -490,11 +553,12 @@ _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _decode_dicom(
-    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None
 ) -> _Plane:
     import pydicom
     from pydicom.pixels import apply_modality_lut, pixel_array
 
+    _check_deflated_dicom(data, name, max_pixels, budget)  # before pydicom inflates it whole
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # InvalidDicomError, EOFError, struct errors...
@@ -502,14 +566,7 @@ def _decode_dicom(
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
         modality = ds.get("Modality", "?")
         raise ImageDecodeError(f"{name}: DICOM (Modality {modality}) has no pixel data")
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise ImageDecodeError(f"{name}: DICOM pixel description is incomplete ({exc})") from exc
-    _check_plane(name, fmt, rows, columns, max_pixels)
-    _check_volume(name, fmt, rows * columns * frames * samples, max_pixels)
+    rows, columns, frames, samples, _ = _dicom_pixel_description(ds, name, max_pixels)
     index = _pick_slice(name, frames, slice_index, "frames")
     try:
         values = pixel_array(ds, index=index if frames > 1 else None)
@@ -527,6 +584,101 @@ def _decode_dicom(
         return _Plane(values[..., :3], spacing, fmt, ds, full_scale=float(2**bits - 1))
     values = np.asarray(apply_modality_lut(values, ds), np.float64)
     return _Plane(values, spacing, fmt, ds, window=_dicom_window(ds), invert=photometric == "MONOCHROME1")
+
+
+def _dicom_pixel_description(ds: Any, name: str, max_pixels: int | None) -> tuple[int, int, int, int, int]:
+    """``(rows, columns, frames, samples, bits_allocated)`` of a dataset's header, checked against the limits.
+
+    Raises:
+        ImageDecodeError: a missing or malformed value, BitsAllocated not 1, 8, 16, 32 or 64.
+        ImageTooLargeError: a plane over ``max_pixels`` or a volume over ``max_pixels * VOLUME_SLICE_LIMIT``.
+    """
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: DICOM pixel description is incomplete ({exc})") from exc
+    if min(rows, columns, frames, samples) < 1:
+        raise ImageDecodeError(
+            f"{name}: DICOM Rows {rows}, Columns {columns}, NumberOfFrames {frames} and SamplesPerPixel "
+            f"{samples} must all be at least 1"
+        )
+    _check_plane(name, "dicom", rows, columns, max_pixels)
+    _check_volume(name, "dicom", rows * columns * frames * samples, max_pixels)
+    if bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError(f"{name}: DICOM BitsAllocated {bits} is not one of 1, 8, 16, 32, 64")
+    return rows, columns, frames, samples, bits
+
+
+def _check_deflated_dicom(data: bytes, name: str, max_pixels: int | None, budget: int | None) -> None:
+    """Refuse a Deflated Explicit VR Little Endian DICOM that would inflate past its limit; else no-op.
+
+    The limit is the declared pixel data (Rows x Columns x NumberOfFrames x SamplesPerPixel x
+    BitsAllocated / 8, read from the first ``_DICOM_HEAD_BYTES`` inflated bytes and checked against
+    ``max_pixels`` there) plus the budget's headroom, at most ``budget``; without a readable header only
+    ``budget``. The stream is inflated chunk by chunk and counted, keeping only its head, so a refused
+    bomb costs about one chunk of memory; pydicom inflates an accepted one again, within the limit.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    if budget is None or max_pixels is None:
+        return
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)  # private, but pydicom's own parse decides the transfer syntax
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception:  # pydicom reports a broken file meta itself, without inflating anything
+        return
+    if syntax != _DEFLATED_DICOM:
+        return
+    headroom = budget - INFLATE_BYTES_PER_PIXEL * max_pixels  # what inflate_budget added to one plane
+    limit, head, total, described = budget, bytearray(), 0, False
+    try:
+        for chunk in _inflate(memoryview(data)[stream.tell():], -zlib.MAX_WBITS):
+            total += len(chunk)
+            if len(head) < _DICOM_HEAD_BYTES:
+                head += chunk[:_DICOM_HEAD_BYTES - len(head)]
+            if not described and len(head) >= _DICOM_HEAD_BYTES:
+                described = True
+                declared = _declared_pixel_bytes(bytes(head), name, max_pixels)
+                if declared is not None:
+                    limit = min(limit, declared + headroom)
+            if total > limit:
+                raise ImageTooLargeError(
+                    f"{name}: deflated DICOM inflates to more than {limit} bytes, over the limit of {limit} "
+                    f"bytes (its declared pixel data plus {headroom} bytes, at most {budget}; "
+                    "decompression bomb protection)"
+                )
+    except (EOFError, zlib.error) as exc:
+        raise ImageDecodeError(f"{name}: truncated or corrupt deflated DICOM ({exc})") from exc
+
+
+def _declared_pixel_bytes(head: bytes, name: str, max_pixels: int | None) -> int | None:
+    """Bytes of pixel data an inflated dataset head declares, or None when the head does not reach it.
+
+    Raises the header's limit errors (see :func:`_dicom_pixel_description`), so an oversized plane is
+    refused before the rest of the stream is inflated.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    reached = []
+
+    def at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
+        reached.append(tag in (0x7FE00010, 0x7FE00009, 0x7FE00008))  # (Float/DoubleFloat)PixelData
+        return reached[-1]
+
+    try:
+        ds = read_dataset(DicomBytesIO(head), False, True, stop_when=at_pixel_data)
+    except Exception:  # a header longer than the head, or corrupt: the budget alone applies
+        return None
+    if not reached or not reached[-1]:
+        return None
+    rows, columns, frames, samples, bits = _dicom_pixel_description(ds, name, max_pixels)
+    return -(-rows * columns * frames * samples * bits // 8)
 
 
 def _first(value: Any) -> float:
@@ -595,10 +747,10 @@ def _gunzip_head(data: bytes) -> bytes:
 
 
 def _decode_nifti(
-    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None
 ) -> _Plane:
     import nibabel as nib
-    from nibabel.fileholders import FileHolder
+    from nibabel.arrayproxy import ArrayProxy
 
     compressed = data.startswith(_GZIP_MAGIC)
     try:
@@ -614,6 +766,11 @@ def _decode_nifti(
     try:
         header = klass.header_class.from_fileobj(io.BytesIO(head))
         shape = tuple(int(s) for s in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
+        slope, inter = header.get_slope_inter()
+        zooms = header.get_zooms()
+        unit = header.get_xyzt_units()[0]
     except Exception as exc:  # HeaderDataError and friends
         raise ImageDecodeError(f"{name}: corrupt NIfTI header ({exc})") from exc
     while len(shape) > 2 and shape[-1] == 1:
@@ -622,32 +779,56 @@ def _decode_nifti(
         raise ImageDecodeError(f"{name}: NIfTI of shape {shape} is not an image (need 2 or 3 axes)")
     if len(shape) > 3:
         raise ImageDecodeError(f"{name}: NIfTI of shape {shape} has more than 3 non-singleton axes")
+    if dtype.fields is not None:
+        raise ImageDecodeError(f"{name}: NIfTI with structured dtype {dtype} (e.g. RGB) is not supported")
     height, width = shape[0], shape[1]
     _check_plane(name, fmt, height, width, max_pixels)
     _check_volume(name, fmt, int(np.prod(shape)), max_pixels)
+    if offset < 0:
+        raise ImageDecodeError(f"{name}: corrupt NIfTI header (vox_offset {offset} is negative)")
     depth = shape[2] if len(shape) == 3 else 1
     index = _pick_slice(name, depth, slice_index, "slices")
-    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if compressed else io.BytesIO(data)
-    try:
-        holder = FileHolder(fileobj=stream)
-        image = klass.from_file_map({"header": holder, "image": holder})
-        ndim = len(image.shape)
-        key = (slice(None), slice(None)) + ((index,) if ndim >= 3 else ()) + (0,) * max(ndim - 3, 0)
-        values = np.asarray(image.dataobj[key])
-        zooms = image.header.get_zooms()
-        unit = image.header.get_xyzt_units()[0]
-    except Exception as exc:  # short reads, bad dtypes...
-        raise ImageDecodeError(f"{name}: truncated or corrupt NIfTI data ({exc})") from exc
-    finally:
-        stream.close()
-    if values.dtype.fields is not None:
-        raise ImageDecodeError(
-            f"{name}: NIfTI with structured dtype {values.dtype} (e.g. RGB) is not supported"
+    # Voxels are stored column-major, so plane k of (H, W, D) is one run of H * W voxels.
+    plane_bytes = height * width * dtype.itemsize
+    start = offset + index * plane_bytes
+    if compressed and budget is not None and start + plane_bytes > budget:
+        raise ImageTooLargeError(
+            f"{name}: NIfTI slice {index} of {width}x{height}x{depth} {dtype.name} voxels ends "
+            f"{start + plane_bytes} bytes into the gzip stream, over the limit of {budget} inflated bytes "
+            "(decompression bomb protection)"
         )
-    values = values.reshape(height, width)
+    try:
+        raw = _nifti_plane_bytes(data, compressed, start, plane_bytes)
+        proxy = ArrayProxy(io.BytesIO(raw), ((height, width), dtype, 0, 1.0 if slope is None else slope,
+                                              0.0 if inter is None else inter), mmap=False, order="F")
+        values = np.asarray(proxy)  # nibabel's scl_slope/scl_inter scaling, as image.dataobj applies it
+    except Exception as exc:  # short reads, bad dtypes, corrupt gzip...
+        raise ImageDecodeError(f"{name}: truncated or corrupt NIfTI data ({exc})") from exc
     factor = {"meter": 1000.0, "micron": 0.001}.get(unit, 1.0)  # "mm" and "unknown" taken as mm
     spacing = (float(zooms[0]) * factor, float(zooms[1]) * factor)
     return _Plane(values, spacing if min(spacing) > 0 else None, fmt)
+
+
+def _nifti_plane_bytes(data: bytes, compressed: bool, start: int, length: int) -> bytes:
+    """``length`` bytes from ``start`` of the (inflated) file; a gzip stream is inflated only that far.
+
+    Raises:
+        EOFError: the file ends before ``start + length``.
+    """
+    end = start + length
+    if not compressed:
+        if len(data) < end:
+            raise EOFError(f"the file has {len(data)} bytes, the slice ends at byte {end}")
+        return data[start:end]
+    plane, seen = bytearray(), 0
+    for chunk in _inflate(data, 16 + zlib.MAX_WBITS):
+        low, high = max(start - seen, 0), min(end - seen, len(chunk))
+        if low < high:
+            plane += chunk[low:high]
+        seen += len(chunk)
+        if seen >= end:
+            return bytes(plane)
+    raise EOFError(f"the gzip stream inflates to {seen} bytes, the slice ends at byte {end}")
 
 
 # ----------------------------------------------------------------------------------------------------------

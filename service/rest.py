@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.imageio import DecodedImage, decode_image, decode_mask, encode_mask_png, encode_png, to_uint8
+from service.decode_pool import shared_decode_pool
 from service.errors import BadRequest, ServiceError, as_service_error
 
 __all__ = [
@@ -122,13 +123,23 @@ async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
     return await asyncio.to_thread(_read_part, path, int(runtime.settings.max_upload_bytes), field)
 
 
+def _decode_deadline(runtime: Any) -> float:
+    """``time.monotonic()`` after which a decode that has not started is not started (request_timeout_s)."""
+    return time.monotonic() + float(runtime.settings.request_timeout_s)
+
+
 async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
+    """Read and decode the ``file`` upload on the decode pool, within the decode budget of core.imageio.
+
+    The inflate budget (``inflate_budget(max_pixels, max_upload_bytes)``, 325 MiB at the defaults) bounds
+    what a compressed upload may cost; past it, or past ``max_pixels``, the answer is 413 naming ``file``.
+    """
     check_capacity = getattr(runtime, "check_capacity", None)
     if check_capacity is not None:
         check_capacity()  # 503 before spending memory and CPU on decoding when the queue is full
     settings = runtime.settings
 
-    def read_and_decode() -> tuple[bytes, DecodedImage]:  # one worker-thread hop for both
+    def read_and_decode() -> tuple[bytes, DecodedImage]:  # one decode-thread hop for both
         data = _read_part(path, int(settings.max_upload_bytes), "file")
         try:
             return data, decode_image(data, name="upload", max_pixels=settings.max_pixels,
@@ -136,7 +147,22 @@ async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
         except ValueError as exc:
             raise _field_error(exc, "file") from None
 
-    return await asyncio.to_thread(read_and_decode)
+    return await shared_decode_pool().run(read_and_decode, deadline=_decode_deadline(runtime))
+
+
+async def _decode_prior_mask(path: Path, runtime: Any) -> np.ndarray:
+    """Read and decode the ``prior_mask`` upload on the decode pool: ``(H, W) uint8 in {0, 1}``."""
+    settings = runtime.settings
+
+    def read_and_decode() -> np.ndarray:
+        data = _read_part(path, int(settings.max_upload_bytes), "prior_mask")
+        try:
+            return decode_mask(data, name="prior_mask", max_pixels=settings.max_pixels,
+                               max_bytes=settings.max_upload_bytes)
+        except ValueError as exc:
+            raise _field_error(exc, "prior_mask") from None
+
+    return await shared_decode_pool().run(read_and_decode, deadline=_decode_deadline(runtime))
 
 
 def _field_error(exc: ValueError, field: str) -> ServiceError:
@@ -255,12 +281,7 @@ async def refine(
     data, decoded = await _decode(file, runtime)
     prior = None
     if prior_mask is not None:
-        prior_bytes = await _read_upload(prior_mask, runtime, "prior_mask")
-        try:
-            prior = await asyncio.to_thread(decode_mask, prior_bytes, name="prior_mask",
-                                            max_pixels=runtime.settings.max_pixels)
-        except ValueError as exc:
-            raise _field_error(exc, "prior_mask") from None
+        prior = await _decode_prior_mask(prior_mask, runtime)
     decode_s = time.perf_counter() - started
     result = await runtime.refine(
         decoded.pixels, box=box, points=points, point_labels=point_labels, prior_mask=prior,
