@@ -269,3 +269,73 @@ def test_default_models_recipe_smoke(tmp_path):
     for name in ("run.json", "recipe.json"):
         assert str(work) not in (out / name).read_text()  # no temporary paths in the committed files
     assert not work.exists()
+
+
+# ---- early stopping and ReduceLROnPlateau (off by default) ----------------------------------------------------
+
+
+def _linear_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(3))
+    return [(x[i : i + 4], x[i : i + 4].sum(1, keepdim=True)) for i in range(0, 16, 4)]
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_min_delta_gain(tmp_path):
+    batches = _linear_batches()
+    scores = [0.5, 0.6, 0.605, 0.59, 0.61, 0.9]  # epochs 3 and 4 gain < min_delta over 0.6
+    config = LoopConfig(epochs=6, early_stop_patience=2, min_delta=0.01, progress=False)
+    result = Trainer(config).fit(torch.nn.Linear(3, 1), _ScriptedHooks(scores), batches, batches, tmp_path / "es")
+    assert result.early_stopped and len(result.history) == 4 and result.steps == 16
+    assert len(_rows(tmp_path / "es")) == 4
+    assert result.best_epoch == 3 and result.best_metrics == {"val_dice": 0.605}  # best weights: plain max
+
+    default = Trainer(LoopConfig(epochs=6, progress=False)).fit(
+        torch.nn.Linear(3, 1), _ScriptedHooks(scores), batches, batches, tmp_path / "off")
+    assert not default.early_stopped and len(default.history) == 6 and default.best_epoch == 6
+    # Patience running out on the last epoch is not an early stop.
+    last = Trainer(LoopConfig(epochs=4, early_stop_patience=2, min_delta=0.01, progress=False)).fit(
+        torch.nn.Linear(3, 1), _ScriptedHooks(scores), batches, batches, tmp_path / "last")
+    assert not last.early_stopped and len(last.history) == 4
+
+
+def test_plateau_reduces_the_lr_as_torch_reduce_lr_on_plateau(tmp_path):
+    batches = _linear_batches()
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7]
+    config = LoopConfig(epochs=10, scheduler="constant", plateau_factor=0.5, plateau_patience=2, progress=False)
+    result = Trainer(config).fit(torch.nn.Linear(3, 1), _ScriptedHooks(scores), batches, batches, tmp_path)
+    lrs = [row["lr_weight"] for row in result.history]
+
+    # The reference: torch's scheduler over the same scores (threshold 0 = any gain counts).
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2,
+                                                           threshold=0.0, threshold_mode="abs")
+    expected = []
+    for score in scores:
+        expected.append(optimizer.param_groups[0]["lr"])
+        reference.step(score)
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs == pytest.approx([0.1] * 5 + [0.05] * 4 + [0.025], rel=1e-12)  # 3 flat epochs, then halved
+    assert all(row["lr_bias"] == 0.0 for row in result.history)
+    assert not result.early_stopped and len(result.history) == 10
+
+    off = Trainer(LoopConfig(epochs=10, scheduler="constant", progress=False)).fit(
+        torch.nn.Linear(3, 1), _ScriptedHooks(scores), batches, batches, tmp_path / "off")
+    assert [row["lr_weight"] for row in off.history] == [0.1] * 10
+
+
+def test_loop_config_rejects_bad_stopping_options():
+    with pytest.raises(ValueError, match="early_stop_patience = 0"):
+        LoopConfig(early_stop_patience=0)
+    with pytest.raises(ValueError, match="plateau_factor = 1.5"):
+        LoopConfig(plateau_factor=1.5)
+    with pytest.raises(ValueError, match="min_delta = -0.1"):
+        LoopConfig(min_delta=-0.1)
+
+
+def test_transunet_cli_early_stops(data, tmp_path):
+    out = tmp_path / "p1"
+    # No val Dice gain can exceed 1.0, so the second epoch is already one without improvement.
+    assert main(["transunet", "--out", str(out), "--epochs", "4", "--early-stop-patience", "1",
+                 "--min-delta", "1.0", *_common(data)]) == 0
+    assert len(_rows(out)) == 2
+    record = json.loads((out / "run.json").read_text())
+    assert record["training"]["early_stopped"] is True and record["training"]["best_epoch"] in (1, 2)

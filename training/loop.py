@@ -4,7 +4,8 @@
 epochs of optimiser steps (AdamW over the hook's parameter groups, each with its own LR, cosine
 decay, gradient-norm clipping), validates after every epoch, writes ``run_dir/log.csv`` (one row
 per epoch) and ``run_dir/curves.png``, keeps the best weights by the monitored validation metric
-and loads them back into the model at the end.
+and loads them back into the model at the end. Optional, off by default: early stopping on the monitored
+metric and ReduceLROnPlateau (an extra LR multiplier on top of the schedule).
 
 Hook order per epoch::
 
@@ -59,6 +60,15 @@ class LoopConfig:
         weight_decay: AdamW weight decay (groups may override).
         device: torch device string.
         progress: show a tqdm bar (auto-disabled when stderr is not a terminal).
+        early_stop_patience: stop after this many consecutive epochs without an improvement of the
+            monitored metric (as Keras ``EarlyStopping``); None = train every epoch.
+        min_delta: how much the monitored metric must beat its best to count as an improvement, in the
+            metric's units (for early stopping and the plateau rule).
+        plateau_factor: multiply every group's LR by this in (0, 1) once the metric has not improved for
+            more than ``plateau_patience`` epochs, as ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+            (``threshold=min_delta``, ``threshold_mode="abs"``, no cooldown); None = off.
+        plateau_patience: epochs without improvement the plateau rule tolerates before reducing.
+        plateau_min_scale: the plateau rule never takes the LR below this fraction of the schedule's.
     """
 
     epochs: int = 1
@@ -72,6 +82,11 @@ class LoopConfig:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    early_stop_patience: int | None = None
+    min_delta: float = 0.0
+    plateau_factor: float | None = None
+    plateau_patience: int = 2
+    plateau_min_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -82,6 +97,16 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.mode = {self.mode!r}; expected 'max' or 'min'")
         if self.scheduler not in ("cosine", "constant"):
             raise ValueError(f"LoopConfig.scheduler = {self.scheduler!r}; expected 'cosine' or 'constant'")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ValueError(f"LoopConfig.early_stop_patience = {self.early_stop_patience}; expected >= 1 or None")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"LoopConfig.min_delta = {self.min_delta}; expected a finite value >= 0")
+        if self.plateau_factor is not None and not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"LoopConfig.plateau_factor = {self.plateau_factor}; expected a value in (0, 1) or None")
+        if self.plateau_patience < 0:
+            raise ValueError(f"LoopConfig.plateau_patience = {self.plateau_patience}; expected >= 0")
+        if not 0.0 <= self.plateau_min_scale < 1.0:
+            raise ValueError(f"LoopConfig.plateau_min_scale = {self.plateau_min_scale}; expected a value in [0, 1)")
 
 
 @dataclass
@@ -100,6 +125,27 @@ class FitResult:
     history: list[dict[str, Any]]
     steps: int
     seconds: float
+    early_stopped: bool = False  # True when early stopping ended training before ``epochs``
+
+
+class Patience:
+    """Counts consecutive epochs in which a score (higher is better) did not beat its best by ``min_delta``.
+
+    A non-finite score never improves. ``bad_epochs`` is 0 right after an improvement.
+    """
+
+    def __init__(self, min_delta: float) -> None:
+        self.min_delta = min_delta
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def update(self, score: float) -> bool:
+        """Record one epoch's score; returns whether it improved."""
+        if math.isfinite(score) and score > self.best + self.min_delta:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
 
 
 class TrainHooks(abc.ABC):
@@ -230,6 +276,8 @@ class Trainer:
         best_score, best_epoch, best_state, best_metrics = -math.inf, -1, None, {}
         history: list[dict[str, Any]] = []
         step, start = 0, time.time()
+        stopping, plateau = Patience(cfg.min_delta), Patience(cfg.min_delta)
+        plateau_scale, early_stopped = 1.0, False
 
         model.eval()
         with torch.no_grad():
@@ -245,7 +293,7 @@ class Trainer:
             for batch in bar:
                 factor = _lr_factor(step, total, cfg)
                 for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
+                    g["lr"] = g["base_lr"] * factor * plateau_scale
                 optimizer.zero_grad(set_to_none=True)
                 out = hooks.training_step(model, batch)
                 if not torch.isfinite(out.loss):
@@ -289,9 +337,22 @@ class Trainer:
             write_curves_png(run_dir / CURVES_PNG, history, title=title)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+            stopping.update(score)
+            last_epoch = epoch + 1 == cfg.epochs
+            if cfg.early_stop_patience is not None and stopping.bad_epochs >= cfg.early_stop_patience and not last_epoch:
+                log.info("%s: early stop after epoch %d: %s has not improved by more than %g for %d epochs",
+                         title or "train", epoch + 1, cfg.monitor, cfg.min_delta, stopping.bad_epochs)
+                early_stopped = True
+                break
+            plateau.update(score)
+            if cfg.plateau_factor is not None and plateau.bad_epochs > cfg.plateau_patience:
+                plateau_scale = max(plateau_scale * cfg.plateau_factor, cfg.plateau_min_scale)
+                plateau.bad_epochs = 0
+                log.info("%s: %s on a plateau after epoch %d: LR scaled to %g x the schedule",
+                         title or "train", cfg.monitor, epoch + 1, plateau_scale)
 
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()
         return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, steps=step,
-                         seconds=time.time() - start)
+                         seconds=time.time() - start, early_stopped=early_stopped)

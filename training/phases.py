@@ -190,6 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (tests)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--early-stop-patience", type=int,
+                   help="stop after this many epochs without a val_dice gain above --min-delta (default: off)")
+    g.add_argument("--min-delta", type=float, default=0.0, help="smallest val_dice gain that counts as improving")
+    g.add_argument("--plateau-factor", type=float,
+                   help="ReduceLROnPlateau: scale the LR by this after --plateau-patience flat epochs (default: off)")
+    g.add_argument("--plateau-patience", type=int, default=2, help="flat epochs tolerated before the LR is reduced")
     if command_name in ("refiner", "e2e"):
         parser.add_argument("--tune-gate", action=argparse.BooleanOptionalAction, default=None,
                             help="calibrate the uncertainty gate's gamma / gate_max on validation (default: on)")
@@ -724,6 +730,8 @@ def _loop_config(settings: dict[str, Any], args: argparse.Namespace, monitor: st
     return LoopConfig(
         epochs=int(settings["epochs"]), max_steps=args.max_steps, grad_clip=clip if clip and clip > 0 else None,
         monitor=monitor, device=args.device, seed=args.seed, progress=not args.no_progress,
+        early_stop_patience=args.early_stop_patience, min_delta=args.min_delta,
+        plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience,
     )
 
 
@@ -731,6 +739,7 @@ def _training_record(settings: dict[str, Any], preset_name: str, fit: Any, args:
     return {
         "settings": settings, "preset": preset_name, "best_epoch": fit.best_epoch, "steps": fit.steps,
         "seconds": round(fit.seconds, 1), "device": args.device, "max_steps": args.max_steps,
+        **({"early_stopped": fit.early_stopped} if args.early_stop_patience is not None else {}),
     }
 
 
