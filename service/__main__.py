@@ -9,14 +9,21 @@ this process, so ``python -m service`` and ``bentoml serve`` behave the same. Th
 is loaded and hash-verified here first, so a bad directory is a clear one-line error and exit code 2
 instead of a worker that keeps restarting. SIGTERM (or Ctrl-C) drains: readiness turns false, accepted
 requests complete (up to ``MEDREFINE_DRAIN_TIMEOUT_S``), then the process exits.
+
+Each instance keeps its Prometheus multiprocess files in a private temporary directory, removed at exit:
+BentoML's default, ``$BENTOML_HOME/prometheus_multiproc_dir``, is emptied by every BentoML server that
+starts with the same ``BENTOML_HOME``, which would wipe a running neighbour's counters.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,7 +76,21 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
     return ArtifactError, EngineCompatibilityError, MissingDependencyError, OSError
 
 
+def private_prometheus_dir() -> str:
+    """A new empty directory for this instance's Prometheus multiprocess files, made BentoML's choice and
+    removed when this process exits (``atexit``: a normal return, SIGTERM's drain or Ctrl-C)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    directory = tempfile.mkdtemp(prefix="medrefine-prometheus-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    BentoMLContainer.prometheus_multiproc_dir.set(directory)
+    return directory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from service.log_privacy import install_log_redaction
+
+    install_log_redaction()
     args = parse_cli(argv)
     try:
         settings = ServiceSettings.from_args(args)
@@ -99,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bentoml_cli.cli import cli
 
+    private_prometheus_dir()
     try:
         cli.main(args=bentoml_serve_args(settings), prog_name="bentoml", standalone_mode=False)
     except KeyboardInterrupt:

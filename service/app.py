@@ -42,6 +42,7 @@ import bentoml
 from pydantic import Field
 
 from service import rest, rest_generation
+from service.bento_pages import BentoPagesMiddleware
 from service.errors import NotReady
 from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_entered
 from service.log_privacy import install_log_redaction
@@ -290,6 +291,7 @@ def _settings() -> ServiceSettings:
 
 MedRefine.add_asgi_middleware(GuardMiddleware, runtime=_runtime, settings=_settings,
                               not_ready_reason=PROCESS.not_ready_reason, open_requests=OPEN_REQUESTS)
+MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api_key)  # no Tag Manager page
 # PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")

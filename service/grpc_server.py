@@ -43,7 +43,7 @@ from service.oip import (
     decode_typed_values,
     encode_raw,
 )
-from service.oip_http import presented_api_key
+from service.oip_http import model_ready_unlisted, presented_api_key
 from service.oip_models import ModelRegistry, default_registry, server_metadata
 
 __all__ = [
@@ -250,7 +250,7 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def handle(request, context):
-            ready = self.registry.model_ready(self.runtime, request.name, request.version)
+            ready = model_ready_unlisted(self.registry, self.runtime, request.name, request.version)
             return service_pb2.ModelReadyResponse(ready=ready)
 
         return await self._call("ModelReady", request, context, handle, auth=False)
@@ -287,6 +287,22 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await asyncio.to_thread(infer_response_to_proto, infer_response)
 
         return await self._call("ModelInfer", request, context, handle, inference=True)
+
+
+def _unimplemented(rpc_name: str) -> Callable[..., Awaitable[Any]]:
+    """An RPC answering UNIMPLEMENTED in plain words (the generated base class raises NotImplementedError,
+    which grpc.aio turns into "Unexpected <class 'NotImplementedError'>" plus a logged traceback)."""
+
+    async def rpc(self: GrpcServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc_name} is not implemented by this server")
+
+    rpc.__name__ = rpc.__qualname__ = rpc_name
+    return rpc
+
+
+for _name in [n for n in vars(service_pb2_grpc.GRPCInferenceServiceServicer) if not n.startswith("_")]:
+    if _name not in vars(GrpcServicer):
+        setattr(GrpcServicer, _name, _unimplemented(_name))
 
 
 # ----------------------------------------------------------------------------------------------------------

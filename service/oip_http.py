@@ -34,10 +34,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType, as_service_error
-from service.oip import OipError, encode_http_infer_response, parse_http_infer_request
+from service.oip import ModelNotFoundError, OipError, encode_http_infer_response, parse_http_infer_request
 from service.oip_models import ModelRegistry, default_registry, server_metadata
 
-__all__ = ["PROTOCOL", "create_oip_app", "presented_api_key"]
+__all__ = ["PROTOCOL", "create_oip_app", "model_ready_unlisted", "presented_api_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class _OipHttp:
 
     async def model_ready(self, request: Request, runtime: Any) -> Response:
         name, version = _model_path(request)
-        ready = self.registry.model_ready(runtime, name, version)
+        ready = model_ready_unlisted(self.registry, runtime, name, version)
         body: dict[str, Any] = {"name": name, "ready": ready}
         if not ready:
             body["error"] = f"model '{name}' is not ready"
@@ -198,6 +198,20 @@ class _OipHttp:
         return Response(
             payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
         )
+
+
+def model_ready_unlisted(registry: ModelRegistry, runtime: Any, name: str, version: str = "") -> bool:
+    """``registry.model_ready`` for the key-less readiness probe: an unknown model or version is a 404
+    whose message does not list what the server serves (model metadata, which does, needs the key).
+
+    Raises:
+        ModelNotFoundError: unknown model or version.
+    """
+    try:
+        return registry.model_ready(runtime, name, version)
+    except ModelNotFoundError as exc:
+        what = f"model '{name}'" + (f" version '{version}'" if version else "")
+        raise ModelNotFoundError(f"{what} is not served here", field=exc.field) from None
 
 
 def _model_path(request: Request) -> tuple[str, str]:
