@@ -23,10 +23,10 @@ checks the API key, enforces ``max_upload_bytes`` before bodies are read (413), 
 uploads (415) and keeps client errors in our ``{"error", "field"}`` shape. Our Prometheus metrics
 (``service.metrics``) appear on BentoML's ``/metrics`` next to its own ``bentoml_service_*`` series.
 
-Shutdown (SIGTERM): readiness turns false at once and new requests are answered 503 (HTTP and gRPC) while
-the accepted ones finish; then uvicorn stops accepting connections (``--timeout-graceful-shutdown`` =
-``drain_timeout_s``), the shutdown hook stops gRPC with the same grace and drains the batcher, so every
-accepted request is answered before the process exits (see ``_chain_drain_on_signals``).
+Shutdown (SIGTERM) has one deadline, ``drain_timeout_s`` after the signal: readiness turns false at once
+and new requests are answered 503 (HTTP and gRPC) while the accepted ones finish; what has not finished
+shortly before the deadline is answered a clean 503; then uvicorn and gRPC stop within the time left and
+the process exits inside the deadline (see ``_chain_drain_on_signals``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 import typing as t
 from pathlib import Path
 
@@ -115,7 +114,7 @@ class MedRefine:
             from service.grpc_server import start_grpc_server
 
             self.grpc = await start_grpc_server(self.runtime, self.settings.host, self.settings.grpc_port)
-        _chain_drain_on_signals(self.runtime, self.settings.drain_timeout_s)
+        _chain_drain_on_signals(self.runtime)
         PROCESS.runtime = self.runtime
         logger.info("ready: model %s on %s, HTTP REST + /v2, gRPC %s", self.runtime.model_version[:12],
                     self.runtime.backend, self.grpc.address if self.grpc else "off")
@@ -126,8 +125,8 @@ class MedRefine:
         if self.runtime is None:
             return
         self.runtime.begin_drain()
-        if self.grpc is not None:
-            await self.grpc.stop(self.settings.drain_timeout_s)
+        if self.grpc is not None:  # in-flight RPCs finish within what is left of the one shutdown deadline
+            await self.grpc.stop(self.runtime.drain_time_left())
             self.grpc = None
         completed = await self.runtime.stop()
         logger.info("drained (%s)", "all accepted requests answered" if completed else "drain timeout hit")
@@ -232,15 +231,15 @@ class MedRefine:
             return rest.error_response(exc)
 
 
-def _chain_drain_on_signals(runtime: t.Any, drain_timeout_s: float) -> None:
+def _chain_drain_on_signals(runtime: t.Any) -> None:
     """On SIGTERM/SIGINT: readiness off at once, finish what was accepted, then let uvicorn exit.
 
     uvicorn's own handler closes the listening socket immediately. Under BentoML the socket belongs to
     the supervisor process, which keeps it open until the worker has exited, so connections made in the
     meantime would wait unanswered and then be reset. Hence the worker keeps serving while it drains:
     new requests get a clean 503 (``GuardMiddleware``, gRPC ``ModelInfer``), and only once no accepted
-    HTTP request is open and the batching queue is idle (or ``drain_timeout_s`` has passed) is uvicorn's
-    handler called. A second signal calls it at once.
+    HTTP request is open and the batching queue is idle (or the deadline is near) is uvicorn's handler
+    called. A second signal calls it at once.
     """
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -254,10 +253,9 @@ def _chain_drain_on_signals(runtime: t.Any, drain_timeout_s: float) -> None:
             if runtime.draining:  # second signal: stop waiting
                 _previous(received, frame)
                 return
-            runtime.begin_drain()
+            runtime.begin_drain()  # starts the one shutdown clock: drain_timeout_s from now
             logger.info("signal %d: draining (readiness off, new requests answered 503)", received)
-            loop.call_soon_threadsafe(_start_exit_after_drain, runtime, drain_timeout_s,
-                                      lambda: _previous(received, frame))
+            loop.call_soon_threadsafe(_start_exit_after_drain, runtime, _previous, received, frame)
 
         try:
             signal.signal(signum, handler)
@@ -268,17 +266,35 @@ def _chain_drain_on_signals(runtime: t.Any, drain_timeout_s: float) -> None:
 _BACKGROUND: set[asyncio.Task[None]] = set()  # keeps the drain task referenced until it is done
 
 
-def _start_exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callable[[], None]) -> None:
-    task = asyncio.get_running_loop().create_task(_exit_after_drain(runtime, timeout_s, exit_now))
+# Of the shutdown deadline, the part kept for what follows the drain: answering the requests cut short,
+# uvicorn's and gRPC's stop, the worker's exit and the supervisor noticing it (measured: about 1 s here).
+_EXIT_RESERVE_S, _EXIT_RESERVE_FRACTION = 2.0, 0.25
+
+
+def _start_exit_after_drain(runtime: t.Any, uvicorn_exit: t.Callable[[int, t.Any], None], signum: int,
+                            frame: t.Any) -> None:
+    task = asyncio.get_running_loop().create_task(_exit_after_drain(runtime, uvicorn_exit, signum, frame))
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
 
 
-async def _exit_after_drain(runtime: t.Any, timeout_s: float, exit_now: t.Callable[[], None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (OPEN_REQUESTS.count > 0 or runtime.busy) and time.monotonic() < deadline:
+async def _exit_after_drain(runtime: t.Any, uvicorn_exit: t.Callable[[int, t.Any], None], signum: int,
+                            frame: t.Any) -> None:
+    """Let accepted work finish until shortly before ``runtime.drain_deadline``, answer the rest 503, then
+    let uvicorn exit with what is left of the deadline as its graceful timeout (not a second full one)."""
+    reserve = min(_EXIT_RESERVE_S, _EXIT_RESERVE_FRACTION * runtime.drain_time_left())
+    while (OPEN_REQUESTS.count > 0 or runtime.busy) and runtime.drain_time_left() > reserve:
         await asyncio.sleep(0.05)
-    exit_now()
+    if OPEN_REQUESTS.count > 0 or runtime.busy:
+        await runtime.stop(timeout_s=0)  # queued and running requests: 503 now, while it can still be sent
+        while OPEN_REQUESTS.count > 0 and runtime.drain_time_left() > reserve / 2:
+            await asyncio.sleep(0.02)
+    # uvicorn_exit is its Server.handle_exit; the server reads its graceful timeout (the full
+    # drain_timeout_s, from the command line) only once it stops, so it still gets just the time left.
+    config = getattr(getattr(uvicorn_exit, "__self__", None), "config", None)
+    if config is not None and hasattr(config, "timeout_graceful_shutdown"):
+        config.timeout_graceful_shutdown = max(0.1, runtime.drain_time_left())
+    uvicorn_exit(signum, frame)
 
 
 def _runtime() -> t.Any:

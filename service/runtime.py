@@ -69,6 +69,8 @@ class ServiceRuntime:
         self.metrics = metrics or ServiceMetrics()
         self.live = True
         self.draining = False
+        self.drain_deadline: float | None = None  # time.monotonic() by which the whole shutdown is over
+        self._cut_short = False  # a drain ran out of time and answered 503 to what was left
         self._started = False
         self._info = dict(pipeline.model_info())
         self._info.setdefault("backend", settings.backend)
@@ -187,23 +189,39 @@ class ServiceRuntime:
         self._started = True
 
     def begin_drain(self) -> None:
-        """Turn readiness off (safe to call from a signal handler); requests already accepted still run."""
+        """Turn readiness off and start the shutdown clock (safe to call from a signal handler); requests
+        already accepted still run. The first call fixes ``drain_deadline`` = now + ``drain_timeout_s``:
+        one deadline for the whole shutdown, however many steps it has."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         self.draining = True
 
+    def drain_time_left(self) -> float:
+        """Seconds left until ``drain_deadline`` (>= 0); the full ``drain_timeout_s`` before draining began."""
+        if self.drain_deadline is None:
+            return float(self.settings.drain_timeout_s)
+        return max(0.0, self.drain_deadline - time.monotonic())
+
     async def stop(self, timeout_s: float | None = None) -> bool:
-        """Drain: refuse new requests, complete accepted ones, stop the inference thread.
+        """Drain: refuse new requests, complete accepted ones, stop the inference threads. What is still
+        queued or running when the time is up is answered 503 (``NotReady``) at once; a running
+        generation loop drops those requests at its next step.
+
+        Args:
+            timeout_s: how long accepted requests may still run; default: until ``drain_deadline``.
 
         Returns:
-            True if every accepted request completed within ``timeout_s`` (default ``drain_timeout_s``).
+            True if every accepted request completed (in this call and any earlier one).
         """
         self.begin_drain()
-        timeout = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        timeout = self.drain_time_left() if timeout_s is None else max(0.0, timeout_s)
         deadline = time.monotonic() + timeout
         completed = await self.batcher.drain(timeout)
         if self.generation is not None:
             completed = await self.generation.drain(max(0.0, deadline - time.monotonic())) and completed
+        self._cut_short = self._cut_short or not completed
         self.sync_metrics()
-        return completed
+        return not self._cut_short
 
     # -- inference --------------------------------------------------------------------------------------
 

@@ -147,3 +147,68 @@ def test_sigterm_under_load_drains_every_accepted_request(service_artifacts, tmp
     assert stopped - signalled < 20
     assert "drained (all accepted requests answered)" in log
     assert "graceful shutdown exceeded" not in log and "Traceback" not in log
+
+
+DEADLINE_S = 6.0  # MEDREFINE_DRAIN_TIMEOUT_S of the overrun test
+EXIT_MARGIN_S = 4.0  # process teardown after the deadline (imports unloading, the supervisor noticing)
+OVERRUN_REST, OVERRUN_GENERATE = 40, 3
+
+
+def test_sigterm_with_more_work_than_the_deadline_exits_within_it(service_artifacts, generator_artifacts, tmp_path):
+    """Issue #15, item 6: one deadline for the whole shutdown. About a minute of accepted work (40 large
+    segmentations one per batch, three /generate of 100 steps x 16 images) cannot finish within
+    ``MEDREFINE_DRAIN_TIMEOUT_S``: the process still exits 0 within it (plus a small margin for teardown),
+    and every request is answered 200 or a clean JSON 503, none reset or left hanging."""
+    from service_fixtures import start_server
+
+    server = start_server(service_artifacts.art_dir, tmp_path / "overrun",
+                          env={"MEDREFINE_MAX_BATCH_SIZE": "1", "MEDREFINE_MAX_LATENCY_MS": "0",
+                               "MEDREFINE_DRAIN_TIMEOUT_S": str(DEADLINE_S), "MEDREFINE_REQUEST_TIMEOUT_S": "120",
+                               "MEDREFINE_GENERATORS": str(generator_artifacts)})
+    image = (np.random.default_rng(1).random((SIDE, SIDE)) * 255).astype(np.uint8)
+    png = pil_bytes(image, "PNG")
+    outcomes: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def post(name: str, **kwargs) -> None:
+        path = "/generate" if name.startswith("gen") else "/segment"
+        try:
+            with server.client(timeout=120) as client:
+                response = client.post(path, **kwargs)
+            outcome: object = (response.status_code, response.headers.get("content-type", ""), response.text[:200])
+        except httpx.HTTPError as exc:
+            outcome = repr(exc)
+        with lock:
+            outcomes[name] = outcome
+
+    big = {"prompt": "chest x-ray, left lower lobe nodule", "modality": "chest_xray", "steps": 100,
+           "num_images": 16, "seed": 3}
+    jobs = ([(f"seg{i}", {"files": {"file": ("r.png", png, "image/png")}}) for i in range(OVERRUN_REST)]
+            + [(f"gen{i}", {"json": big}) for i in range(OVERRUN_GENERATE)])
+    threads = [threading.Thread(target=post, args=(name,), kwargs=kwargs, daemon=True) for name, kwargs in jobs]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while _metric(server.url, "medrefine_inflight_requests") < OVERRUN_REST // 2:
+            assert time.monotonic() < deadline, "the requests never queued up"
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(120)
+        stopped = time.monotonic()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        server.stop(10)
+    log = server.log()
+
+    assert code == 0, log[-3000:]
+    assert stopped - signalled < DEADLINE_S + EXIT_MARGIN_S, (stopped - signalled, log[-3000:])
+    assert len(outcomes) == len(jobs), sorted(outcomes)
+    for name, outcome in outcomes.items():
+        assert isinstance(outcome, tuple), f"{name}: {outcome}"  # an exception repr means no answer
+        status, content_type, _ = outcome
+        assert status in (200, 503) and content_type.startswith("application/json"), (name, outcome)
+    assert any(outcome[0] == 503 for outcome in outcomes.values()), "all work finished: nothing was cut short"
+    assert "drain timeout hit" in log and "graceful shutdown exceeded" not in log and "Traceback" not in log
