@@ -196,6 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
     g.add_argument("--plateau-factor", type=float,
                    help="ReduceLROnPlateau: scale the LR by this after --plateau-patience flat epochs (default: off)")
     g.add_argument("--plateau-patience", type=int, default=2, help="flat epochs tolerated before the LR is reduced")
+    if command_name == "transunet":
+        parser.add_argument("--vit-pretrained", metavar="NPZ",
+                            help="official TransUNet R50+ViT-B_16.npz (ImageNet-21k) for the encoder; config r50-vit-b16")
     if command_name in ("refiner", "e2e"):
         parser.add_argument("--tune-gate", action=argparse.BooleanOptionalAction, default=None,
                             help="calibrate the uncertainty gate's gamma / gate_max on validation (default: on)")
@@ -750,6 +753,14 @@ def run_transunet(args: argparse.Namespace) -> Path:
     data = load_data(args, preset)
     model_config = config_to_dict(preset.model)
     model = build_transunet(model_config["transunet"]).to(args.device)
+    sources: dict[str, str] = {}
+    if args.vit_pretrained:
+        from core.transunet_npz import load_transunet_npz
+
+        report = load_transunet_npz(model, args.vit_pretrained)
+        log.info("transunet: %d encoder tensors from %s (positions %s; unused: %s)", len(report.loaded),
+                 args.vit_pretrained, report.position_embedding, ", ".join(report.ignored) or "none")
+        sources["vit_pretrained"] = str(args.vit_pretrained)
     hooks = TransUNetHooks(settings, args.device, args.seed)
     train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
     val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
@@ -759,7 +770,7 @@ def run_transunet(args: argparse.Namespace) -> Path:
     return save_run(
         args.out, model, {"transunet": model_config["transunet"]}, sweep[0],
         _finish_metrics(fit.best_metrics, {"coarse": sweep}),
-        kind="transunet", phase="transunet", seed=args.seed, data_fingerprint=data.fingerprint,
+        kind="transunet", phase="transunet", seed=args.seed, data_fingerprint=data.fingerprint, sources=sources,
         extra={"thresholds": {"coarse": sweep[0]}, "training": _training_record(settings, args.config, fit, args),
                "split": data.split},
     )
