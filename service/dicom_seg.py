@@ -242,6 +242,9 @@ def build_dicom_seg(
     prepared = _prepared_source(source, anonymize)
     geometry = _frame_geometry(prepared, frame_index, frames)
     pixel_measures = _pixel_measures(prepared, frame_index)
+    if frames == 1 and pixel_measures is not None and "SliceThickness" not in prepared:
+        # highdicom reads it from a single-frame source with a frame of reference; the same nominal value
+        prepared.SliceThickness = pixel_measures[0].SliceThickness
     one_frame_view = frames > 1 and not geometry
     if one_frame_view:  # no frame of reference: highdicom takes a single-frame image only; see _refer_to_frame
         prepared.NumberOfFrames = 1
@@ -260,24 +263,27 @@ def build_dicom_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    seg = hd.seg.Segmentation(
-        source_images=[prepared],
-        pixel_array=mask.astype(np.uint8)[None],  # (1, Rows, Columns): one frame
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=algorithm_name[:64],
-        software_versions=software_version,
-        device_serial_number="0",
-        series_description=series_description,
-        pixel_measures=pixel_measures,
-        omit_empty_frames=False,  # an empty prediction is still a result worth storing
-        **geometry,
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[prepared],
+            pixel_array=mask.astype(np.uint8)[None],  # (1, Rows, Columns): one frame
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=manufacturer,
+            manufacturer_model_name=algorithm_name[:64],
+            software_versions=software_version,
+            device_serial_number="0",
+            series_description=series_description,
+            pixel_measures=pixel_measures,
+            omit_empty_frames=False,  # an empty prediction is still a result worth storing
+            **geometry,
+        )
+    except AttributeError as exc:  # highdicom reads the source's geometry; pydicom names what is missing
+        raise ValueError(f"source DICOM lacks geometry a SEG needs: {exc}") from None
     if one_frame_view:
         _refer_to_frame(seg, source, frame_index + 1)
     if anonymize:

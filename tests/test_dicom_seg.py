@@ -237,3 +237,33 @@ def test_enhanced_multiframe_seg_sits_on_the_chosen_frame_in_patient_space():
     assert _seg_pixel_spacing(dataset) == [0.5, 0.75]
     pixels = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [2], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[0, :, :, 0], mask)
+
+
+def _patient_space_source(**geometry) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = hd.UID(), hd.UID(), hd.UID()
+    ds.FrameOfReferenceUID, ds.Modality, ds.Rows, ds.Columns = hd.UID(), "CT", 48, 64
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-5.0, 3.0, 12.5], [1, 0, 0, 0, 1, 0]
+    for keyword, value in geometry.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_patient_space_source_without_slice_thickness_reads_back():
+    source = _patient_space_source(PixelSpacing=[0.4, 0.4])
+    mask = _lesion_mask((48, 64))
+    dataset, seg = _read_back(build_dicom_seg(source, mask, model_version="v1"))
+    assert "SliceThickness" not in source  # the caller's dataset is not modified
+    assert dataset.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert _seg_pixel_spacing(dataset) == [0.4, 0.4]
+    position = dataset.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    assert [float(v) for v in position] == [-5.0, 3.0, 12.5]
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, :, :, 0], mask)
+
+
+def test_patient_space_source_without_pixel_spacing_is_a_value_error_naming_it():
+    # A ValueError (the service's 400 naming dicom_seg), not an AttributeError escaping as a 500.
+    with pytest.raises(ValueError, match="PixelSpacing"):
+        build_dicom_seg(_patient_space_source(), _lesion_mask((48, 64)), model_version="v1")
