@@ -359,6 +359,8 @@ def _decode_plane(
         "dicom": _decode_dicom,
         "nifti": _decode_nifti,
     }[fmt]
+    # Pillow and tifffile inflate no more than the header's shape, which is checked against max_pixels
+    # first; only the DICOM and NIfTI containers can hide more, and they get the inflate budget.
     plane = decoder(data, name, fmt, max_pixels, slice_index, inflate_budget(max_pixels, max_bytes))
     if plane.values.shape[0] == 0 or plane.values.shape[1] == 0:
         raise ImageDecodeError(f"{name}: image has no pixels (shape {plane.values.shape})")
@@ -428,7 +430,8 @@ _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
 
 
 def _decode_pil(
-    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None = None
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None,
+    budget: int | None = None,
 ) -> _Plane:
     try:
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])  # lazy: reads the header only
@@ -476,7 +479,8 @@ def _pil_plane(image: Image.Image, fmt: str) -> _Plane:
 
 
 def _decode_tiff(
-    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None, budget: int | None = None
+    data: bytes, name: str, fmt: str, max_pixels: int | None, slice_index: int | None,
+    budget: int | None = None,
 ) -> _Plane:
     import tifffile
 

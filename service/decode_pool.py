@@ -19,7 +19,8 @@ __all__ = ["DECODE_THREADS", "DecodePool", "shared_decode_pool"]
 
 T = TypeVar("T")
 
-DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))  # decoding is CPU-bound; more threads only queue in the GIL
+# Decoding is CPU-bound (zlib, numpy and Pillow release the GIL): more threads than cores only queue.
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class DecodePool:

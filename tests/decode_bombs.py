@@ -61,10 +61,18 @@ def _dataset_bytes(ds: Dataset) -> bytes:
     return out.getvalue()
 
 
-def deflated_dicom_bomb(rows: int = 512, columns: int = 512, zero_mib: int = 1024) -> bytes:
+def deflated_dicom_bomb(rows: int = 512, columns: int = 512, zero_mib: int = 1024, *,
+                        private_mib: int = 0) -> bytes:
     """A Deflated Explicit VR Little Endian MR file declaring ``rows`` x ``columns`` 16-bit pixels whose
-    PixelData element holds ``zero_mib`` MiB of zeros (1024: about 1 MiB on the wire, 1 GiB inflated)."""
+    PixelData element holds ``zero_mib`` MiB of zeros (1024: about 1 MiB on the wire, 1 GiB inflated).
+
+    ``private_mib`` > 0 puts a private OB element of that many MiB of zeros before the pixel description,
+    so that a reader looking for Rows and Columns in the first inflated MiB does not find them.
+    """
     ds = _mr_header(rows, columns)
+    if private_mib:
+        ds.add_new(0x00090010, "LO", "MEDREFINE TEST")  # private creator of block 0x10
+        ds.add_new(0x00091010, "OB", bytes(private_mib * _MIB))
     pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, zero_mib * _MIB)
     return _file(ds, deflate_with_zeros(_dataset_bytes(ds) + pixel_header, zero_mib))
 
