@@ -205,11 +205,12 @@ class MedRefine:
         prompt: str = Field(description="text prompt, e.g. 'chest x-ray, left lower lobe nodule'"),
         modality: str = Field(description="one of the generator's modalities (see /readyz generation.modalities)"),
         negative_prompt: str | None = Field(None, description="what to steer away from (classifier-free guidance)"),
-        guidance_scale: float = Field(1.5, allow_inf_nan=False, description="guidance weight w (1 = none)"),
-        steps: int = Field(25, description="DDIM steps"),
-        seed: int | None = Field(None, description="same seed, same images; default: drawn and returned"),
-        num_images: int = Field(1, description="images for this prompt"),
-        best_of: int | None = Field(None, description="generate N candidates, return the selector's best"),
+        # strict: JSON true is not the number 1 (pydantic's lax mode takes it as 1, and 2.0 as an integer)
+        guidance_scale: float = Field(1.5, strict=True, allow_inf_nan=False, description="guidance weight w (1 = none)"),
+        steps: int = Field(25, strict=True, description="DDIM steps"),
+        seed: int | None = Field(None, strict=True, description="same seed, same images; default: drawn and returned"),
+        num_images: int = Field(1, strict=True, description="images for this prompt"),
+        best_of: int | None = Field(None, strict=True, description="generate N candidates, return the selector's best"),
     ) -> dict[str, t.Any]:
         """Text + modality -> images (MINIM-style conditional diffusion), as base64 PNGs."""
         mark_handler_entered()

@@ -198,11 +198,17 @@ def _check_datatype(datatype: object, *, name: str) -> str:
     return datatype
 
 
+# Past this numpy cannot describe an array of the shape at all, even an empty one ("array is too big",
+# "Maximum allowed dimension exceeded"): refuse such shapes with our own message naming the tensor.
+_MAX_DIM_PRODUCT = 2**56
+
+
 def validate_shape(shape: object, *, name: str) -> tuple[int, ...]:
     """The shape as a tuple of non-negative ints.
 
     Raises:
-        OipError: if ``shape`` is not a sequence of non-negative integers.
+        OipError: if ``shape`` is not a sequence of non-negative integers, or its non-zero dimensions
+            multiply to more than ``2**56``.
     """
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
         raise OipError(f"tensor '{name}' shape must be a list of integers, got {shape!r}", field=name)
@@ -213,6 +219,9 @@ def validate_shape(shape: object, *, name: str) -> tuple[int, ...]:
                 f"tensor '{name}' shape {list(shape)!r} must hold non-negative integers, got {dim!r}", field=name
             )
         dims.append(int(dim))
+    if math.prod(d for d in dims if d) > _MAX_DIM_PRODUCT:
+        raise OipError(f"tensor '{name}' shape {dims} is too large: its non-zero dimensions multiply to more than "
+                       "2**56", field=name)
     return tuple(dims)
 
 
@@ -359,8 +368,9 @@ def decode_json_data(name: str, datatype: str, shape: Sequence[int], data: objec
         return _bytes_array(flat, shape)
     try:
         array = np.asarray(data)
-    except (ValueError, OverflowError) as exc:
-        raise OipError(f"tensor '{name}' data is not a regular array of numbers ({exc})", field=name) from exc
+    except (ValueError, OverflowError):  # numpy's own text names no tensor and speaks of its internals
+        raise OipError(f"tensor '{name}' data is not a regular array of numbers: nested arrays must all have "
+                       f"the same length (shape {list(shape)}, row-major, or one flat array)", field=name) from None
     if array.size != element_count(shape):
         raise _count_mismatch(name, int(array.size), shape)
     if array.size == 0:

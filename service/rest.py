@@ -168,7 +168,7 @@ async def _decode_prior_mask(path: Path, runtime: Any) -> np.ndarray:
 def _field_error(exc: ValueError, field: str) -> ServiceError:
     error = as_service_error(exc)
     assert error is not None  # every ValueError maps
-    if error.field is None:
+    if error.field in (None, "file"):  # an undecodable upload maps to "file": name the part it came in
         error.field = field
     return error
 

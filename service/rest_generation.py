@@ -27,10 +27,28 @@ from pathlib import Path
 from typing import Any
 
 from core.imageio import decode_mask, encode_png
-from service.errors import NotFound
+from service.errors import NotFound, ServiceError
 from service.rest import _field_error, _ms, _read_upload
 
 __all__ = ["generate", "synthesize"]
+
+# The generation runtime checks lists (one entry per prompt) and best-of "candidates"; a REST request sends
+# one value of each, and its errors must name the request's own fields.
+_REST_FIELDS = {"prompts": "prompt", "modalities": "modality", "negative_prompts": "negative_prompt",
+                "candidates": "best_of"}
+
+
+def _rest_field(error: ServiceError) -> ServiceError:
+    """``error`` naming the REST field (``prompt``) instead of the runtime's (``prompts: entry 0 ...``)."""
+    internal = error.field or ""
+    name = _REST_FIELDS.get(internal)
+    if name is None:
+        return error
+    message = error.message
+    if message.startswith(f"{internal}: "):
+        message = f"{name}: " + message[len(internal) + 2:].removeprefix("entry 0 ")
+    error.message, error.field, error.args = message, name, (message,)
+    return error
 
 
 def _generation(runtime: Any) -> Any:
@@ -68,10 +86,13 @@ async def generate(
     """
     started = time.perf_counter()
     generation = _generation(runtime)
-    result = await generation.generate(
-        [prompt], [modality], negative_prompts=None if negative_prompt is None else [negative_prompt],
-        guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
-    )
+    try:
+        result = await generation.generate(
+            [prompt], [modality], negative_prompts=None if negative_prompt is None else [negative_prompt],
+            guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+        )
+    except ServiceError as exc:
+        raise _rest_field(exc) from None
     encode_started = time.perf_counter()
     images = await asyncio.to_thread(lambda: [_png_b64(image) for image in result.images])
     height, width = (int(d) for d in result.images.shape[1:])

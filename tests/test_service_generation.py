@@ -193,10 +193,10 @@ def test_rest_generate_and_synthesize(live_server):
 @pytest.mark.parametrize(
     ("kwargs", "status", "field"),
     [
-        ({"json": PROMPT | {"modality": "pet"}}, 400, "modalities"),
+        ({"json": PROMPT | {"modality": "pet"}}, 400, "modality"),
         ({"json": PROMPT | {"steps": 0}}, 400, "steps"),
         ({"json": PROMPT | {"guidance_scale": 1000}}, 400, "guidance_scale"),
-        ({"json": PROMPT | {"prompt": "word " * 80}}, 400, "prompts"),
+        ({"json": PROMPT | {"prompt": "word " * 80}}, 400, "prompt"),
         ({"json": PROMPT | {"steps": "many"}}, 400, "steps"),
         ({"json": {"modality": "chest_xray"}}, 400, "prompt"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None),
