@@ -59,3 +59,10 @@ default-models: install
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
+
+# The container image from nothing: rootful Podman, a debootstrap base, the Dockerfile unchanged
+# (deploy/container/build.sh; root only). Not part of `test`: it takes minutes on every core.
+IMAGE_TAG ?= localhost/medrefine:latest
+.PHONY: image
+image: export
+	deploy/container/build.sh $(IMAGE_TAG)
