@@ -151,6 +151,8 @@ class ModelVersion(Base):
     bento_tag: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     job_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    # Deleting a version keeps its row (metrics stay comparable, numbers are never reused) and drops its files.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Alias(Base):

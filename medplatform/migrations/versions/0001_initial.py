@@ -66,6 +66,7 @@ def upgrade() -> None:
         sa.Column("bento_tag", sa.String(200), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
+        sa.Column("deleted_at", UTCDateTime(), nullable=True),
         sa.UniqueConstraint("name", "version", name="uq_model_versions_name_version"),
     )
     op.create_table(
