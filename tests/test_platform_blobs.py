@@ -5,66 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 
 from medplatform.blobs import BlobStore, LocalBlobStore, blob_store_from_env
 from medplatform.errors import InvalidValue, NotFound
-
-BUCKET = "medrefine-test"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """moto's S3 server on loopback for this module; stopped at the end."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+from tests.platform_s3 import fresh_s3_store, moto_endpoint, s3_env  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def s3_env(moto_endpoint, monkeypatch):
-    for key, value in S3_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return {**S3_ENV, "MEDREFINE_S3_BUCKET": BUCKET, "MEDREFINE_S3_ENDPOINT_URL": moto_endpoint}
-
-
-def _s3_store(request, endpoint: str):
-    from medplatform.s3 import S3BlobStore
-
-    # A fresh bucket per test: contract tests start from an empty store.
-    bucket = f"{BUCKET}-{hashlib.sha256(request.node.name.encode()).hexdigest()[:12]}"
-    made = S3BlobStore(bucket, endpoint_url=endpoint, region_name="us-east-1",
-                       multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
-    made.client.create_bucket(Bucket=bucket)
-    return made
-
-
-@pytest.fixture
-def s3_store(request, s3_env):
-    return _s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
+def s3_store(request, s3_env):  # noqa: F811
+    return fresh_s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
 
 
 @pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, s3_env) -> BlobStore:
+def store(request, tmp_path, s3_env) -> BlobStore:  # noqa: F811
     if request.param == "local":
         return LocalBlobStore(tmp_path / "blobs")
-    return _s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
+    return fresh_s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
 
 
 def test_round_trip_list_size_delete(store, tmp_path):
@@ -134,13 +92,13 @@ def test_s3_large_file_uses_multipart_upload(s3_store, tmp_path):
     assert store.size("runs/r1/big.bin") == 11 * 1024 * 1024 + 17
 
 
-def test_store_from_env_picks_the_backend(tmp_path, s3_env):
+def test_store_from_env_picks_the_backend(tmp_path, s3_env):  # noqa: F811
     local = blob_store_from_env({"MEDREFINE_DATA_DIR": str(tmp_path / "data")})
     assert isinstance(local, LocalBlobStore) and local.root == tmp_path / "data" / "blobs"
 
     s3 = blob_store_from_env(s3_env)
-    assert type(s3).__name__ == "S3BlobStore" and s3.bucket == BUCKET
-    s3.client.create_bucket(Bucket=BUCKET)
+    assert type(s3).__name__ == "S3BlobStore" and s3.bucket == s3_env["MEDREFINE_S3_BUCKET"]
+    s3.client.create_bucket(Bucket=s3.bucket)
     s3.put_bytes("env/check", b"ok")
     assert s3.get_bytes("env/check") == b"ok"
     assert isinstance(blob_store_from_env({"MEDREFINE_S3_BUCKET": "", "MEDREFINE_DATA_DIR": str(tmp_path)}),

@@ -21,6 +21,7 @@ from medplatform.blobs import LocalBlobStore
 from medplatform.errors import AliasInUse, Conflict, IntegrityFailure, InvalidValue, NotFound
 from medplatform.registry import ModelRegistry, ensure_default_registered, parse_model_spec
 from tests.artifact_factory import session_tiny_artifacts
+from tests.platform_s3 import fresh_s3_store, moto_endpoint, s3_env  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,3 +204,21 @@ def test_concurrent_registrations_get_distinct_numbers(registry, tiny_pair):
     assert not errors, errors
     assert sorted(results) == [1, 2, 3]
     assert registry.bento.tags("race") == ["race:v1", "race:v2", "race:v3"]
+
+
+def test_s3_mirror_restores_a_version_on_a_new_machine(tmp_path, request, s3_env, tiny_pair):  # noqa: F811
+    """Two machines share the database and an S3 bucket; the second has an empty BentoML store."""
+    url = f"sqlite:///{tmp_path / 'platform.sqlite3'}"
+    db.upgrade(url)
+    bucket = fresh_s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
+    first = ModelRegistry(db.session_factory(url), bucket, BentoModels(tmp_path / "bentoml-a"))
+    info = first.register(tiny_pair.run_dir, tiny_pair.art_dir, name="tiny")
+    assert set(bucket.list("models/tiny/v1/artifacts/")) == {
+        f"models/tiny/v1/artifacts/{f}" for f in info.artifact_hashes["files"]}
+
+    second = ModelRegistry(db.session_factory(url), bucket, BentoModels(tmp_path / "bentoml-b"))
+    assert second.bento.tags() == []
+    path = second.materialize("tiny", 1)
+    assert path.is_relative_to(tmp_path / "bentoml-b") and second.bento.tags() == ["tiny:v1"]
+    for file, sha in info.artifact_hashes["files"].items():
+        assert file_sha256(path / file) == sha
