@@ -29,14 +29,20 @@ MODES = ("closed", "open")
 ARRIVALS = ("poisson", "fixed")
 
 Send = Callable[[int], Awaitable[Any]]
+LATE_SEND_S = 0.1  # an open-loop send this far behind its schedule counts as late
 
 
 class RequestFailed(Exception):
-    """A request that got an answer other than success; ``kind`` is e.g. ``"http-503"``."""
+    """A request that got an answer other than success; ``kind`` is e.g. ``"http-503"``.
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    ``shed`` marks the server turning the request away under load as documented (429/503 with
+    ``Retry-After``, gRPC RESOURCE_EXHAUSTED/UNAVAILABLE): correct behaviour, counted apart from faults.
+    """
+
+    def __init__(self, kind: str, detail: str = "", *, shed: bool = False) -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+        self.shed = shed
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class LoadRun:
     issue_end: float = 0.0
     stopped_by: str = "duration"  # "duration" | "max_requests"
     issue_times: list[float] = field(default_factory=list)
+    # Open loop: how late the generator sent against its schedule (a late generator measures itself).
+    max_lag_s: float = 0.0
+    late_sends: int = 0
 
     @property
     def window(self) -> tuple[float, float]:
@@ -121,7 +130,10 @@ class LoadRun:
             issued_total=self.issued,
             answered_total=len(self.records),
             errors_total=sum(1 for r in self.records if not r.ok),
+            shed_total=sum(1 for r in self.records if r.shed),
             stopped_by=self.stopped_by,
+            generator_max_lag_s=self.max_lag_s if self.spec.mode == "open" else None,
+            generator_late_sends=self.late_sends if self.spec.mode == "open" else None,
         )
         return result
 
@@ -131,7 +143,7 @@ async def _timed(send: Send, index: int, t0: float) -> RequestRecord:
     try:
         await send(index)
     except RequestFailed as exc:
-        return RequestRecord(start, time.perf_counter() - t0, exc.kind)
+        return RequestRecord(start, time.perf_counter() - t0, exc.kind, shed=exc.shed)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # any transport failure is a counted error, not a crash of the generator
@@ -183,7 +195,11 @@ async def _open(send: Send, spec: LoadSpec, run: LoadRun, t0: float) -> None:
         else:
             index = run.issued
             run.issued += 1
-            run.issue_times.append(time.perf_counter() - t0)
+            sent_at = time.perf_counter() - t0
+            lag = sent_at - next_at
+            run.max_lag_s = max(run.max_lag_s, lag)
+            run.late_sends += lag > LATE_SEND_S
+            run.issue_times.append(sent_at)
             task = asyncio.create_task(one(index))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

@@ -18,6 +18,9 @@ from loadtest.workload import Workload
 
 __all__ = ["grpc_sender", "run_grpc_load"]
 
+# The server's documented refusals under load (each with a retry-after trailer), not faults.
+SHED_STATUSES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+
 
 def grpc_sender(client, workload: Workload, *, timeout_s: float = 60.0,
                 api_key: str | None = None) -> Callable[[int], Awaitable[None]]:
@@ -42,7 +45,7 @@ def grpc_sender(client, workload: Workload, *, timeout_s: float = 60.0,
             )
         except InferenceServerException as exc:
             status = str(exc.status() or "UNKNOWN").replace("StatusCode.", "")
-            raise RequestFailed(f"grpc-{status}", str(exc.message())[:200]) from None
+            raise RequestFailed(f"grpc-{status}", str(exc.message())[:200], shed=status in SHED_STATUSES) from None
         mask = result.as_numpy("MASK")
         if mask is None or mask.shape != image.shape:
             raise RequestFailed("bad-output", f"MASK shape {None if mask is None else mask.shape}")

@@ -1,4 +1,4 @@
-"""HTTP load on one asyncio loop (httpx): REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``.
+"""HTTP load on one asyncio loop (aiohttp): REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``.
 
 The REST request is a multipart upload of a PNG (field ``file``, what the web UI sends). The OIP request
 uses Triton's binary tensor data extension: a JSON header (``Inference-Header-Content-Length`` bytes)
@@ -6,7 +6,9 @@ followed by the raw ``IMAGE`` UINT8 ``[H, W]`` bytes, and asks for ``MASK`` back
 
     python -m loadtest http --url http://127.0.0.1:3000 --protocol rest --mode closed --concurrency 8
 
-Only loopback URLs are accepted (:func:`require_loopback`).
+Only loopback URLs are accepted (:func:`require_loopback`). aiohttp, not httpx: httpcore's pool scans
+every connection for every queued request, so with hundreds in flight the generator itself became the
+bottleneck and sent bodies seconds late (docs/reliability.md, "The soak stall").
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from loadtest.driver import LoadRun, LoadSpec, RequestFailed, run_load
 from loadtest.workload import Workload
 
 __all__ = [
+    "CLIENT_KEEPALIVE_S",
     "HTTP_PROTOCOLS",
     "http_sender",
     "oip_infer_body",
@@ -36,6 +39,10 @@ __all__ = [
 HTTP_PROTOCOLS = ("rest", "oip-http")
 SEGMENT_PATH = "/segment"
 OIP_MODEL = "segment"
+# An idle connection is dropped by the client before any server closes it (uvicorn's default keep-alive is
+# 5 s, ours 75 s), so a request never races a server-side close on a reused socket.
+CLIENT_KEEPALIVE_S = 4.0
+SHED_STATUSES = (429, 503)
 
 
 def require_loopback(url: str) -> str:
@@ -68,37 +75,47 @@ def oip_infer_body(image) -> tuple[bytes, dict[str, str]]:
 
 
 def http_sender(
-    client: httpx.AsyncClient, protocol: str, workload: Workload, *, api_key: str | None = None
+    client: aiohttp.ClientSession, protocol: str, workload: Workload, *, api_key: str | None = None
 ) -> Callable[[int], Awaitable[None]]:
-    """``send(i)`` for ``protocol`` (``"rest"`` or ``"oip-http"``); raises :class:`RequestFailed` on non-200."""
+    """``send(i)`` for ``protocol`` (``"rest"`` or ``"oip-http"``); raises :class:`RequestFailed` on non-200.
+
+    A 429 or 503 that carries ``Retry-After`` is load shedding (``RequestFailed.shed``), not a fault.
+    """
     if protocol not in HTTP_PROTOCOLS:
         raise ValueError(f"HTTP protocol must be one of {HTTP_PROTOCOLS}, got {protocol!r}")
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     oip_bodies: dict[int, tuple[bytes, dict[str, str]]] = {}
 
+    async def check(response: aiohttp.ClientResponse) -> None:
+        body = await response.read()
+        if response.status != 200:
+            shed = response.status in SHED_STATUSES and "Retry-After" in response.headers
+            raise RequestFailed(f"http-{response.status}", body[:200].decode("utf-8", "replace"), shed=shed)
+
     async def send_rest(index: int) -> None:
-        files = {"file": (f"image{index % workload.pool_size}.png", workload.png(index), "image/png")}
-        response = await client.post(SEGMENT_PATH, files=files, headers=auth)
-        if response.status_code != 200:
-            raise RequestFailed(f"http-{response.status_code}", response.text[:200])
+        form = aiohttp.FormData()
+        form.add_field("file", workload.png(index), filename=f"image{index % workload.pool_size}.png",
+                       content_type="image/png")
+        async with client.post(SEGMENT_PATH, data=form, headers=auth) as response:
+            await check(response)
 
     async def send_oip(index: int) -> None:
         key = index % workload.pool_size
         if key not in oip_bodies:
             oip_bodies[key] = oip_infer_body(workload.image(index))
         body, headers = oip_bodies[key]
-        response = await client.post(f"/v2/models/{OIP_MODEL}/infer", content=body, headers={**headers, **auth})
-        if response.status_code != 200:
-            raise RequestFailed(f"http-{response.status_code}", response.text[:200])
+        async with client.post(f"/v2/models/{OIP_MODEL}/infer", data=body, headers={**headers, **auth}) as response:
+            await check(response)
 
     return send_rest if protocol == "rest" else send_oip
 
 
 @asynccontextmanager
 async def http_client(url: str, *, connections: int, timeout_s: float):
-    """An httpx client for a loopback ``url`` with ``connections`` keep-alive connections."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=require_loopback(url), limits=limits, timeout=timeout_s) as client:
+    """An aiohttp session for a loopback ``url`` with up to ``connections`` keep-alive connections."""
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=CLIENT_KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(base_url=require_loopback(url), connector=connector, timeout=timeout) as client:
         yield client
 
 

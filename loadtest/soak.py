@@ -3,15 +3,13 @@
     python -m loadtest soak --minutes 10 --out loadtest/results/soak.json [--fraction 0.5 | --rate R]
     python -m loadtest soak --minutes 1 --max-errors 0 --max-growth-mb 64      (the CI target)
 
-Starts ``python -m service`` (artifacts exported from ``--model`` unless ``--artifacts`` is given), or
-attaches to a running server with ``--url URL --server-pid PID``. Without ``--rate`` it first finds peak
-throughput with a short closed-loop step (``2 x max batch`` concurrency) and then offers
-``--fraction`` (default 0.5) of it, open loop (Poisson), for ``--minutes``. Every ``--sample-s`` seconds
-it records the resident set size (RSS) of the server's whole process tree (psutil). The report has
-per-interval throughput, errors and p50/p99, the RSS series, and the growth after warm-up (the first
-``--warmup-fraction`` of the run): RSS at the end minus RSS when warm-up ended, and the least-squares
-slope after warm-up in MiB per minute. Exit code 1 when errors exceed ``--max-errors`` or growth exceeds
-``--max-growth-mb``.
+Starts ``python -m service`` (or attaches with ``--url URL --server-pid PID``), finds peak throughput with
+a short closed-loop probe unless ``--rate`` is given, and offers ``--fraction`` of it open loop (Poisson)
+for ``--minutes``, sampling the server tree's RSS. It judges what a soak exists to judge: faults (any
+answer but success or documented shedding; a transport error is a fault), lost or hung requests (every
+request answered, no arrival dropped for want of a free slot), and RSS growth after warm-up. Shedding
+(429/503 with ``Retry-After``) is reported beside faults and allowed up to ``--max-shed-fraction`` of the
+requests sent. Exit code 1 when any limit is passed.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ class SoakConfig:
     peak_probe_s: float = 10.0
     image_size: int = 256
     max_errors: int = 0
+    max_shed_fraction: float = 0.01
     max_growth_mb: float = 64.0
     model: str = "default"
     artifacts: str | None = None
@@ -66,6 +65,8 @@ class SoakConfig:
             raise ValueError(f"soak --minutes must be > 0, got {self.minutes}")
         if not 0 < self.fraction <= 1.5:
             raise ValueError(f"soak --fraction must be in (0, 1.5], got {self.fraction}")
+        if not 0 <= self.max_shed_fraction <= 1:
+            raise ValueError(f"soak --max-shed-fraction must be in [0, 1], got {self.max_shed_fraction}")
         if self.protocol not in ("rest", "oip-http", "grpc"):
             raise ValueError(f"soak --protocol must be rest, oip-http or grpc, got {self.protocol!r}")
         if not 0 <= self.warmup_fraction < 1:
@@ -132,7 +133,8 @@ def memory_growth(samples: list[RssSample], warmup_s: float) -> dict[str, Any]:
 
 
 def soak_intervals(records: list[RequestRecord], duration_s: float, interval_s: float) -> list[dict[str, Any]]:
-    """Per-interval (by completion time) answered count, errors, throughput and latency percentiles."""
+    """Per-interval (by completion time) answered count, faults, shed requests, throughput and latency
+    percentiles."""
     count = max(1, int(-(-duration_s // interval_s)))
     rows = []
     for k in range(count):
@@ -142,8 +144,9 @@ def soak_intervals(records: list[RequestRecord], duration_s: float, interval_s: 
         ok = [r.latency_s for r in inside if r.ok]
         span = min(end, duration_s) - begin
         span = span if span > 0 else interval_s
-        rows.append({"t_start_s": begin, "answered": len(inside), "errors": len(inside) - len(ok),
-                     "throughput_rps": len(ok) / span, **latency_summary(ok)})
+        shed = sum(1 for r in inside if r.shed)
+        rows.append({"t_start_s": begin, "answered": len(inside), "errors": len(inside) - len(ok) - shed,
+                     "shed": shed, "throughput_rps": len(ok) / span, **latency_summary(ok)})
     return rows
 
 
@@ -261,13 +264,20 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
             exit_code = server.stop() if server is not None else None
     warmup_s = config.warmup_fraction * duration_s
     memory = memory_growth(sampler.samples, warmup_s)
-    errors = sum(1 for r in run.records if not r.ok)
+    # Faults: anything but success or documented shedding (a transport error is a fault). A dropped arrival
+    # means the generator's 256 slots were all held by unanswered requests: hung or lost work.
+    errors = sum(1 for r in run.records if not r.ok and not r.shed)
+    shed = sum(1 for r in run.records if r.shed)
     kinds: dict[str, int] = {}
+    shed_kinds: dict[str, int] = {}
     for r in run.records:
         if not r.ok:
-            kinds[r.error] = kinds.get(r.error, 0) + 1
+            target = shed_kinds if r.shed else kinds
+            target[r.error] = target.get(r.error, 0) + 1
     ok_latencies = [r.latency_s for r in run.records if r.ok]
-    passed = (errors <= config.max_errors and server_alive
+    shed_budget = int(config.max_shed_fraction * run.issued)
+    passed = (errors <= config.max_errors and shed <= shed_budget and run.dropped == 0 and server_alive
+              and len(run.records) == run.issued
               and (memory["growth_mib"] is None or memory["growth_mib"] <= config.max_growth_mb))
     report: dict[str, Any] = {
         "format": "medrefine-soak/1",
@@ -284,6 +294,11 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
         "dropped": run.dropped,
         "errors": errors,
         "errors_by_kind": kinds,
+        "shed": shed,
+        "shed_by_kind": shed_kinds,
+        "shed_budget": shed_budget,
+        "generator_max_lag_s": run.max_lag_s,
+        "generator_late_sends": run.late_sends,
         "latency": latency_summary(ok_latencies),
         "cpu": cpu_use,
         "warmup_s": warmup_s,
@@ -292,7 +307,8 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
         "intervals": soak_intervals(run.records, duration_s, min(config.interval_s, duration_s)),
         "server_alive_at_end": server_alive,
         "server_exit_code": exit_code,
-        "limits": {"max_errors": config.max_errors, "max_growth_mb": config.max_growth_mb},
+        "limits": {"max_errors": config.max_errors, "max_shed_fraction": config.max_shed_fraction,
+                   "max_dropped": 0, "max_growth_mb": config.max_growth_mb},
         "passed": passed,
     }
     if config.out:
@@ -316,7 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
     parser.add_argument("--peak-probe-s", type=float, default=d.peak_probe_s)
     parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--max-errors", type=int, default=d.max_errors)
+    parser.add_argument("--max-errors", type=int, default=d.max_errors, help="faults allowed (not shedding)")
+    parser.add_argument("--max-shed-fraction", type=float, default=d.max_shed_fraction,
+                        help="429/503 with Retry-After allowed, as a fraction of requests sent")
     parser.add_argument("--max-growth-mb", type=float, default=d.max_growth_mb)
     parser.add_argument("--model", default=d.model)
     parser.add_argument("--artifacts", default=None)
@@ -335,8 +353,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m loadtest soak: {exc}", file=sys.stderr)
         return 2
     report, passed = run_soak(config)
-    print(json.dumps({k: report[k] for k in ("rate_rps", "answered", "errors", "errors_by_kind", "latency",
-                                              "memory", "passed")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("rate_rps", "answered", "errors", "errors_by_kind", "shed",
+                                              "dropped", "generator_max_lag_s", "latency", "memory", "passed")},
+                     indent=2))
     return 0 if passed else 1
 
 
@@ -345,6 +364,7 @@ def _config_from_args(args: argparse.Namespace) -> SoakConfig:
         minutes=args.minutes, fraction=args.fraction, rate_rps=args.rate, protocol=args.protocol,
         sample_s=args.sample_s, interval_s=args.interval_s, warmup_fraction=args.warmup_fraction,
         peak_probe_s=args.peak_probe_s, image_size=args.image_size, max_errors=args.max_errors,
+        max_shed_fraction=args.max_shed_fraction,
         max_growth_mb=args.max_growth_mb, model=args.model, artifacts=args.artifacts, backend=args.backend,
         threads=args.threads, max_batch_size=args.max_batch_size, url=args.url, server_pid=args.server_pid,
         out=args.out,

@@ -20,12 +20,14 @@ __all__ = ["RequestRecord", "latency_summary", "percentile", "summarise"]
 class RequestRecord:
     """One request: ``start`` and ``end`` in seconds since the step began; ``error`` None when it succeeded.
 
-    ``error`` is a short kind such as ``"http-503"``, ``"grpc-UNAVAILABLE"`` or an exception class name.
+    ``error`` is a short kind such as ``"http-503"``, ``"grpc-UNAVAILABLE"`` or an exception class name;
+    ``shed`` is True when that error is documented load shedding (429/503 with ``Retry-After``).
     """
 
     start: float
     end: float
     error: str | None = None
+    shed: bool = False
 
     @property
     def latency_s(self) -> float:
@@ -84,7 +86,7 @@ def summarise(
         dropped: open-loop arrivals not sent because the generator's in-flight cap was reached.
 
     Returns:
-        ``{"window_s", "completed", "ok", "errors", "error_rate", "errors_by_kind", "throughput_rps",
+        ``{"window_s", "completed", "ok", "errors", "error_rate", "errors_by_kind", "shed", "throughput_rps",
         "offered_rps", "dropped", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms"}``; latencies are
         those of the successful requests.
     """
@@ -102,6 +104,7 @@ def summarise(
         "errors": len(inside) - len(ok),
         "error_rate": (len(inside) - len(ok)) / len(inside) if inside else 0.0,
         "errors_by_kind": dict(sorted(kinds.items())),
+        "shed": sum(1 for r in inside if r.shed),
         "throughput_rps": len(ok) / span,
         "offered_rps": issued_in_window / span if issued_in_window is not None else None,
         "dropped": dropped,

@@ -43,6 +43,7 @@ def bentoml_serve_args(settings: ServiceSettings) -> list[str]:
         "--port", str(settings.port),
         "--working-dir", str(REPO_ROOT),
         "--timeout-graceful-shutdown", str(max(1, math.ceil(settings.drain_timeout_s))),
+        "--timeout-keep-alive", str(settings.keepalive_timeout_s),
     ]
 
 

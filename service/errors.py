@@ -18,6 +18,7 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedMediaType",
+    "UploadTooSlow",
     "as_service_error",
 ]
 
@@ -78,6 +79,12 @@ class PayloadTooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     code = 415
+
+
+class UploadTooSlow(ServiceError):
+    """The request body arrived below the minimum upload rate (a slow client holding the server)."""
+
+    code = 408
 
 
 class QueueFullError(ServiceError):

@@ -7,8 +7,11 @@ BentoML 1.4 has no request-body limit and answers its own probes with plain text
    loaded and verified and the batcher runs; false again as soon as draining starts).
 1b. Draining for shutdown: new requests (not probes or ``/metrics``) -> 503 + ``Retry-After`` +
    ``Connection: close``; requests let in before the drain began run to completion.
-1c. Concurrency: more than ``max_concurrency`` open requests (probes and ``/metrics`` not counted) -> 429
-   with ``Retry-After`` and our JSON body (BentoML's own limiter would answer 429 without either).
+1c. Concurrency: a request holds a slot only once its body has arrived whole, so clients that send slowly
+   cannot lock others out: more than ``max_concurrency`` such requests (probes and ``/metrics`` not
+   counted) -> 429 with ``Retry-After`` and our JSON body; more than ``max_receiving`` bodies still
+   arriving -> 429 before any is read; a body slower than ``min_upload_bytes_per_s`` after
+   ``upload_grace_s`` -> 408 and the connection is closed.
 2. API key: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` on the REST routes (``/segment``,
    ``/refine``, ``/synthesize``, ``/generate``) when a key is configured -> 401 (``/v2`` checks it
    itself, except its health probes).
@@ -22,11 +25,11 @@ BentoML 1.4 has no request-body limit and answers its own probes with plain text
 6. BentoML's own input-validation 400s (pydantic) on the REST routes are rewritten to our body
    ``{"error": ..., "field": ...}``.
 
-Refusals discovered mid-stream (4, 5) end the downstream app's body with ``http.disconnect``; whatever
-it then tries to send is dropped and the refusal goes out instead. A client that disconnects after
+Refusals discovered mid-stream (4, 5, and the slot taken when the body is whole) stop the downstream app
+from inside its ``receive`` (nothing for it to log) and the refusal goes out instead. A client that disconnects after
 sending a REST or ``/v2/.../infer`` request cancels its handler, which drops the request from the
-batching queue (counted with status 499). Every REST request is counted in
-``medrefine_requests_total{protocol="rest"}``.
+batching queue (counted with status 499, as is one that leaves mid-upload). Every REST request is counted
+in ``medrefine_requests_total{protocol="rest"}``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from service.errors import (
     TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
+    UploadTooSlow,
 )
 
 __all__ = [
@@ -191,11 +195,59 @@ def _boundary(content_type: str) -> bytes | None:
 class OpenRequests:
     """Requests the guard has let in and not yet answered (probes, ``/metrics`` and refusals not counted).
 
-    One event loop per worker touches it, so a plain integer suffices.
+    ``count``: requests that arrived whole and are being answered (bounded by ``max_concurrency``; the
+    shutdown path waits for it to reach 0). ``receiving``: requests whose body is still arriving (bounded
+    by ``max_receiving``). One event loop per worker touches them, so plain integers suffice.
     """
 
     def __init__(self) -> None:
         self.count = 0
+        self.receiving = 0
+
+
+class _Admission:
+    """One request's claim on :class:`OpenRequests`: a receiving place while its body arrives, then an open
+    slot from the moment it has arrived whole until it is answered."""
+
+    def __init__(self, counts: OpenRequests, settings: Any, draining: Callable[[], bool]) -> None:
+        self._counts = counts
+        self._limit = int(settings.max_concurrency)
+        self._draining = draining
+        self.receiving = False
+        self.open = False
+
+    def start_receiving(self, limit: int) -> ServiceError | None:
+        if self._counts.receiving >= limit:
+            return TooManyRequests(f"server busy: {self._counts.receiving} uploads arriving "
+                                   f"(max_receiving={limit}); retry later")
+        self._counts.receiving += 1
+        self.receiving = True
+        return None
+
+    def arrived(self) -> ServiceError | None:
+        """The request is whole: trade the receiving place for an open slot (or say why not)."""
+        if self.open:
+            return None
+        self._stop_receiving()
+        if self._draining():
+            return NotReady("server shutting down; retry on another instance", retry_after=1)
+        if self._counts.count >= self._limit:
+            return TooManyRequests(f"server busy: {self._counts.count} requests open "
+                                   f"(max_concurrency={self._limit}); retry later")
+        self._counts.count += 1
+        self.open = True
+        return None
+
+    def release(self) -> None:
+        self._stop_receiving()
+        if self.open:
+            self._counts.count -= 1
+            self.open = False
+
+    def _stop_receiving(self) -> None:
+        if self.receiving:
+            self._counts.receiving -= 1
+            self.receiving = False
 
 
 class GuardMiddleware:
@@ -247,8 +299,10 @@ class GuardMiddleware:
                 status_box["status"] = int(message["status"])
             await send(message)
 
-        limit = int(self._settings().max_concurrency)
+        settings = self._settings()
         runtime = self._runtime()
+        admission = _Admission(self.open_requests, settings,
+                               lambda: getattr(self._runtime(), "draining", False) is True)
         try:
             if getattr(runtime, "draining", False) is True:
                 # Shutting down: requests accepted before the signal finish; new ones are turned away
@@ -256,16 +310,17 @@ class GuardMiddleware:
                 await _send_error(counting_send, NotReady("server shutting down; retry on another instance",
                                                           retry_after=1), close=True)
                 return
-            if self.open_requests.count >= limit:
-                await _send_error(counting_send, TooManyRequests(
-                    f"server busy: {self.open_requests.count} requests open (max_concurrency={limit}); "
-                    "retry later"))
+            # A request with a body takes its slot when the body has arrived (guarded_receive); one
+            # without takes it now.
+            refusal = (admission.start_receiving(int(settings.max_receiving)) if method in _BODY_METHODS
+                       else admission.arrived())
+            if refusal is not None:
+                await _send_error(counting_send, refusal)
                 return
-            self.open_requests.count += 1
             try:
-                await self._guarded(scope, receive, counting_send, path, endpoint, status_box)
+                await self._guarded(scope, receive, counting_send, path, endpoint, status_box, admission)
             finally:
-                self.open_requests.count -= 1
+                admission.release()
         finally:
             if metrics is not None:
                 metrics.observe_request(endpoint, "rest", str(status_box["status"]), time.perf_counter() - start)
@@ -315,7 +370,7 @@ class GuardMiddleware:
         return presented is not None and hmac.compare_digest(presented.encode(), settings.api_key.encode())
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str, endpoint: str | None,
-                       status_box: dict[str, int]) -> None:
+                       status_box: dict[str, int], admission: _Admission) -> None:
         method = scope.get("method", "GET")
         if self._needs_key(path) and not self._check_key(scope):
             await _send_error(send, Unauthorized())
@@ -345,7 +400,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        limit = int(self._settings().max_upload_bytes)
+        settings = self._settings()
+        limit = int(settings.max_upload_bytes)
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
@@ -362,37 +418,82 @@ class GuardMiddleware:
         state: dict[str, Any] = {"received": 0, "reject": None, "replied": False, "status": None, "held": [],
                                  "responded": False, "client_gone": False}
         body_done = asyncio.Event()
+        upload_start = time.monotonic()
+        grace_s = float(settings.upload_grace_s)
+        min_rate = float(settings.min_upload_bytes_per_s)
+
+        async def receive_body() -> Message | None:
+            """The next body message, or None when the client falls below the minimum upload rate: after
+            ``grace_s`` the body must keep arriving at ``min_rate`` bytes/s on average."""
+            if min_rate <= 0:
+                return await receive()
+            due = upload_start + grace_s + (state["received"] + 1) / min_rate
+            try:
+                return await asyncio.wait_for(receive(), timeout=max(0.0, due - time.monotonic()))
+            except asyncio.TimeoutError:
+                return None
+
+        def refuse(problem: ServiceError) -> _Refused:
+            state["reject"] = problem
+            return _Refused()
 
         async def guarded_receive() -> Message:
-            if state["reject"] is not None:
-                return {"type": "http.disconnect"}
-            message = await receive()
+            if state["reject"] is not None or state["client_gone"]:
+                raise _Refused()
+            if body_done.is_set():
+                return await receive()
+            message = await receive_body()
+            if message is None:
+                raise refuse(UploadTooSlow(
+                    f"request body arrived too slowly: {state['received']} bytes in "
+                    f"{time.monotonic() - upload_start:.0f} s (at least {min_rate:g} bytes/s after "
+                    f"{grace_s:g} s: min_upload_bytes_per_s, upload_grace_s)", "file"))
+            if message["type"] == "http.disconnect":
+                state["client_gone"] = True  # left mid-upload: 499, and nothing for the app to log
+                raise _Refused()
             if message["type"] != "http.request":
                 return message
             chunk = message.get("body", b"")
             state["received"] += len(chunk)
             if state["received"] > limit:
-                state["reject"] = _too_large(state["received"], limit, streamed=True)
-                return {"type": "http.disconnect"}
+                raise refuse(_too_large(state["received"], limit, streamed=True))
             if guard is not None:
                 problem = guard.feed(chunk, bool(message.get("more_body", False)))
                 if problem is not None:
-                    state["reject"] = problem
-                    return {"type": "http.disconnect"}
+                    raise refuse(problem)
             if not message.get("more_body", False):
                 body_done.set()
+                problem = admission.arrived()
+                if problem is not None:
+                    raise refuse(problem)
             return message
 
         async def reply_reject() -> None:
             if not state["replied"]:
                 state["replied"] = True
-                await _send_error(send, state["reject"])
+                # A client cut off mid-body may still be sending: close rather than read the rest.
+                await _send_error(send, state["reject"], close=not body_done.is_set())
+
+        async def reply_gone() -> None:
+            # 499: the client closed the request (nginx's code). Nobody reads this answer (the server drops
+            # writes to a closed connection), but the layers outside us must see the request end: BentoML's
+            # timeout middleware would otherwise hold it open until its timeout, and a graceful shutdown
+            # would wait for it.
+            if not state["replied"]:
+                state["replied"] = True
+                status_box["status"] = 499
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
+                    await send({"type": "http.response.body", "body": b""})
 
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["responded"] = True
             if state["reject"] is not None:
                 await reply_reject()
+                return
+            if state["client_gone"]:
+                await reply_gone()  # left mid-upload: whatever the app answers, nobody hears it
                 return
             if endpoint is None:
                 await send(message)
@@ -430,11 +531,15 @@ class GuardMiddleware:
         if endpoint is None and not _is_oip_infer(method, path):
             try:
                 await self.app(scope, guarded_receive, guarded_send)
+            except _Refused:
+                pass
             except Exception:
-                if state["reject"] is None:
+                if state["reject"] is None and not state["client_gone"]:
                     raise
             if state["reject"] is not None:
                 await reply_reject()
+            elif state["client_gone"]:
+                await reply_gone()
             return
 
         # Inference routes (/segment, /refine, /v2/.../infer): a client that hangs up after sending its
@@ -462,21 +567,25 @@ class GuardMiddleware:
         except asyncio.CancelledError:
             if not state["client_gone"]:
                 raise
-            status_box["status"] = 499  # client closed the request (nginx's code)
-            # Nobody reads this answer (the server drops writes to a closed connection), but the layers
-            # outside us must see the request end: BentoML's timeout middleware would otherwise hold the
-            # request open until its timeout, and a graceful shutdown would wait for it.
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.start", "status": 499, "headers": [(b"content-length", b"0")]})
-                await send({"type": "http.response.body", "body": b""})
+            await reply_gone()
             return
+        except _Refused:
+            pass
         except Exception:
-            if state["reject"] is None:
+            if state["reject"] is None and not state["client_gone"]:
                 raise
         finally:
             watcher.cancel()
         if state["reject"] is not None:
             await reply_reject()
+        elif state["client_gone"]:
+            await reply_gone()
+
+
+class _Refused(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised out of the downstream app's ``receive`` to stop it without an answer: the guard answers (or
+    the client has gone). A BaseException, so BentoML's and Starlette's ``except Exception`` handlers let
+    it pass instead of logging a traceback for a client's fault."""
 
 
 _HANDLER_ENTERED: contextvars.ContextVar[dict[str, bool] | None] = contextvars.ContextVar(

@@ -22,8 +22,16 @@ Documented limits (variable, default):
 ``MEDREFINE_MAX_LATENCY_MS``    10                   adaptive batcher: longest wait to fill a batch
 ``MEDREFINE_MAX_QUEUE``         64                   queued requests before 503 + Retry-After
 ``MEDREFINE_REQUEST_TIMEOUT_S`` 30                   queue wait + inference per request -> 504
-``MEDREFINE_MAX_CONCURRENCY``   128                  open HTTP requests per server -> 429 + Retry-After;
-                                                     concurrent gRPC calls -> RESOURCE_EXHAUSTED
+``MEDREFINE_MAX_CONCURRENCY``   128                  HTTP requests arrived whole and not yet answered
+                                                     -> 429 + Retry-After; concurrent gRPC calls ->
+                                                     RESOURCE_EXHAUSTED
+``MEDREFINE_MAX_RECEIVING``     512                  HTTP request bodies still arriving -> 429
+``MEDREFINE_UPLOAD_GRACE_S``    10                   seconds a body may take before the rate applies
+``MEDREFINE_MIN_UPLOAD_BYTES_PER_S`` 16384           slowest average upload after the grace -> 408
+                                                     (0 = no minimum)
+``MEDREFINE_KEEPALIVE_TIMEOUT_S`` 75                 idle HTTP keep-alive connections closed after this
+                                                     (longer than load balancers' and clients' idle
+                                                     timeouts, so the client side closes first)
 ``MEDREFINE_DRAIN_TIMEOUT_S``   25                   grace for accepted requests on SIGTERM (keep it
                                                      under 30 s: BentoML's supervisor kills a worker
                                                      30 s after SIGTERM, as Kubernetes does by default)
@@ -88,6 +96,10 @@ class ServiceSettings:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     max_concurrency: int = 128
+    max_receiving: int = 512
+    upload_grace_s: float = 10.0
+    min_upload_bytes_per_s: float = 16384.0
+    keepalive_timeout_s: int = 75
     drain_timeout_s: float = 25.0
     api_key_env: str = "MEDREFINE_API_KEY"
     api_key: str | None = None
@@ -111,12 +123,14 @@ class ServiceSettings:
             if not 0 <= value <= 65535:
                 raise SettingsError(f"{_env_name(name)}: expected a port in [0, 65535], got {value}")
         positive = ("max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
-                    "request_timeout_s", "max_concurrency", "generation_max_images", "generation_max_steps",
+                    "request_timeout_s", "max_concurrency", "max_receiving", "keepalive_timeout_s",
+                    "generation_max_images", "generation_max_steps",
                     "generation_max_queue")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_name(name)}: expected a value > 0, got {getattr(self, name)}")
-        for name in ("max_latency_ms", "drain_timeout_s", "embedding_cache_bytes", "intra_op_threads"):
+        for name in ("max_latency_ms", "drain_timeout_s", "embedding_cache_bytes", "intra_op_threads",
+                     "upload_grace_s", "min_upload_bytes_per_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env_name(name)}: expected a value >= 0, got {getattr(self, name)}")
         if self.api_key is not None and len(self.api_key) < 8:
@@ -227,8 +241,8 @@ def _env_name(field_name: str) -> str:
 
 _INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
                "max_concurrency", "embedding_cache_bytes", "intra_op_threads", "generation_max_images",
-               "generation_max_steps", "generation_max_queue"}
-_FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s"}
+               "generation_max_steps", "generation_max_queue", "max_receiving", "keepalive_timeout_s"}
+_FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s", "upload_grace_s", "min_upload_bytes_per_s"}
 _BOOL_FIELDS = {"require_api_key", "anonymize_dicom"}
 
 
