@@ -1,13 +1,6 @@
 """``python -m medplatform COMMAND``: migrate the database and manage registered model versions.
 
-    python -m medplatform migrate
-    python -m medplatform register RUN_DIR ART_DIR --name NAME [--evaluation EVAL.json] [--alias ALIAS]
-    python -m medplatform default                   (checkpoints/default + artifacts/default as default v1)
-    python -m medplatform models
-    python -m medplatform versions NAME
-    python -m medplatform alias NAME ALIAS VERSION
-
-Output is JSON on stdout. Exit codes: 0 success; 1 refused (one ``error:`` line naming the field); 2 usage.
+JSON on stdout; exit 0 success, 1 refused (one ``error:`` line naming the field), 2 usage.
 """
 
 from __future__ import annotations
@@ -21,10 +14,19 @@ from typing import Any
 from medplatform.errors import InvalidValue, PlatformError
 
 EXIT_REFUSED = 1
+USAGE = """commands:
+  migrate                                   upgrade the database (MEDREFINE_DB_URL) to the newest schema
+  register RUN_DIR ART_DIR --name NAME [--evaluation EVAL.json] [--alias ALIAS]
+  default [--run-dir DIR --art-dir DIR]     checkpoints/default + artifacts/default as default v1 = production
+  models                                    model names, their versions and aliases
+  versions NAME                             a model's versions with their metrics
+  alias NAME ALIAS VERSION                  point ALIAS (e.g. production) at VERSION
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medplatform", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medplatform", description=__doc__.splitlines()[0],
+                                     epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="upgrade the database (MEDREFINE_DB_URL) to the newest schema")
     reg = sub.add_parser("register", help="register a finished run + its ONNX export as the next version")

@@ -1,13 +1,14 @@
 """Platform metadata: SQLAlchemy 2 models (datasets, jobs, model versions, aliases), engines and migrations.
 
-``upgrade(url)`` brings any database to the newest Alembic revision; ``session_factory(url)`` hands out sessions.
-Nothing is created at import: callers own their engines (the server, each worker process, each test).
+``upgrade(url)`` migrates to head; ``session_factory``/``write_session`` hand out sessions; nothing at import.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,27 +173,54 @@ class Alias(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+WRITE = "medplatform_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
+
+
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and enforced foreign keys on every connection,
-    so the server and worker processes can share one file."""
+    so the server and worker processes can share one file, and ``BEGIN IMMEDIATE`` for ``write_session``."""
     sqlite = url.startswith("sqlite")
     if sqlite:
-        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", busy_timeout_s)
     engine = create_engine(url, **kwargs)
     if sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", lambda dbapi, record: _sqlite_connect(dbapi, busy_timeout_s))
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, busy_timeout_s: float) -> None:
+    # The driver's own transaction handling is off: SQLAlchemy's "begin" event below emits BEGIN, so that a
+    # writer can take the write lock up front (pysqlite would only BEGIN at the first INSERT/UPDATE).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the other way round
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a commit does not fsync the main file
     finally:
         cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    immediate = connection.get_execution_options().get(WRITE)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+@contextmanager
+def write_session(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose transaction holds the database's write lock from its first statement to its commit.
+
+    Use it for read-then-write steps that must not interleave with another process (next version number,
+    claiming the oldest queued job): on SQLite it is ``BEGIN IMMEDIATE`` (others wait up to the busy
+    timeout); on other databases lock the rows you read with ``select(...).with_for_update()``.
+    Commits on success, rolls back on an exception.
+    """
+    with sessions() as session:
+        session.connection(execution_options={WRITE: True})
+        yield session
+        session.commit()
 
 
 def session_factory(url_or_engine: str | Engine) -> sessionmaker[Session]:
@@ -202,13 +230,28 @@ def session_factory(url_or_engine: str | Engine) -> sessionmaker[Session]:
 
 
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
-    """Run the Alembic migrations of ``medplatform/migrations`` up to ``revision`` (default: the newest)."""
+    """Run the Alembic migrations of ``medplatform/migrations`` up to ``revision`` (default: the newest).
+
+    SQLite runs them with foreign keys off (a migration that rebuilds a table must not cascade into the
+    rows that reference it) and checks them afterwards.
+    """
     from alembic import command
 
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        with engine.begin() as connection:
-            command.upgrade(migration_config(connection), revision)
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:  # on the driver connection: outside any transaction, where SQLite honours it
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with connection.begin():
+                    command.upgrade(migration_config(connection), revision)
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all() if sqlite else []
+                    if broken:
+                        raise RuntimeError(f"migration to {revision} left foreign keys broken: {broken[:5]}")
+            finally:
+                if sqlite:
+                    connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
     finally:
         if isinstance(url_or_engine, str):
             engine.dispose()

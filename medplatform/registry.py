@@ -1,8 +1,6 @@
-"""The model registry: numbered versions per model name, aliases (``production``...), resolution of a
-request's model reference, and a verified local artifact directory for the service to load.
-
-Metadata rows in ``medplatform.db``; artifacts in the BentoML store (``medplatform.bento``), mirrored with the
-run directory to the blob store under ``models/<name>/v<version>/{artifacts,run}/<file>``.
+"""The model registry: numbered versions per model name, aliases (``production``...), resolving a request's
+model reference, and a hash-verified artifact directory for the service to load. Rows in ``medplatform.db``,
+files in the BentoML store, mirrored with the run to blobs ``models/<name>/v<N>/{artifacts,run}/<file>``.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from core.checkpoints import DEFAULT_RUN_DIR, REPO_ROOT, file_sha256
 from export.manifest import ArtifactError, check_hashes, load_manifest
 from medplatform.bento import BentoModels
 from medplatform.blobs import BlobStore
-from medplatform.db import Alias, ModelVersion, utcnow
+from medplatform.db import Alias, ModelVersion, utcnow, write_session
 from medplatform.errors import AliasInUse, IntegrityFailure, InvalidValue, NotFound
 from medplatform.provenance import CheckedSources, check_sources, version_metrics
 
@@ -166,7 +164,7 @@ class ModelRegistry:
     def _register_once(self, sources: CheckedSources, *, name: str, metrics: dict[str, Any],
                        hyperparameters: dict[str, Any], dataset_id: str | None, dataset_sha256: str | None,
                        job_id: str | None) -> VersionInfo:
-        with self.sessions.begin() as session:
+        with write_session(self.sessions) as session:
             latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
             version = (latest or 0) + 1  # deleted versions keep their rows: numbers are never reused
             tag = self.bento.tag(name, version)
@@ -199,8 +197,8 @@ class ModelRegistry:
         """Point ``alias`` of ``name`` at ``version`` (creating or moving it). Raises ``NotFound`` (field
         ``version``) when that version does not exist or was deleted."""
         check_alias(alias)
-        with self.sessions.begin() as session:
-            row = self._row(session, name, version)
+        with write_session(self.sessions) as session:
+            row = self._row(session, name, version, lock=True)
             existing = session.scalar(select(Alias).where(Alias.name == name, Alias.alias == alias))
             if existing is None:
                 session.add(Alias(name=name, alias=alias, version=row.version, updated_at=utcnow()))
@@ -211,7 +209,7 @@ class ModelRegistry:
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Drop an alias; ``NotFound`` (field ``alias``) when it is not set."""
-        with self.sessions.begin() as session:
+        with write_session(self.sessions) as session:
             existing = session.scalar(select(Alias).where(Alias.name == name, Alias.alias == alias))
             if existing is None:
                 raise NotFound("alias", alias, f"model {name!r} has no such alias")
@@ -225,8 +223,8 @@ class ModelRegistry:
             AliasInUse: an alias points at it (field ``version``, ``aliases`` lists them).
             NotFound: no such live version.
         """
-        with self.sessions.begin() as session:
-            row = self._row(session, name, version)
+        with write_session(self.sessions) as session:
+            row = self._row(session, name, version, lock=True)
             aliases = self._aliases(session, name, version)
             if aliases:
                 raise AliasInUse("version", version, aliases)
@@ -237,11 +235,13 @@ class ModelRegistry:
 
     # -- reading ----------------------------------------------------------------------------------------------
 
-    def _row(self, session: Session, name: str, version: int) -> ModelVersion:
+    def _row(self, session: Session, name: str, version: int, *, lock: bool = False) -> ModelVersion:
+        """The live row; ``lock``: FOR UPDATE where the database has it (SQLite: write_session's lock)."""
         if isinstance(version, bool) or not isinstance(version, int):
             raise InvalidValue("version", version, "a version is an integer")
-        row = session.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version,
-                                                        ModelVersion.deleted_at.is_(None)))
+        query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version,
+                                           ModelVersion.deleted_at.is_(None))
+        row = session.scalar(query.with_for_update() if lock else query)
         if row is None:
             raise NotFound("version", version, f"model {name!r} has no such version")
         return row

@@ -135,3 +135,33 @@ def test_urls_and_paths_come_from_the_environment(tmp_path):
     assert settings.db_url({**env, "MEDREFINE_DB_URL": "postgresql+psycopg://u@h/db"}) == "postgresql+psycopg://u@h/db"
     assert settings.data_dir({}) == Path("var")
     assert settings.blob_root(env) == tmp_path / "data" / "blobs"
+
+
+def test_write_session_holds_the_write_lock_and_readers_go_on(tmp_path):
+    url = _url(tmp_path)
+    db.upgrade(url)
+    sessions = db.session_factory(url)
+    impatient = db.session_factory(db.make_engine(url, busy_timeout_s=0.2))  # another process, in effect
+    with db.write_session(sessions) as writer:
+        writer.add(db.Dataset(name="first", sha256="3" * 64, status="ready"))
+        writer.flush()
+        with pytest.raises(sa.exc.OperationalError, match="locked"), db.write_session(impatient) as other:
+            other.scalar(sa.select(db.Dataset.id))  # BEGIN IMMEDIATE cannot get the lock before "first" commits
+        with impatient() as reader:  # WAL: reading is never blocked, and sees only committed rows
+            assert reader.scalars(sa.select(db.Dataset.name)).all() == []
+    with db.write_session(impatient) as other:
+        other.add(db.Dataset(name="second", sha256="4" * 64, status="ready"))
+    with sessions() as session:
+        assert sorted(session.scalars(sa.select(db.Dataset.name))) == ["first", "second"]
+
+
+def test_write_session_rolls_back_on_error(tmp_path):
+    url = _url(tmp_path)
+    db.upgrade(url)
+    sessions = db.session_factory(url)
+    with pytest.raises(RuntimeError), db.write_session(sessions) as session:
+        session.add(db.Dataset(name="half", sha256="5" * 64, status="ready"))
+        session.flush()
+        raise RuntimeError("ingest failed")
+    with sessions() as session:
+        assert session.scalars(sa.select(db.Dataset)).all() == []
