@@ -5,6 +5,7 @@
     python -m loadtest offline --artifacts DIR [--batch-sizes 1,4,8,16] [--threads 2]
     python -m loadtest http --url http://127.0.0.1:3000 [--protocol rest|oip-http] --mode closed|open ...
     python -m loadtest grpc --url 127.0.0.1:8001 --mode closed|open ...
+    python -m loadtest client-overhead --out loadtest/results/NAME.json
 
 ``http`` and ``grpc`` run one bounded load step and print its summary as JSON. Exit codes: 0 success,
 1 a soak limit was exceeded or a step had errors with ``--fail-on-errors``, 2 usage error.
@@ -69,12 +70,13 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from loadtest import bench, soak
+    from loadtest import bench, client_overhead, soak
 
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench.add_arguments(sub.add_parser("bench", help="offline vs naive vs served benchmark -> results JSON + PNG"))
     soak.add_arguments(sub.add_parser("soak", help="N minutes at a fraction of peak: errors and RSS over time"))
+    client_overhead.add_arguments(sub.add_parser("client-overhead", help="the HTTP generator's own CPU per request"))
     offline = sub.add_parser("offline", help="offline pipeline throughput by batch size (no server)")
     offline.add_argument("--artifacts", required=True)
     offline.add_argument("--backend", default="onnxruntime")
@@ -94,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return soak.run(args)
     if args.command == "offline":
         return _offline(args)
+    if args.command == "client-overhead":
+        return client_overhead.run(args)
     try:
         from loadtest.http_load import require_loopback
 
