@@ -22,21 +22,34 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Layers from the slowest-changing down, so a code change rebuilds only the last two steps. Each install
+# is its own command under `set -e`: in `a && b;` a failing `a` does not stop the shell, and a failed
+# torch install surfaced only at the import check at the end.
+# 1. torch alone, from the index of the device's build.
+RUN set -eux; \
+    if [ "$DEVICE" = "cuda" ]; then index="$TORCH_INDEX_URL_CUDA"; else index="$TORCH_INDEX_URL_CPU"; fi; \
+    pip install --index-url "$index" torch==2.13.0
+# 2. The project's declared dependencies (read from pyproject.toml; the torch range keeps the wheel above).
+COPY pyproject.toml ./
+RUN set -eux; \
+    python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+print("\n".join(p["dependencies"] + (p["optional-dependencies"]["gpu"] if sys.argv[1] == "cuda" else [])))' \
+        "$DEVICE" > /tmp/requirements.txt; \
+    pip install -r /tmp/requirements.txt; \
+    if [ "$DEVICE" = "cuda" ]; then \
+        # onnxruntime and onnxruntime-gpu provide the same module: keep only the GPU build.
+        pip uninstall -y onnxruntime; \
+        pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18"; \
+    fi
+# 3. The code, installed without resolving again; then the server must import.
+COPY README.md ./
 COPY core ./core
 COPY models ./models
 COPY training ./training
 COPY export ./export
 COPY service ./service
-# The same install as the README: torch first, then the project.
 RUN set -eux; \
-    if [ "$DEVICE" = "cuda" ]; then index="$TORCH_INDEX_URL_CUDA"; extras=".[gpu]"; \
-    else index="$TORCH_INDEX_URL_CPU"; extras="."; fi; \
-    pip install --index-url "$index" torch==2.13.0 && pip install "$extras"; \
-    if [ "$DEVICE" = "cuda" ]; then \
-        # onnxruntime and onnxruntime-gpu provide the same module: keep only the GPU build.
-        pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18"; \
-    fi; \
+    pip install --no-deps .; \
     python -c "import service.app"
 
 # ---------------------------------------------------------------------------------------------------
