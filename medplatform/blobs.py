@@ -156,8 +156,12 @@ class LocalBlobStore:
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
+        # Walk only the deepest directory the prefix names ("models/a/v1/" -> root/models/a/v1).
+        base = self.root.joinpath(*prefix.split("/")[:-1])
+        if not base.is_dir():
+            return []
         keys = []
-        for path in self.root.rglob("*"):
+        for path in base.rglob("*"):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):

@@ -131,12 +131,13 @@ class ModelRegistry:
     def register(self, run_dir: str | os.PathLike[str], art_dir: str | os.PathLike[str], *, name: str,
                  evaluation: Mapping[str, Any] | None = None, hyperparameters: Mapping[str, Any] | None = None,
                  dataset_id: str | None = None, dataset_sha256: str | None = None,
-                 job_id: str | None = None) -> VersionInfo:
+                 job_id: str | None = None, reuse_existing: bool = False) -> VersionInfo:
         """Record the next version of ``name`` from a finished run and its exported ONNX artifacts.
 
         ``evaluation``: a ``python -m training evaluate`` result of these weights (held-out metrics); without
         it, a ``RUN_DIR/eval_test.json`` is used when present, else run.json's validation Dice.
-        ``hyperparameters`` default to run.json's training settings and preset.
+        ``hyperparameters`` default to run.json's training settings and preset. ``reuse_existing``: when these
+        exact artifacts already are a live version of ``name``, return it instead (decided under the lock).
 
         Raises:
             InvalidValue, IntegrityFailure, Conflict: from ``check_sources`` and ``BentoModels.save``.
@@ -155,7 +156,8 @@ class ModelRegistry:
         for attempt in range(_REGISTER_TRIES):
             try:
                 return self._register_once(sources, name=name, metrics=metrics, hyperparameters=dict(hyperparameters),
-                                           dataset_id=dataset_id, dataset_sha256=dataset_sha256, job_id=job_id)
+                                           dataset_id=dataset_id, dataset_sha256=dataset_sha256, job_id=job_id,
+                                           reuse_existing=reuse_existing)
             except IntegrityError:  # another process took this number between our read and our insert
                 if attempt == _REGISTER_TRIES - 1:
                     raise
@@ -163,8 +165,14 @@ class ModelRegistry:
 
     def _register_once(self, sources: CheckedSources, *, name: str, metrics: dict[str, Any],
                        hyperparameters: dict[str, Any], dataset_id: str | None, dataset_sha256: str | None,
-                       job_id: str | None) -> VersionInfo:
+                       job_id: str | None, reuse_existing: bool) -> VersionInfo:
         with write_session(self.sessions) as session:
+            if reuse_existing:
+                same = session.scalar(select(ModelVersion).where(
+                    ModelVersion.name == name, ModelVersion.artifact_version == sources.artifact_version,
+                    ModelVersion.deleted_at.is_(None)).order_by(ModelVersion.version).limit(1))
+                if same is not None:
+                    return _info(same, self._aliases(session, name, same.version))
             latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
             version = (latest or 0) + 1  # deleted versions keep their rows: numbers are never reused
             tag = self.bento.tag(name, version)
@@ -377,8 +385,8 @@ def ensure_default_registered(registry: ModelRegistry, *, run_dir: str | os.Path
         raise InvalidValue("art_dir", str(art_dir), "no manifest.json: export the default model first (make export)")
     manifest = load_manifest(art_dir)
     info = registry.find_by_artifacts(name, str(manifest["version"]))
-    if info is None:
-        info = registry.register(run_dir, art_dir, name=name)
+    if info is None:  # two processes starting at once: the second finds the first's version under the lock
+        info = registry.register(run_dir, art_dir, name=name, reuse_existing=True)
     try:
         registry.resolve(name, f"@{alias}")
     except NotFound:

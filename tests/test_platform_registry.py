@@ -222,3 +222,25 @@ def test_s3_mirror_restores_a_version_on_a_new_machine(tmp_path, request, s3_env
     assert path.is_relative_to(tmp_path / "bentoml-b") and second.bento.tags() == ["tiny:v1"]
     for file, sha in info.artifact_hashes["files"].items():
         assert file_sha256(path / file) == sha
+
+
+def test_servers_starting_together_register_the_default_once(registry, tiny_pair):
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            results.append(ensure_default_registered(registry, run_dir=tiny_pair.run_dir,
+                                                     art_dir=tiny_pair.art_dir).version)
+        except BaseException as exc:  # collected: the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert results == [1, 1, 1]
+    assert [(v.version, v.aliases) for v in registry.list_versions("default")] == [(1, ("production",))]
+    assert registry.bento.tags() == ["default:v1"]
