@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,15 @@ class BentoModels:
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home) if home is not None else default_home()
+
+    @cached_property
+    def store(self) -> Any:
+        """BentoML's ``ModelStore`` on ``<home>/models``, opened on first use (importing BentoML costs ~0.7 s)."""
         from bentoml._internal.models.model import ModelStore
 
-        self.home = Path(home) if home is not None else default_home()
         (self.home / "models").mkdir(parents=True, exist_ok=True)
-        self.store = ModelStore(str(self.home / "models"))
+        return ModelStore(str(self.home / "models"))
 
     @staticmethod
     def tag(name: str, version: int) -> str:

@@ -18,14 +18,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.checkpoints import DEFAULT_RUN_DIR, REPO_ROOT, file_sha256
 from export.manifest import ArtifactError, check_hashes, load_manifest
+from export.manifest import sha256_file as file_sha256
 from medplatform.bento import BentoModels
 from medplatform.blobs import BlobStore
 from medplatform.db import Alias, ModelVersion, utcnow, write_session
 from medplatform.errors import AliasInUse, IntegrityFailure, InvalidValue, NotFound
 from medplatform.provenance import CheckedSources, check_sources, version_metrics
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUN_DIR = REPO_ROOT / "checkpoints" / "default"  # as core.checkpoints, without importing torch
 DEFAULT_ART_DIR = REPO_ROOT / "artifacts" / "default"
 DEFAULT_MODEL = "default"
 DEFAULT_ALIAS = "production"
