@@ -14,6 +14,7 @@ import pytest
 from medplatform import db
 from medplatform.cli import main
 from tests.artifact_factory import session_tiny_artifacts
+from tests.platform_s3 import moto_endpoint, s3_env  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +80,19 @@ def test_refusals_exit_1_naming_the_field(env, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["alias", "default", "production", "three"])
     assert usage.value.code == 2
+
+
+def test_register_mirrors_to_s3_when_the_bucket_is_configured(env, s3_env, monkeypatch, tmp_path_factory,  # noqa: F811
+                                                              tmp_path, capsys):
+    import boto3
+
+    for key in ("MEDREFINE_S3_BUCKET", "MEDREFINE_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, s3_env[key])
+    client = boto3.client("s3", endpoint_url=s3_env["MEDREFINE_S3_ENDPOINT_URL"], region_name="us-east-1")
+    client.create_bucket(Bucket=s3_env["MEDREFINE_S3_BUCKET"])
+    tiny = session_tiny_artifacts(tmp_path_factory)
+    assert main(["register", str(tiny.run_dir), str(tiny.art_dir), "--name", "tiny"]) == 0
+    files = json.loads(capsys.readouterr().out)["artifact_hashes"]["files"]
+    listed = client.list_objects_v2(Bucket=s3_env["MEDREFINE_S3_BUCKET"], Prefix="models/tiny/v1/artifacts/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == sorted(f"models/tiny/v1/artifacts/{f}" for f in files)
+    assert not (tmp_path / "data" / "blobs").exists()  # nothing went to the local store
