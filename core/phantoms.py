@@ -237,18 +237,20 @@ def _branches(
 
 
 def breast_ultrasound(
-    seed: int, size: int = 256, shadow: bool | None = None
+    seed: int, size: int = 256, shadow: bool | None = None, lesion: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A B-mode breast ultrasound phantom with one hypoechoic lesion.
+    """A B-mode breast ultrasound phantom with one hypoechoic lesion (or none: BUSI's "normal" class).
 
     Args:
         seed: non-negative integer; the same seed and arguments give the same arrays.
         size: output side in pixels (square), >= 32.
         shadow: ``True`` forces posterior acoustic shadowing, ``False`` forbids it (posterior enhancement
             may still occur), ``None`` chooses shadowing, enhancement or neither at random.
+        lesion: ``False`` leaves the tissue (lobules, ligaments, speckle) without a lesion; the mask is empty.
 
     Returns:
-        ``(image (size, size) uint8, mask (size, size) uint8 in {0, 1})``; the lesion mask is never empty.
+        ``(image (size, size) uint8, mask (size, size) uint8 in {0, 1})``; with ``lesion`` the mask is never
+        empty, without it the mask is all zero.
     """
     size = _check_size(size)
     rng = _rng("ultrasound", seed)
@@ -290,6 +292,9 @@ def breast_ultrasound(
             v, u, ly, lx, rng.uniform(0.02, 0.05), rng.uniform(0.04, 0.1), rng.uniform(-0.3, 0.3)
         )
         echo *= 1.0 - rng.uniform(0.3, 0.55) * _sigmoid((1.0 - lobule) * 6.0)
+
+    if not lesion:  # a normal scan: the same tissue, attenuation and speckle, nothing to segment
+        return _finish_ultrasound(rng, echo, v, size, scale), np.zeros((size, size), dtype=np.uint8)
 
     # 2. The lesion: an ellipse whose radius is modulated by its margin type.
     margin = rng.choice(["circumscribed", "lobulated", "spiculated", "indistinct"], p=[0.3, 0.3, 0.2, 0.2])
@@ -346,14 +351,19 @@ def breast_ultrasound(
     elif posterior == "enhancement":
         echo *= 1.0 + enhancement_strength * below_soft
 
-    # 4. Depth attenuation with partial gain compensation, speckle, log compression.
+    return _finish_ultrasound(rng, echo, v, size, scale), mask.astype(np.uint8)
+
+
+def _finish_ultrasound(rng: np.random.Generator, echo: np.ndarray, v: np.ndarray, size: int, scale: float) -> np.ndarray:
+    """Step 4 of ``breast_ultrasound``: depth attenuation with partial gain compensation, speckle, log
+    compression; echo (size, size) float -> image (size, size) uint8."""
     attenuation = np.exp(-rng.uniform(0.6, 1.5) * v) * (1.0 + 0.2 * rng.uniform(0, 1) * v)
     sigma = (max(0.7, 1.1 * scale), max(1.0, 2.6 * scale))  # axial, lateral speckle size
     intensity = np.clip(echo, 0.0, None) * attenuation * _speckle(rng, (size, size), sigma)
     compressed = ndimage.gaussian_filter(np.log1p(8.0 * intensity), 0.6 * scale)
     image = compressed / (np.percentile(compressed, 99.5) + 1e-12)
     image = image ** rng.uniform(0.9, 1.2) * rng.uniform(0.85, 1.0)
-    return _to_uint8(image), mask.astype(np.uint8)
+    return _to_uint8(image)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -816,6 +826,26 @@ def _ultrasound_sample(index: int, seed: int, size: int) -> PhantomSample:
     return PhantomSample(image, mask, None, None)
 
 
+# BUSI holds 133 normal scans among 780 (17 %); "ultrasound_mixed" draws lesion-free cases at that rate.
+NORMAL_FRACTION = 133 / 780
+
+
+def is_normal_case(index: int, seed: int) -> bool:
+    """Whether sample ``index`` of an ``"ultrasound_mixed"`` set made with ``seed`` is lesion-free."""
+    return bool(_rng("pick", sample_seed(seed, index)).random() < NORMAL_FRACTION)
+
+
+def _ultrasound_mixed_sample(index: int, seed: int, size: int) -> PhantomSample:
+    # Lesion cases are byte-identical to the "ultrasound" kind's sample of the same index and seed.
+    image, mask = breast_ultrasound(sample_seed(seed, index), size, lesion=not is_normal_case(index, seed))
+    return PhantomSample(image, mask, None, None)
+
+
+def _ultrasound_normal_sample(index: int, seed: int, size: int) -> PhantomSample:
+    image, mask = breast_ultrasound(sample_seed(seed, index), size, lesion=False)
+    return PhantomSample(image, mask, None, None)
+
+
 def _chest_sample(index: int, seed: int, size: int) -> PhantomSample:
     own = sample_seed(seed, index)
     image, mask = chest_xray(own, size, nodule=bool(_rng("pick", own).random() < 0.3))
@@ -835,6 +865,16 @@ KINDS: dict[str, PhantomKind] = {
         256,
         True,
         _ultrasound_sample,
+    ),
+    "ultrasound_mixed": PhantomKind(
+        "ultrasound_mixed",
+        "breast ultrasound, 17 in 100 without a lesion like BUSI's normal class (empty mask)",
+        256,
+        True,
+        _ultrasound_mixed_sample,
+    ),
+    "ultrasound_normal": PhantomKind(
+        "ultrasound_normal", "breast ultrasound without a lesion (empty mask)", 256, True, _ultrasound_normal_sample
     ),
     "chest_xray": PhantomKind(
         "chest_xray", "PA chest X-ray, 3 in 10 with a nodule (mask = both lungs)", 256, True, _chest_sample

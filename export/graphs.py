@@ -303,6 +303,10 @@ def pipeline_block(model: nn.Module, info: Any) -> dict[str, Any]:
         for key in ("roi_expand_ratio", "mask_prompt_style", "use_points", "use_box", "use_mask_prompt"):
             if key in ur:
                 block[key] = ur[key]
+    # Validation choices behind an answer's lesion_found / needs_review (training.calibration), when trained.
+    for key in ("no_finding", "review"):
+        if isinstance(info.raw.get(key), dict):
+            block[key] = info.raw[key]
     return block
 
 

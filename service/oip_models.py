@@ -12,7 +12,9 @@ Models:
     output ``MASK``         UINT8 ``[H, W]`` in {0, 1}
     output ``PROBABILITY``  FP32 ``[H, W]`` in [0, 1]
     output ``BOX``          FP32 ``[4]`` xyxy in input pixels
-    output ``IOU``          FP32 ``[1]`` predicted IoU of the refined mask
+    output ``IOU``          FP32 ``[1]`` predicted IoU of the refined mask (the trained IoU head)
+    output ``NEEDS_REVIEW`` BOOL ``[1]`` IOU below the model's validated review threshold
+    output ``LESION_FOUND`` BOOL ``[1]`` the mask is non-empty (false: "no finding", MASK all zero)
     request parameter ``threshold`` (number in (0, 1), optional): mask threshold on PROBABILITY.
 
 ``generate`` (``GenerateModel``; listed only when the server has a text2image generator)
@@ -196,6 +198,8 @@ class SegmentModel(OipModel):
         TensorSpec("PROBABILITY", "FP32", ((-1, -1),)),
         TensorSpec("BOX", "FP32", ((4,),)),
         TensorSpec("IOU", "FP32", ((1,),)),
+        TensorSpec("NEEDS_REVIEW", "BOOL", ((1,),)),
+        TensorSpec("LESION_FOUND", "BOOL", ((1,),)),
     )
     parameters = (ParameterSpec("threshold", 0.0, 1.0, "mask threshold on PROBABILITY"),)
 
@@ -220,6 +224,8 @@ class SegmentModel(OipModel):
             "PROBABILITY": np.asarray(result.probability).astype(np.float32, copy=False),
             "BOX": np.asarray(result.box, dtype=np.float32).reshape(4),
             "IOU": np.asarray(result.iou, dtype=np.float32).reshape(1),
+            "NEEDS_REVIEW": np.array([bool(result.needs_review)], dtype=np.bool_),
+            "LESION_FOUND": np.array([bool(result.lesion_found)], dtype=np.bool_),
         }
 
 

@@ -19,17 +19,23 @@ the numbers equal the torch forward within the graphs' export parity bounds (tes
 ``refine`` is the interactive (MedSAM-style) path: user prompts in the original image frame, the
 refiner sees the WHOLE image as one square ROI ``[0, 0, L, L]`` (L = max(H, W); zero padded
 bottom/right, aspect ratio kept — SAM's resize-longest-side + pad framing, which is also the model's
-``use_roi=False`` path). Cropping around the user's box would add resolution for small lesions, but
-then every box edit would need a new encoder pass; with the whole image the embedding depends only
-on the pixels, so it is cached (:class:`~service.embedding_cache.EmbeddingCache`, keyed by image
-digest and model version) and a prompt edit runs the decoder alone.
+``use_roi=False`` path). The refiner is trained for exactly this framing and these prompts
+(``training.interactive``: jittered boxes, clicks, a prior mask with clicks in its errors), as MedSAM
+is. Cropping around the user's box would add resolution for small lesions, but then every box edit
+would need a new encoder pass; with the whole image the embedding depends only on the pixels, so it
+is cached (:class:`~service.embedding_cache.EmbeddingCache`, keyed by image digest and model version)
+and a prompt edit runs the decoder alone.
 
 Prompts reach the exported decoder in the de-facto SAM ONNX format: points, then the box corners
-(labels 2, 3), and a padding point (label -1) only when there is no box — exactly the tokens
-``Sam.decode`` builds. The graph returns one mask by SAM's ONNX rule: the single-mask token when more
-than two points/corners are given (e.g. the automatic path's 2 points + box), otherwise the
-multimask output with the best predicted IoU (a box alone, a single click), as the official ONNX
-model and web demo do.
+(labels 2, 3). The automatic path gives 2 points + box (4 tokens); ``refine`` pads its tokens with
+"not a point" tokens (label -1) to at least 3 (``models.interactive.pack_tokens``), so SAM's ONNX rule
+(single-mask token for more than 2.5 tokens) always returns the trained single-mask output, never an
+untrained multimask one.
+
+Every answer carries the IoU head's prediction (trained as SAM's, MSE against the actual IoU),
+``needs_review`` (predicted IoU below the manifest's validated ``review.iou_threshold``) and
+``lesion_found``: ``segment`` answers "no lesion" with an empty mask when its mask covers less than the
+manifest's validated ``no_finding.min_area_fraction`` of the image.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import numpy as np
 import torch
 
 from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
+from models.interactive import pack_tokens
 from models.prompts import mask_prompt
 from models.roi import crop_roi, full_image_roi, to_roi_frame
 from models.ultrarefiner import RoiPrompts, UltraRefinerConfig, paste_refiner_logits, resize, roi_prompts
@@ -65,6 +72,8 @@ __all__ = [
 
 OUTPUT_ARRAYS = ("mask", "probability", "coarse_probability", "coarse_mask", "gate")
 DEFAULT_MAX_POINTS = 16
+# Without a validated review threshold in the manifest: the IoU of a Dice-0.7 mask (Dice = 2 IoU / (1 + IoU)).
+DEFAULT_REVIEW_IOU = 0.7 / 1.3
 _PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit (|logit| <= 16.1)
 
 
@@ -158,8 +167,11 @@ class SegmentResult:
         points: (2, 2) float32 xy, [positive, negative] prompt points.
         point_labels: (2,) float32 SAM codes [1, 0].
         roi: (4,) float32 xyxy square ROI the refiner saw (continuous frame: the image spans [0, W] x [0, H]).
-        iou: the refiner's predicted IoU.
-        uncertainty: mean gate over the image (0 = coarse kept everywhere, 1 = refiner everywhere).
+        iou: the refiner's predicted IoU (its IoU head, trained against the actual IoU of its mask).
+        needs_review: ``iou`` below the validated review threshold: a mask to check before use.
+        lesion_found: the mask is non-empty (masks under the validated minimum area are answered empty).
+        uncertainty: mean gate over the image (0 = coarse kept everywhere, 1 = refiner everywhere); a constant
+            when the model's gate is one (gate_min == gate_max: a fixed blend, no per-pixel uncertainty).
         area_pixels: foreground pixels of ``mask``.
         area_mm2: area in mm^2 when the pixel spacing is known, else None.
         threshold: the threshold used.
@@ -185,6 +197,8 @@ class SegmentResult:
     threshold: float
     timings: dict[str, float]
     model_version: str
+    needs_review: bool = False
+    lesion_found: bool = True
 
 
 @dataclass
@@ -195,6 +209,8 @@ class RefineResult:
         mask: (H, W) uint8 {0, 1}: probability > threshold.
         probability: (H, W) float32 in [0, 1]: sigmoid of the refiner's logits.
         iou: the refiner's predicted IoU.
+        needs_review: ``iou`` below the validated review threshold.
+        lesion_found: the mask is non-empty.
         area_pixels, area_mm2: foreground area (mm^2 when the spacing is known).
         threshold: the threshold used.
         cache_hit: True when the image embedding came from the cache (only the decoder ran).
@@ -213,6 +229,8 @@ class RefineResult:
     image_key: str
     timings: dict[str, float]
     model_version: str
+    needs_review: bool = False
+    lesion_found: bool = True
 
 
 class _Timer:
@@ -304,6 +322,11 @@ class SegmentationPipeline:
         self.refiner_size = spec.refiner_size
         self.mask_prompt_size = self._mask_input_side(artifacts)
         self.threshold = spec.threshold
+        block = artifacts.manifest.get("pipeline") or {}
+        self.review = dict(block.get("review") or {"iou_threshold": DEFAULT_REVIEW_IOU, "method": "default"})
+        self.no_finding = dict(block.get("no_finding") or {"min_area_fraction": 0.0})
+        self.review_threshold = float(self.review["iou_threshold"])
+        self.min_area_fraction = float(self.no_finding["min_area_fraction"])
         if self.gate_config.type in ("learned", "hybrid") and "gate" not in engine.graph_names:
             raise ValueError(f"{where}: gate type {self.gate_config.type!r} needs a 'gate' graph; the engine has "
                              f"{list(engine.graph_names)}")
@@ -371,6 +394,8 @@ class SegmentationPipeline:
             "gate": self.gate_config.to_dict(),
             "ultrarefiner": self.config.to_dict(),
             "max_points": self.max_points,
+            "review": self.review,
+            "no_finding": self.no_finding,
             "metrics": dict(self.artifacts.source.get("metrics") or {}),
             "data_fingerprint": self.artifacts.source.get("data_fingerprint"),
         }
@@ -623,8 +648,12 @@ class SegmentationPipeline:
         points = g.parts.image_points.numpy()
         roi = g.parts.roi.numpy()
         results = []
+        min_area = self.min_area_fraction * mask.shape[-1] * mask.shape[-2]
         for j, spacing in enumerate(spacings):
             area = int(mask[j].sum())
+            if 0 < area < min_area:  # too small to be a finding: "no lesion", an empty mask
+                mask[j] = 0
+                area = 0
             results.append(SegmentResult(
                 **{name: (arrays[name][j] if name in outputs else None) for name in OUTPUT_ARRAYS},
                 box=box[j].astype(np.float32),
@@ -638,6 +667,8 @@ class SegmentationPipeline:
                 threshold=threshold,
                 timings={},
                 model_version=self.artifacts.version,
+                needs_review=bool(float(iou[j]) < self.review_threshold),
+                lesion_found=area > 0,
             ))
         return results
 
@@ -771,7 +802,7 @@ class SegmentationPipeline:
                 pts_t = to_roi_frame(torch.from_numpy(pts).float()[None], roi, s) if pts is not None else None
                 labels_t = torch.from_numpy(labels).float()[None] if labels is not None else None
                 box_t = to_roi_frame(torch.from_numpy(box_arr).float()[None], roi, s) if box_arr is not None else None
-                coords, codes = self._pack_prompts(pts_t, labels_t, box_t, batch=1)
+                coords, codes = pack_tokens(pts_t, labels_t, box_t, batch=1)
                 if prior is not None:
                     mask_input = mask_prompt(crop_roi(torch.from_numpy(prior)[None, None], roi, m), None, "direct")
                     has_mask = torch.ones(1)
@@ -785,10 +816,13 @@ class SegmentationPipeline:
                 probability = paste_refiner_logits(low, roi, (h, w), s)[0, 0].numpy().astype(np.float32)
                 mask = (probability > threshold).astype(np.uint8)
         area = int(mask.sum())
+        iou = float(decoded["iou_predictions"].reshape(-1)[0])
         return RefineResult(
             mask=mask,
             probability=probability,
-            iou=float(decoded["iou_predictions"].reshape(-1)[0]),
+            iou=iou,
+            needs_review=iou < self.review_threshold,
+            lesion_found=area > 0,
             area_pixels=area,
             area_mm2=_area_mm2(area, spacing),
             threshold=threshold,

@@ -12,13 +12,15 @@ Response JSON of ``POST /segment`` (arrays as base64 PNGs in the image's pixel f
      "coarse_probability_png_base64": "...", "gate_png_base64": "...",   # 8-bit, 255 = 1.0
      "image_png_base64": "...",           # the decoded 8-bit gray image   (outputs: image)
      "shape": [H, W], "box": [x0, y0, x1, y1], "points": [[x, y], [x, y]], "point_labels": [1, 0],
-     "iou": 0.91, "uncertainty": 0.12, "area_px": 1234, "area_mm2": 55.3 | null, "threshold": 0.5,
+     "iou": 0.91, "needs_review": false, "lesion_found": true,   # trained IoU head; validated thresholds
+     "uncertainty": 0.12, "area_px": 1234, "area_mm2": 55.3 | null, "threshold": 0.5,
      "model": {"version": "...", "backend": "onnxruntime"},
      "timings_ms": {"decode": ..., "transunet": ..., ..., "total": ...},
      "dicom_seg_base64": "..."}           # only with dicom_seg=true on a DICOM upload
 
 ``POST /refine`` answers the same keys that apply (mask, probability, image, shape, box, points,
-point_labels, iou, area_px, area_mm2, threshold, model, timings_ms) plus ``cache_hit``.
+point_labels, iou, needs_review, lesion_found, area_px, area_mm2, threshold, model, timings_ms) plus
+``cache_hit``.
 """
 
 from __future__ import annotations
@@ -231,6 +233,8 @@ async def segment(
         "points": np.asarray(result.points, dtype=float).reshape(-1, 2).tolist(),
         "point_labels": [int(v) for v in np.asarray(result.point_labels).reshape(-1)],
         "iou": float(result.iou),
+        "needs_review": bool(result.needs_review),
+        "lesion_found": bool(result.lesion_found),
         "uncertainty": float(result.uncertainty),
         "area_px": int(result.area_pixels),
         "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
@@ -297,6 +301,8 @@ async def refine(
         "points": None if points is None else [[float(x), float(y)] for x, y in points],
         "point_labels": None if point_labels is None else [int(v) for v in point_labels],
         "iou": float(result.iou),
+        "needs_review": bool(result.needs_review),
+        "lesion_found": bool(result.lesion_found),
         "area_px": int(result.area_pixels),
         "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
         "threshold": float(result.threshold),

@@ -117,6 +117,10 @@ def _assert_matches(outputs: dict[str, np.ndarray], expected, shape: tuple[int, 
     np.testing.assert_allclose(outputs["PROBABILITY"], expected.probability, atol=1e-6)
     np.testing.assert_allclose(outputs["BOX"], expected.box, atol=1e-5)
     np.testing.assert_allclose(outputs["IOU"][0], expected.iou, atol=1e-6)
+    for name, value in (("NEEDS_REVIEW", expected.needs_review), ("LESION_FOUND", expected.lesion_found)):
+        if name in outputs:  # the review flag and "no finding" travel as BOOL [1], as the pipeline decided them
+            assert outputs[name].dtype == np.bool_ and outputs[name].shape == (1,)
+            assert bool(outputs[name][0]) == value
 
 
 def test_health_and_metadata_with_stock_client(server):
@@ -128,7 +132,8 @@ def test_health_and_metadata_with_stock_client(server):
     model = client.get_model_metadata("segment", as_json=True)
     assert model["versions"] == [server.runtime.model_version]
     assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": ["-1", "-1"]}]  # int64 as JSON strings
-    assert [o["name"] for o in model["outputs"]] == ["MASK", "PROBABILITY", "BOX", "IOU"]
+    assert [o["name"] for o in model["outputs"]] == ["MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW",
+                                                      "LESION_FOUND"]
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("nope")
     assert info.value.status() == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in info.value.message()
@@ -139,8 +144,8 @@ def test_infer_raw_contents_with_stock_client_matches_pipeline(server, pipeline,
     result = client.infer("segment", [_image_input(phantom)], request_id="g-1", model_version=server.runtime.model_version)
     response = result.get_response()
     assert response.id == "g-1" and response.model_name == "segment"
-    assert len(response.raw_output_contents) == 4
-    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU")}
+    assert len(response.raw_output_contents) == 6
+    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")}
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 

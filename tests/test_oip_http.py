@@ -139,6 +139,10 @@ def _assert_matches(outputs: dict[str, np.ndarray], expected, shape: tuple[int, 
     np.testing.assert_allclose(outputs["PROBABILITY"], expected.probability, atol=1e-6)
     np.testing.assert_allclose(outputs["BOX"], expected.box, atol=1e-5)
     np.testing.assert_allclose(outputs["IOU"][0], expected.iou, atol=1e-6)
+    for name, value in (("NEEDS_REVIEW", expected.needs_review), ("LESION_FOUND", expected.lesion_found)):
+        if name in outputs:  # the review flag and "no finding" travel as BOOL [1], as the pipeline decided them
+            assert outputs[name].dtype == np.bool_ and outputs[name].shape == (1,)
+            assert bool(outputs[name][0]) == value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ def test_health_and_metadata_with_stock_client(server):
     assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, -1]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in model["outputs"]] == [
         ("MASK", "UINT8", [-1, -1]), ("PROBABILITY", "FP32", [-1, -1]), ("BOX", "FP32", [4]), ("IOU", "FP32", [1]),
+        ("NEEDS_REVIEW", "BOOL", [1]), ("LESION_FOUND", "BOOL", [1]),
     ]
     assert client.get_model_metadata("segment", model_version=version)["name"] == "segment"
     assert client.is_model_ready("segment", model_version=version)
@@ -176,7 +181,7 @@ def test_infer_binary_with_stock_client_matches_pipeline(server, pipeline, phant
     result = _client(server).infer("segment", [_image_input(phantom)], request_id="req-7")
     assert result.get_response()["id"] == "req-7"
     assert result.get_response()["model_version"] == server.runtime.model_version
-    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU")}
+    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")}
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 
@@ -212,10 +217,13 @@ def test_plain_json_request_over_httpx(server, pipeline, phantom):
     body = reply.json()
     assert body["model_name"] == "segment" and body["id"] == "plain"
     by_name = {o["name"]: o for o in body["outputs"]}
-    dtypes = {"MASK": np.uint8, "PROBABILITY": np.float32, "BOX": np.float32, "IOU": np.float32}
+    dtypes = {"MASK": np.uint8, "PROBABILITY": np.float32, "BOX": np.float32, "IOU": np.float32,
+              "NEEDS_REVIEW": np.bool_, "LESION_FOUND": np.bool_}
     outputs = {n: np.asarray(o["data"], dtype=dtypes[n]).reshape(o["shape"]) for n, o in by_name.items()}
     assert {n: o["datatype"] for n, o in by_name.items()} == {
-        "MASK": "UINT8", "PROBABILITY": "FP32", "BOX": "FP32", "IOU": "FP32"}
+        "MASK": "UINT8", "PROBABILITY": "FP32", "BOX": "FP32", "IOU": "FP32", "NEEDS_REVIEW": "BOOL",
+        "LESION_FOUND": "BOOL"}
+    assert all(isinstance(by_name[n]["data"][0], bool) for n in ("NEEDS_REVIEW", "LESION_FOUND"))  # JSON true/false
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 

@@ -17,6 +17,7 @@ from core.phantoms import (
     MODALITY_LABELS,
     breast_ultrasound,
     chest_xray,
+    is_normal_case,
     modality_image,
     sample_grid,
     write_dataset,
@@ -166,8 +167,9 @@ def test_cli_writes_minim_layout_chest_masks_and_grid(tmp_path, capsys):
 
 
 def test_registry_describes_every_kind():
-    assert set(KINDS) == {"ultrasound", "chest_xray", "modality"}
+    assert set(KINDS) == {"ultrasound", "ultrasound_mixed", "ultrasound_normal", "chest_xray", "modality"}
     assert KINDS["modality"].has_masks is False and KINDS["ultrasound"].has_masks is True
+    assert KINDS["ultrasound_normal"].has_masks is True  # an empty mask is the answer "no lesion"
     sample = KINDS["modality"].sample(2, 0, 40)
     assert sample.modal == MODALITIES[2] and sample.mask is None and sample.image.shape == (40, 40)
 
@@ -175,3 +177,15 @@ def test_registry_describes_every_kind():
 def test_sample_grid_is_deterministic(tmp_path):
     first, second = sample_grid(tmp_path / "one.png", tile=64), sample_grid(tmp_path / "two.png", tile=64)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_normal_ultrasound_has_tissue_but_no_lesion_and_mixed_sets_keep_lesion_cases():
+    image, mask = breast_ultrasound(5, size=64, lesion=False)
+    assert image.shape == (64, 64) and image.std() > 10 and not mask.any()
+    # "ultrasound_mixed" holds normal cases at BUSI's rate; its lesion cases equal the "ultrasound" kind's.
+    mixed = [KINDS["ultrasound_mixed"].sample(i, 3, 48) for i in range(30)]
+    normal = [i for i, s in enumerate(mixed) if not s.mask.any()]
+    assert 1 <= len(normal) <= 12 and normal == [i for i in range(30) if is_normal_case(i, 3)]
+    lesion = next(i for i in range(30) if i not in normal)
+    same = KINDS["ultrasound"].sample(lesion, 3, 48)
+    assert np.array_equal(same.image, mixed[lesion].image) and np.array_equal(same.mask, mixed[lesion].mask)

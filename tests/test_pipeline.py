@@ -190,6 +190,22 @@ def _torch_refine(model, image, box=None, points=None, labels=None, multimask=Fa
     return prob[0, 0].numpy(), float(iou)
 
 
+def _torch_refine_tokens(model, image, box):
+    """A box alone through the training path of /refine (models.interactive): padded tokens, single mask."""
+    from models.interactive import decode_tokens, pack_tokens
+
+    sam, s = model.refiner, model.refiner_size
+    h, w = image.shape
+    roi = full_image_roi(1, (h, w))
+    with torch.no_grad():
+        emb = sam.encode(sam.preprocess(crop_roi(torch.from_numpy(image)[None, None], roi, s).expand(-1, 3, -1, -1)
+                                        * 255.0))
+        coords, labels = pack_tokens(None, None, to_roi_frame(torch.tensor(box)[None], roi, s), batch=1)
+        low, iou = decode_tokens(sam, emb, coords, labels)
+        prob = paste_roi(torch.sigmoid(F.interpolate(low, (s, s), mode="bilinear", align_corners=False)), roi, (h, w))
+    return prob[0, 0].numpy(), float(iou[0, 0])
+
+
 def test_refine_cache_miss_then_hit_runs_only_the_decoder(tiny, model, images):
     pipeline = SegmentationPipeline.from_artifacts(tiny.art_dir, intra_op_threads=1)
     image = images[2]  # 57 x 131: the whole-image ROI is zero padded at the bottom
@@ -214,10 +230,12 @@ def test_refine_cache_miss_then_hit_runs_only_the_decoder(tiny, model, images):
     assert again.cache_hit is False
     np.testing.assert_allclose(second.probability, again.probability, atol=1e-6)
 
-    # a box alone = 2 tokens: SAM's ONNX rule picks the best multimask output
+    # a box alone = 2 tokens, padded to 3 (models.interactive.pack_tokens): the single-mask output the refiner
+    # is trained on (training.interactive), never SAM's untrained multimask outputs
     box_only = pipeline.refine(image, box=box)
-    ref_prob, ref_iou = _torch_refine(model, image, box, multimask=True)
+    ref_prob, ref_iou = _torch_refine_tokens(model, image, box)
     np.testing.assert_allclose(box_only.probability, ref_prob, atol=1e-4)
+    assert box_only.iou == pytest.approx(ref_iou, abs=1e-3)
     assert box_only.cache_hit is True
 
     # the caller's image key is the cache key; another image misses

@@ -106,6 +106,12 @@ def test_upload_shows_overlay_and_box_refines(browser, live_server, tmp_path):
     assert _painted(browser) == contours
     table = browser.find_element(By.ID, "result-table").text
     assert "area (px)" in table and "time transunet (ms)" in table
+    assert "needs review" in table and "lesion found" in table and "predicted IoU" in table
+    # The legend states what the gate map is: its range, or that it is one constant (no uncertainty shown).
+    legend = browser.find_element(By.ID, "gate-legend").text
+    assert legend.startswith("gate") and legend != "gate (low → high)"
+    flat = browser.execute_script("return state.gateFlat")
+    assert ("constant" in legend) == flat and (("none: constant gate" in table) == flat)
     docs = REPO_ROOT / "docs"
     docs.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(docs / "ui.png"))

@@ -2,8 +2,9 @@
 
 Recipe (all seeded, CPU, 2 cores):
 
-1. Phantom breast-ultrasound data (``core.phantoms``) at 256 px: train / val / test sets written with
-   distinct seeds (default 240 / 40 / 60 cases) under ``--work``. The TransUNet works at 128 px inside the
+1. Phantom breast-ultrasound data (``core.phantoms``, kind ``ultrasound_mixed``: about 1 case in 6 without a
+   lesion, like BUSI's normal class) at 256 px: train / val / test sets written with distinct seeds (default
+   240 / 40 / 60 cases) under ``--work``. The TransUNet works at 128 px inside the
    model; the refiner crops its ROI from the 256 px image (run preset ``default``).
 2. Phase 1 ``transunet`` on train, validated on val.
 3. Phase 2 ``refiner`` with ``--transunet`` (hybrid: real TransUNet predictions at ``--real-ratio``, the rest
@@ -12,7 +13,8 @@ Recipe (all seeded, CPU, 2 cores):
 5. The final run directory is copied to ``--out`` together with ``eval_test.json`` (``training.evaluate``
    on the held-out test set) and ``recipe.json`` (the exact commands, per-phase wall times and metrics).
 
-Every phase goes through the same CLI a user would run (``training.__main__.main``).
+Every phase goes through the same CLI a user would run (``training.__main__.main``). With ``--reuse`` a phase
+whose run directory in ``--work`` was written by the same command (``command.json``) is kept, not retrained.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from core.datasets import SegmentationDataset
 log = logging.getLogger("training.default_models")
 
 MAX_WEIGHTS_MB = 25.0
+DATA_KIND = "ultrasound_mixed"
+COMMAND_JSON = "command.json"  # beside a phase run in --work: the argv that wrote it and its wall time
 
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-models") -> None:
@@ -45,15 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-
     parser.add_argument("--data-seed", type=int, default=1000, help="train/val/test use this seed +0/+1/+2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="default", help="run preset of all three phases")
-    parser.add_argument("--transunet-epochs", type=int, default=30)
-    parser.add_argument("--refiner-epochs", type=int, default=25)
-    parser.add_argument("--e2e-epochs", type=int, default=4)
+    parser.add_argument("--kind", default=DATA_KIND, help="phantom kind of all three splits (core.phantoms.KINDS)")
+    parser.add_argument("--transunet-epochs", type=int, default=24)
+    parser.add_argument("--refiner-epochs", type=int, default=16)
+    parser.add_argument("--e2e-epochs", type=int, default=3)
     parser.add_argument("--real-ratio", type=float, default=0.5)
     parser.add_argument("--augmentor-preset", default="default")
     parser.add_argument("--max-steps", type=int, help="cap every phase's optimiser steps (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep the intermediate runs and data")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep data and phase runs in --work made by the same command (implies --keep-work)")
 
 
 def _write_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -62,11 +69,23 @@ def _write_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     dirs = {}
     for offset, (split, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test))):
         out = work / "data" / split
+        spec = {"kind": args.kind, "n": n, "seed": args.data_seed + offset, "size": args.size}
+        dirs[split] = out
+        if args.reuse and _recorded(out) == spec:
+            continue
         if out.exists():
             shutil.rmtree(out)
-        write_dataset("ultrasound", n, out, args.data_seed + offset, size=args.size)
-        dirs[split] = out
+        write_dataset(args.kind, n, out, args.data_seed + offset, size=args.size)
+        (out / COMMAND_JSON).write_text(json.dumps(spec) + "\n")
     return dirs
+
+
+def _recorded(run_dir: Path) -> Any:
+    """What ``command.json`` in ``run_dir`` records (None when absent or unreadable)."""
+    try:
+        return json.loads((run_dir / COMMAND_JSON).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _portable(obj: Any, work: Path) -> Any:
@@ -143,10 +162,16 @@ def run(args: argparse.Namespace) -> int:
     }
     phase_metrics: dict[str, Any] = {}
     for name, argv in commands.items():
-        t = time.time()
-        log.info("default-models: python -m training %s", " ".join(argv))
-        main(argv)
-        timings[name] = time.time() - t
+        recorded = _recorded(runs[name]) if args.reuse else None
+        if recorded is not None and recorded.get("argv") == argv and (runs[name] / WEIGHTS_FILE).is_file():
+            log.info("default-models: %s reused from %s (same command)", name, runs[name])
+            timings[name] = float(recorded["seconds"])
+        else:
+            t = time.time()
+            log.info("default-models: python -m training %s", " ".join(argv))
+            main(argv)
+            timings[name] = time.time() - t
+            (runs[name] / COMMAND_JSON).write_text(json.dumps({"argv": argv, "seconds": timings[name]}) + "\n")
         phase_metrics[name] = load_run(runs[name]).metrics
         log.info("default-models: %s done in %.0f s", name, timings[name])
 
@@ -160,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = time.time()
     result = evaluate_run(out, SegmentationDataset(data["test"]), device=args.device)
-    result["data"] = f"phantom ultrasound test set ({args.n_test} cases, seed {args.data_seed + 2}, {args.size} px)"
+    result["data"] = f"phantom {args.kind} test set ({args.n_test} cases, seed {args.data_seed + 2}, {args.size} px)"
     (out / "eval_test.json").write_text(json.dumps(result, indent=2) + "\n")
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - start
@@ -168,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = {
         "commands": {k: "python -m training " + " ".join(v) for k, v in commands.items()},
-        "data": {"kind": "ultrasound", "size": args.size, "n_train": args.n_train, "n_val": args.n_val,
+        "data": {"kind": args.kind, "size": args.size, "n_train": args.n_train, "n_val": args.n_val,
                  "n_test": args.n_test, "seeds": [args.data_seed, args.data_seed + 1, args.data_seed + 2]},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "threads": torch.get_num_threads(),
@@ -188,6 +213,6 @@ def run(args: argparse.Namespace) -> int:
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     make_portable(out, work)
     log.info("default-models: wrote %s in %.0f s", out, timings["total"])
-    if not args.keep_work:
+    if not (args.keep_work or args.reuse):
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -54,6 +54,8 @@ from models.gate import Gate, GateConfig, apply_gate
 from models.transunet import TransUNet
 from models.ultrarefiner import UltraRefiner, resize
 from training.augment import AUGMENTOR_PRESETS, MaskAugmentor, build_augmentor
+from training.calibration import calibrate_answers
+from training.interactive import interactive_forward, iou_loss, sample_prompts
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks, seed_everything
 
 log = logging.getLogger("training.phases")
@@ -70,12 +72,13 @@ PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "refiner": {
         "epochs": 15, "lr": 3e-4, "batch_size": 8, "loss": "dice+bce", "grad_clip": 1.0,
         "augmentor_preset": "default", "real_ratio": 0.0, "sam_loss_weight": 0.5, "encoder_lr_scale": 1.0,
-        "tune_gate": True,
+        "tune_gate": True, "interactive_weight": 1.0, "iou_loss_weight": 1.0, "interactive_per_batch": 8,
     },
     "e2e": {
         "epochs": 5, "lr": 5e-5, "batch_size": 8, "loss": "dice+bce", "grad_clip": 1.0,
         "transunet_lr": 1e-5, "refiner_lr": None, "transunet_grad_scale": 0.01, "transunet_weight_reg": 0.1,
         "freeze_transunet_epochs": 1, "coarse_loss_weight": 0.8, "refined_loss_weight": 0.2, "tune_gate": True,
+        "interactive_weight": 0.5, "iou_loss_weight": 1.0, "interactive_per_batch": 4,
     },
 }
 
@@ -202,6 +205,10 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
     if command_name in ("refiner", "e2e"):
         parser.add_argument("--tune-gate", action=argparse.BooleanOptionalAction, default=None,
                             help="calibrate the uncertainty gate's gamma / gate_max on validation (default: on)")
+        parser.add_argument("--interactive-weight", type=float,
+                            help="weight of the loss on user-like prompts in /refine's whole-image framing (0 = off)")
+        parser.add_argument("--interactive-per-batch", type=int, help="lesion cases per batch given user-like prompts")
+        parser.add_argument("--iou-loss-weight", type=float, help="weight of the IoU head's MSE (SAM's IoU loss)")
     if command_name == "refiner":
         r = parser.add_argument_group("phase 2")
         r.add_argument("--sam-checkpoint", help="official SAM/MedSAM .pth or .safetensors for the refiner")
@@ -398,6 +405,47 @@ def augment_masks(
 # ---------------------------------------------------------------------------------------------------------
 
 
+VAL_PROMPT_SEED = 4242  # the same validation prompts every epoch
+
+
+@torch.no_grad()
+def validate_interactive(model: UltraRefiner, loader: Iterable[Any], device: torch.device) -> dict[str, float]:
+    """Dice of /refine's framing on the validation lesion cases with a jittered box and with one click
+    (seeded prompts), and the mean |predicted - actual| IoU of the box answers."""
+    from training.interactive import PromptBatch, jittered_box, mask_iou
+
+    rng = np.random.default_rng(VAL_PROMPT_SEED)
+    box_d, point_d, iou_err = [], [], []
+    for image, mask, _ in loader:
+        lesion = mask.flatten(1).amax(1) > 0.5
+        if not lesion.any():
+            continue
+        image, mask = image[lesion].to(device), mask[lesion].to(device)
+        gt = mask[:, 0].cpu().numpy() > 0.5
+        b, h, w = gt.shape
+        prior = torch.zeros(b, 1, h, w, device=device)
+        no = torch.zeros(b, device=device)
+        boxes = torch.from_numpy(np.stack([jittered_box(m, rng) for m in gt])).to(device)
+        clicks = []
+        for m in gt:
+            ys, xs = np.nonzero(m)
+            i = int(rng.integers(len(ys)))
+            clicks.append([[xs[i], ys[i]]])
+        clicks_t = torch.tensor(clicks, dtype=torch.float32, device=device)
+        box_prompts = PromptBatch(torch.zeros(b, 1, 2, device=device), -torch.ones(b, 1, device=device), boxes,
+                                  torch.ones(b, dtype=torch.bool, device=device), prior, no, ["box"] * b)
+        point_prompts = PromptBatch(clicks_t, torch.ones(b, 1, device=device), torch.zeros(b, 4, device=device),
+                                    torch.zeros(b, dtype=torch.bool, device=device), prior, no, ["point"] * b)
+        prob, pred = interactive_forward(model, image, box_prompts)
+        box_d.append(_batch_dice(prob, mask))
+        iou_err.append((pred[:, 0] - mask_iou(prob, mask)).abs())
+        point_d.append(_batch_dice(interactive_forward(model, image, point_prompts)[0], mask))
+    if not box_d:
+        return {"val_box_dice": 0.0, "val_point_dice": 0.0, "val_box_iou_abs_error": 1.0}
+    return {"val_box_dice": float(torch.cat(box_d).mean()), "val_point_dice": float(torch.cat(point_d).mean()),
+            "val_box_iou_abs_error": float(torch.cat(iou_err).mean())}
+
+
 class _PhaseHooks(TrainHooks):
     """Shared pieces: losses, device, flip augmentation, the validation loader's arrays."""
 
@@ -410,6 +458,33 @@ class _PhaseHooks(TrainHooks):
 
     def _to(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return [t.to(self.device) for t in tensors]
+
+    def interactive_loss(
+        self, model: UltraRefiner, image: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Loss on user-like prompts in /refine's whole-image framing (``training.interactive``) for up to
+        ``interactive_per_batch`` lesion cases of the batch: ``L(prob) + iou_loss_weight * MSE(iou)``.
+
+        Args:
+            image, mask, prior: (B, 1, H, W) on the device; ``prior`` in [0, 1] (the coarse prediction).
+
+        Returns:
+            (weighted loss or None when off / no lesion case, scalars for log.csv).
+        """
+        weight, limit = float(self.settings["interactive_weight"]), int(self.settings["interactive_per_batch"])
+        lesion = torch.nonzero(mask.flatten(1).amax(1) > 0.5).flatten()[:limit]
+        if weight <= 0 or limit <= 0 or len(lesion) == 0:
+            return None, {}
+        gt = mask[lesion]
+        prompts = sample_prompts(gt[:, 0].cpu().numpy() > 0.5, prior[lesion][:, 0].detach().cpu().numpy(), rng)
+        for name in ("points", "labels", "box", "has_box", "prior", "has_prior"):
+            setattr(prompts, name, getattr(prompts, name).to(self.device))
+        prob, pred_iou = interactive_forward(model, image[lesion], prompts)
+        seg = self.loss_prob(prob, gt)
+        iou = iou_loss(pred_iou, prob, gt)
+        loss = weight * (seg + float(self.settings["iou_loss_weight"]) * iou)
+        return loss, {"interactive_loss": seg.item(), "interactive_iou_mse": iou.item()}
 
 
 class TransUNetHooks(_PhaseHooks):
@@ -490,13 +565,17 @@ class RefinerHooks(_PhaseHooks):
         """Coarse probabilities (B, 1, H, W) for a training batch: real predictions or augmented masks."""
         ratio = float(self.settings["real_ratio"]) if self.real_train is not None else 0.0
         real = torch.tensor([ratio > 0 and self.rng.random() < ratio for _ in range(len(mask))])
-        coarse = torch.empty_like(mask)
+        # A normal case: the augmentor needs a lesion; its coarse mask is the real prediction, else empty.
+        empty = mask.flatten(1).amax(1) <= 0.5
+        real = real | empty if self.real_train is not None else real
+        coarse = torch.zeros_like(mask)
         if real.any():
             coarse[real] = self.real_train[index[real]]
             self.error_counts["real"] = self.error_counts.get("real", 0) + int(real.sum())
-        if (~real).any():
-            aug, infos = augment_masks(self.augmentor, mask[~real], self.rng, self.work_size)
-            coarse[~real] = aug
+        synthetic = ~real & ~empty
+        if synthetic.any():
+            aug, infos = augment_masks(self.augmentor, mask[synthetic], self.rng, self.work_size)
+            coarse[synthetic] = aug
             for info in infos:
                 self.error_counts[info["error_type"]] = self.error_counts.get(info["error_type"], 0) + 1
         return coarse
@@ -508,8 +587,14 @@ class RefinerHooks(_PhaseHooks):
         out = refine(model, image, coarse)
         refined_loss = self.loss_prob(out["refined_mask"], mask)
         sam_loss = self.loss_prob(out["sam_mask"], mask)
-        loss = refined_loss + self.settings["sam_loss_weight"] * sam_loss
-        return StepOutput(loss, {"refined_loss": refined_loss.item(), "sam_loss": sam_loss.item()})
+        iou_mse = iou_loss(out["iou"], out["sam_mask"], mask)
+        loss = refined_loss + self.settings["sam_loss_weight"] * sam_loss + self.settings["iou_loss_weight"] * iou_mse
+        scalars = {"refined_loss": refined_loss.item(), "sam_loss": sam_loss.item(), "iou_mse": iou_mse.item()}
+        extra, more = self.interactive_loss(model, image, mask, coarse, self.rng)
+        if extra is not None:
+            loss = loss + extra
+            scalars.update(more)
+        return StepOutput(loss, scalars)
 
     def validate(self, model: torch.nn.Module, loader: Iterable[Any]) -> dict[str, float]:
         refined, coarse_d, sam = [], [], []
@@ -520,11 +605,15 @@ class RefinerHooks(_PhaseHooks):
             refined.append(_batch_dice(out["refined_mask"], mask))
             sam.append(_batch_dice(out["sam_mask"], mask))
             coarse_d.append(_batch_dice(coarse, mask))
-        return {
+        metrics = {
             "val_dice": float(torch.cat(refined).mean()),
             "val_coarse_dice": float(torch.cat(coarse_d).mean()),
             "val_sam_dice": float(torch.cat(sam).mean()),
         }
+        metrics.update(validate_interactive(model, loader, self.device))
+        # The checkpoint must serve both /segment (automatic prompts) and /refine (a user's box).
+        metrics["val_score"] = (metrics["val_dice"] + metrics["val_box_dice"]) / 2
+        return metrics
 
 
 class E2EHooks(_PhaseHooks):
@@ -543,6 +632,7 @@ class E2EHooks(_PhaseHooks):
     def __init__(self, settings: dict[str, Any], device: str, seed: int, model: UltraRefiner) -> None:
         super().__init__(settings, device, seed)
         self.anchor = {n: p.detach().clone() for n, p in model.transunet.named_parameters()}
+        self.rng = np.random.default_rng(seed + 3)
         self.baseline_coarse_dice: float | None = None
         self.frozen = False
 
@@ -584,8 +674,14 @@ class E2EHooks(_PhaseHooks):
         out = model(image)
         coarse_loss = self.loss_logits(out["coarse_logits"], mask)
         refined_loss = self.loss_prob(out["refined_mask"], mask)
-        loss = s["coarse_loss_weight"] * coarse_loss + s["refined_loss_weight"] * refined_loss
-        scalars = {"coarse_loss": coarse_loss.item(), "refined_loss": refined_loss.item()}
+        iou_mse = iou_loss(out["iou"], out["sam_mask"], mask)
+        loss = (s["coarse_loss_weight"] * coarse_loss + s["refined_loss_weight"] * refined_loss
+                + s["iou_loss_weight"] * iou_mse)
+        scalars = {"coarse_loss": coarse_loss.item(), "refined_loss": refined_loss.item(), "iou_mse": iou_mse.item()}
+        extra, more = self.interactive_loss(model, image, mask, out["coarse_mask"].detach(), self.rng)
+        if extra is not None:
+            loss = loss + extra
+            scalars.update(more)
         if s["transunet_weight_reg"] > 0 and not self.frozen:
             reg = self.anchor_penalty(model)
             loss = loss + s["transunet_weight_reg"] * reg
@@ -600,11 +696,14 @@ class E2EHooks(_PhaseHooks):
             refined.append(_batch_dice(out["refined_mask"], mask))
             coarse.append(_batch_dice(out["coarse_mask"], mask))
             sam.append(_batch_dice(out["sam_mask"], mask))
-        return {
+        metrics = {
             "val_dice": float(torch.cat(refined).mean()),
             "val_coarse_dice": float(torch.cat(coarse).mean()),
             "val_sam_dice": float(torch.cat(sam).mean()),
         }
+        metrics.update(validate_interactive(model, loader, self.device))
+        metrics["val_score"] = (metrics["val_dice"] + metrics["val_box_dice"]) / 2
+        return metrics
 
     def on_epoch_end(self, epoch: int, model: torch.nn.Module, row: dict[str, Any]) -> None:
         base = self.baseline_coarse_dice
@@ -625,10 +724,11 @@ class E2EHooks(_PhaseHooks):
 def predict_ultrarefiner(
     model: UltraRefiner, images: torch.Tensor, coarse: torch.Tensor | None = None, batch_size: int = 16
 ) -> dict[str, torch.Tensor]:
-    """Coarse, refiner and refined probabilities (N, 1, H, W) for images (N, 1, H, W); ``coarse`` given = phase 2."""
+    """Coarse, refiner and refined probabilities (N, 1, H, W) and the predicted IoU (N, 1) for images
+    (N, 1, H, W); ``coarse`` given = phase 2."""
     device = next(model.parameters()).device
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {"coarse": [], "sam": [], "refined": []}
+    out: dict[str, list[torch.Tensor]] = {"coarse": [], "sam": [], "refined": [], "iou": []}
     for i in range(0, len(images), batch_size):
         image = images[i : i + batch_size].to(device)
         if coarse is None:
@@ -640,6 +740,7 @@ def predict_ultrarefiner(
         out["coarse"].append(c.cpu())
         out["sam"].append(o["sam_mask"].cpu())
         out["refined"].append(o["refined_mask"].cpu())
+        out["iou"].append(o["iou"].cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -829,7 +930,8 @@ def run_refiner(args: argparse.Namespace) -> Path:
                          work_size)
     train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
     val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
-    fit = Trainer(_loop_config(settings, args)).fit(model, hooks, train_loader, val_loader, args.out, "refiner")
+    fit = Trainer(_loop_config(settings, args, "val_score")).fit(model, hooks, train_loader, val_loader, args.out,
+                                                                 "refiner")
     probs = predict_ultrarefiner(model, data.val.images, coarse=val_coarse)
     sweeps, gate_tuning = _calibrate(model, probs, data.val.masks, settings)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("refiner.", "gate."))}
@@ -838,10 +940,12 @@ def run_refiner(args: argparse.Namespace) -> Path:
     training["error_type_counts"] = hooks.error_counts
     training["augmentor"] = dict(preset.augmentor)
     training["gate_tuning"] = gate_tuning
+    answers = calibrate_answers(probs, data.val.masks, sweeps["refined"][0])
     return save_run(
         args.out, state, model.config_dict(), sweeps["refined"][0], _finish_metrics(fit.best_metrics, sweeps),
         kind="refiner", phase="refiner", seed=args.seed, data_fingerprint=data.fingerprint, sources=sources,
-        extra={"thresholds": {k: v[0] for k, v in sweeps.items()}, "training": training, "split": data.split},
+        extra={"thresholds": {k: v[0] for k, v in sweeps.items()}, "training": training, "split": data.split,
+               **answers},
     )
 
 
@@ -875,17 +979,20 @@ def run_e2e(args: argparse.Namespace) -> Path:
     hooks = E2EHooks(settings, args.device, args.seed, model)
     train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
     val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
-    fit = Trainer(_loop_config(settings, args)).fit(model, hooks, train_loader, val_loader, args.out, "e2e")
+    fit = Trainer(_loop_config(settings, args, "val_score")).fit(model, hooks, train_loader, val_loader, args.out,
+                                                                 "e2e")
     probs = predict_ultrarefiner(model, data.val.images)
     sweeps, gate_tuning = _calibrate(model, probs, data.val.masks, settings)
     metrics = _finish_metrics(fit.best_metrics, sweeps)
     metrics["baseline_coarse_dice"] = hooks.baseline_coarse_dice
     training = _training_record(settings, args.config, fit, args)
     training["gate_tuning"] = gate_tuning
+    answers = calibrate_answers(probs, data.val.masks, sweeps["refined"][0])
     return save_run(
         args.out, model, model.config_dict(), sweeps["refined"][0], metrics,
         kind="ultrarefiner", phase="e2e", seed=args.seed, data_fingerprint=data.fingerprint, sources=sources,
-        extra={"thresholds": {k: v[0] for k, v in sweeps.items()}, "training": training, "split": data.split},
+        extra={"thresholds": {k: v[0] for k, v in sweeps.items()}, "training": training, "split": data.split,
+               **answers},
     )
 
 

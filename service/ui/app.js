@@ -12,6 +12,7 @@ const state = {
   refined: null,
   user: null,          // mask from the last box refine
   gate: null,          // Uint8ClampedArray H*W (0..255)
+  gateFlat: false,     // the gate has one value everywhere: a fixed blend, not an uncertainty map
   box: null,           // prompt box of the automatic pipeline [x0, y0, x1, y1]
   userBox: null,       // box the user dragged
   drag: null,
@@ -99,6 +100,17 @@ function gateInto(rgba, gate) {
   }
 }
 
+function describeGate(gate) {
+  // A gate with one value everywhere (gate_min == gate_max) is a fixed blend of coarse and refiner, not an
+  // uncertainty map: say so in the legend rather than show a flat "heat map" as if it meant something.
+  let lo = 255, hi = 0;
+  for (const g of gate || []) { if (g < lo) lo = g; if (g > hi) hi = g; }
+  state.gateFlat = Boolean(gate) && hi - lo <= 1;
+  $("gate-legend").textContent = !gate ? "gate (low → high)"
+    : state.gateFlat ? "gate: constant " + (lo / 255).toFixed(2) + " everywhere (fixed blend, no per-pixel uncertainty)"
+    : "gate " + (lo / 255).toFixed(2) + " → " + (hi / 255).toFixed(2) + " (keep coarse → trust refiner)";
+}
+
 function drawBox(ctx, box, color, scale) {
   if (!box) return;
   ctx.save();
@@ -134,8 +146,11 @@ function showTable(result, extra) {
   const rows = {
     "area (px)": result.area_px,
     "area (mm²)": result.area_mm2 === null || result.area_mm2 === undefined ? "no spacing" : result.area_mm2.toFixed(2),
+    "lesion found": result.lesion_found === undefined ? "" : (result.lesion_found ? "yes" : "no finding (empty mask)"),
     "predicted IoU": result.iou === undefined ? "" : Number(result.iou).toFixed(3),
-    "uncertainty": result.uncertainty === undefined ? "" : Number(result.uncertainty).toFixed(3),
+    "needs review": result.needs_review === undefined ? "" : (result.needs_review ? "yes: check this mask" : "no"),
+    "uncertainty": result.uncertainty === undefined ? "" : (state.gateFlat
+      ? "none: constant gate " + Number(result.uncertainty).toFixed(2) : Number(result.uncertainty).toFixed(3)),
     "box (xyxy)": result.box ? result.box.map((v) => Math.round(v)).join(", ") : "none",
     ...extra,
   };
@@ -169,6 +184,7 @@ async function segment(file) {
     state.refined = await maskFrom(result.mask_png_base64);
     state.coarse = result.coarse_mask_png_base64 ? await maskFrom(result.coarse_mask_png_base64) : null;
     state.gate = result.gate_png_base64 ? await pngPixels(result.gate_png_base64, w, h) : null;
+    describeGate(state.gate);
     state.box = result.box;
     render();
     showTable(result, { model: result.model.version.slice(0, 12) + " / " + result.model.backend });
