@@ -61,6 +61,23 @@ class BentoModels:
         except NotFound:
             return None
 
+    def holds(self, tag: str, manifest: Mapping[str, Any]) -> bool:
+        """True when ``tag`` holds these artifacts, False when it is free.
+
+        Raises:
+            Conflict: the tag exists with other artifacts (field ``bento_tag``).
+        """
+        from bentoml.exceptions import NotFound
+
+        try:
+            existing = self.store.get(tag)
+        except NotFound:
+            return False
+        if existing.info.metadata.get("version") != manifest["version"]:
+            raise Conflict("bento_tag", tag, f"the BentoML store at {self.home} holds other artifacts under this "
+                           "tag; `bentoml models delete` it or use another model name")
+        return True
+
     def save(self, tag: str, art_dir: Path, manifest: Mapping[str, Any], registry: Mapping[str, Any]) -> bool:
         """Copy ``art_dir``'s files under ``tag``; True when written, False when the tag already held them.
 
@@ -68,25 +85,23 @@ class BentoModels:
             Conflict: the tag exists with other artifacts (field ``bento_tag``).
         """
         import bentoml
-        from bentoml.exceptions import NotFound
+        from bentoml.exceptions import BentoMLException
 
-        try:
-            existing = self.store.get(tag)
-        except NotFound:
-            existing = None
-        if existing is not None:
-            if existing.info.metadata.get("version") != manifest["version"]:
-                raise Conflict("bento_tag", tag, f"the BentoML store at {self.home} holds other artifacts under "
-                               "this tag; `bentoml models delete` it or use another model name")
+        if self.holds(tag, manifest):
             return False
         labels, metadata = store_metadata(manifest)
         labels.update(registry_name=str(registry["name"]), registry_version=str(registry["version"]))
         metadata["registry"] = _safe(registry)
-        with bentoml.models.create(tag, labels=labels, metadata=metadata, _model_store=self.store) as model:
-            target = Path(model.path)
-            for item in sorted(art_dir.iterdir()):
-                if item.is_file():
-                    shutil.copyfile(item, target / item.name)
+        try:
+            with bentoml.models.create(tag, labels=labels, metadata=metadata, _model_store=self.store) as model:
+                target = Path(model.path)
+                for item in sorted(art_dir.iterdir()):
+                    if item.is_file():
+                        shutil.copyfile(item, target / item.name)
+        except BentoMLException:  # another process saved it first (materialize restoring, say)
+            if self.holds(tag, manifest):
+                return False
+            raise
         return True
 
     def delete(self, tag: str) -> None:

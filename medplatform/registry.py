@@ -1,6 +1,6 @@
 """The model registry: numbered versions per model name, aliases (``production``...), resolving a request's
 model reference, and a hash-verified artifact directory for the service to load. Rows in ``medplatform.db``,
-files in the BentoML store, mirrored with the run to blobs ``models/<name>/v<N>/{artifacts,run}/<file>``.
+files in the BentoML store, mirrored to blobs ``models/<name>/{artifacts/<manifest version>,runs/<weights sha>}/``.
 """
 
 from __future__ import annotations
@@ -110,8 +110,14 @@ def _info(row: ModelVersion, aliases: list[str]) -> VersionInfo:
                        aliases=tuple(sorted(aliases)))
 
 
-def blob_prefix(name: str, version: int) -> str:
-    return f"models/{name}/v{version}/"
+def artifacts_prefix(name: str, artifact_version: str) -> str:
+    """Blob prefix of an artifact directory: content-addressed, so versions of the same bytes share it."""
+    return f"models/{name}/artifacts/{artifact_version}/"
+
+
+def run_prefix(name: str, weights_sha256: str) -> str:
+    """Blob prefix of a run directory (run.json, weights, logs), by the weights' sha256."""
+    return f"models/{name}/runs/{weights_sha256}/"
 
 
 class ModelRegistry:
@@ -149,59 +155,67 @@ class ModelRegistry:
         if evaluation is None and (sources.run_dir / "eval_test.json").is_file():
             from export.manifest import read_json_object
 
-            evaluation = read_json_object(sources.run_dir / "eval_test.json")
+            try:
+                evaluation = read_json_object(sources.run_dir / "eval_test.json")
+            except ArtifactError as exc:
+                raise InvalidValue("evaluation", str(sources.run_dir / "eval_test.json"), str(exc)) from exc
         metrics = version_metrics(sources.run, evaluation)
         if hyperparameters is None:
             training = sources.run.get("training") or {}
             hyperparameters = {**(training.get("settings") or {}), "preset": training.get("preset"),
                                "kind": sources.run.get("kind"), "phase": sources.run.get("phase")}
+        # 1. Mirror first, outside the write lock (uploads may be slow); the keys are content-addressed.
+        self._mirror(name, sources)
+        # 2. Number and commit the row under the lock: a short transaction.
         for attempt in range(_REGISTER_TRIES):
             try:
-                return self._register_once(sources, name=name, metrics=metrics, hyperparameters=dict(hyperparameters),
-                                           dataset_id=dataset_id, dataset_sha256=dataset_sha256, job_id=job_id,
-                                           reuse_existing=reuse_existing)
+                info, created = self._number(sources, name=name, metrics=metrics,
+                                             hyperparameters=dict(hyperparameters), dataset_id=dataset_id,
+                                             dataset_sha256=dataset_sha256, job_id=job_id,
+                                             reuse_existing=reuse_existing)
+                break
             except IntegrityError:  # another process took this number between our read and our insert
                 if attempt == _REGISTER_TRIES - 1:
                     raise
-        raise AssertionError("unreachable")
+        if created:
+            # 3. Committed: re-put anything a delete of the same bytes removed meanwhile, then the BentoML
+            # copy. If this process dies here, materialize() restores the version from the mirror.
+            self._mirror(name, sources)
+            self.bento.save(info.bento_tag, sources.art_dir, sources.manifest,
+                            {"name": name, "version": info.version, "metrics": metrics,
+                             "dataset_sha256": dataset_sha256, "job_id": job_id})
+        return info
 
-    def _register_once(self, sources: CheckedSources, *, name: str, metrics: dict[str, Any],
-                       hyperparameters: dict[str, Any], dataset_id: str | None, dataset_sha256: str | None,
-                       job_id: str | None, reuse_existing: bool) -> VersionInfo:
+    def _mirror(self, name: str, sources: CheckedSources) -> None:
+        for prefix, directory, files in (
+                (artifacts_prefix(name, sources.artifact_version), sources.art_dir, sources.artifact_files),
+                (run_prefix(name, sources.weights_sha256), sources.run_dir, sources.run_files)):
+            for file in files:
+                if not self.blobs.exists(prefix + file):
+                    self.blobs.put_file(prefix + file, directory / file)
+
+    def _number(self, sources: CheckedSources, *, name: str, metrics: dict[str, Any],
+                hyperparameters: dict[str, Any], dataset_id: str | None, dataset_sha256: str | None,
+                job_id: str | None, reuse_existing: bool) -> tuple[VersionInfo, bool]:
+        """(the version, whether it is new): the next number for ``name``, committed."""
         with write_session(self.sessions) as session:
             if reuse_existing:
                 same = session.scalar(select(ModelVersion).where(
                     ModelVersion.name == name, ModelVersion.artifact_version == sources.artifact_version,
                     ModelVersion.deleted_at.is_(None)).order_by(ModelVersion.version).limit(1))
                 if same is not None:
-                    return _info(same, self._aliases(session, name, same.version))
+                    return _info(same, self._aliases(session, name, same.version)), False
             latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
             version = (latest or 0) + 1  # deleted versions keep their rows: numbers are never reused
             tag = self.bento.tag(name, version)
+            self.bento.holds(tag, sources.manifest)  # a stale store with other bytes under this tag: Conflict
             row = ModelVersion(name=name, version=version, dataset_id=dataset_id, dataset_sha256=dataset_sha256,
                                hyperparameters=hyperparameters, metrics=metrics, artifact_hashes=sources.hashes(),
                                artifact_version=sources.artifact_version, bento_tag=tag, job_id=job_id,
                                created_at=utcnow())
             session.add(row)
-            session.flush()  # the unique (name, version) check happens here, before any file is written
-            # The row commits only after the files are in place; on failure nothing written stays.
-            created_tag = False
-            try:
-                created_tag = self.bento.save(tag, sources.art_dir, sources.manifest,
-                                              {"name": name, "version": version, "metrics": metrics,
-                                               "dataset_sha256": dataset_sha256, "job_id": job_id})
-                prefix = blob_prefix(name, version)
-                for file in sources.artifact_files:
-                    self.blobs.put_file(f"{prefix}artifacts/{file}", sources.art_dir / file)
-                for file in sources.run_files:
-                    self.blobs.put_file(f"{prefix}run/{file}", sources.run_dir / file)
-            except BaseException:
-                if created_tag:
-                    self.bento.delete(tag)
-                for key in self.blobs.list(blob_prefix(name, version)):
-                    self.blobs.delete(key)
-                raise
-            return _info(row, [])
+            session.flush()  # the unique (name, version) check
+            return _info(row, []), True
 
     def set_alias(self, name: str, alias: str, version: int) -> VersionInfo:
         """Point ``alias`` of ``name`` at ``version`` (creating or moving it). Raises ``NotFound`` (field
@@ -239,9 +253,21 @@ class ModelRegistry:
             if aliases:
                 raise AliasInUse("version", version, aliases)
             row.deleted_at = utcnow()
-            self.bento.delete(row.bento_tag)
-            for key in self.blobs.list(blob_prefix(name, version)):
-                self.blobs.delete(key)
+            session.flush()
+            # Mirrored files go when no live version of the name uses them any more; decided under the lock,
+            # and a registration of the same bytes re-puts them after its own commit.
+            live = session.scalars(select(ModelVersion.artifact_hashes).where(
+                ModelVersion.name == name, ModelVersion.deleted_at.is_(None))).all()
+            hashes = row.artifact_hashes
+            orphans = []
+            if all(h.get("artifact_version") != hashes.get("artifact_version") for h in live):
+                orphans.append(artifacts_prefix(name, hashes["artifact_version"]))
+            if all(h.get("weights_sha256") != hashes.get("weights_sha256") for h in live):
+                orphans.append(run_prefix(name, hashes["weights_sha256"]))
+            for prefix in orphans:
+                for key in self.blobs.list(prefix):
+                    self.blobs.delete(key)
+        self.bento.delete(row.bento_tag)
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -341,7 +367,7 @@ class ModelRegistry:
         return path
 
     def _restore(self, info: VersionInfo) -> Path:
-        prefix = f"{blob_prefix(info.name, info.version)}artifacts/"
+        prefix = artifacts_prefix(info.name, str(info.artifact_hashes["artifact_version"]))
         keys = self.blobs.list(prefix)
         if not keys:
             raise NotFound("version", info.version, f"{info.bento_tag} is in neither the BentoML store nor the "

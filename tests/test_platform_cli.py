@@ -48,7 +48,8 @@ def test_migrate_and_register_as_a_process(env, tmp_path_factory, tmp_path):
     assert registered.returncode == 0, registered.stderr
     version = json.loads(registered.stdout)
     assert (version["version"], version["aliases"], version["bento_tag"]) == (1, ["production"], "tiny:v1")
-    assert (tmp_path / "data" / "blobs" / "models" / "tiny" / "v1" / "artifacts" / "manifest.json").is_file()
+    mirrored = tmp_path / "data" / "blobs" / "models" / "tiny" / "artifacts" / version["artifact_version"]
+    assert (mirrored / "manifest.json").is_file()
 
 
 def test_models_versions_alias_default_in_process(env, tmp_path_factory, capsys):
@@ -92,7 +93,8 @@ def test_register_mirrors_to_s3_when_the_bucket_is_configured(env, s3_env, monke
     client.create_bucket(Bucket=s3_env["MEDREFINE_S3_BUCKET"])
     tiny = session_tiny_artifacts(tmp_path_factory)
     assert main(["register", str(tiny.run_dir), str(tiny.art_dir), "--name", "tiny"]) == 0
-    files = json.loads(capsys.readouterr().out)["artifact_hashes"]["files"]
-    listed = client.list_objects_v2(Bucket=s3_env["MEDREFINE_S3_BUCKET"], Prefix="models/tiny/v1/artifacts/")
-    assert sorted(o["Key"] for o in listed["Contents"]) == sorted(f"models/tiny/v1/artifacts/{f}" for f in files)
+    hashes = json.loads(capsys.readouterr().out)["artifact_hashes"]
+    prefix = f"models/tiny/artifacts/{hashes['artifact_version']}/"
+    listed = client.list_objects_v2(Bucket=s3_env["MEDREFINE_S3_BUCKET"], Prefix=prefix)
+    assert sorted(o["Key"] for o in listed["Contents"]) == sorted(f"{prefix}{f}" for f in hashes["files"])
     assert not (tmp_path / "data" / "blobs").exists()  # nothing went to the local store

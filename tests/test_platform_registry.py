@@ -19,7 +19,13 @@ from medplatform import db
 from medplatform.bento import BentoModels
 from medplatform.blobs import LocalBlobStore
 from medplatform.errors import AliasInUse, Conflict, IntegrityFailure, InvalidValue, NotFound
-from medplatform.registry import ModelRegistry, ensure_default_registered, parse_model_spec
+from medplatform.registry import (
+    ModelRegistry,
+    artifacts_prefix,
+    ensure_default_registered,
+    parse_model_spec,
+    run_prefix,
+)
 from tests.artifact_factory import session_tiny_artifacts
 from tests.platform_s3 import fresh_s3_store, moto_endpoint, s3_env  # noqa: F401  (fixtures)
 
@@ -78,10 +84,10 @@ def test_default_model_is_version_1_in_production(registry, default_pair, tmp_pa
     # Mirrored to the blob store byte for byte: the artifacts and the run directory.
     blobs = registry.blobs
     for graph in manifest["graphs"].values():
-        key = f"models/default/v1/artifacts/{graph['file']}"
+        key = f"{artifacts_prefix('default', manifest['version'])}{graph['file']}"
         assert file_sha256(blobs.get_file(key, tmp_path / "check" / graph["file"])) == graph["sha256"]
-    assert blobs.exists("models/default/v1/run/weights.safetensors")
-    assert blobs.exists("models/default/v1/run/run.json")
+    runs = run_prefix("default", run["weights_sha256"])
+    assert blobs.exists(f"{runs}weights.safetensors") and blobs.exists(f"{runs}run.json")
 
     env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="true")
     listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], cwd=ROOT, env=env,
@@ -114,7 +120,9 @@ def test_versions_aliases_delete_and_numbers_never_reused(registry, default_pair
     registry.delete_version("default", 2)
     assert [v.version for v in registry.list_versions("default")] == [1]
     assert registry.bento.tags() == ["default:v1"]
-    assert registry.blobs.list("models/default/v2/") == []
+    assert registry.blobs.list(artifacts_prefix("default", v2.artifact_version)) == []
+    assert registry.blobs.list(run_prefix("default", v2.artifact_hashes["weights_sha256"])) == []
+    assert registry.blobs.list(artifacts_prefix("default", compared[0].artifact_version))  # v1's stay
     with pytest.raises(NotFound) as gone:
         registry.resolve("default", 2)
     assert gone.value.field == "version" and gone.value.value == 2
@@ -204,6 +212,12 @@ def test_concurrent_registrations_get_distinct_numbers(registry, tiny_pair):
     assert not errors, errors
     assert sorted(results) == [1, 2, 3]
     assert registry.bento.tags("race") == ["race:v1", "race:v2", "race:v3"]
+    shared = artifacts_prefix("race", registry.get_version("race", 1).artifact_version)
+    registry.delete_version("race", 1)  # v2 and v3 are the same bytes: the mirror stays
+    assert registry.blobs.list(shared) and registry.bento.tags("race") == ["race:v2", "race:v3"]
+    registry.delete_version("race", 2)
+    registry.delete_version("race", 3)
+    assert registry.blobs.list(shared) == [] and registry.blobs.list() == []
 
 
 def test_s3_mirror_restores_a_version_on_a_new_machine(tmp_path, request, s3_env, tiny_pair):  # noqa: F811
@@ -213,8 +227,8 @@ def test_s3_mirror_restores_a_version_on_a_new_machine(tmp_path, request, s3_env
     bucket = fresh_s3_store(request, s3_env["MEDREFINE_S3_ENDPOINT_URL"])
     first = ModelRegistry(db.session_factory(url), bucket, BentoModels(tmp_path / "bentoml-a"))
     info = first.register(tiny_pair.run_dir, tiny_pair.art_dir, name="tiny")
-    assert set(bucket.list("models/tiny/v1/artifacts/")) == {
-        f"models/tiny/v1/artifacts/{f}" for f in info.artifact_hashes["files"]}
+    prefix = artifacts_prefix("tiny", info.artifact_version)
+    assert set(bucket.list(prefix)) == {f"{prefix}{f}" for f in info.artifact_hashes["files"]}
 
     second = ModelRegistry(db.session_factory(url), bucket, BentoModels(tmp_path / "bentoml-b"))
     assert second.bento.tags() == []
@@ -244,3 +258,22 @@ def test_servers_starting_together_register_the_default_once(registry, tiny_pair
     assert results == [1, 1, 1]
     assert [(v.version, v.aliases) for v in registry.list_versions("default")] == [(1, ("production",))]
     assert registry.bento.tags() == ["default:v1"]
+
+
+def test_a_stale_bentoml_tag_is_never_overwritten(tmp_path, default_pair, tiny_pair):
+    """A fresh database beside a BentoML store that already holds ``x:v1`` with other bytes: refused."""
+    home = BentoModels(tmp_path / "bentoml")
+    old = ModelRegistry(db.session_factory(_migrated(tmp_path / "old.sqlite3")), LocalBlobStore(tmp_path / "b1"), home)
+    old.register(default_pair.run_dir, default_pair.art_dir, name="x")
+    new = ModelRegistry(db.session_factory(_migrated(tmp_path / "new.sqlite3")), LocalBlobStore(tmp_path / "b2"), home)
+    with pytest.raises(Conflict) as stale:
+        new.register(tiny_pair.run_dir, tiny_pair.art_dir, name="x")
+    assert stale.value.field == "bento_tag" and stale.value.value == "x:v1"
+    assert new.list_models() == []
+    assert old.materialize("x", 1).is_dir()  # the old bytes are intact
+
+
+def _migrated(path: Path) -> str:
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    return url
