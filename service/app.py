@@ -77,8 +77,9 @@ OPEN_REQUESTS = OpenRequests()  # HTTP requests let in by the guard and not yet 
 @bentoml.service(
     name="medrefine",
     workers=1,
-    # max_concurrency is enforced by GuardMiddleware (429 + Retry-After + our JSON body), not by BentoML.
-    traffic={"timeout": int(SETTINGS.request_timeout_s) + 30},
+    # max_concurrency and the timeouts are GuardMiddleware's (429 / 408 / 504 with Retry-After or our JSON
+    # body); BentoML's own timeout counts from the first byte, so it is set past the longest upload allowed.
+    traffic={"timeout": SETTINGS.longest_request_s},
     metrics={"enabled": True},
 )
 class MedRefine:

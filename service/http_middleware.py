@@ -50,6 +50,7 @@ from service.errors import (
     BadRequest,
     NotReady,
     PayloadTooLarge,
+    RequestTimeoutError,
     ServiceError,
     TooManyRequests,
     Unauthorized,
@@ -81,6 +82,7 @@ UPLOAD_FIELDS = (b"file", b"prior_mask")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 # python-multipart logs a warning before raising on a malformed body; the guard answers 400 for it instead.
 logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
+ANSWER_GRACE_S = 5.0  # decoding and encoding around the batcher's request_timeout_s
 
 
 def error_response_parts(error: ServiceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -443,7 +445,7 @@ class GuardMiddleware:
         guard = _MultipartGuard(boundary) if boundary is not None else None
         marker = {"entered": False}
         state: dict[str, Any] = {"received": 0, "reject": None, "replied": False, "status": None, "held": [],
-                                 "responded": False, "client_gone": False}
+                                 "started": False, "responded": False, "client_gone": False, "timed_out": False}
         body_done = asyncio.Event()
         upload_start = time.monotonic()
         grace_s = float(settings.upload_grace_s)
@@ -514,6 +516,8 @@ class GuardMiddleware:
                     await send({"type": "http.response.body", "body": b""})
 
         async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["responded"] = True
             if state["reject"] is not None:
@@ -588,10 +592,24 @@ class GuardMiddleware:
                         app_task.cancel()
                     return
 
-        watcher = asyncio.ensure_future(watch_disconnect())
+        async def watch_deadline() -> None:
+            # The backstop behind the batcher's own deadline: an answer not begun this long after the request
+            # arrived whole is a 504 in our shape (BentoML's timeout is set past the longest allowed upload).
+            await body_done.wait()
+            await asyncio.sleep(float(settings.request_timeout_s) + ANSWER_GRACE_S)
+            if not app_task.done() and not state["started"]:
+                state["timed_out"] = True
+                app_task.cancel()
+
+        watchers = [asyncio.ensure_future(watch_disconnect()), asyncio.ensure_future(watch_deadline())]
         try:
             await app_task
         except asyncio.CancelledError:
+            if state["timed_out"]:
+                await _send_error(send, RequestTimeoutError(
+                    f"request not answered within {float(settings.request_timeout_s) + ANSWER_GRACE_S:g} s "
+                    "(request_timeout_s)"))
+                return
             if not state["client_gone"]:
                 raise
             await reply_gone()
@@ -602,7 +620,8 @@ class GuardMiddleware:
             if state["reject"] is None and not state["client_gone"]:
                 raise
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
         if state["reject"] is not None:
             await reply_reject()
         elif state["client_gone"]:

@@ -142,6 +142,15 @@ class ServiceSettings:
             )
 
     @property
+    def longest_request_s(self) -> int:
+        """Seconds the slowest acceptable request may take from its first byte: the slowest allowed upload of
+        ``max_upload_bytes``, then ``request_timeout_s`` and a margin (a day when uploads have no minimum rate)."""
+        if self.min_upload_bytes_per_s <= 0:
+            return 86_400
+        upload_s = self.upload_grace_s + self.max_upload_bytes / self.min_upload_bytes_per_s
+        return int(upload_s + self.request_timeout_s + 60)
+
+    @property
     def generators_dir(self) -> Path | None:
         """The generator artifact directory to load, or None when generation is off.
 
