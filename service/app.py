@@ -81,6 +81,9 @@ OPEN_REQUESTS = OpenRequests()  # HTTP requests let in by the guard and not yet 
     # body); BentoML's own timeout counts from the first byte, so it is set past the longest upload allowed.
     traffic={"timeout": SETTINGS.longest_request_s},
     metrics={"enabled": True},
+    # `bentoml serve service.app:MedRefine` binds MEDREFINE_HOST:MEDREFINE_PORT (loopback by default) as
+    # `python -m service` does; its --host/--port (BENTOML_HOST/BENTOML_PORT) still win.
+    http={"host": SETTINGS.host, "port": SETTINGS.port},
 )
 class MedRefine:
     """UltraRefiner lesion segmentation (TransUNet + SAM refiner) over verified exported artifacts."""
