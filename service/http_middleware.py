@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import time
@@ -85,9 +86,11 @@ logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 ANSWER_GRACE_S = 5.0  # decoding and encoding around the batcher's request_timeout_s
 
 
-def error_response_parts(error: ServiceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, headers and JSON body of ``error`` as an HTTP response."""
-    body = json.dumps(error.to_dict(), separators=(",", ":")).encode()
+def error_response_parts(error: ServiceError, *, oip: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and JSON body of ``error`` as an HTTP response: REST's ``{"error", "field"}``, or the
+    Open Inference Protocol's ``{"error"}`` for ``/v2`` routes (``oip``)."""
+    payload = {"error": error.message} if oip else error.to_dict()
+    body = json.dumps(payload, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     return error.code, headers, body
@@ -101,8 +104,8 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], extra: li
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, error: ServiceError, *, close: bool = False) -> None:
-    status, headers, body = error_response_parts(error)
+async def _send_error(send: Send, error: ServiceError, *, close: bool = False, oip: bool = False) -> None:
+    status, headers, body = error_response_parts(error, oip=oip)
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -330,13 +333,14 @@ class GuardMiddleware:
 
         settings = self._settings()
         runtime = self._runtime()
+        send_error = functools.partial(_send_error, oip=path.startswith("/v2/"))
         admission = _Admission(self.open_requests, settings,
                                lambda: getattr(self._runtime(), "draining", False) is True)
         try:
             if getattr(runtime, "draining", False) is True:
                 # Shutting down: requests accepted before the signal finish; new ones are turned away
                 # cleanly (the listening socket stays open until they have, see service.app).
-                await _send_error(counting_send, NotReady("server shutting down; retry on another instance",
+                await send_error(counting_send, NotReady("server shutting down; retry on another instance",
                                                           retry_after=1), close=True)
                 return
             # A request with a body takes its slot when the body has arrived (guarded_receive); one
@@ -344,7 +348,7 @@ class GuardMiddleware:
             refusal = (admission.start_receiving(int(settings.max_receiving)) if method in _BODY_METHODS
                        else admission.arrived())
             if refusal is not None:
-                await _send_error(counting_send, refusal)
+                await send_error(counting_send, refusal)
                 return
             try:
                 await self._guarded(scope, receive, counting_send, path, endpoint, status_box, admission)
@@ -401,8 +405,9 @@ class GuardMiddleware:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str, endpoint: str | None,
                        status_box: dict[str, int], admission: _Admission) -> None:
         method = scope.get("method", "GET")
+        send_error = functools.partial(_send_error, oip=path.startswith("/v2/"))
         if self._needs_key(path) and not self._check_key(scope):
-            await _send_error(send, Unauthorized())
+            await send_error(send, Unauthorized())
             return
         json_body = path in JSON_ROUTES
         boundary: bytes | None = None
@@ -413,17 +418,17 @@ class GuardMiddleware:
                                  [(b"allow", b"POST")])
                 return
             if json_body and content_type != "application/json":
-                await _send_error(send, UnsupportedMediaType(
+                await send_error(send, UnsupportedMediaType(
                     f"{path} expects an application/json body, got content type {content_type or 'none'!r}"))
                 return
             if not json_body and content_type != "multipart/form-data":
-                await _send_error(send, UnsupportedMediaType(
+                await send_error(send, UnsupportedMediaType(
                     f"{path} expects multipart/form-data with a 'file' part, got content type "
                     f"{content_type or 'none'!r}", "file"))
                 return
             boundary = None if json_body else _boundary(_header(scope, b"content-type") or "")
             if not json_body and boundary is None:
-                await _send_error(send, BadRequest("multipart/form-data content type without a boundary"))
+                await send_error(send, BadRequest("multipart/form-data content type without a boundary"))
                 return
         if method not in _BODY_METHODS:
             await self.app(scope, receive, send)
@@ -436,10 +441,10 @@ class GuardMiddleware:
             try:
                 declared_bytes = int(declared)
             except ValueError:
-                await _send_error(send, BadRequest(f"invalid Content-Length {declared!r}"))
+                await send_error(send, BadRequest(f"invalid Content-Length {declared!r}"))
                 return
             if declared_bytes > limit:
-                await _send_error(send, _too_large(declared_bytes, limit))
+                await send_error(send, _too_large(declared_bytes, limit))
                 return
 
         guard = _MultipartGuard(boundary) if boundary is not None else None
@@ -501,7 +506,7 @@ class GuardMiddleware:
             if not state["replied"]:
                 state["replied"] = True
                 # A client cut off mid-body may still be sending: close rather than read the rest.
-                await _send_error(send, state["reject"], close=not body_done.is_set())
+                await send_error(send, state["reject"], close=not body_done.is_set())
 
         async def reply_gone() -> None:
             # 499: the client closed the request (nginx's code). Nobody reads this answer (the server drops
@@ -606,7 +611,7 @@ class GuardMiddleware:
             await app_task
         except asyncio.CancelledError:
             if state["timed_out"]:
-                await _send_error(send, RequestTimeoutError(
+                await send_error(send, RequestTimeoutError(
                     f"request not answered within {float(settings.request_timeout_s) + ANSWER_GRACE_S:g} s "
                     "(request_timeout_s)"))
                 return
