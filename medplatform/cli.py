@@ -21,6 +21,9 @@ USAGE = """commands:
   models                                    model names, their versions and aliases
   versions NAME                             a model's versions with their metrics
   alias NAME ALIAS VERSION                  point ALIAS (e.g. production) at VERSION
+  worker [--concurrency N] [--max-jobs N]   run queued jobs (train/evaluate/predict) until SIGTERM
+  run-job JOB_ID [--dispatched-as ID]       claim and run one queued job here (what a Ray job runs)
+  jobs [--status S]                         the newest jobs with their status and progress
 """
 
 
@@ -45,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     alias.add_argument("name")
     alias.add_argument("alias")
     alias.add_argument("version", type=int)
+    worker = sub.add_parser("worker", help="run queued jobs from the database until SIGTERM")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    worker.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (one process)")
+    run_job = sub.add_parser("run-job", help="claim and run one queued job in this process")
+    run_job.add_argument("job_id")
+    run_job.add_argument("--dispatched-as", default=None, help="the runner id the job was handed to (Ray)")
+    jobs = sub.add_parser("jobs", help="list the newest jobs")
+    jobs.add_argument("--status", default=None)
     return parser
 
 
@@ -83,7 +94,32 @@ def _run(args: argparse.Namespace) -> Any:
         return [v.to_dict() for v in registry.list_versions(args.name)]
     if args.command == "alias":
         return registry.set_alias(args.name, args.alias, args.version).to_dict()
+    if args.command in ("worker", "run-job", "jobs"):
+        return _run_jobs(args, platform)
     raise AssertionError(args.command)
+
+
+def _run_jobs(args: argparse.Namespace, platform: Any) -> Any:
+    from medplatform import jobs, worker
+
+    settings = worker.WorkerSettings.from_env()
+    if args.command == "jobs":
+        return [jobs.job_to_dict(job) for job in jobs.list_jobs(platform, status=args.status)]
+    if args.command == "run-job":
+        status = worker.run_one(platform, args.job_id, settings, dispatched_as=args.dispatched_as)
+        return jobs.job_to_dict(jobs.get_job(platform, args.job_id)) | {"status": status}
+    import threading
+
+    stop = threading.Event()
+    worker.install_sigterm(stop)
+    if args.concurrency == 1:
+        return {"worker": worker.worker_id(), "jobs_run": worker.serve(platform, settings, stop=stop,
+                                                                       max_jobs=args.max_jobs)}
+    procs = worker.start_local_workers(args.concurrency)
+    while not stop.wait(1.0) and any(p.poll() is None for p in procs):
+        pass
+    worker.stop_local_workers(procs)
+    return {"workers": [p.pid for p in procs], "exit_codes": [p.returncode for p in procs]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,4 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(json.dumps(result, indent=2, sort_keys=True))
+    if args.command == "run-job" and result["status"] != "succeeded":
+        return EXIT_REFUSED  # a Ray job then ends FAILED; the job's row holds the reason
     return 0

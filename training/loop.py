@@ -19,13 +19,15 @@ Hook order per epoch::
 from __future__ import annotations
 
 import abc
+import contextvars
 import copy
 import csv
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,24 @@ log = logging.getLogger(__name__)
 
 LOG_CSV = "log.csv"
 CURVES_PNG = "curves.png"
+
+EpochObserver = Callable[[str, int, dict[str, Any]], None]  # (title, total epochs, the epoch's log row)
+_EPOCH_OBSERVERS: contextvars.ContextVar[tuple[EpochObserver, ...]] = contextvars.ContextVar(
+    "training_epoch_observers", default=())
+
+
+@contextmanager
+def observe_epochs(observer: EpochObserver) -> Iterator[None]:
+    """Call ``observer(title, epochs, row)`` after every epoch of every ``Trainer.fit`` run inside the block.
+
+    For callers that run a phase without owning its hooks (a platform job reporting progress); an exception
+    the observer raises ends the fit (how a cancelled job stops at its next epoch).
+    """
+    token = _EPOCH_OBSERVERS.set((*_EPOCH_OBSERVERS.get(), observer))
+    try:
+        yield
+    finally:
+        _EPOCH_OBSERVERS.reset(token)
 
 
 def seed_everything(seed: int) -> None:
@@ -335,6 +355,8 @@ class Trainer:
                      ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             write_log_csv(run_dir / LOG_CSV, history)
             write_curves_png(run_dir / CURVES_PNG, history, title=title)
+            for observer in _EPOCH_OBSERVERS.get():
+                observer(title or "train", cfg.epochs, row)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
             stopping.update(score)

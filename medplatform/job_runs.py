@@ -1,0 +1,220 @@
+"""What a claimed job does: ``train`` (phases, held-out evaluation, ONNX export with parity, registration),
+``evaluate`` and ``predict`` (a registered version over a dataset). Runs inside a worker; imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import stat
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from export.manifest import sha256_file
+from medplatform.db import Dataset, Job
+from medplatform.errors import IntegrityFailure, InvalidValue, NotFound
+from medplatform.registry import run_prefix
+
+if TYPE_CHECKING:
+    from medplatform.context import Platform
+
+log = logging.getLogger("medplatform.jobs")
+
+SPLIT_VAL, SPLIT_TEST = 0.2, 0.2  # of the dataset's cases, at least one each (core.datasets.train_val_test_split)
+MAX_ARCHIVE_MEMBERS = 100_000
+
+
+@dataclass
+class JobContext:
+    """What a job run gets from its worker.
+
+    ``report(progress)`` stores progress and raises when the job must stop (cancelled, worker stopping);
+    ``workdir`` is an empty temporary directory removed after the job; ``device``: torch device string.
+    """
+
+    platform: Platform
+    job: Job
+    workdir: Path
+    device: str
+    report: Callable[[Mapping[str, Any]], None]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def fetch_dataset(ctx: JobContext) -> tuple[Dataset, Path]:
+    """The job's dataset row and its ZIP extracted under ``workdir/dataset`` (members checked, no links)."""
+    with ctx.platform.sessions() as session:
+        dataset = session.get(Dataset, ctx.job.dataset_id) if ctx.job.dataset_id else None
+    if dataset is None or not dataset.blob_key:
+        raise NotFound("dataset", ctx.job.dataset_id, "the job's dataset (or its archive) no longer exists")
+    archive = ctx.platform.blobs.get_file(dataset.blob_key, ctx.workdir / "dataset.zip")
+    root = ctx.workdir / "dataset"
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            raise InvalidValue("dataset", dataset.id, f"archive holds {len(members)} entries")
+        for member in members:
+            parts = member.filename.split("/")
+            if member.filename.startswith("/") or ".." in parts or "\\" in member.filename \
+                    or stat.S_ISLNK(member.external_attr >> 16):
+                raise InvalidValue("dataset", dataset.id, f"archive member {member.filename!r} is not a plain "
+                                                          "relative path")
+        zf.extractall(root)
+    archive.unlink()
+    return dataset, root
+
+
+def split_dataset(root: Path, out: Path, seed: int) -> dict[str, Path]:
+    """Copy the cases of ``root`` into ``out/{train,val,test}/{images,masks}`` by the seeded
+    ``core.datasets.train_val_test_split`` (deterministic: same names and seed, same split)."""
+    from core.datasets import SegmentationDataset, train_val_test_split
+
+    dataset = SegmentationDataset(root)
+    parts = dict(zip(("train", "val", "test"),
+                     train_val_test_split(dataset.names, val=SPLIT_VAL, test=SPLIT_TEST, seed=seed), strict=True))
+    folders = {}
+    for part, names in parts.items():
+        folders[part] = out / part
+        for name in names:
+            for relative, folder in zip(dataset.files(name), ("images", "masks"), strict=True):
+                target = out / part / folder / Path(relative).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / relative, target)
+    log.info("split %d cases: %s", len(dataset), ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
+    return folders
+
+
+def fetch_run(ctx: JobContext, recipe: str) -> tuple[str, int, Path]:
+    """The run directory of the registered version ``name:N`` from its blob mirror, every file's sha256 checked
+    (evaluate/predict run the PyTorch weights the version's ONNX graphs passed parity against)."""
+    name, _, number = recipe.partition(":")
+    info = ctx.platform.registry.get_version(name, int(number))
+    hashes = info.artifact_hashes
+    run_dir = ctx.workdir / "run"
+    prefix = run_prefix(name, hashes["weights_sha256"])
+    for file, expected in hashes.get("run_files", {}).items():
+        path = ctx.platform.blobs.get_file(prefix + file, run_dir / file)
+        if sha256_file(path) != expected:
+            raise IntegrityFailure(file, recipe, "mirrored run file does not match its recorded sha256")
+    return name, int(number), run_dir
+
+
+# -- train --------------------------------------------------------------------------------------------------------
+
+
+def _phase_args(phase: str, argv: list[str]) -> argparse.Namespace:
+    from training.phases import add_arguments
+
+    parser = argparse.ArgumentParser(prog=f"job {phase}")
+    add_arguments(parser, phase)
+    args = parser.parse_args(argv)
+    args.command = phase
+    return args
+
+
+def run_train(ctx: JobContext) -> dict[str, Any]:
+    """Train the job's phases on the dataset's train split (validation on val), evaluate on test, export ONNX
+    (parity-gated), register ``recipe`` version N. Returns ``{"model", "version", "metrics", "split"}``."""
+    from core.datasets import SegmentationDataset
+    from export.onnx_export import export_artifacts
+    from training.evaluate import evaluate_run
+    from training.phases import run as run_phase
+
+    hp = dict(ctx.job.hyperparameters)
+    dataset, root = fetch_dataset(ctx)
+    folders = split_dataset(root, ctx.workdir / "splits", seed=int(hp.get("seed", 0)))
+    common = ["--data", str(folders["train"]), "--val-data", str(folders["val"]), "--config", hp["preset"],
+              "--no-progress", "--device", ctx.device, "--seed", str(hp.get("seed", 0))]
+    for key, flag in (("epochs", "--epochs"), ("learning_rate", "--lr"), ("batch_size", "--batch-size")):
+        if key in hp:
+            common += [flag, str(hp[key])]
+    runs = ctx.workdir / "runs"
+    phases: list[str] = list(hp["phases"])
+    extra = {"transunet": [], "refiner": ["--transunet", str(runs / "transunet")],
+             "e2e": ["--init", str(runs / "transunet"), str(runs / "refiner")]}
+    for phase in phases:
+        ctx.report({"phase": phase, "phases": phases, "epoch": 0, "epochs": None})
+        run_phase(_phase_args(phase, [*extra[phase], "--out", str(runs / phase), *common]))
+    final = runs / phases[-1]
+
+    ctx.report({"phase": "evaluate", "phases": phases})
+    evaluation = evaluate_run(final, SegmentationDataset(folders["test"]), device=ctx.device)
+    ctx.report({"phase": "export", "phases": phases})
+    art_dir = ctx.workdir / "artifacts"
+    export_artifacts(final, art_dir, log=log.info)  # raises ParityError (nothing written) on a parity failure
+    ctx.report({"phase": "register", "phases": phases})  # the last point a cancel takes effect
+    info = ctx.platform.registry.register(final, art_dir, name=ctx.job.recipe or "", evaluation=evaluation,
+                                          hyperparameters=hp, dataset_id=dataset.id, dataset_sha256=dataset.sha256,
+                                          job_id=ctx.job.id)
+    split = {k: len(list((v / "images").iterdir())) for k, v in folders.items()}
+    return {"model": info.name, "version": info.version, "metrics": info.metrics, "split": split}
+
+
+# -- evaluate / predict ---------------------------------------------------------------------------------------------
+
+
+def run_evaluate(ctx: JobContext) -> dict[str, Any]:
+    """Metrics of a registered version on the whole dataset: means in the result, per case in a blob."""
+    from core.datasets import SegmentationDataset
+    from training.evaluate import evaluate_run
+
+    _, root = fetch_dataset(ctx)
+    name, version, run_dir = fetch_run(ctx, ctx.job.recipe or "")
+    ctx.report({"phase": "evaluate"})
+    evaluation = evaluate_run(run_dir, SegmentationDataset(root), device=ctx.device)
+    block = evaluation["refined"] or evaluation["coarse"]
+    key = f"jobs/{ctx.job.id}/evaluation.json"
+    ctx.platform.blobs.put_bytes(key, json.dumps(evaluation, indent=1).encode())
+    return {"model": name, "version": version, "n_cases": evaluation["n_cases"], "metrics": block["mean"],
+            "thresholds": evaluation["thresholds"], "evaluation": key}
+
+
+def run_predict(ctx: JobContext) -> dict[str, Any]:
+    """Masks of a registered version for every image (PNG 0/255, native size) in a ZIP blob, with per-case
+    metrics against the dataset's masks. DICOM SEG output is not produced (its builder lives in service/)."""
+    import numpy as np
+    import torch
+
+    from core.checkpoints import build_model_from_run, load_run
+    from core.datasets import SegmentationDataset
+    from core.imageio import encode_mask_png
+    from core.metrics import METRIC_NAMES, SegmentationMetrics
+    from training.phases import transunet_logits
+
+    _, root = fetch_dataset(ctx)
+    name, version, run_dir = fetch_run(ctx, ctx.job.recipe or "")
+    info = load_run(run_dir)
+    model = build_model_from_run(info, device=ctx.device).eval()
+    threshold = float(info.threshold)
+    metrics = SegmentationMetrics(threshold=threshold)
+    dataset = SegmentationDataset(root)
+    out = ctx.workdir / "predictions.zip"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf, torch.no_grad():
+        for index, sample in enumerate(dataset):
+            image = torch.from_numpy(np.asarray(sample.image, np.float32))[None, None].to(ctx.device)
+            if info.kind == "transunet":
+                prob = torch.sigmoid(transunet_logits(model, image))[0, 0]
+            else:
+                prob = model(image)["refined_mask"][0, 0]
+            prob = prob.cpu().numpy()
+            zf.writestr(f"masks/{sample.name}.png", encode_mask_png(prob > threshold))
+            metrics.update(prob, np.asarray(sample.mask), names=[sample.name])
+            if index % 16 == 15:
+                ctx.report({"phase": "predict", "done": index + 1, "total": len(dataset)})
+    report = metrics.aggregate()
+    key = f"jobs/{ctx.job.id}/predictions.zip"
+    ctx.platform.blobs.put_file(key, out)
+    cases_key = f"jobs/{ctx.job.id}/per_case.json"
+    ctx.platform.blobs.put_bytes(cases_key, json.dumps(report.cases, indent=1).encode())
+    return {"model": name, "version": version, "n_cases": len(dataset), "threshold": threshold,
+            "predictions": key, "per_case": cases_key, "metrics": {k: report.means[k] for k in METRIC_NAMES}}
+
+
+RUNNERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+    "train": run_train, "evaluate": run_evaluate, "predict": run_predict}
