@@ -41,35 +41,35 @@ class ArchiveRefused(InvalidValue):
     ``reason`` what is wrong with it. ``field`` is the upload field (``file``)."""
 
     def __init__(self, entry: str, reason: str, *, field: str = "file") -> None:
-        super().__init__(field, entry, f"archive refused: entry {entry!r}: {reason}")
+        super().__init__(field, entry, f"archive refused at this entry: {reason}")
         self.entry = entry
         self.reason = reason
 
 
-def entry_parts(name: str) -> tuple[str, ...]:
+def entry_parts(name: str, *, field: str = "file") -> tuple[str, ...]:
     """The path segments of an archive entry or uploaded file name, after refusing every unsafe form.
 
     Refused (``ArchiveRefused`` naming ``name``): empty names, NUL or control characters, backslashes,
     absolute paths (``/x``, ``C:x``), ``..``/``.``/empty segments, names over 1024 characters or segments
-    over 255. A trailing ``/`` (a directory entry) is dropped.
+    over 255. A trailing ``/`` (a directory entry) is dropped. ``field``: the upload field to blame.
     """
     if not name or not name.rstrip("/"):
-        raise ArchiveRefused(name, "empty entry name")
+        raise ArchiveRefused(name, "empty entry name", field=field)
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise ArchiveRefused(name, "control character in the entry name")
+        raise ArchiveRefused(name, "control character in the entry name", field=field)
     if len(name) > MAX_NAME_CHARS:
-        raise ArchiveRefused(name[:60] + "...", f"entry name over {MAX_NAME_CHARS} characters")
+        raise ArchiveRefused(name[:60] + "...", f"entry name over {MAX_NAME_CHARS} characters", field=field)
     if "\\" in name:
-        raise ArchiveRefused(name, "backslash in the entry name (a Windows path separator that could escape)")
+        raise ArchiveRefused(name, "backslash in the entry name (a Windows path separator that could escape)", field=field)
     if name.startswith("/") or _DRIVE.match(name):
-        raise ArchiveRefused(name, "absolute path")
+        raise ArchiveRefused(name, "absolute path", field=field)
     parts = tuple(name.rstrip("/").split("/"))
     if ".." in parts:
-        raise ArchiveRefused(name, "path traversal ('..' segment)")
+        raise ArchiveRefused(name, "path traversal ('..' segment)", field=field)
     if any(part in ("", ".") for part in parts):
-        raise ArchiveRefused(name, "empty or '.' path segment")
+        raise ArchiveRefused(name, "empty or '.' path segment", field=field)
     if any(len(part) > MAX_SEGMENT_CHARS for part in parts):
-        raise ArchiveRefused(name, f"path segment over {MAX_SEGMENT_CHARS} characters")
+        raise ArchiveRefused(name, f"path segment over {MAX_SEGMENT_CHARS} characters", field=field)
     return parts
 
 

@@ -135,7 +135,7 @@ def ingest_url(platform: Platform, name: str, url: str, *, allow_hosts: Sequence
 
 
 def _placement(filename: str) -> str:
-    parts = entry_parts(filename) if isinstance(filename, str) else entry_parts(str(filename))
+    parts = entry_parts(str(filename), field="files")
     if len(parts) > 1:
         return "/".join(parts)
     split = _split_extension(parts[0])

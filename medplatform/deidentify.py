@@ -27,7 +27,7 @@ PATIENT_IDENTIFIER_KEYWORDS = (
 # Type 2 in the Patient and General Study modules: kept present but emptied, so the file stays conformant.
 TYPE2_KEYWORDS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
                             "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"})
-METHOD = "medrefine dataset ingest: patient identifiers, person names and private tags removed; UIDs retained"
+METHOD = "medrefine ingest: identifiers, names, private tags removed"  # LO: at most 64 characters
 
 
 def deidentify_dicom(data: bytes) -> bytes:
