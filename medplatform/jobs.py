@@ -312,3 +312,17 @@ def reap_stale(platform: Platform, stale_after_s: float, *, now: dt.datetime | N
             job.error = f"worker {job.worker_id} (pid {job.worker_pid}) stopped heartbeating at {beat}"
             reaped.append(job.id)
         return reaped
+
+
+def end_dispatched(platform: Platform, job_id: str, runner_id: str, reason: str) -> Job | None:
+    """A job handed to another runner (``dispatch``) whose run ended without finishing it (the Ray job failed or
+    was stopped): ``cancelled`` when a cancel was requested, else ``failed`` with ``reason``. None when the job
+    is not (or no longer) that runner's or has already finished."""
+    with write_session(platform.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in FINISHED or not (job.worker_id or "").startswith(runner_id):
+            return None
+        cancel = bool((job.progress or {}).get(CANCEL_FLAG))
+        job.status, job.finished_at = ("cancelled" if cancel else "failed"), utcnow()
+        job.error = "cancelled by request" if cancel else reason
+        return job
