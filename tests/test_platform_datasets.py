@@ -240,3 +240,24 @@ def test_deidentify_list_covers_the_seg_writers_list():
     from service.dicom_seg import PATIENT_IDENTIFIER_KEYWORDS as SEG_KEYWORDS
 
     assert set(SEG_KEYWORDS) <= set(PATIENT_IDENTIFIER_KEYWORDS)
+
+
+def test_the_same_upload_at_once_from_three_threads_is_one_dataset(platform, members, tmp_path):
+    import threading
+
+    data, results, errors = zip_bytes(members), [], []
+
+    def upload(index: int) -> None:
+        try:
+            results.append(datasets.ingest_zip(platform, f"upload {index}", data, workdir=tmp_path / "work").id)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and len(results) == 3 and len(set(results)) == 1
+    assert len(_rows(platform)) == 1
+    assert platform.blobs.list("datasets/") == [f"datasets/{results[0]}.zip"], "the losers' blobs are removed"
