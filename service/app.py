@@ -42,6 +42,7 @@ from pydantic import Field
 
 from service import rest, rest_generation
 from service.bento_pages import BentoPagesMiddleware
+from service.bentoml_metrics import bound_bentoml_metric_paths
 from service.errors import NotReady
 from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_entered
 from service.log_privacy import install_log_redaction
@@ -316,6 +317,8 @@ MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api
 # PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")
+# BentoML's bentoml_service_* series are labelled by route, not by raw path: made-up paths add no series.
+bound_bentoml_metric_paths([api.route for api in MedRefine.apis.values()])
 
 
 if (UI_DIR / "index.html").is_file():

@@ -32,6 +32,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service.errors import NotReady, QueueFullError, Unauthorized, as_service_error
+from service.metrics import model_label
 from service.oip import (
     CONTENTS_FIELD,
     InferRequest,
@@ -210,6 +211,8 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         The request is counted before the answer leaves, so a client never sees a reply its metric lacks.
         """
         start = time.perf_counter()
+        # ModelInfer names its model in model_name, ModelReady/ModelMetadata in name; server RPCs in neither.
+        model = model_label(getattr(request, "model_name", "") or getattr(request, "name", ""), self.registry.names)
         try:
             if inference and getattr(self.runtime, "draining", False) is True:
                 raise NotReady("server shutting down; retry on another instance", retry_after=1)
@@ -220,19 +223,20 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise Unauthorized()
             response = await handler(request, context)
         except asyncio.CancelledError:
-            self._observe(rpc_name, 499, start)  # the client went away or its deadline passed
+            self._observe(rpc_name, 499, start, model)  # the client went away or its deadline passed
             raise
         except Exception as exc:
             error = _as_rpc_error(exc)
-            self._observe(rpc_name, error.http_status, start)
+            self._observe(rpc_name, error.http_status, start, model)
             if error.trailing:
                 context.set_trailing_metadata(error.trailing)
             await context.abort(error.code, error.message)
-        self._observe(rpc_name, 200, start)
+        self._observe(rpc_name, 200, start, model)
         return response
 
-    def _observe(self, rpc_name: str, http_status: int, start: float) -> None:
-        self.runtime.metrics.observe_request(rpc_name, PROTOCOL, str(http_status), time.perf_counter() - start)
+    def _observe(self, rpc_name: str, http_status: int, start: float, model: str) -> None:
+        self.runtime.metrics.observe_request(rpc_name, PROTOCOL, str(http_status), time.perf_counter() - start,
+                                             model=model)
 
     # -- health -----------------------------------------------------------------------------------------
 

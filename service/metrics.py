@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as _prom_values
@@ -38,8 +38,10 @@ __all__ = [
     "REQUESTS",
     "REQUEST_LATENCY",
     "STAGE_LATENCY",
+    "UNKNOWN_MODEL",
     "ServiceMetrics",
     "exposition_if_separate",
+    "model_label",
     "multiprocess_mode",
 ]
 
@@ -49,8 +51,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 REQUESTS = Counter(
-    "medrefine_requests_total", "Requests answered, by endpoint, protocol (rest|oip-http|grpc) and status code.",
-    ["endpoint", "protocol", "status"], registry=REGISTRY,
+    "medrefine_requests_total", "Requests answered, by endpoint, protocol (rest|oip-http|grpc), OIP model "
+    "(segment|generate|synthesize; unknown for other names; empty where none is named) and status code.",
+    ["endpoint", "protocol", "model", "status"], registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(
     "medrefine_request_latency_seconds", "Wall time from request parsed to response ready.",
@@ -103,6 +106,17 @@ MODEL_INFO = Gauge(
 )
 
 
+UNKNOWN_MODEL = "unknown"
+
+
+def model_label(name: str | None, known: Collection[str]) -> str:
+    """The ``model`` label for a request naming OIP model ``name``: the name when ``known`` lists it,
+    :data:`UNKNOWN_MODEL` otherwise (a client's made-up names never make new series), ``""`` for none."""
+    if not name:
+        return ""
+    return name if name in known else UNKNOWN_MODEL
+
+
 def multiprocess_mode() -> bool:
     """True when prometheus_client stores values in ``PROMETHEUS_MULTIPROC_DIR`` (BentoML workers)."""
     return _prom_values.ValueClass is not _prom_values.MutexValue
@@ -125,9 +139,11 @@ class ServiceMetrics:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def observe_request(self, endpoint: str, protocol: str, status: str | int, seconds: float) -> None:
-        """Count one answered request and its latency (status is the HTTP code, e.g. ``"200"``)."""
-        REQUESTS.labels(endpoint=endpoint, protocol=protocol, status=str(status)).inc()
+    def observe_request(self, endpoint: str, protocol: str, status: str | int, seconds: float, *,
+                        model: str = "") -> None:
+        """Count one answered request and its latency (status is the HTTP code, e.g. ``"200"``; ``model``:
+        the OIP model it named, already bounded by :func:`model_label`)."""
+        REQUESTS.labels(endpoint=endpoint, protocol=protocol, model=model, status=str(status)).inc()
         REQUEST_LATENCY.labels(endpoint=endpoint, protocol=protocol).observe(max(0.0, float(seconds)))
 
     @contextlib.contextmanager

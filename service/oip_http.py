@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType, as_service_error
+from service.metrics import model_label
 from service.oip import ModelNotFoundError, OipError, encode_http_infer_response, parse_http_infer_request
 from service.oip_models import ModelRegistry, default_registry, server_metadata
 
@@ -137,6 +138,7 @@ class _OipHttp:
         async def run(request: Request) -> Response:
             start = time.perf_counter()
             runtime = None
+            model = model_label(request.path_params.get("model"), self.registry.names)
             try:
                 runtime = self._runtime_source() if not needs_runtime else self.runtime()
                 if auth and not runtime.check_api_key(
@@ -148,12 +150,13 @@ class _OipHttp:
                 response = Response(status_code=499)  # nobody is listening; counted as 499, like nginx
             except asyncio.CancelledError:  # the guard cancels the handler of a client that hung up
                 if runtime is not None:
-                    runtime.metrics.observe_request(label, PROTOCOL, "499", time.perf_counter() - start)
+                    runtime.metrics.observe_request(label, PROTOCOL, "499", time.perf_counter() - start, model=model)
                 raise
             except Exception as exc:  # every failure becomes an OIP error body
                 response = _error_response(exc)
             if runtime is not None:
-                runtime.metrics.observe_request(label, PROTOCOL, str(response.status_code), time.perf_counter() - start)
+                runtime.metrics.observe_request(label, PROTOCOL, str(response.status_code), time.perf_counter() - start,
+                                                model=model)
             return response
 
         return run

@@ -270,7 +270,7 @@ def test_api_key_and_message_size_limit(keyed_server, phantom):
 
 
 def test_requests_are_counted_with_protocol_grpc(server, phantom):
-    labels = {"endpoint": "ModelInfer", "protocol": "grpc"}
+    labels = {"endpoint": "ModelInfer", "protocol": "grpc", "model": "segment"}
     before_ok = REGISTRY.get_sample_value("medrefine_requests_total", {**labels, "status": "200"}) or 0.0
     before_bad = REGISTRY.get_sample_value("medrefine_requests_total", {**labels, "status": "400"}) or 0.0
     client = grpcclient.InferenceServerClient(server.url)

@@ -352,7 +352,7 @@ def test_api_key_and_upload_limit(keyed_server, phantom):
 
 
 def test_requests_are_counted_with_protocol_oip_http(server, phantom):
-    labels = {"endpoint": "/v2/models/{model}/infer", "protocol": "oip-http"}
+    labels = {"endpoint": "/v2/models/{model}/infer", "protocol": "oip-http", "model": "segment"}
     before_ok = REGISTRY.get_sample_value("medrefine_requests_total", {**labels, "status": "200"}) or 0.0
     before_bad = REGISTRY.get_sample_value("medrefine_requests_total", {**labels, "status": "400"}) or 0.0
     client = _client(server)
