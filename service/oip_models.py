@@ -192,7 +192,9 @@ class SegmentModel(OipModel):
 
     name = "segment"
     platform = "medrefine_ultrarefiner"
-    inputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1), (-1, -1, 3))),)
+    # Metadata reports the first shape: [H, W, 3] (RGB or gray repeated) is what a client reading it may
+    # send; [H, W] gray is accepted as well.
+    inputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1, 3), (-1, -1))),)
     outputs = (
         TensorSpec("MASK", "UINT8", ((-1, -1),)),
         TensorSpec("PROBABILITY", "FP32", ((-1, -1),)),

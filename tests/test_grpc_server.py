@@ -131,7 +131,7 @@ def test_health_and_metadata_with_stock_client(server):
     assert client.is_model_ready("segment")
     model = client.get_model_metadata("segment", as_json=True)
     assert model["versions"] == [server.runtime.model_version]
-    assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": ["-1", "-1"]}]  # int64 as JSON strings
+    assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": ["-1", "-1", "3"]}]  # int64 as JSON
     assert [o["name"] for o in model["outputs"]] == ["MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW",
                                                       "LESION_FOUND"]
     with pytest.raises(InferenceServerException) as info:

@@ -160,7 +160,7 @@ def test_health_and_metadata_with_stock_client(server):
     model = client.get_model_metadata("segment")
     version = server.runtime.model_version
     assert model["name"] == "segment" and model["versions"] == [version]
-    assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, -1]}]
+    assert model["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, -1, 3]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in model["outputs"]] == [
         ("MASK", "UINT8", [-1, -1]), ("PROBABILITY", "FP32", [-1, -1]), ("BOX", "FP32", [4]), ("IOU", "FP32", [1]),
         ("NEEDS_REVIEW", "BOOL", [1]), ("LESION_FOUND", "BOOL", [1]),
@@ -296,7 +296,7 @@ def test_a_new_model_is_served_without_transport_changes(pipeline):
         (lambda img: _image_input(img.astype(np.float32), "FP32"), None,
          "input 'IMAGE' has datatype FP32, model 'segment' expects UINT8"),
         (lambda img: _image_input(img[None]), None, "input 'IMAGE' has shape [1, 48, 40]"),
-        (lambda img: _image_input(np.stack([img] * 4, -1)), None, "expects [-1, -1] or [-1, -1, 3]"),
+        (lambda img: _image_input(np.stack([img] * 4, -1)), None, "expects [-1, -1, 3] or [-1, -1]"),
         (lambda img: _image_input(img), {"threshold": 1.5}, "parameter 'threshold' must be a finite number in (0.0, 1.0)"),
         (lambda img: _image_input(img), {"thresold": 0.5}, "unknown parameter 'thresold'"),
     ],
