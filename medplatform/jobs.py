@@ -123,7 +123,7 @@ def submit_job(platform: Platform, kind: str, dataset_id: str | None, recipe: st
     if not isinstance(dataset_id, str) or not dataset_id:
         raise InvalidValue("dataset", dataset_id, "expected a dataset id")
     pinned = _check_recipe(platform, kind, recipe)
-    with platform.sessions.begin() as session:
+    with write_session(platform.sessions) as session:  # datasets.delete_dataset cannot slip in between
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise NotFound("dataset", dataset_id, "no such dataset")

@@ -1,9 +1,8 @@
 """Shared pieces of the job tests: a platform in a temporary directory, an 8-case phantom dataset stored the way
-the datasets layer stores one (a ``Dataset`` row and a ZIP of images/ + masks/ in the blob store), polling."""
+``medplatform.datasets`` stores one (a ``Dataset`` row and a ZIP of images/ + masks/ in the blob store), polling."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import time
@@ -33,19 +32,16 @@ def open_test_platform(env: dict[str, str]) -> Platform:
 
 
 def add_phantom_dataset(platform: Platform, folder: Path, *, count: int = 8, seed: int = 3) -> Dataset:
-    """``count`` 64 px phantom ultrasound cases as a ready dataset (row + ZIP blob); returns the row."""
+    """``count`` 64 px phantom ultrasound cases uploaded as a ZIP through the datasets layer; returns the row."""
+    from medplatform.datasets import ingest_zip
+
     write_dataset("ultrasound", count, folder, seed, size=64)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
         for path in sorted(folder.rglob("*.png")):
             zf.write(path, path.relative_to(folder).as_posix())
-    data = buffer.getvalue()
-    sha = hashlib.sha256(data).hexdigest()
-    key = f"datasets/{sha}/data.zip"
-    platform.blobs.put_bytes(key, data)
-    with platform.sessions.begin() as session:
-        dataset = Dataset(name=folder.name, sha256=sha, status="ready", stats={"pairs": count}, blob_key=key)
-        session.add(dataset)
+    dataset = ingest_zip(platform, folder.name, buffer.getvalue())
+    assert dataset.status == "ready", dataset.error
     return dataset
 
 
