@@ -75,7 +75,8 @@ clean:
 	rm -rf $(VENV) artifacts .pytest_cache
 
 # The container image from nothing: rootful Podman, a debootstrap base, the Dockerfile unchanged
-# (deploy/container/build.sh; root only). Not part of `test`: it takes minutes on every core.
+# (deploy/container/build.sh; root only). tests/test_container.py runs it inside `make test` and then runs
+# the image; the base image and the dependency layers are cached, so a rebuild redoes the code layer only.
 IMAGE_TAG ?= localhost/medrefine:latest
 .PHONY: image
 image: export

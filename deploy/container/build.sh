@@ -97,5 +97,7 @@ podman build --network host --format docker --pull=never "${ulimits[@]}" "${moun
     --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_INDEX_URL_CPU="$index" \
     -t "$TAG" -f "$context/Dockerfile" "$context"
 rm -rf "$context"
+# The image this tag named before is now untagged: drop it (cached layers are parents of the new one, kept).
+podman image prune -f >/dev/null
 now=$(date +%s)
 echo "build.sh: $TAG built; Dockerfile $(( now - build_started )) s, total $(( now - started )) s"
