@@ -7,7 +7,8 @@ Starts ``python -m service`` (or attaches with ``--url URL --server-pid PID``), 
 a short closed-loop probe unless ``--rate`` is given, and offers ``--fraction`` of it open loop (Poisson)
 for ``--minutes``, sampling the server tree's RSS. It judges what a soak exists to judge: faults (any
 answer but success or documented shedding; a transport error is a fault), lost or hung requests (every
-request answered, no arrival dropped for want of a free slot), and RSS growth after warm-up. Shedding
+request answered, none later than ``--hung-after-s``), and RSS growth after warm-up. Arrivals the generator
+could not send (all its slots busy) are reported as ``dropped``. Shedding
 (429/503 with ``Retry-After``) is reported beside faults and allowed up to ``--max-shed-fraction`` of the
 requests sent. Exit code 1 when any limit is passed.
 """
@@ -32,7 +33,7 @@ from loadtest.stats import RequestRecord, latency_summary
 from loadtest.system import CpuAccount, ServerProcess, free_port, machine_description, process_tree_rss
 from loadtest.workload import Workload
 
-__all__ = ["RssSample", "SoakConfig", "memory_growth", "run_soak", "soak_intervals"]
+__all__ = ["RssSample", "SoakConfig", "judge_requests", "memory_growth", "run_soak", "soak_intervals"]
 
 MIB = 1024 * 1024
 
@@ -50,6 +51,7 @@ class SoakConfig:
     image_size: int = 256
     max_errors: int = 0
     max_shed_fraction: float = 0.01
+    hung_after_s: float = 40.0  # the server's request_timeout_s (30) plus its 5 s answer grace and slack
     max_growth_mb: float = 64.0
     model: str = "default"
     artifacts: str | None = None
@@ -130,6 +132,28 @@ def memory_growth(samples: list[RssSample], warmup_s: float) -> dict[str, Any]:
         slope = 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var if var > 0 else 0.0
     return {"rss_at_warmup_mib": start, "rss_end_mib": end, "growth_mib": end - start,
             "slope_mib_per_min": slope, "rss_max_mib": max(s.rss_bytes for s in samples) / MIB}
+
+
+def judge_requests(records: list[RequestRecord], issued: int, config: SoakConfig) -> dict[str, Any]:
+    """What the soak judges of the requests: faults (anything but success or documented shedding; a transport
+    error is a fault), shedding against its budget, lost (sent, never answered) and hung (answered later
+    than ``config.hung_after_s``, even successfully).
+
+    Returns ``{"errors", "errors_by_kind", "shed", "shed_by_kind", "shed_budget", "hung", "lost", "passed"}``.
+    """
+    kinds: dict[str, int] = {}
+    shed_kinds: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            target = shed_kinds if r.shed else kinds
+            target[r.error] = target.get(r.error, 0) + 1
+    errors, shed = sum(kinds.values()), sum(shed_kinds.values())
+    hung = sum(1 for r in records if r.latency_s > config.hung_after_s)
+    lost = issued - len(records)
+    shed_budget = int(config.max_shed_fraction * issued)
+    passed = errors <= config.max_errors and shed <= shed_budget and hung == 0 and lost == 0
+    return {"errors": errors, "errors_by_kind": kinds, "shed": shed, "shed_by_kind": shed_kinds,
+            "shed_budget": shed_budget, "hung": hung, "lost": lost, "passed": passed}
 
 
 def soak_intervals(records: list[RequestRecord], duration_s: float, interval_s: float) -> list[dict[str, Any]]:
@@ -264,20 +288,9 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
             exit_code = server.stop() if server is not None else None
     warmup_s = config.warmup_fraction * duration_s
     memory = memory_growth(sampler.samples, warmup_s)
-    # Faults: anything but success or documented shedding (a transport error is a fault). A dropped arrival
-    # means the generator's 256 slots were all held by unanswered requests: hung or lost work.
-    errors = sum(1 for r in run.records if not r.ok and not r.shed)
-    shed = sum(1 for r in run.records if r.shed)
-    kinds: dict[str, int] = {}
-    shed_kinds: dict[str, int] = {}
-    for r in run.records:
-        if not r.ok:
-            target = shed_kinds if r.shed else kinds
-            target[r.error] = target.get(r.error, 0) + 1
+    verdict = judge_requests(run.records, run.issued, config)
     ok_latencies = [r.latency_s for r in run.records if r.ok]
-    shed_budget = int(config.max_shed_fraction * run.issued)
-    passed = (errors <= config.max_errors and shed <= shed_budget and run.dropped == 0 and server_alive
-              and len(run.records) == run.issued
+    passed = (verdict["passed"] and server_alive
               and (memory["growth_mib"] is None or memory["growth_mib"] <= config.max_growth_mb))
     report: dict[str, Any] = {
         "format": "medrefine-soak/1",
@@ -292,11 +305,7 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
         "issued": run.issued,
         "answered": len(run.records),
         "dropped": run.dropped,
-        "errors": errors,
-        "errors_by_kind": kinds,
-        "shed": shed,
-        "shed_by_kind": shed_kinds,
-        "shed_budget": shed_budget,
+        **{k: v for k, v in verdict.items() if k != "passed"},
         "generator_max_lag_s": run.max_lag_s,
         "generator_late_sends": run.late_sends,
         "latency": latency_summary(ok_latencies),
@@ -308,7 +317,7 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
         "server_alive_at_end": server_alive,
         "server_exit_code": exit_code,
         "limits": {"max_errors": config.max_errors, "max_shed_fraction": config.max_shed_fraction,
-                   "max_dropped": 0, "max_growth_mb": config.max_growth_mb},
+                   "hung_after_s": config.hung_after_s, "max_growth_mb": config.max_growth_mb},
         "passed": passed,
     }
     if config.out:
@@ -333,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-probe-s", type=float, default=d.peak_probe_s)
     parser.add_argument("--image-size", type=int, default=d.image_size)
     parser.add_argument("--max-errors", type=int, default=d.max_errors, help="faults allowed (not shedding)")
+    parser.add_argument("--hung-after-s", type=float, default=d.hung_after_s,
+                        help="an answer later than this is a hung request (a fault)")
     parser.add_argument("--max-shed-fraction", type=float, default=d.max_shed_fraction,
                         help="429/503 with Retry-After allowed, as a fraction of requests sent")
     parser.add_argument("--max-growth-mb", type=float, default=d.max_growth_mb)
@@ -354,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report, passed = run_soak(config)
     print(json.dumps({k: report[k] for k in ("rate_rps", "answered", "errors", "errors_by_kind", "shed",
-                                              "dropped", "generator_max_lag_s", "latency", "memory", "passed")},
+                                              "hung", "dropped", "generator_max_lag_s", "latency", "memory", "passed")},
                      indent=2))
     return 0 if passed else 1
 
@@ -364,7 +375,7 @@ def _config_from_args(args: argparse.Namespace) -> SoakConfig:
         minutes=args.minutes, fraction=args.fraction, rate_rps=args.rate, protocol=args.protocol,
         sample_s=args.sample_s, interval_s=args.interval_s, warmup_fraction=args.warmup_fraction,
         peak_probe_s=args.peak_probe_s, image_size=args.image_size, max_errors=args.max_errors,
-        max_shed_fraction=args.max_shed_fraction,
+        max_shed_fraction=args.max_shed_fraction, hung_after_s=args.hung_after_s,
         max_growth_mb=args.max_growth_mb, model=args.model, artifacts=args.artifacts, backend=args.backend,
         threads=args.threads, max_batch_size=args.max_batch_size, url=args.url, server_pid=args.server_pid,
         out=args.out,

@@ -39,7 +39,7 @@ from loadtest.grpc_load import run_grpc_load
 from loadtest.http_load import require_loopback, run_http_load
 from loadtest.profile import summarise_collapsed
 from loadtest.prom import parse_histogram
-from loadtest.soak import RssSample, SoakConfig, memory_growth, run_soak, soak_intervals
+from loadtest.soak import RssSample, SoakConfig, judge_requests, memory_growth, run_soak, soak_intervals
 from loadtest.stats import RequestRecord, percentile, summarise
 from loadtest.system import ServerProcess, free_port, machine_description
 from loadtest.workload import Workload
@@ -231,6 +231,25 @@ def test_soak_memory_growth_and_intervals():
     assert rows[1]["p50_ms"] == pytest.approx(500.0)
 
 
+def test_soak_judges_faults_shedding_lost_and_hung_requests_apart():
+    config = SoakConfig(minutes=1.0, max_shed_fraction=0.01, hung_after_s=40.0, url="http://127.0.0.1:1",
+                        server_pid=1)
+    fine = [RequestRecord(float(i), float(i) + 0.05) for i in range(200)]
+    shed_two = fine[:198] + [RequestRecord(1.0, 1.01, "http-429", shed=True),
+                             RequestRecord(2.0, 2.01, "http-503", shed=True)]
+    verdict = judge_requests(shed_two, 200, config)
+    assert (verdict["errors"], verdict["shed"], verdict["shed_budget"], verdict["passed"]) == (0, 2, 2, True)
+    assert not judge_requests(shed_two + [RequestRecord(3.0, 3.01, "http-429", shed=True)], 201, config)["passed"]
+    transport = judge_requests(fine[:199] + [RequestRecord(4.0, 4.2, "ReadError")], 200, config)
+    assert transport["errors_by_kind"] == {"ReadError": 1} and not transport["passed"]  # a fault until shown otherwise
+    unsheddable = judge_requests(fine[:199] + [RequestRecord(4.0, 4.2, "http-503")], 200, config)  # no Retry-After
+    assert unsheddable["errors"] == 1 and not unsheddable["passed"]
+    hung = judge_requests(fine[:199] + [RequestRecord(5.0, 50.0)], 200, config)  # a success, but after 45 s
+    assert hung["hung"] == 1 and hung["errors"] == 0 and not hung["passed"]
+    lost = judge_requests(fine[:199], 200, config)
+    assert lost["lost"] == 1 and not lost["passed"]
+
+
 def test_collapsed_stack_summary():
     text = "\n".join([
         'process 7:"python -m service";Thread.run (threading.py:1);segment (service/pipeline.py:10);run (ort.py:5) 6',
@@ -414,9 +433,9 @@ def test_two_minute_soak_at_half_of_peak_has_no_errors_and_bounded_rss(service, 
                         warmup_fraction=0.5, image_size=IMAGE_SIZE, url=service.http_url, server_pid=service.pid,
                         out=str(tmp_path / "soak.json"), max_errors=0, max_growth_mb=32)
     report, passed = run_soak(config)
-    summary = {k: report[k] for k in ("errors_by_kind", "shed_by_kind", "dropped", "generator_max_lag_s")}
+    summary = {k: report[k] for k in ("errors_by_kind", "shed_by_kind", "dropped", "generator_max_lag_s", "cpu")}
     assert report["errors"] == 0 and report["server_alive_at_end"], summary  # faults: none
-    assert report["answered"] == report["issued"] > 0 and report["dropped"] == 0, summary  # nothing lost or hung
+    assert report["answered"] == report["issued"] > 0 and report["hung"] == 0, summary  # nothing lost or hung
     assert report["shed"] <= report["shed_budget"] == int(0.01 * report["issued"]), summary
     assert report["memory"]["growth_mib"] is not None and report["memory"]["growth_mib"] < 32
     assert passed
