@@ -230,3 +230,22 @@ def test_worker_cli_runs_one_job_and_lists_jobs(world, trained):
     listing = subprocess.run([*cmd, "jobs", "--status", "succeeded"], env=world["env"], check=True, timeout=60,
                              capture_output=True, text=True, cwd=REPO)
     assert job.id in {j["id"] for j in json.loads(listing.stdout)}
+
+
+def test_worker_concurrency_runs_jobs_side_by_side(world, trained):
+    platform = world["platform"]
+    first, second = (jobs.submit_job(platform, "train", world["dataset"].id, MODEL, LONG) for _ in range(2))
+    parent = subprocess.Popen([sys.executable, "-m", "medplatform", "worker", "--concurrency", "2"],
+                              env=world["env"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        a = wait_for(lambda: _running_epoch(platform, first.id), 120, "the first job to run")
+        b = wait_for(lambda: _running_epoch(platform, second.id), 120, "the second job to run beside it")
+        assert a.worker_pid != b.worker_pid and parent.pid not in (a.worker_pid, b.worker_pid)
+        for job in (first, second):
+            jobs.cancel_job(platform, job.id)
+        for job in (first, second):
+            assert wait_for(lambda j=job: _finished(platform, j.id), 60, "a cancel").status == "cancelled"
+    finally:
+        parent.send_signal(signal.SIGTERM)  # the parent stops its worker processes, then exits
+        code = parent.wait(60)
+    assert code == 0
