@@ -249,3 +249,17 @@ def test_worker_concurrency_runs_jobs_side_by_side(world, trained):
         parent.send_signal(signal.SIGTERM)  # the parent stops its worker processes, then exits
         code = parent.wait(60)
     assert code == 0
+
+
+def test_a_failed_job_registers_nothing_and_keeps_its_log(world, trained):
+    from medplatform.worker import WorkerSettings, serve
+
+    platform = world["platform"]
+    small = add_phantom_dataset(platform, world["root"] / "two-cases", count=2, seed=11)
+    job = jobs.submit_job(platform, "train", small.id, "failing", {"preset": "tiny"})
+    assert serve(platform, WorkerSettings(heartbeat_s=1, poll_s=0.1, device="cpu"), max_jobs=1) == 1
+    failed = jobs.get_job(platform, job.id)
+    assert failed.status == "failed" and "too few" in failed.error and failed.finished_at is not None
+    log = jobs.job_log(platform, job.id)
+    assert "Traceback" in log and "too few" in log and log.rstrip().endswith(f"job {job.id} ends failed")
+    assert [m.name for m in platform.registry.list_models()] == [MODEL]  # nothing registered as "failing"
