@@ -51,7 +51,7 @@ test: install browser
 
 # Refresh the committed docs/ui.png from the UI test (a deliberate step, never part of `make test`).
 screenshots: install browser
-	MEDREFINE_SCREENSHOT_OUT=$(CURDIR)/docs/ui.png $(PY) -m pytest -q tests/test_ui.py \
+	MEDREFINE_TREE_CHECK=off MEDREFINE_SCREENSHOT_OUT=$(CURDIR)/docs/ui.png $(PY) -m pytest -q tests/test_ui.py \
 		-k test_upload_shows_overlay_and_box_refines
 
 serve: export
