@@ -48,6 +48,7 @@ from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_
 from service.log_privacy import install_log_redaction
 from service.metrics import exposition_if_separate
 from service.oip_http import create_oip_app
+from service.platform_api import PlatformState, create_platform_app, start_platform, stop_platform
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("service.app")
@@ -57,6 +58,7 @@ logging.getLogger("service").setLevel(logging.INFO)
 SETTINGS = ServiceSettings.from_env()
 install_log_redaction()  # BentoML's request-error log would quote submitted form values
 UI_DIR = Path(__file__).resolve().parent / "ui"
+_MODEL_FIELD = "registry model: name, name:VERSION or name@ALIAS; default: the default model's production"
 
 
 class _Process:
@@ -73,6 +75,7 @@ class _Process:
 
 PROCESS = _Process()
 OPEN_REQUESTS = OpenRequests()  # HTTP requests let in by the guard and not yet answered
+PLATFORM = PlatformState()  # /datasets, /jobs, /models (service.platform_api); opened in start_platform
 
 
 @bentoml.service(
@@ -108,6 +111,17 @@ class MedRefine:
             logger.error("cannot serve: %s", exc)
             PROCESS.load_failed = True
             self.runtime = None
+
+    @bentoml.on_startup
+    async def start_platform(self) -> None:
+        """Open the platform (database migrated) and start its job workers; inference serves even if this fails."""
+        await asyncio.to_thread(start_platform, PLATFORM, self.settings,
+                                lambda: self.runtime.model_version if self.runtime is not None else None)
+
+    @bentoml.on_shutdown
+    async def stop_platform(self) -> None:
+        """Stop the local job workers (their running jobs go back to the queue)."""
+        await asyncio.to_thread(stop_platform, PLATFORM)
 
     @bentoml.on_startup
     async def start_runtime(self) -> None:
@@ -168,13 +182,14 @@ class MedRefine:
         dicom_seg: bool = Field(False, description="also return a DICOM SEG (DICOM uploads only)"),
         anonymize: bool | None = Field(
             None, description="remove patient identifiers from the DICOM SEG; default: MEDREFINE_ANONYMIZE_DICOM (on)"),
+        model: str | None = Field(None, description=_MODEL_FIELD),
     ) -> dict[str, t.Any]:
         """Segment one uploaded image (PNG, JPEG, TIFF, DICOM, NIfTI); masks come back as base64 PNGs."""
         mark_handler_entered()
         try:
             return await rest.segment(
                 self._require_runtime(), file, threshold=threshold, gate=gate, gamma=gamma, gate_min=gate_min,
-                gate_max=gate_max, outputs=outputs, dicom_seg=dicom_seg, anonymize=anonymize,
+                gate_max=gate_max, outputs=outputs, dicom_seg=dicom_seg, anonymize=anonymize, model=model,
             )
         except Exception as exc:
             return rest.error_response(exc)
@@ -193,6 +208,7 @@ class MedRefine:
                                        description="a previous mask (PNG, one file) as the mask prompt"),
         threshold: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="mask threshold in (0, 1)"),
         outputs: str | list[str] | None = Field(None, description="comma list of image, mask, probability"),
+        model: str | None = Field(None, description=_MODEL_FIELD),
     ) -> dict[str, t.Any]:
         """Refine an uploaded image with your own prompts; the image embedding is cached between calls."""
         mark_handler_entered()
@@ -200,6 +216,7 @@ class MedRefine:
             return await rest.refine(
                 self._require_runtime(), file, box=box, points=points, point_labels=point_labels,
                 prior_mask=rest.single_upload(prior_mask, "prior_mask"), threshold=threshold, outputs=outputs,
+                model=model,
             )
         except Exception as exc:
             return rest.error_response(exc)
@@ -317,6 +334,9 @@ MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api
 # PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")
+MedRefine.mount_asgi_app(create_platform_app(PLATFORM, settings=_settings,
+                                             stopping=lambda: getattr(PROCESS.runtime, "draining", False) is True),
+                         path="/", name="platform")
 # BentoML's bentoml_service_* series are labelled by route, not by raw path: made-up paths add no series.
 bound_bentoml_metric_paths([api.route for api in MedRefine.apis.values()])
 

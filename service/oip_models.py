@@ -164,6 +164,15 @@ class OipModel(abc.ABC):
         """Whether this server serves the model at all (e.g. generators are optional)."""
         return True
 
+    async def select(self, runtime: Any, version: str) -> Any:
+        """The loaded version a request names (``""``: the default); None where the model has one version."""
+        return None
+
+    def served_version(self, runtime: Any, selected: Any) -> str:
+        """The ``model_version`` an answer carries."""
+        versions = self.versions(runtime)
+        return versions[0] if versions else ""
+
     def check_capacity(self, runtime: Any) -> None:
         """503 at once when the queue this model runs on is full (default: the segmentation queue)."""
         check = getattr(runtime, "check_capacity", None)
@@ -205,8 +214,23 @@ class SegmentModel(OipModel):
     )
     parameters = (ParameterSpec("threshold", 0.0, 1.0, "mask threshold on PROBABILITY"),)
 
+    # Versions are the registry's numbers of the served model name (``/v2/models/segment/versions/2``).
+    def versions(self, runtime: Any) -> tuple[str, ...]:
+        versions = getattr(runtime, "versions", None)
+        if versions is None:
+            return super().versions(runtime)
+        return versions.oip_versions()
+
+    async def select(self, runtime: Any, version: str) -> Any:
+        select = getattr(runtime, "select_oip_version", None)
+        return None if select is None else await select(version)
+
+    def served_version(self, runtime: Any, selected: Any) -> str:
+        return selected.oip_version if selected is not None else super().served_version(runtime, selected)
+
     async def run(
-        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str,
+        selected: Any = None,
     ) -> Mapping[str, np.ndarray]:
         image = inputs["IMAGE"]
         height, width = int(image.shape[0]), int(image.shape[1])
@@ -220,7 +244,8 @@ class SegmentModel(OipModel):
             )
         gray = _to_gray_unit(image)
         options = _segment_options(parameters)
-        result = await runtime.segment(gray, options, protocol=protocol)
+        result = await runtime.segment(gray, options, protocol=protocol,
+                                       **({"model": selected} if selected is not None else {}))
         return {
             "MASK": np.asarray(result.mask).astype(np.uint8, copy=False),
             "PROBABILITY": np.asarray(result.probability).astype(np.float32, copy=False),
@@ -421,13 +446,14 @@ class ModelRegistry:
         if not (serving if isinstance(serving, bool) else model.is_ready(runtime)):
             raise NotReady(f"model '{model.name}' is not ready")
         model.check_capacity(runtime)  # 503 at once when its queue is full
-        # 3. Run (through the runtime's shared queue) and pack the outputs.
-        results = await model.run(runtime, inputs, parameters, protocol=protocol)
+        # 3. The version (loaded on first use), run (through the runtime's shared queue), pack the outputs.
+        selected = await model.select(runtime, request.model_version)
+        extra = {"selected": selected} if selected is not None else {}
+        results = await model.run(runtime, inputs, parameters, protocol=protocol, **extra)
         outputs = tuple(_output_tensor(model, spec, results) for spec in output_specs)
-        versions = model.versions(runtime)
         return InferResponse(
             model_name=model.name,
-            model_version=versions[0] if versions else "",
+            model_version=model.served_version(runtime, selected),
             id=request.id,
             outputs=outputs,
         )

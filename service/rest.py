@@ -14,7 +14,7 @@ Response JSON of ``POST /segment`` (arrays as base64 PNGs in the image's pixel f
      "shape": [H, W], "box": [x0, y0, x1, y1], "points": [[x, y], [x, y]], "point_labels": [1, 0],
      "iou": 0.91, "needs_review": false, "lesion_found": true,   # trained IoU head; validated thresholds
      "uncertainty": 0.12, "area_px": 1234, "area_mm2": 55.3 | null, "threshold": 0.5,
-     "model": {"version": "...", "backend": "onnxruntime"},
+     "model": {"version": "default:1", "backend": "onnxruntime"},   # the registry's name:version
      "timings_ms": {"decode": ..., "transunet": ..., ..., "total": ...},
      "dicom_seg_base64": "..."}           # only with dicom_seg=true on a DICOM upload
 
@@ -175,8 +175,16 @@ def _field_error(exc: ValueError, field: str) -> ServiceError:
     return error
 
 
-def _model(runtime: Any) -> dict[str, str]:
-    return {"version": runtime.model_version, "backend": runtime.backend}
+def _model(runtime: Any, selected: Any = None) -> dict[str, str]:
+    """``version``: the registry's ``name:version`` that answered (the artifact version without a registry)."""
+    version = selected.label if selected is not None else runtime.model_version
+    return {"version": version, "backend": runtime.backend}
+
+
+async def _select(runtime: Any, model: str | None) -> Any:
+    """The version the ``model`` field names (404/400 naming ``model`` before the upload is decoded)."""
+    select = getattr(runtime, "select_model", None)
+    return None if select is None else await select(model)
 
 
 def _ms(seconds: float) -> float:
@@ -195,6 +203,7 @@ async def segment(
     outputs: str | Sequence[str] | None = None,
     dicom_seg: bool = False,
     anonymize: bool | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """``POST /segment``: decode the upload, segment it through the shared queue, encode the answer.
 
@@ -216,11 +225,13 @@ async def segment(
         raise _field_error(exc, "options") from None
     if anonymize is True and not dicom_seg:
         raise BadRequest("anonymize applies to the DICOM SEG output; set dicom_seg=true as well", "anonymize")
+    selected = await _select(runtime, model)
     _, decoded = await _decode(file, runtime)
     if dicom_seg and decoded.format != "dicom":
         raise BadRequest(f"dicom_seg needs a DICOM upload, got {decoded.format.upper()}", "dicom_seg")
     decode_s = time.perf_counter() - started
-    result = await runtime.segment(decoded.pixels, options, protocol="rest", spacing=decoded.spacing_mm)
+    result = await runtime.segment(decoded.pixels, options, protocol="rest", spacing=decoded.spacing_mm,
+                                   **({"model": selected} if selected is not None else {}))
     encode_started = time.perf_counter()
     arrays = {
         "image": decoded.pixels, "mask": result.mask, "coarse_mask": result.coarse_mask,
@@ -239,7 +250,7 @@ async def segment(
         "area_px": int(result.area_pixels),
         "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
         "threshold": float(result.threshold),
-        "model": _model(runtime),
+        "model": _model(runtime, selected),
     })
     if dicom_seg:
         from service.dicom_seg import build_dicom_seg
@@ -250,7 +261,7 @@ async def segment(
         mask = result.mask if result.mask is not None else (np.asarray(result.probability) > result.threshold)
         try:
             seg = await asyncio.to_thread(build_dicom_seg, decoded.source, np.asarray(mask, np.uint8),
-                                          model_version=runtime.model_version, anonymize=anonymize)
+                                          model_version=_model(runtime, selected)["version"], anonymize=anonymize)
         except ValueError as exc:
             raise _field_error(exc, "dicom_seg") from None
         body["dicom_seg_base64"] = _b64(seg)
@@ -270,6 +281,7 @@ async def refine(
     prior_mask: Path | None = None,
     threshold: float | None = None,
     outputs: str | Sequence[str] | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """``POST /refine``: prompts (pixel frame of the upload) -> refined mask; the embedding is cached per image.
 
@@ -282,6 +294,7 @@ async def refine(
     if not_refine:
         raise BadRequest(f"outputs {not_refine} are not produced by /refine; choose from image, mask, probability",
                          "outputs")
+    selected = await _select(runtime, model)
     data, decoded = await _decode(file, runtime)
     prior = None
     if prior_mask is not None:
@@ -290,7 +303,7 @@ async def refine(
     result = await runtime.refine(
         decoded.pixels, box=box, points=points, point_labels=point_labels, prior_mask=prior,
         image_key=hashlib.sha256(data).hexdigest(), threshold=threshold, spacing=decoded.spacing_mm,
-        protocol="rest",
+        protocol="rest", **({"model": selected} if selected is not None else {}),
     )
     encode_started = time.perf_counter()
     arrays = {"image": decoded.pixels, "mask": result.mask, "probability": result.probability}
@@ -307,7 +320,7 @@ async def refine(
         "area_mm2": None if result.area_mm2 is None else float(result.area_mm2),
         "threshold": float(result.threshold),
         "cache_hit": bool(result.cache_hit),
-        "model": _model(runtime),
+        "model": _model(runtime, selected),
     })
     body["timings_ms"] = {"decode": _ms(decode_s), **{k: round(float(v), 3) for k, v in result.timings.items()},
                           "encode": _ms(time.perf_counter() - encode_started),

@@ -25,6 +25,7 @@ import numpy as np
 from service.batcher import AdaptiveBatcher, BatcherConfig
 from service.errors import BadRequest, NotReady, PayloadTooLarge, ServiceError, as_service_error
 from service.metrics import ServiceMetrics
+from service.model_versions import DEFAULT_MODEL, LoadedVersion, ModelVersions
 from service.settings import ServiceSettings
 
 __all__ = ["RefineRequest", "ServiceRuntime", "SegmentRequest"]
@@ -39,6 +40,7 @@ class SegmentRequest:
     image: np.ndarray
     options: Any
     spacing: tuple[float, float] | None = None
+    pipeline: Any = None  # the chosen version's pipeline (None: the runtime's start-up pipeline)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +49,7 @@ class RefineRequest:
 
     image: np.ndarray
     kwargs: dict[str, Any]
+    pipeline: Any = None
 
 
 class ServiceRuntime:
@@ -59,12 +62,16 @@ class ServiceRuntime:
         metrics: the metrics facade (default: a new one over the module-level Prometheus objects).
         generation: the ``service.generation.GenerationRuntime`` (its own queue), or None when generation
             is off.
+        versions: the registry versions requests may choose (``service.model_versions.ModelVersions``);
+            default: only ``pipeline``.
     """
 
     def __init__(self, settings: ServiceSettings, pipeline: Any, *, metrics: ServiceMetrics | None = None,
-                 generation: Any = None) -> None:
+                 generation: Any = None, versions: ModelVersions | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
+        self.versions = versions or ModelVersions(
+            initial=LoadedVersion(DEFAULT_MODEL, None, pipeline, str(pipeline.model_info().get("version", ""))))
         self.generation = generation
         self.metrics = metrics or ServiceMetrics()
         self.live = True
@@ -111,7 +118,16 @@ class ServiceRuntime:
             **engine_options(settings),
         )
         generation = load_generation(settings)
-        runtime = cls(settings, pipeline, metrics=metrics, generation=generation)
+
+        def load_version(art_dir: Any) -> Any:  # another registry version, on first use
+            return SegmentationPipeline.from_artifacts(
+                art_dir, settings.backend, embedding_cache_bytes=settings.embedding_cache_bytes,
+                max_points=settings.max_points, **engine_options(settings))
+
+        from service.model_versions import open_versions
+
+        versions = open_versions(settings.artifacts, pipeline, load_version)
+        runtime = cls(settings, pipeline, metrics=metrics, generation=generation, versions=versions)
         logger.info("model %s loaded on %s in %.1f s%s", runtime.model_version[:12], runtime.backend,
                     time.perf_counter() - started,
                     f"; generators {generation.version[:12]} from {settings.generators_dir}" if generation else "")
@@ -155,6 +171,7 @@ class ServiceRuntime:
             "backend": self.backend,
             "model_version": self.model_version,
             "queue_depth": self.batcher.queue_depth,
+            "loaded_versions": self.versions.loaded(),
             "generation": self.generation.info() if self.generation is not None else None,
         }
         if not self.ready:
@@ -225,8 +242,17 @@ class ServiceRuntime:
 
     # -- inference --------------------------------------------------------------------------------------
 
+    async def select_model(self, spec: str | None) -> LoadedVersion:
+        """The version a REST ``model`` field names (``name``, ``name:3``, ``name@alias``; None: the default
+        model's production), loaded on first use. Raises NotFound (404) / BadRequest (400), field ``model``."""
+        return await self.versions.select(self.versions.resolve(spec))
+
+    async def select_oip_version(self, version: str) -> LoadedVersion:
+        """As :meth:`select_model` for an OIP/gRPC ``model_version`` (``""``: production); field ``version``."""
+        return await self.versions.select(self.versions.resolve_oip(version))
+
     async def segment(self, image: np.ndarray, options: Any = None, *, protocol: str,
-                      spacing: Sequence[float] | None = None) -> Any:
+                      spacing: Sequence[float] | None = None, model: LoadedVersion | None = None) -> Any:
         """Segment one image through the shared batching queue.
 
         Images with equal options (threshold, gate) share batches whatever arrays they asked for: the
@@ -237,6 +263,7 @@ class ServiceRuntime:
             options: ``service.pipeline.SegmentOptions`` or None for the model's defaults.
             protocol: ``"rest"``, ``"oip-http"`` or ``"grpc"`` (for logs).
             spacing: ``(row, col)`` pixel spacing in mm for ``area_mm2``, or None.
+            model: the version to run (:meth:`select_model`); None: the start-up pipeline.
 
         Returns:
             ``service.pipeline.SegmentResult``.
@@ -251,9 +278,13 @@ class ServiceRuntime:
         options = options if options is not None else SegmentOptions()
         wanted = tuple(options.outputs)
         batch_options = dataclasses.replace(options, outputs=OUTPUT_ARRAYS)
-        request = SegmentRequest(image, batch_options, _spacing(spacing))
+        pipeline = model.pipeline if model is not None else self.pipeline
+        request = SegmentRequest(image, batch_options, _spacing(spacing), pipeline)
+        # The version is part of the batch key: one queue (one bound, one inference thread) for all
+        # versions, and a batch never mixes them.
+        version_key = model.key if model is not None else None
         with self.metrics.inflight():
-            result = await self.batcher.submit(request, ("segment", batch_options))
+            result = await self.batcher.submit(request, ("segment", version_key, batch_options))
         dropped = {name: None for name in OUTPUT_ARRAYS if name not in wanted}
         return dataclasses.replace(result, **dropped) if dropped else result
 
@@ -269,6 +300,7 @@ class ServiceRuntime:
         threshold: float | None = None,
         spacing: Sequence[float] | None = None,
         protocol: str,
+        model: LoadedVersion | None = None,
     ) -> Any:
         """Refine one image with user prompts (box / points / prior mask) through the shared queue.
 
@@ -292,7 +324,8 @@ class ServiceRuntime:
         kwargs = {"box": box, "points": points, "point_labels": point_labels, "prior_mask": prior_mask,
                   "image_key": image_key, "threshold": threshold, "spacing": _spacing(spacing)}
         with self.metrics.inflight():
-            return await self.batcher.submit(RefineRequest(image, kwargs), ("refine",), batchable=False)
+            return await self.batcher.submit(RefineRequest(image, kwargs, model.pipeline if model else None),
+                                             ("refine",), batchable=False)
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -336,7 +369,7 @@ class ServiceRuntime:
     def _segment_batch(self, items: list[SegmentRequest]) -> list[Any]:
         images = [item.image for item in items]
         try:
-            results = self.pipeline.segment(images, items[0].options, spacings=[item.spacing for item in items])
+            results = (items[0].pipeline or self.pipeline).segment(images, items[0].options, spacings=[item.spacing for item in items])
         except Exception as exc:
             if len(items) == 1:
                 return [self._client_error(exc)]
@@ -347,7 +380,7 @@ class ServiceRuntime:
 
     def _segment_one(self, item: SegmentRequest) -> Any:
         try:
-            (result,) = self.pipeline.segment([item.image], item.options, spacings=[item.spacing])
+            (result,) = (item.pipeline or self.pipeline).segment([item.image], item.options, spacings=[item.spacing])
         except Exception as exc:
             return self._client_error(exc)
         self._observe_timings(result)
@@ -355,7 +388,7 @@ class ServiceRuntime:
 
     def _refine_one(self, item: RefineRequest) -> Any:
         try:
-            result = self.pipeline.refine(item.image, **item.kwargs)
+            result = (item.pipeline or self.pipeline).refine(item.image, **item.kwargs)
         except Exception as exc:
             return self._client_error(exc)
         self._observe_timings(result)

@@ -133,6 +133,7 @@ def start_server(
         "OMP_NUM_THREADS": "1",
         "MEDREFINE_INTRA_OP_THREADS": "1",
         "MEDREFINE_DRAIN_TIMEOUT_S": "20",
+        "MEDREFINE_DATA_DIR": str(work_dir / "var"),  # each server its own registry: default v1 = its artifacts
     })
     if api_key:
         child_env[API_KEY_ENV] = api_key
