@@ -51,6 +51,13 @@ Documented limits (variable, default):
                                                      or best-of candidates) -> 400
 ``MEDREFINE_GENERATION_MAX_STEPS`` 100               DDIM steps per generation request -> 400
 ``MEDREFINE_GENERATION_MAX_QUEUE`` 32                queued generation requests before 503 + Retry-After
+``MEDREFINE_ADMIN_KEY``         unset                the platform's admin key (datasets, jobs, aliases,
+                                                     deletes; ``service.platform_api``); unset: those
+                                                     calls need what reads need (the API key when set)
+``MEDREFINE_PLATFORM_WORKERS``  1                    local job worker processes started with the server
+                                                     (0: none, e.g. workers run elsewhere)
+``MEDREFINE_RAY_ADDRESS``       unset                Ray dashboard address (``http://HEAD:8265``): jobs
+                                                     run as Ray jobs instead (no local workers)
 ==============================  ===================  ==================================================
 """
 
@@ -59,7 +66,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +118,10 @@ class ServiceSettings:
     generation_max_images: int = 16
     generation_max_steps: int = 100
     generation_max_queue: int = 32
+    # The platform (service.platform_api): a key of its own for mutating calls, and where jobs run.
+    admin_key: str | None = field(default=None, repr=False)
+    platform_workers: int = 1
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -135,6 +146,13 @@ class ServiceSettings:
                 raise SettingsError(f"{_env_name(name)}: expected a value >= 0, got {getattr(self, name)}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise SettingsError(f"{self.api_key_env}: the API key must be at least 8 characters")
+        if self.admin_key is not None and len(self.admin_key) < 8:
+            raise SettingsError(f"{ENV_PREFIX}ADMIN_KEY: the admin key must be at least 8 characters")
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise SettingsError(f"{ENV_PREFIX}ADMIN_KEY: must differ from the API key ({self.api_key_env}); "
+                                "a shared key would let every inference client train and delete")
+        if not 0 <= self.platform_workers <= 64:
+            raise SettingsError(f"{ENV_PREFIX}PLATFORM_WORKERS: expected 0..64, got {self.platform_workers}")
         if self.require_api_key and self.api_key is None:
             raise SettingsError(
                 f"{ENV_PREFIX}REQUIRE_API_KEY is on but {self.api_key_env} is unset: set the key "
@@ -211,9 +229,11 @@ class ServiceSettings:
         """
         env: dict[str, str] = {}
         for item in fields(self):
-            if item.name == "api_key":
+            if item.name in ("api_key", "admin_key"):
                 continue
             env[_env_name(item.name)] = str(getattr(self, item.name))
+        if self.admin_key is not None:
+            env[_env_name("admin_key")] = self.admin_key
         if self.api_key is not None:
             env[self.api_key_env] = self.api_key
         return env
@@ -223,6 +243,7 @@ class ServiceSettings:
         data = asdict(self)
         data["artifacts"] = str(self.artifacts)
         data["api_key"] = "set" if self.api_key else None
+        data["admin_key"] = "set" if self.admin_key else None
         return data
 
 
@@ -250,7 +271,8 @@ def _env_name(field_name: str) -> str:
 
 _INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
                "max_concurrency", "embedding_cache_bytes", "intra_op_threads", "generation_max_images",
-               "generation_max_steps", "generation_max_queue", "max_receiving", "keepalive_timeout_s"}
+               "generation_max_steps", "generation_max_queue", "max_receiving", "keepalive_timeout_s",
+               "platform_workers"}
 _FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s", "upload_grace_s", "min_upload_bytes_per_s"}
 _BOOL_FIELDS = {"require_api_key", "anonymize_dicom"}
 
