@@ -116,7 +116,7 @@ class MedRefine:
     async def start_platform(self) -> None:
         """Open the platform (database migrated) and start its job workers; inference serves even if this fails."""
         await asyncio.to_thread(start_platform, PLATFORM, self.settings,
-                                lambda: self.runtime.model_version if self.runtime is not None else None)
+                                self.runtime.versions if self.runtime is not None else None)
 
     @bentoml.on_shutdown
     async def stop_platform(self) -> None:

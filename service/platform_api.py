@@ -36,6 +36,7 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from service.model_versions import LoadedVersions
 from service.oip_http import presented_api_key
 
 if TYPE_CHECKING:
@@ -45,8 +46,7 @@ if TYPE_CHECKING:
     from medplatform.ray_runner import RayRunner
     from service.settings import ServiceSettings
 
-__all__ = ["LoadedVersions", "PlatformState", "ServedArtifacts", "create_platform_app", "start_platform",
-           "stop_platform"]
+__all__ = ["PlatformState", "ServedVersions", "create_platform_app", "start_platform", "stop_platform"]
 
 logger = logging.getLogger("service.platform_api")
 
@@ -59,23 +59,11 @@ WORKER_STOP_S = 5.0  # SIGTERM -> SIGKILL for the local workers at shutdown
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-class LoadedVersions(Protocol):
-    """What the serving layer has loaded; a loaded version cannot be deleted (409)."""
+class ServedVersions(LoadedVersions, Protocol):
+    """The serving layer as the platform routes see it (``service.model_versions.ModelVersions``): a loaded
+    version cannot be deleted (409), and a moved alias is re-read at once instead of after its TTL."""
 
-    def is_loaded(self, name: str, version: int) -> bool: ...
-
-
-@dataclass(frozen=True)
-class ServedArtifacts:
-    """Until multi-version serving: the one loaded version is the registry version of the artifacts the runtime
-    serves (same manifest version), whatever its name."""
-
-    platform: Platform
-    served_version: Callable[[], str | None]  # the runtime's manifest version; None while it has none
-
-    def is_loaded(self, name: str, version: int) -> bool:
-        served = self.served_version()
-        return bool(served) and self.platform.registry.get_version(name, version).artifact_version == served
+    def on_alias_changed(self, name: str) -> None: ...
 
 
 @dataclass
@@ -83,7 +71,7 @@ class PlatformState:
     """The platform as this server process holds it; filled by ``start_platform`` in the start-up hook."""
 
     platform: Platform | None = None
-    loaded: LoadedVersions | None = None
+    served: ServedVersions | None = None
     ray: RayRunner | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     unavailable: str = "platform starting"
@@ -100,9 +88,10 @@ def worker_env(settings: ServiceSettings, env: Mapping[str, str] | None = None) 
     return env
 
 
-def start_platform(state: PlatformState, settings: ServiceSettings,
-                   served_version: Callable[[], str | None]) -> None:
+def start_platform(state: PlatformState, settings: ServiceSettings, served: ServedVersions | None) -> None:
     """Open the platform (database migrated), fail jobs whose worker died, start the job runner.
+
+    ``served``: the runtime's versions (None without a runtime: nothing is loaded).
 
     Runner: Ray when ``settings.ray_address`` is set, else ``settings.platform_workers`` local worker
     processes (0: none here). A failure leaves the platform routes answering 503 while inference serves on.
@@ -122,7 +111,7 @@ def start_platform(state: PlatformState, settings: ServiceSettings,
             state.ray = RayRunner(settings.ray_address)
         elif settings.platform_workers > 0:
             state.workers = start_local_workers(settings.platform_workers, env=worker_env(settings))
-        state.loaded = ServedArtifacts(platform, served_version)
+        state.served = served
         state.platform = platform
         logger.info("platform ready: %s", "jobs on Ray" if state.ray is not None else
                     f"{len(state.workers)} local job worker(s)")
@@ -438,11 +427,17 @@ class _PlatformApi:
             raise BadRequest(f"expected an integer version, got {version!r}", "version")
         name, alias = request.path_params["name"], request.path_params["alias"]
         info = await run_in_threadpool(platform.registry.set_alias, name, alias, version)
+        self._alias_changed(name)
         return JSONResponse(info.to_dict())
+
+    def _alias_changed(self, name: str) -> None:
+        if self.state.served is not None:
+            self.state.served.on_alias_changed(name)
 
     async def remove_alias(self, platform: Platform, request: Request) -> Response:
         name, alias = request.path_params["name"], request.path_params["alias"]
         await run_in_threadpool(platform.registry.remove_alias, name, alias)
+        self._alias_changed(name)
         return JSONResponse({"name": name, "alias": alias, "deleted": True})
 
     async def delete_version(self, platform: Platform, request: Request) -> Response:
@@ -450,10 +445,10 @@ class _PlatformApi:
         from medplatform.errors import Conflict
 
         name, version = request.path_params["name"], _version(request.path_params["version"])
-        loaded = self.state.loaded
+        served = self.state.served
 
         def delete() -> None:
-            if loaded is not None and loaded.is_loaded(name, version):
+            if served is not None and served.is_loaded(name, version):
                 raise Conflict("version", version, f"version {version} of {name!r} is loaded by the server; "
                                                    "serve another version first")
             platform.registry.delete_version(name, version)

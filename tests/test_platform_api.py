@@ -132,11 +132,22 @@ def test_zip_to_promoted_version(server: ServerProcess, phantom_zip: bytes):
     assert promoted.status_code == 200 and promoted.json()["aliases"] == ["production"]
     missing = admin.put(f"/models/{MODEL}/aliases/production", json={"version": 7})
     assert missing.status_code == 404 and missing.json()["field"] == "version"
-
-    # 6. An aliased version cannot be deleted; the dataset can, once no job uses it.
-    aliased = admin.delete(f"/models/{MODEL}/versions/1")
+    aliased = admin.delete(f"/models/{MODEL}/versions/1")  # refused while an alias points at it
     assert aliased.status_code == 409 and aliased.json()["field"] == "version"
     assert "production" in aliased.json()["error"]
+
+    # 6. Segment an image with the promoted version (REST model=name@alias; loads it on first use).
+    image = _members(phantom_zip)["images/0000.png"]
+    segmented = reader.post("/segment", files={"file": ("x.png", image, "image/png")},
+                            data={"model": f"{MODEL}@production"})
+    assert segmented.status_code == 200, segmented.text
+    assert segmented.json()["model"]["version"] == f"{MODEL}:1" and segmented.json()["shape"] == [64, 64]
+
+    # 7. Nor while loaded, once the alias is gone; the dataset can go once no job uses it.
+    assert admin.delete(f"/models/{MODEL}/aliases/production").status_code == 200
+    loaded = admin.delete(f"/models/{MODEL}/versions/1")
+    assert loaded.status_code == 409 and "loaded" in loaded.json()["error"]
+    assert [v["version"] for v in reader.get(f"/models/{MODEL}/versions").json()] == [1]
     assert admin.delete(f"/datasets/{dataset['id']}").status_code == 200
     assert reader.get(f"/datasets/{dataset['id']}").status_code == 404
     for client in (admin, reader, anonymous):
