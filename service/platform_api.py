@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from medplatform.ray_runner import RayRunner
     from service.settings import ServiceSettings
 
-__all__ = ["PlatformState", "ServedVersions", "create_platform_app", "start_platform", "stop_platform"]
+__all__ = ["PlatformState", "ServedVersions", "create_platform_app", "dataset_upload_limit", "start_platform",
+           "stop_platform"]
 
 logger = logging.getLogger("service.platform_api")
 
@@ -75,6 +76,17 @@ class PlatformState:
     ray: RayRunner | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     unavailable: str = "platform starting"
+
+
+def dataset_upload_limit(env: Mapping[str, str] | None = None) -> int:
+    """Bytes a ``POST /datasets`` body may have: MEDREFINE_DATASET_MAX_BYTES (1 GiB) plus multipart overhead.
+
+    Enforced here while the body streams (413, field ``file``); the guard in front must let such a body
+    through (its own ``max_upload_bytes``, 20 MiB, is for inference uploads).
+    """
+    from medplatform.dataset_limits import DatasetLimits
+
+    return DatasetLimits.from_env(env).max_bytes + MULTIPART_OVERHEAD
 
 
 # -- start and stop -------------------------------------------------------------------------------------------
@@ -257,7 +269,8 @@ class _PlatformApi:
         from medplatform import datasets
         from medplatform.settings import data_dir
 
-        limited = Request(request.scope, _limited_receive(request.receive, limits.max_bytes + MULTIPART_OVERHEAD))
+        limit = limits.max_bytes + MULTIPART_OVERHEAD  # dataset_upload_limit()
+        limited = Request(request.scope, _limited_receive(request.receive, limit))
         try:
             form = await limited.form(max_files=limits.max_files + 1, max_fields=8)
         except (MultiPartException, HTTPException) as exc:
