@@ -197,3 +197,33 @@ def test_admin_key_settings():
         ServiceSettings.from_env({"MEDREFINE_ADMIN_KEY": "short"})
     with pytest.raises(SettingsError, match="MEDREFINE_PLATFORM_WORKERS"):
         ServiceSettings.from_env({"MEDREFINE_PLATFORM_WORKERS": "-1"})
+
+
+def test_file_set_upload_url_refusal_and_cancel(server: ServerProcess, tmp_path: Path):
+    folder = phantom_folder(tmp_path / "set", n=8, size=64, seed=11)
+    parts = [("files", (name, data, "image/png")) for name, data in folder_members(folder).items()]
+    with _client(server, ADMIN_KEY) as admin:
+        # a multipart set of files (names with their folders) is a dataset like a ZIP of them
+        created = admin.post("/datasets", files=parts, data={"name": "file set"})
+        assert created.status_code == 201 and created.json()["status"] == "ready", created.text
+        assert created.json()["stats"]["pairs"] == 8
+        dataset_id = created.json()["id"]
+        # a URL from a host not on the allow-list (none is listed) is refused naming the field
+        refused = admin.post("/datasets", json={"url": "http://127.0.0.1:9/data.zip", "name": "remote"})
+        assert refused.status_code == 400 and refused.json()["field"] == "url"
+
+        # cancel: the job ends cancelled (at once when queued, at its next epoch when running); twice is a 409
+        job = admin.post("/jobs", json={"kind": "train", "dataset": dataset_id, "recipe": "cancelled-model",
+                                        "hyperparameters": {"preset": "tiny", "epochs": 50}})
+        assert job.status_code == 202
+        job_id = job.json()["id"]
+        cancel = admin.delete(f"/jobs/{job_id}")
+        assert cancel.status_code == 200 and cancel.json()["id"] == job_id
+        deadline = time.monotonic() + 120.0
+        while (status := admin.get(f"/jobs/{job_id}").json()["status"]) != "cancelled":
+            assert status in ("queued", "running") and time.monotonic() < deadline, status
+            time.sleep(0.5)
+        again = admin.delete(f"/jobs/{job_id}")
+        assert again.status_code == 409 and again.json()["field"] == "job"
+        assert admin.get("/models/cancelled-model/versions").status_code == 404  # nothing registered
+        assert admin.delete(f"/datasets/{dataset_id}").status_code == 200
