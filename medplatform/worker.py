@@ -113,7 +113,7 @@ def run_claimed(platform: Platform, job: Job, wid: str, settings: WorkerSettings
 
     Progress comes from the trainer's epoch observer (``training.loop.observe_epochs``) and the runners'
     reports; each report checks the cancel flag and ``stopping``. The log (root logger, INFO) goes to a file
-    uploaded to ``jobs/<id>/log.txt`` at every beat and at the end, whatever the outcome.
+    uploaded to ``jobs/<id>/log.txt`` at every report, every beat and at the end, whatever the outcome.
     """
     from medplatform.job_runs import RUNNERS, JobContext
 
@@ -133,6 +133,7 @@ def run_claimed(platform: Platform, job: Job, wid: str, settings: WorkerSettings
 
         def report(progress: Mapping[str, Any]) -> None:
             state.update(progress)
+            upload_log(platform, job, log_file)  # the stored log is never behind the stored progress
             if jobs.report_progress(platform, job.id, wid, state) or beat.stop_requested.is_set():
                 raise WorkerStopping() if stopping.is_set() else JobCancelled()
             if stopping.is_set():
