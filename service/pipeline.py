@@ -35,7 +35,8 @@ untrained multimask one.
 Every answer carries the IoU head's prediction (trained as SAM's, MSE against the actual IoU),
 ``needs_review`` (predicted IoU below the manifest's validated ``review.iou_threshold``) and
 ``lesion_found``: ``segment`` answers "no lesion" with an empty mask when its mask covers less than the
-manifest's validated ``no_finding.min_area_fraction`` of the image.
+manifest's validated ``no_finding.min_area_fraction`` of the image, or when the image is flat (all
+pixels within one 8-bit gray level: a blank frame shows nothing, and no model saw one in training).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ OUTPUT_ARRAYS = ("mask", "probability", "coarse_probability", "coarse_mask", "ga
 DEFAULT_MAX_POINTS = 16
 # Without a validated review threshold in the manifest: the IoU of a Dice-0.7 mask (Dice = 2 IoU / (1 + IoU)).
 DEFAULT_REVIEW_IOU = 0.7 / 1.3
+FLAT_IMAGE_RANGE = 1.5 / 255.0  # max - min below this (one 8-bit gray level): a blank image, "no finding"
 _PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit (|logit| <= 16.1)
 
 
@@ -649,9 +651,10 @@ class SegmentationPipeline:
         roi = g.parts.roi.numpy()
         results = []
         min_area = self.min_area_fraction * mask.shape[-1] * mask.shape[-2]
+        flat = (g.image.amax(dim=(1, 2, 3)) - g.image.amin(dim=(1, 2, 3))).numpy() < FLAT_IMAGE_RANGE
         for j, spacing in enumerate(spacings):
             area = int(mask[j].sum())
-            if 0 < area < min_area:  # too small to be a finding: "no lesion", an empty mask
+            if 0 < area and (area < min_area or flat[j]):  # no finding: an empty mask
                 mask[j] = 0
                 area = 0
             results.append(SegmentResult(

@@ -255,7 +255,8 @@ def test_refiner_loads_a_sam_checkpoint_and_freezes_its_encoder(data, tmp_path):
 def test_default_models_recipe_smoke(tmp_path):
     out, work = tmp_path / "default", tmp_path / "work"
     argv = ["default-models", "--out", str(out), "--work", str(work), "--config", "tiny", "--size", "64",
-            "--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-steps", "1", "--transunet-epochs", "1",
+            "--n-train", "8", "--n-val", "4", "--n-test", "4", "--n-calib", "6", "--max-steps", "1",
+            "--transunet-epochs", "1",
             "--refiner-epochs", "1", "--e2e-epochs", "1", "--device", "cpu"]
     assert main(argv) == 0
     info = load_run(out)
@@ -264,7 +265,12 @@ def test_default_models_recipe_smoke(tmp_path):
     result = json.loads((out / "eval_test.json").read_text())
     assert result["n_cases"] == 4 and result["refined"] is not None and _finite(result)
     recipe = json.loads((out / "recipe.json").read_text())
-    assert set(recipe["seconds"]) == {"data", "transunet", "refiner", "e2e", "evaluate", "total"}
+    assert set(recipe["seconds"]) == {"data", "transunet", "refiner", "e2e", "calibrate", "evaluate", "total"}
+    assert recipe["seconds"]["total"] == pytest.approx(sum(v for k, v in recipe["seconds"].items() if k != "total"),
+                                                       abs=0.5)
+    # needs_review / no-finding thresholds come from the calibration split, recorded in the served run.json
+    assert info.raw["calibration"]["cases"] == 6 and info.raw["review"]["answers"] == "automatic + box + click"
+    assert 0.0 <= info.raw["no_finding"]["min_area_fraction"] <= 0.016
     assert recipe["test"]["refined_dice"] == result["refined"]["mean"]["dice"]
     for name in ("run.json", "recipe.json"):
         assert str(work) not in (out / name).read_text()  # no temporary paths in the committed files

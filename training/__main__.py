@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "e2e": ("training.phases", "phase 3: joint end-to-end UltraRefiner training"),
     "evaluate": ("training.evaluate", "Dice/IoU/precision/recall/HD95 of coarse and refined masks"),
     "default-models": ("training.default_models", "train the small committed default models on phantoms"),
+    "calibrate": ("training.calibration", "choose needs_review / no-finding thresholds on a calibration split"),
     "quality-report": ("training.quality", "Dice per prompt, IoU confidence, review flag, no-finding via the API"),
     "pix2pix": ("training.generators", "GenSeg stage 1: pix2pix mask-to-image GAN (L1 + adversarial)"),
     "genseg": ("training.genseg", "GenSeg stage 2: segmenter + generator, one-step unrolled bilevel training"),

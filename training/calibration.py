@@ -4,20 +4,35 @@
 (emptied); the fraction maximises validation Dice over lesion and normal cases alike.
 ``review``: ``needs_review = predicted IoU < iou_threshold``; the threshold maximises Youden's J
 (sensitivity + specificity - 1) for catching validation cases with Dice < ``REVIEW_DICE``.
+
+The phases make both choices on their validation split; ``python -m training calibrate --run DIR --data DIR``
+remakes them on a larger calibration split (normal cases, and /refine-style box and click answers beside the
+automatic ones, so that enough answers fall below Dice 0.7) and writes them into the run's run.json.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+log = logging.getLogger("training.calibration")
+CALIBRATION_SEED = 5150  # the seeded box and click prompts of the calibration answers
+
 REVIEW_DICE = 0.7  # a case "needs review" when its Dice with the truth is below this
 # Dice 0.7 <=> IoU 0.7 / 1.3: the threshold of a calibrated IoU head, used when validation has too few bad cases.
 CALIBRATED_IOU_THRESHOLD = REVIEW_DICE / (2 - REVIEW_DICE)
-MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
+MIN_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.012, 0.016)
 MIN_CASES = 2  # bad and good validation cases each needed to fit the review threshold
+# Answers below Dice 0.7 are rare (2 of 314 in the default calibration split): too few to place a threshold, so
+# with fewer than MIN_BAD_TO_FIT of them the threshold is fitted on answers below FALLBACK_FIT_DICE instead.
+MIN_BAD_TO_FIT = 10
+FALLBACK_FIT_DICE = 0.8
 
 
 def case_dice(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -44,17 +59,20 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     return float(greater / (len(pos) * len(neg)))
 
 
-def choose_review_threshold(pred_iou: np.ndarray, dice: np.ndarray) -> dict[str, Any]:
+def choose_review_threshold(pred_iou: np.ndarray, dice: np.ndarray, fit_dice: float = REVIEW_DICE) -> dict[str, Any]:
     """The predicted-IoU threshold below which a case is flagged, from validation cases.
 
     Args:
         pred_iou: (N,) the IoU head's predictions.
         dice: (N,) the actual Dice of each final mask.
+        fit_dice: the threshold maximises Youden's J for catching answers below this Dice (``REVIEW_DICE`` or,
+            with too few such answers, ``FALLBACK_FIT_DICE``); the reported figures are for ``REVIEW_DICE``.
 
     Returns:
-        ``{"iou_threshold", "method", "dice_below", "val": {sensitivity, specificity, auroc, n_bad, n}}``.
+        ``{"iou_threshold", "method", "dice_below", "fit_dice_below", "val": {sensitivity, specificity, auroc,
+        n_bad, n}}``.
     """
-    bad = dice < REVIEW_DICE
+    bad = dice < fit_dice
     n_bad, n_good = int(bad.sum()), int((~bad).sum())
     if n_bad >= MIN_CASES and n_good >= MIN_CASES:
         candidates = np.unique(np.concatenate([pred_iou, [CALIBRATED_IOU_THRESHOLD]]))
@@ -68,8 +86,10 @@ def choose_review_threshold(pred_iou: np.ndarray, dice: np.ndarray) -> dict[str,
     else:
         threshold, method = CALIBRATED_IOU_THRESHOLD, "calibrated_iou_for_dice_0.7"
     flagged = pred_iou < threshold
+    bad = dice < REVIEW_DICE
+    n_bad, n_good = int(bad.sum()), int((~bad).sum())
     return {
-        "iou_threshold": round(threshold, 6), "method": method, "dice_below": REVIEW_DICE,
+        "iou_threshold": round(threshold, 6), "method": method, "dice_below": REVIEW_DICE, "fit_dice_below": fit_dice,
         "val": {
             "n": int(len(dice)), "n_bad": n_bad,
             "sensitivity": float(flagged[bad].mean()) if n_bad else None,
@@ -106,3 +126,91 @@ def calibrate_answers(probs: dict[str, torch.Tensor], masks: torch.Tensor, thres
     dice = case_dice(final, masks).numpy()
     review = choose_review_threshold(probs["iou"][:, 0].numpy().astype(np.float64), dice)
     return {"no_finding": no_finding, "review": review}
+
+
+def calibrate_answers_with_prompts(
+    probs: dict[str, torch.Tensor], masks: torch.Tensor, threshold: float,
+    interactive: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """``calibrate_answers`` with the review threshold fitted on the automatic answers plus the interactive
+    ones (``interactive`` = (predicted IoU (M,), Dice (M,)) of /refine-style answers)."""
+    out = calibrate_answers(probs, masks, threshold)
+    binary = apply_min_area((probs["refined"] > threshold).float(), out["no_finding"]["min_area_fraction"])
+    dice = np.concatenate([case_dice(binary, masks).numpy(), interactive[1]])
+    pred = np.concatenate([probs["iou"][:, 0].numpy().astype(np.float64), interactive[0]])
+    fit = REVIEW_DICE if int((dice < REVIEW_DICE).sum()) >= MIN_BAD_TO_FIT else FALLBACK_FIT_DICE
+    out["review"] = choose_review_threshold(pred, dice, fit)
+    out["review"]["answers"] = "automatic + box + click"
+    return out
+
+
+@torch.no_grad()
+def interactive_answers(model: Any, images: torch.Tensor, masks: torch.Tensor, threshold: float,
+                        batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted IoU, Dice) of /refine's framing on every lesion case with a jittered box and with one
+    click (``training.interactive``; seeded), thresholded at ``threshold`` as the service does."""
+    from training.interactive import PromptBatch, _inside, _pick, interactive_forward, jittered_box
+
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    lesion = masks.flatten(1).amax(1) > 0.5
+    images, masks = images[lesion], masks[lesion]
+    preds, dices = [], []
+    for i in range(0, len(images), batch_size):
+        image, mask = images[i : i + batch_size], masks[i : i + batch_size]
+        gt = mask[:, 0].numpy() > 0.5
+        b, h, w = gt.shape
+        none = torch.zeros(b)
+        boxes = torch.from_numpy(np.stack([jittered_box(m, rng) for m in gt]))
+        clicks = torch.from_numpy(np.stack([_pick(_inside(m), rng) for m in gt]))[:, None]
+        for prompts in (
+            PromptBatch(torch.zeros(b, 1, 2), -torch.ones(b, 1), boxes, torch.ones(b, dtype=torch.bool),
+                        torch.zeros(b, 1, h, w), none, ["box"] * b),
+            PromptBatch(clicks, torch.ones(b, 1), torch.zeros(b, 4), torch.zeros(b, dtype=torch.bool),
+                        torch.zeros(b, 1, h, w), none, ["point"] * b),
+        ):
+            prob, pred = interactive_forward(model, image, prompts)
+            preds.append(pred[:, 0].numpy().astype(np.float64))
+            dices.append(case_dice((prob > threshold).float(), mask).numpy())
+    return np.concatenate(preds), np.concatenate(dices)
+
+
+def calibrate_run(run_dir: str | Path, data: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """Remake ``no_finding`` and ``review`` of an ultrarefiner run on the calibration split ``data`` and write
+    them into its run.json (the weights are untouched); returns them."""
+    from core.checkpoints import RUN_JSON, build_model_from_run, load_run, resolve_run_dir
+    from core.datasets import SegmentationDataset
+    from training.phases import load_arrays, predict_ultrarefiner
+
+    info = load_run(resolve_run_dir(run_dir))
+    if info.kind != "ultrarefiner":
+        raise ValueError(f"{info.run_dir}/{RUN_JSON}: kind {info.kind!r}; calibrate needs an 'ultrarefiner' run")
+    model = build_model_from_run(info, device=device).eval()
+    arrays = load_arrays(SegmentationDataset(data))
+    probs = predict_ultrarefiner(model, arrays.images)
+    interactive = interactive_answers(model, arrays.images, arrays.masks, float(info.threshold))
+    answers = calibrate_answers_with_prompts(probs, arrays.masks, float(info.threshold), interactive)
+    normal = int((arrays.masks.flatten(1).amax(1) <= 0.5).sum())
+    answers["calibration"] = {"data": str(data), "cases": len(arrays), "normal_cases": normal,
+                              "interactive_answers": len(interactive[0])}
+    path = Path(info.run_dir) / RUN_JSON
+    record = json.loads(path.read_text())
+    record.update(answers)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("calibrate: %s on %s: min_area_fraction %g, review iou < %.3f (%s)", info.run_dir, data,
+             answers["no_finding"]["min_area_fraction"], answers["review"]["iou_threshold"],
+             answers["review"]["method"])
+    return answers
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str = "calibrate") -> None:
+    parser.add_argument("--run", required=True, help="ultrarefiner run directory whose run.json is updated")
+    parser.add_argument("--data", required=True, help="calibration split (images/ + masks/, with normal cases)")
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    answers = calibrate_run(args.run, args.data, args.device)
+    print(json.dumps({k: answers[k] for k in ("no_finding", "review")}, indent=1))
+    return 0

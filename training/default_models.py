@@ -10,7 +10,10 @@ Recipe (all seeded, CPU, 2 cores):
 3. Phase 2 ``refiner`` with ``--transunet`` (hybrid: real TransUNet predictions at ``--real-ratio``, the rest
    augmented ground truth), validated on the TransUNet's real val predictions.
 4. Phase 3 ``e2e`` from both runs, with the TransUNet protections (anchor, gradient scale, frozen first epoch).
-5. The final run directory is copied to ``--out`` together with ``eval_test.json`` (``training.evaluate``
+5. ``calibrate`` (``training.calibration``) on a fourth split (``--n-calib`` cases, seed +3): the minimum
+   finding area behind ``lesion_found`` and the predicted-IoU threshold behind ``needs_review``, chosen on
+   automatic, box and click answers and written into the final run.json.
+6. The final run directory is copied to ``--out`` together with ``eval_test.json`` (``training.evaluate``
    on the held-out test set) and ``recipe.json`` (the exact commands, per-phase wall times and metrics).
 
 Every phase goes through the same CLI a user would run (``training.__main__.main``). With ``--reuse`` a phase
@@ -45,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-
     parser.add_argument("--n-train", type=int, default=240)
     parser.add_argument("--n-val", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--n-calib", type=int, default=120, help="calibration split for needs_review / no finding")
     parser.add_argument("--size", type=int, default=256, help="phantom side in pixels (the default preset's size)")
     parser.add_argument("--data-seed", type=int, default=1000, help="train/val/test use this seed +0/+1/+2")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,7 +71,8 @@ def _write_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     from core.phantoms import write_dataset
 
     dirs = {}
-    for offset, (split, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test))):
+    splits = (("train", args.n_train), ("val", args.n_val), ("test", args.n_test), ("calib", args.n_calib))
+    for offset, (split, n) in enumerate(splits):
         out = work / "data" / split
         spec = {"kind": args.kind, "n": n, "seed": args.data_seed + offset, "size": args.size}
         dirs[split] = out
@@ -139,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
     work.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     timings: dict[str, float] = {}
 
     bench = benchmark_step_seconds()
@@ -184,17 +188,23 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{out / WEIGHTS_FILE}: {weights_mb:.1f} MB exceeds the {MAX_WEIGHTS_MB} MB budget")
 
     t = time.time()
+    main(["calibrate", "--run", str(out), "--data", str(data["calib"]), "--device", args.device])
+    timings["calibrate"] = time.time() - t
+    t = time.time()
     result = evaluate_run(out, SegmentationDataset(data["test"]), device=args.device)
     result["data"] = f"phantom {args.kind} test set ({args.n_test} cases, seed {args.data_seed + 2}, {args.size} px)"
     (out / "eval_test.json").write_text(json.dumps(result, indent=2) + "\n")
     timings["evaluate"] = time.time() - t
-    timings["total"] = time.time() - start
+    # Phases reused from --work count with their recorded wall time, so "total" is the whole recipe's.
+    timings["total"] = sum(timings.values())
     print(format_summary(result))
 
     recipe = {
-        "commands": {k: "python -m training " + " ".join(v) for k, v in commands.items()},
+        "commands": {**{k: "python -m training " + " ".join(v) for k, v in commands.items()},
+                     "calibrate": f"python -m training calibrate --run {out} --data {data['calib']}"},
         "data": {"kind": args.kind, "size": args.size, "n_train": args.n_train, "n_val": args.n_val,
-                 "n_test": args.n_test, "seeds": [args.data_seed, args.data_seed + 1, args.data_seed + 2]},
+                 "n_test": args.n_test, "n_calib": args.n_calib,
+                 "seeds": [args.data_seed, args.data_seed + 1, args.data_seed + 2, args.data_seed + 3]},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "threads": torch.get_num_threads(),
         "benchmark_step_seconds": round(bench, 3),
