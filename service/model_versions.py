@@ -91,6 +91,7 @@ class ModelVersions:
         self._loading: dict[Key, threading.Lock] = {}
         self._aliases: dict[tuple[str, str], tuple[int, float]] = {}  # (name, alias) -> (version, expires)
         self._numbers: dict[str, tuple[tuple[int, ...], float]] = {}  # name -> (live versions, expires)
+        self._pinned: Key | None = initial.key if initial is not None else None  # last known production
         self.loads = 0  # versions loaded after start-up (for tests and logs)
         if initial is not None:
             self._loaded[initial.key] = initial
@@ -157,6 +158,8 @@ class ModelVersions:
             raise NotFound(f"{what} is not registered", field) from exc
         with self._lock:
             self._aliases[(name, alias)] = (version, now + self.ttl_s)
+            if (name, alias) == (self.default_name, PRODUCTION):
+                self._pinned = (name, version)
         return (name, version)
 
     def numbers(self, name: str, field: str = "model", *, fresh: bool = False) -> tuple[int, ...]:
@@ -231,12 +234,10 @@ class ModelVersions:
     def _evict(self) -> None:
         """Drop least recently used versions beyond ``max_loaded`` (caller holds the lock). A batch already
         running on an evicted version keeps its pipeline alive until it finishes."""
-        pinned = self._aliases.get((self.default_name, PRODUCTION))
-        pinned_key = (self.default_name, pinned[0]) if pinned is not None else None
         for key in list(self._loaded):
             if len(self._loaded) <= self.max_loaded:
                 break
-            if key != pinned_key:
+            if key != self._pinned:
                 logger.info("model %s unloaded (least recently used of %d)", self._loaded[key].label,
                             len(self._loaded))
                 del self._loaded[key]
