@@ -193,10 +193,12 @@ class _PlatformApi:
         """Reads: the API key or the admin key; changes: the admin key (when none is set, what reads need)."""
         settings = self.settings()
         presented = presented_api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        needed = [settings.admin_key] if admin and settings.admin_key else [settings.api_key, settings.admin_key]
-        needed = [key for key in needed if key]
-        if not needed:
+        if admin and settings.admin_key:
+            needed = [settings.admin_key]
+        elif not settings.api_key:  # reads are as open as inference
             return True
+        else:
+            needed = [key for key in (settings.api_key, settings.admin_key) if key]
         given = (presented or "").encode("utf-8")
         # every key compared (constant time each), so the answer's timing does not tell which one matched
         return any([hmac.compare_digest(given, key.encode("utf-8")) for key in needed])

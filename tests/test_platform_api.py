@@ -227,3 +227,28 @@ def test_file_set_upload_url_refusal_and_cancel(server: ServerProcess, tmp_path:
         assert again.status_code == 409 and again.json()["field"] == "job"
         assert admin.get("/models/cancelled-model/versions").status_code == 404  # nothing registered
         assert admin.delete(f"/datasets/{dataset_id}").status_code == 200
+
+
+@pytest.mark.parametrize(("api_key", "admin_key", "expected"), [
+    # (key sent, read GET /datasets, change POST /datasets) -> status; 503: let in (the platform is not open)
+    (None, ADMIN_KEY, {(None, "read"): 503, (None, "change"): 401, (ADMIN_KEY, "change"): 503}),
+    (TEST_API_KEY, None, {(None, "read"): 401, (TEST_API_KEY, "read"): 503, (TEST_API_KEY, "change"): 503,
+                          (None, "change"): 401}),
+    (TEST_API_KEY, ADMIN_KEY, {(TEST_API_KEY, "read"): 503, (ADMIN_KEY, "read"): 503, (TEST_API_KEY, "change"): 401,
+                               (ADMIN_KEY, "change"): 503, ("wrong-key-123", "read"): 401}),
+])
+def test_which_key_each_call_needs(api_key, admin_key, expected):
+    from starlette.testclient import TestClient
+
+    from service.platform_api import PlatformState, create_platform_app
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(api_key=api_key, admin_key=admin_key)
+    app = create_platform_app(PlatformState(unavailable="not opened in this test"), settings=lambda: settings)
+    with TestClient(app) as client:
+        for (key, call), status in expected.items():
+            for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}) if key else ({},):
+                response = client.get("/datasets", headers=headers) if call == "read" else \
+                    client.post("/datasets", headers=headers, json={"url": "http://example.org/x.zip"})
+                assert response.status_code == status, (key, call, headers, response.text)
+                assert response.json()["error"] if status == 401 else response.headers["retry-after"] == "5"
