@@ -161,10 +161,14 @@ def test_at_most_k_versions_stay_loaded_production_pinned(setup):
 
 
 def test_promotion_and_rollback_under_load_fail_nothing(setup):
-    """Two clients keep sending for ~15 s while v2 is promoted and v1 restored through the registry (the
-    server notices within its 1 s alias TTL); every answer is 200 and the version switches 1 -> 2 -> 1."""
-    server, registry, _, _ = setup
+    """Two clients keep sending for ~15 s while v2 (not loaded: it loads under load) is promoted and v1
+    restored through the registry (the server notices within its 1 s alias TTL); every answer is 200 and the
+    version switches 1 -> 2 -> 1."""
+    server, registry, _, (run2, art2) = setup
     png = encode_png(_phantom_u8())
+    extra = registry.register(run2, art2, name=NAME)  # using it pushes v2 out (K = 2, v1 pinned)
+    assert _rest(server, png, f"tiny:{extra.version}").status_code == 200
+    assert "tiny:2" not in _loaded(server)
     records: list[tuple[float, float, int, str | None]] = []  # (sent, answered, status, version)
     stop = threading.Event()
     lock = threading.Lock()
@@ -210,6 +214,7 @@ def test_promotion_and_rollback_under_load_fail_nothing(setup):
         for thread in threads:
             thread.join(timeout=180)
         registry.set_alias(NAME, "production", 1)
+        registry.delete_version(NAME, extra.version)
 
     failed = [r for r in records if r[2] != 200]
     assert failed == [], f"{len(failed)} of {len(records)} requests failed: {failed[:5]}"
