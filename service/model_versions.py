@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, ServiceError
 
 __all__ = ["LoadedVersion", "LoadedVersions", "ModelVersions", "open_versions"]
 
@@ -217,10 +217,9 @@ class ModelVersions:
                     self._loaded.move_to_end(key)
                     return loaded
             name, version = key
-            assert self.registry is not None and self.loader is not None and version is not None
+            assert version is not None
             started = time.perf_counter()
-            art_dir = self.registry.materialize(name, version)
-            pipeline = self.loader(art_dir)
+            pipeline = self._load_pipeline(name, version)
             loaded = LoadedVersion(name, version, pipeline, str(pipeline.model_info().get("version", "")))
             with self._lock:
                 self._loaded[key] = loaded
@@ -230,6 +229,25 @@ class ModelVersions:
             logger.info("model %s loaded in %.1f s; loaded: %s", loaded.label, time.perf_counter() - started,
                         ", ".join(self.loaded()))
             return loaded
+
+    def _load_pipeline(self, name: str, version: int) -> Any:
+        """Materialize (every file re-hashed) and build; refusals become client-visible errors without paths."""
+        from medplatform.errors import IntegrityFailure
+        from medplatform.errors import NotFound as RegistryNotFound
+
+        assert self.registry is not None and self.loader is not None
+        try:
+            return self.loader(self.registry.materialize(name, version))
+        except RegistryNotFound as exc:  # deleted since it was resolved
+            raise NotFound(f"model {name}:{version} is no longer registered", "model") from exc
+        except IntegrityFailure as exc:
+            logger.error("model %s:%d refused: %s", name, version, exc)
+            raise ServiceError(f"model {name}:{version} cannot be served: its stored artifacts fail their "
+                               "sha256 check (see the server log)", "model", code=500) from exc
+        except Exception as exc:
+            logger.exception("model %s:%d failed to load", name, version)
+            raise ServiceError(f"model {name}:{version} failed to load (see the server log)", "model",
+                               code=500) from exc
 
     def _evict(self) -> None:
         """Drop least recently used versions beyond ``max_loaded`` (caller holds the lock). A batch already

@@ -228,3 +228,23 @@ def test_promotion_and_rollback_under_load_fail_nothing(setup):
     print(f"promotion under load: {len(records)} requests, 0 failed, "
           f"{len(before)} before / {len(during)} on v2 / {len(after)} after the rollback")
 
+
+
+def test_tampered_stored_version_is_refused_and_the_rest_keep_serving(setup):
+    server, registry, _, (run2, art2) = setup
+    png = encode_png(_phantom_u8())
+    info = registry.register(run2, art2, name=NAME)
+    stored = registry.bento.path(info.bento_tag)
+    graph = sorted(stored.rglob("*.onnx"))[0]
+    graph.chmod(0o644)
+    graph.write_bytes(graph.read_bytes() + b"tampered")
+    try:
+        response = _rest(server, png, f"tiny:{info.version}")
+        assert response.status_code == 500, response.text
+        body = response.json()
+        assert body["field"] == "model" and f"tiny:{info.version}" in body["error"] and "sha256" in body["error"]
+        assert str(stored) not in response.text  # no server path in the answer
+        assert f"tiny:{info.version}" not in _loaded(server)
+        assert _rest(server, png).json()["model"]["version"] == "tiny:1"
+    finally:
+        registry.delete_version(NAME, info.version)
