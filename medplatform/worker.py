@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import OperationalError
+
 from medplatform import jobs
 from medplatform.db import Job
 
@@ -190,11 +192,15 @@ def serve(platform: Platform, settings: WorkerSettings, *, stop: threading.Event
     wid, ran, last_reap = worker_id(), 0, -float("inf")
     log.info("worker %s polling %s", wid, platform.db_url)
     while not stop.is_set() and (max_jobs is None or ran < max_jobs):
-        if time.monotonic() - last_reap >= min(settings.stale_after_s / 2, 30.0):
-            for job_id in jobs.reap_stale(platform, settings.stale_after_s):
-                log.warning("job %s: its worker stopped heartbeating; marked failed", job_id)
-            last_reap = time.monotonic()
-        job = jobs.claim_next(platform, wid, os.getpid())
+        try:
+            if time.monotonic() - last_reap >= min(settings.stale_after_s / 2, 30.0):
+                for job_id in jobs.reap_stale(platform, settings.stale_after_s):
+                    log.warning("job %s: its worker stopped heartbeating; marked failed", job_id)
+                last_reap = time.monotonic()
+            job = jobs.claim_next(platform, wid, os.getpid())
+        except OperationalError:  # the database is away or locked past its timeout: try again, do not exit
+            log.exception("worker %s could not poll the queue", wid)
+            job = None
         if job is None:
             stop.wait(settings.poll_s)
             continue
