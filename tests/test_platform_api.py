@@ -17,6 +17,7 @@ from service_fixtures import TEST_API_KEY, ServerProcess, service_artifacts, sta
 
 ADMIN_KEY = "admin-key-0123456789"
 MODEL = "phantom-us"
+DATASET_MAX_BYTES = 4 * 1024 * 1024  # below the guard's 20 MiB, so this layer's own limit is what answers
 JOB_TIMEOUT_S = 300.0  # a tiny three-phase train + evaluate + ONNX export on two busy cores
 
 
@@ -25,7 +26,8 @@ def server(service_artifacts, tmp_path_factory: pytest.TempPathFactory):  # noqa
     root = tmp_path_factory.mktemp("platform_api")
     env = {"MEDREFINE_DATA_DIR": str(root / "data"), "MEDREFINE_ADMIN_KEY": ADMIN_KEY,
            "MEDREFINE_CACHE_DIR": str(root / "cache"), "MEDREFINE_PLATFORM_WORKERS": "1",
-           "MEDREFINE_JOB_HEARTBEAT_S": "1", "MEDREFINE_JOB_POLL_S": "0.2", "MEDREFINE_JOB_DEVICE": "cpu"}
+           "MEDREFINE_JOB_HEARTBEAT_S": "1", "MEDREFINE_JOB_POLL_S": "0.2", "MEDREFINE_JOB_DEVICE": "cpu",
+           "MEDREFINE_DATASET_MAX_BYTES": str(DATASET_MAX_BYTES)}
     process = start_server(service_artifacts.art_dir, root / "server", env=env)
     yield process
     process.stop()
@@ -179,6 +181,8 @@ def test_refusals_by_type(server: ServerProcess, tmp_path: Path):
         assert unknown.status_code == 400 and unknown.json()["field"] == "colour"
         no_dataset = admin.post("/jobs", json={"kind": "train", "dataset": "0" * 32})
         assert no_dataset.status_code == 404 and no_dataset.json()["field"] == "dataset"
+        too_large = admin.post("/datasets", files={"file": ("big.zip", b"\0" * (DATASET_MAX_BYTES + (2 << 20)))})
+        assert too_large.status_code == 413 and too_large.json()["field"] == "file"
         wrong_type = admin.post("/datasets", content=b"x", headers={"content-type": "text/plain"})
         assert wrong_type.status_code == 415
         assert admin.get("/models/never-trained/versions").status_code == 404
