@@ -13,6 +13,16 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------
+# The project's declared dependencies as a requirements file: the build stage copies only this file, so an
+# edit elsewhere in pyproject.toml (tests, tools, extras) keeps the dependency layer cached.
+FROM ${PYTHON_IMAGE} AS requirements
+ARG DEVICE=cpu
+COPY pyproject.toml /pyproject.toml
+RUN python -c 'import sys, tomllib; p = tomllib.load(open("/pyproject.toml", "rb"))["project"]; \
+print("\n".join(p["dependencies"] + (p["optional-dependencies"]["gpu"] if sys.argv[1] == "cuda" else [])))' \
+        "$DEVICE" > /requirements.txt
+
+# ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 ARG DEVICE=cpu
 # CPU torch comes from the PyTorch CPU index (PyPI's default Linux wheel is the multi-GB CUDA build).
@@ -29,12 +39,9 @@ WORKDIR /src
 RUN set -eux; \
     if [ "$DEVICE" = "cuda" ]; then index="$TORCH_INDEX_URL_CUDA"; else index="$TORCH_INDEX_URL_CPU"; fi; \
     pip install --index-url "$index" torch==2.13.0
-# 2. The project's declared dependencies (read from pyproject.toml; the torch range keeps the wheel above).
-COPY pyproject.toml ./
+# 2. The project's declared dependencies (the torch range keeps the wheel above).
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN set -eux; \
-    python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-print("\n".join(p["dependencies"] + (p["optional-dependencies"]["gpu"] if sys.argv[1] == "cuda" else [])))' \
-        "$DEVICE" > /tmp/requirements.txt; \
     pip install -r /tmp/requirements.txt; \
     if [ "$DEVICE" = "cuda" ]; then \
         # onnxruntime and onnxruntime-gpu provide the same module: keep only the GPU build.
@@ -42,7 +49,7 @@ print("\n".join(p["dependencies"] + (p["optional-dependencies"]["gpu"] if sys.ar
         pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18"; \
     fi
 # 3. The code, installed without resolving again; then the server must import.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY core ./core
 COPY models ./models
 COPY training ./training

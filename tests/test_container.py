@@ -79,9 +79,12 @@ class Container:
         self.name = f"medrefine-test-{secrets.token_hex(4)}"
         self.key = secrets.token_hex(16)
         self.http_port, self.grpc_port = free_port(), free_port()
+        self.tag = tag
+
+    def start(self) -> None:
         podman("run", "-d", "--init", "--read-only", "--tmpfs", "/tmp", "--name", self.name,
                "-e", f"MEDREFINE_API_KEY={self.key}", "-e", f"MEDREFINE_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
-               "-p", f"127.0.0.1:{self.http_port}:3000", "-p", f"127.0.0.1:{self.grpc_port}:8001", tag)
+               "-p", f"127.0.0.1:{self.http_port}:3000", "-p", f"127.0.0.1:{self.grpc_port}:8001", self.tag)
 
     @property
     def url(self) -> str:
@@ -120,6 +123,7 @@ class Container:
 def container(image):
     box = Container(image)
     try:
+        box.start()
         box.wait_ready()
         yield box
     finally:

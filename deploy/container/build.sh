@@ -84,8 +84,9 @@ index=$("$PY" -m pip config get global.index-url 2>/dev/null \
         || "$PY" -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')
 
 # 4. The build context: the committed tree at $REV (not edits in progress) plus the exported artifacts.
-context="$WORK/context"
-rm -rf "$context" && mkdir -p "$context/artifacts"
+context=$(mktemp -d "$WORK/context.XXXXXX")   # one per build: two builds at once must not share it
+trap 'rm -rf "$context"' EXIT
+mkdir -p "$context/artifacts"
 git -C "$ROOT" archive --format=tar "$REV" | tar -x -C "$context"
 cp -r "$ROOT/artifacts/default" "$ROOT/artifacts/generators" "$context/artifacts/"
 echo "build.sh: context from $(git -C "$ROOT" rev-parse --short "$REV") + artifacts/{default,generators}"
@@ -97,7 +98,9 @@ podman build --network host --format docker --pull=never "${ulimits[@]}" "${moun
     --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_INDEX_URL_CPU="$index" \
     -t "$TAG" -f "$context/Dockerfile" "$context"
 rm -rf "$context"
-# The image this tag named before is now untagged: drop it (cached layers are parents of the new one, kept).
-podman image prune -f >/dev/null
+# The image this tag named before is now untagged: drop it (cached layers are parents of the new one and
+# stay). Best effort: the image is built either way, and Podman 4.3 keeps an image that a leftover build
+# container (`podman ps --external`) still uses.
+podman image prune -f >/dev/null 2>&1 || echo "build.sh: note: podman image prune left some untagged images" >&2
 now=$(date +%s)
 echo "build.sh: $TAG built; Dockerfile $(( now - build_started )) s, total $(( now - started )) s"
