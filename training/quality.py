@@ -200,7 +200,8 @@ def measure(service: Service, n_lesion: int, n_normal: int, size: int) -> dict[s
         seg = service.post("/segment", png, {"outputs": "mask,gate"})
         seg_mask = png_array(seg["mask_png_base64"]) > 0
         rows.append({"kind": "segment", "case": i, "dice": dice(seg_mask, truth), "iou": seg["iou"],
-                     "needs_review": seg["needs_review"], "lesion_found": seg["lesion_found"]})
+                     "needs_review": seg["needs_review"], "lesion_found": seg["lesion_found"],
+                     "uncertainty": seg["uncertainty"]})
         if "gate_png_base64" in seg:
             g = png_array(seg["gate_png_base64"]).astype(np.float64) / 255.0
             gate_std.append(float(g.std()))
@@ -247,7 +248,13 @@ def _confidence(rows: list[dict[str, Any]]) -> dict[str, Any]:
     p = np.array([r["iou"] for r in rows], dtype=np.float64)
     flag = np.array([r["needs_review"] for r in rows], dtype=bool)
     bad = d < REVIEW_DICE
-    return {
+    extra = {}
+    if rows and all("uncertainty" in r for r in rows):  # the gate's mean as the alternative review score
+        u = np.array([r["uncertainty"] for r in rows], dtype=np.float64)
+        a = auroc(u, bad)
+        extra = {"gate_uncertainty_auroc": None if a is None else round(a, 4),
+                 "spearman_uncertainty_dice": round(spearman(-u, d), 4) if np.ptp(u) > 0 else None}
+    return {**extra,
         "n": len(rows), "n_dice_below_0.7": int(bad.sum()),
         "spearman_iou_dice": round(spearman(p, d), 4) if len(rows) > 2 and np.ptp(p) > 0 else None,
         "review_auroc": None if (a := auroc(-p, bad)) is None else round(a, 4),
