@@ -1,9 +1,14 @@
-"""The Ray Jobs runner against a real local Ray head the test starts (GCS, raylet and dashboard; the dashboard's
-HTTP job API on 127.0.0.1) and stops: a tiny train job submitted as a Ray job registers a version; a running
-Ray job is cancelled (stop_job) and the job's row ends cancelled."""
+"""The Ray Jobs runner against a real local Ray head (GCS, raylet, dashboard with the job API) that the test starts
+and stops inside a private network namespace with only ``lo`` (``unshare --net``), so nothing Ray binds is
+reachable from outside: a tiny train job submitted as a Ray job registers a version; a running Ray job is cancelled
+(stop_job) and the job's row ends cancelled."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import select
 import shutil
 import socket
 import subprocess
@@ -11,87 +16,90 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from medplatform import jobs
-from tests.platform_jobs_fixtures import add_phantom_dataset, open_test_platform, platform_env, wait_for
+from tests.platform_jobs_fixtures import add_phantom_dataset, open_test_platform, platform_env
+from tests.ray_netns_driver import MARK, processes_using, stop_head
 
-ray_job_submission = pytest.importorskip("ray.job_submission", reason="ray[default] is in the dev extra")
+pytest.importorskip("ray.job_submission", reason="ray[default] is in the dev extra")
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 
 
 def _free_port() -> int:
+    """A port free on the host too, so a connection to it from here can only reach Ray if Ray leaked out."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """End what this test started: the blocking ``ray start`` and every Ray process using its temp dir."""
-    head.terminate()
-    try:
-        head.wait(30)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
-    deadline = time.monotonic() + 30
-    while True:
-        left = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(temp_dir in part for part in proc.info["cmdline"] or ()):
-                    left.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+def _require_unshare() -> None:
+    """Fail, naming what is missing, rather than start Ray where it would listen on the machine's interfaces."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.fail("this test runs Ray only inside a private network namespace and needs `unshare --net` "
+                    "(util-linux, as root): " + ("unshare not found" if probe is None else
+                                                 f"`unshare --net true` exited {probe.returncode}: {probe.stderr}"))
+
+
+class Driver:
+    """``tests/ray_netns_driver.py`` under ``unshare --net``: its JSON lines and its ``go`` answers."""
+
+    def __init__(self, cfg: dict[str, Any], env: dict[str, str], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            ["unshare", "--net", "--", sys.executable, "-m", "tests.ray_netns_driver"],
+            cwd=REPO, env={**env, "RAYNETNS_CFG": json.dumps(cfg)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+
+    def next_event(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+            if not ready:
                 continue
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    for proc in left:  # still there after 30 s: ours (they run under our temp dir), so end them by pid
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(MARK):
+                event = json.loads(line[len(MARK):])
+                assert event["event"] != "error", f"the Ray driver failed:\n{event['traceback']}"
+                return event
+        raise AssertionError(f"no event from the Ray driver within {timeout_s:.0f} s (exit {self.proc.poll()}); "
+                             f"stderr: {self.stderr_path.read_text(errors='replace')[-3000:]}")
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._stderr.close()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A one-CPU Ray head: GCS on a free port, the dashboard (with the job API) on 127.0.0.1:<free port>."""
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it
-    dashboard = _free_port()
-    cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-           "--port", str(_free_port()), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
-    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 (closed after the head stops)
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env_without_ray(),
-                                                                            "RAY_USAGE_STATS_ENABLED": "0"})
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        def client():
-            if head.poll() is not None:
-                raise AssertionError(f"ray start exited {head.returncode}: "
-                                     f"{(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
-            try:
-                return ray_job_submission.JobSubmissionClient(address)
-            except OSError:  # ConnectionError until the dashboard answers
-                return None
-
-        wait_for(client, 120, "the Ray dashboard's job API", interval_s=1.0)
-        yield address
-    finally:
-        _stop_head(head, temp_dir)
-        log.close()
+def _assert_only_loopback(sockets: list[dict[str, Any]], stage: str) -> None:
+    outside = [s for s in sockets if not ipaddress.ip_address(s["ip"].removeprefix("::ffff:")).is_loopback]
+    assert not outside, f"{stage}: Ray bound non-loopback addresses inside the namespace: {outside}"
 
 
-def _env_without_ray() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+def _assert_host_sees_none(temp_dir: str, sockets: list[dict[str, Any]], dashboard: int, stage: str) -> None:
+    """From the host's network namespace: Ray's processes run, yet none of their sockets is in the host's
+    table and the job API's port does not answer."""
+    ray_pids = {p.pid for p in processes_using(temp_dir)} | {s["pid"] for s in sockets if s["pid"]}
+    assert processes_using(temp_dir), f"{stage}: no Ray process found from the host"
+    leaked = [c for c in psutil.net_connections(kind="inet") if c.pid in ray_pids]
+    assert not leaked, f"{stage}: Ray sockets visible in the host's network namespace: {leaked}"
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.settimeout(10)
+        s.connect(("127.0.0.1", dashboard))
 
 
 @pytest.fixture(scope="module")
@@ -104,37 +112,53 @@ def world(tmp_path_factory):
     ray_env = {k: env[k] for k in ("MEDREFINE_DATA_DIR", "BENTOML_HOME", "MEDREFINE_JOB_HEARTBEAT_S",
                                    "MEDREFINE_JOB_DEVICE", "OMP_NUM_THREADS")}
     ray_env["PYTHONPATH"] = str(REPO)
-    return {"platform": platform, "dataset": dataset, "ray_env": ray_env}
+    return {"root": root, "env": env, "platform": platform, "dataset": dataset, "ray_env": ray_env}
 
 
-def test_ray_runs_a_tiny_train_job_and_cancels_a_running_one(ray_head, world):
-    from medplatform.ray_runner import RayRunner, submission_id
-
+def test_ray_in_a_private_namespace_runs_a_tiny_train_job_and_cancels_a_running_one(world):
+    _require_unshare()
     platform, dataset = world["platform"], world["dataset"]
-    runner = RayRunner(ray_head, env=world["ray_env"], python=sys.executable)
-    job = jobs.submit_job(platform, "train", dataset.id, "raytiny",
-                          {"preset": "tiny", "phases": ["transunet"], "epochs": 1})
-    assert runner.submit(platform, job.id) == submission_id(job.id)
-    # Handed to Ray: a local worker's claim skips it.
-    assert jobs.claim_next(platform, "local-worker", 1) is None
-    wait_for(lambda: runner.ray_status(job.id) in ("SUCCEEDED", "FAILED", "STOPPED"), 240, "the Ray job to end")
-    done = runner.sync(platform, job.id)
-    assert runner.ray_status(job.id) == "SUCCEEDED", runner.logs(job.id)[-3000:]
-    assert done.status == "succeeded", (done.error, runner.logs(job.id)[-3000:])
-    assert done.worker_id.startswith(f"ray:{submission_id(job.id)}@")
-    info = platform.registry.get_version("raytiny", 1)
-    assert info.job_id == job.id and info.dataset_sha256 == dataset.sha256 and info.metrics["n_cases"] == 2
-    assert "transunet epoch 1/1" in jobs.job_log(platform, job.id)
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it
+    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent")}
+    cfg = {"host_netns": os.readlink("/proc/self/ns/net"), "temp_dir": temp_dir, "ray": str(RAY), "ports": ports,
+           "dataset_id": dataset.id, "ray_env": world["ray_env"]}
+    driver = Driver(cfg, world["env"], world["root"] / "driver.stderr")
+    try:
+        ready = driver.next_event(180)
+        assert ready["interfaces"] == ["lo"] and ready["netns"] != cfg["host_netns"]
+        assert {ports["gcs"], ports["dashboard"]} <= {s["port"] for s in ready["sockets"]}, ready["sockets"]
+        _assert_only_loopback(ready["sockets"], "head started")
+        _assert_host_sees_none(temp_dir, ready["sockets"], ports["dashboard"], "head started")
+        driver.go()
 
-    long = jobs.submit_job(platform, "train", dataset.id, "raytiny",
-                           {"preset": "tiny", "phases": ["transunet"], "epochs": 1000})
-    runner.submit(platform, long.id)
-    wait_for(lambda: (jobs.get_job(platform, long.id).progress or {}).get("epoch", 0) >= 1, 240,
-             "the long Ray job to finish an epoch")
-    runner.cancel(platform, long.id)
-    wait_for(lambda: runner.ray_status(long.id) in ("SUCCEEDED", "FAILED", "STOPPED"), 60, "Ray to stop the job")
-    ended = wait_for(lambda: (j := runner.sync(platform, long.id)).status in jobs.FINISHED and j, 30,
-                     "the cancelled job's row to end")
-    assert runner.ray_status(long.id) == "STOPPED"
+        ran = driver.next_event(600)  # both jobs ended; Ray (workers, job supervisors) still up
+        _assert_only_loopback(ran["sockets"], "after the jobs")
+        _assert_host_sees_none(temp_dir, ran["sockets"], ports["dashboard"], "after the jobs")
+        driver.go()
+
+        done = driver.next_event(120)
+        assert driver.proc.wait(60) == 0
+    finally:
+        driver.close()
+        stop_head(None, temp_dir, grace_s=5)  # anything the driver left behind, if it was killed
+    assert not processes_using(temp_dir)
+
+    from medplatform.ray_runner import submission_id
+
+    tiny, long = done["tiny"], done["long"]
+    assert tiny["submission"] == submission_id(tiny["id"])
+    assert tiny["local_claim"] is None  # handed to Ray: a local worker's claim skipped it
+    assert tiny["ray_status"] == "SUCCEEDED", tiny["ray_logs"]
+    assert tiny["status"] == "succeeded", (tiny["error"], tiny["ray_logs"])
+    assert tiny["worker_id"].startswith(f"ray:{submission_id(tiny['id'])}@")
+    # The rows and the registry as the host reads them (same SQLite file and blob directory).
+    assert jobs.get_job(platform, tiny["id"]).status == "succeeded"
+    info = platform.registry.get_version("raytiny", 1)
+    assert info.job_id == tiny["id"] and info.dataset_sha256 == dataset.sha256 and info.metrics["n_cases"] == 2
+    assert "transunet epoch 1/1" in jobs.job_log(platform, tiny["id"])
+
+    assert long["ray_status"] == "STOPPED", long["ray_logs"]
+    assert long["status"] == "cancelled" and long["error"] == "cancelled by request"
+    ended = jobs.get_job(platform, long["id"])
     assert ended.status == "cancelled" and ended.error == "cancelled by request"
     assert [v.version for v in platform.registry.list_versions("raytiny")] == [1]
