@@ -48,7 +48,13 @@ from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_
 from service.log_privacy import install_log_redaction
 from service.metrics import exposition_if_separate
 from service.oip_http import create_oip_app
-from service.platform_api import PlatformState, create_platform_app, start_platform, stop_platform
+from service.platform_api import (
+    PlatformState,
+    create_platform_app,
+    dataset_upload_limit,
+    start_platform,
+    stop_platform,
+)
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("service.app")
@@ -329,7 +335,8 @@ def _settings() -> ServiceSettings:
 
 
 MedRefine.add_asgi_middleware(GuardMiddleware, runtime=_runtime, settings=_settings,
-                              not_ready_reason=PROCESS.not_ready_reason, open_requests=OPEN_REQUESTS)
+                              not_ready_reason=PROCESS.not_ready_reason, open_requests=OPEN_REQUESTS,
+                              upload_limits={"/datasets": dataset_upload_limit})
 MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api_key)  # no Tag Manager page
 # PassiveMount at "/" with prefix "/v2": GET /v2 answers directly (tritonclient does not follow redirects)
 # while BentoML's own routes ("/", "/metrics", ...) still match first.

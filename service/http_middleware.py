@@ -41,7 +41,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
@@ -291,12 +291,16 @@ class GuardMiddleware:
         settings: zero-argument callable returning the ``ServiceSettings``.
         not_ready_reason: why there is no runtime yet (``/readyz`` says it; never a server path).
         open_requests: the shared count of requests in progress (the shutdown path waits for it to reach 0).
+        upload_limits: body limits of routes that take more than ``max_upload_bytes`` (``POST /datasets``:
+            a dataset archive), by exact path; the route enforces its own limit as the body streams too.
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, runtime: Callable[[], Any],
                  settings: Callable[[], Any], not_ready_reason: Callable[[], str] = lambda: "starting",
-                 open_requests: OpenRequests | None = None) -> None:
+                 open_requests: OpenRequests | None = None,
+                 upload_limits: Mapping[str, Callable[[], int]] | None = None) -> None:
         self.app = app
+        self._upload_limits = dict(upload_limits or {})
         self._runtime = runtime
         self._settings = settings
         self._not_ready_reason = not_ready_reason
@@ -435,7 +439,8 @@ class GuardMiddleware:
             return
 
         settings = self._settings()
-        limit = int(settings.max_upload_bytes)
+        route_limit = self._upload_limits.get(path) if method == "POST" else None
+        limit = int(route_limit()) if route_limit is not None else int(settings.max_upload_bytes)
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
