@@ -35,7 +35,7 @@ browser:
 	fi
 
 # The committed default checkpoints, exported to ONNX with parity checked (skipped when up to date).
-$(ARTIFACTS)/manifest.json: $(VENV)/.installed checkpoints/default/weights.safetensors
+$(ARTIFACTS)/manifest.json: $(VENV)/.installed checkpoints/default/weights.safetensors checkpoints/default/run.json
 	$(PY) -m export onnx --model default --out $(ARTIFACTS)
 
 # The committed default generators (text2image, pix2pix, selector), served beside the segmentation model.
