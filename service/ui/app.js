@@ -171,6 +171,7 @@ async function segment(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("outputs", "image,mask,coarse_mask,gate");
+  appendModel(form);
   const threshold = $("threshold").value.trim();
   if (threshold) form.append("threshold", threshold);
   try {
@@ -187,7 +188,7 @@ async function segment(file) {
     describeGate(state.gate);
     state.box = result.box;
     render();
-    showTable(result, { model: result.model.version.slice(0, 12) + " / " + result.model.backend });
+    showTable(result, { model: modelLabel(result.model) });
     setStatus("Segmented " + w + "×" + h + " image. Drag a box to refine.", "segmented");
   } catch (err) {
     setStatus(err.message, "error");
@@ -213,12 +214,13 @@ async function refine(box) {
   form.append("file", state.file, state.file.name);
   form.append("box", JSON.stringify(box.map((v) => Math.round(v * 10) / 10)));
   form.append("outputs", "mask");
+  appendModel(form);
   try {
     const result = await postForm("/refine", form);
     state.user = await maskFrom(result.mask_png_base64);
     state.userBox = box;
     render();
-    showTable(result, { "embedding cache": result.cache_hit ? "hit" : "miss" });
+    showTable(result, { "embedding cache": result.cache_hit ? "hit" : "miss", model: modelLabel(result.model) });
     setStatus("Refined with your box (embedding cache " + (result.cache_hit ? "hit" : "miss") + ").", "refined");
   } catch (err) {
     setStatus(err.message, "error");
@@ -272,9 +274,47 @@ function showGeneration(info) {
   $("generate-panel").hidden = false;
 }
 
+// The model picker: "name:version" of every registered version (GET /models + versions), aliases shown; its
+// value goes out as the `model` form field of /segment and /refine ("" = the server's default).
+async function fillModelPicker() {
+  const pick = $("model-pick");
+  try {
+    const get = async (path) => {
+      const response = await fetch(path, { headers: authHeaders() });
+      if (!response.ok) throw new Error(path + ": " + response.status);
+      return response.json();
+    };
+    const options = [new Option("server default (production)", "")];
+    for (const model of await get("/models")) {
+      for (const info of await get("/models/" + encodeURIComponent(model.name) + "/versions")) {
+        const spec = model.name + ":" + info.version;
+        const aliases = info.aliases.length ? " (" + info.aliases.join(", ") + ")" : "";
+        options.push(new Option(spec + aliases, spec));
+      }
+    }
+    const chosen = pick.value;
+    pick.replaceChildren(...options);
+    if (options.some((o) => o.value === chosen)) pick.value = chosen;
+    pick.dataset.loaded = String(options.length - 1);
+  } catch (err) {
+    pick.title = "model list unavailable (" + err.message + ")";
+  }
+}
+
+function appendModel(form) {
+  if ($("model-pick").value) form.append("model", $("model-pick").value);
+}
+
+function modelLabel(model) {
+  // A registry version ("name:3") in full; a bare artifact hash shortened.
+  return (model.version.includes(":") ? model.version : model.version.slice(0, 12)) + " / " + model.backend;
+}
+
 function wire() {
   const saved = sessionStorage.getItem("medrefine-api-key");
   if (saved) $("apikey").value = saved;
+  fillModelPicker();
+  $("apikey").addEventListener("change", fillModelPicker);
   $("file").addEventListener("change", (event) => {
     const file = event.target.files[0];
     if (file) segment(file);
