@@ -25,6 +25,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("headless UI test needs apt packages chromium and chromium-driver", allow_module_level=True)
 
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -129,12 +130,12 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
     _wait_upload(browser, "ready")
     assert "8 image/mask pairs" in browser.find_element(By.ID, "upload-verdict").text
     (dataset,) = reader.get("/datasets").json()
-    row = WebDriverWait(browser, 30).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, f"#dataset-table tr[data-id='{dataset['id']}']"))
-    assert row.get_attribute("data-status") == "ready" and row.find_element(By.CLASS_NAME, "pairs").text == "8"
-    script = ("const imgs = [...arguments[0].querySelectorAll('img.thumb')];"
-              "return imgs.length && imgs.every(i => i.complete) ? imgs.map(i => i.naturalWidth) : null;")
-    assert WebDriverWait(browser, 30).until(lambda d: d.execute_script(script, row)) == [64] * 4
+    script = ("const row = document.querySelector(`#dataset-table tr[data-id='${arguments[0]}']`);"
+              "if (!row) return null; const imgs = [...row.querySelectorAll('img.thumb')];"
+              "return imgs.length && imgs.every(i => i.complete) ? [row.dataset.status,"
+              " row.querySelector('.pairs').textContent, imgs.map(i => i.naturalWidth)] : null;")
+    shown = WebDriverWait(browser, 30).until(lambda d: d.execute_script(script, dataset["id"]))
+    assert shown == ["ready", "8", [64] * 4]  # status, pairs, four thumbnails at the size asked
 
     # 2. A ZIP with a mask missing: the verdict is "error" and names the image without its mask.
     _drop(browser, "dropzone", bad)
@@ -155,15 +156,17 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
     browser.find_element(By.ID, "job-submit").click()
     job_row = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, "#job-table tbody tr"))
     job_id = job_row.get_attribute("data-id")
-    seen: list[tuple[str, str, str, str]] = []
+    seen: list[tuple[str, ...]] = []
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
-        job_row = browser.find_element(By.CSS_SELECTOR, f"#job-table tr[data-id='{job_id}']")
-        status = job_row.get_attribute("data-status")
-        view = (status, *(job_row.find_element(By.CLASS_NAME, c).text for c in ("phase", "epoch", "loss")))
+        view = tuple(browser.execute_script(  # in one go: the stream's next event rebuilds the row's cells
+            "const row = document.querySelector(`#job-table tr[data-id='${arguments[0]}']`);"
+            "return [row.dataset.status, ...['phase', 'epoch', 'loss', 'val-dice']"
+            "  .map((name) => row.querySelector('.' + name).textContent)];", job_id))
+        status = view[0]
         if not seen or seen[-1] != view:
             seen.append(view)
-            if status == "running" and not (tmp_path / "jobs-running.png").exists():
+            if status == "running" and view[3] != "—" and not (tmp_path / "jobs-running.png").exists():
                 _shot(browser, tmp_path / "jobs-running.png")
         if status in ("succeeded", "failed", "cancelled"):
             break
@@ -171,11 +174,28 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
         time.sleep(0.2)
     print("job rows seen:", seen)
     assert status == "succeeded", (seen, reader.get(f"/jobs/{job_id}/logs").text[-3000:])
-    phases = {phase.split(" ")[0] for s, phase, _, _ in seen if s == "running" and phase != "—"}
+    phases = {view[1].split(" ")[0] for view in seen if view[0] == "running" and view[1] != "—"}
     assert len(phases) >= 2, seen  # the row moved through the run's phases as the stream reported them
+    numbers = re.compile(r"\d+\.\d+")
+    assert any(view[0] == "running" and view[2] == "1/1" and numbers.fullmatch(view[3]) and
+               numbers.fullmatch(view[4]) for view in seen), seen  # epoch, loss and val Dice while it ran
+    job_row = browser.find_element(By.CSS_SELECTOR, f"#job-table tr[data-id='{job_id}']")
     assert int(job_row.get_attribute("data-events")) >= 3  # queued/running, progress..., succeeded
     assert f"{MODEL}:1" in job_row.find_element(By.CLASS_NAME, "result").text
     _shot(browser, tmp_path / "jobs.png")
+
+    # A second, long job: Cancel in its row stops it (queued: at once; running: at its next report).
+    browser.find_element(By.ID, "job-epochs").clear()
+    browser.find_element(By.ID, "job-epochs").send_keys("200")
+    browser.find_element(By.ID, "job-submit").click()
+    long_row = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, f"#job-table tbody tr:not([data-id='{job_id}'])"))
+    long_id = long_row.get_attribute("data-id")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(
+        By.CSS_SELECTOR, f"#job-table tr[data-id='{long_id}'] button.cancel")).click()
+    WebDriverWait(browser, 120, poll_frequency=0.2).until(lambda d: d.find_element(
+        By.CSS_SELECTOR, f"#job-table tr[data-id='{long_id}']").get_attribute("data-status") == "cancelled")
+    assert reader.get(f"/jobs/{long_id}").json()["status"] == "cancelled"
 
     # 4. Models: the new version with its held-out Dice; Promote moves `production` to it.
     (version,) = reader.get(f"/models/{MODEL}/versions").json()
@@ -209,5 +229,13 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
         assert _body(browser, "state") == "segmented", status
         table = browser.find_element(By.ID, "result-table").text
         assert f"model {choice or 'default:1'} / onnxruntime" in table, table
+    # /refine (drag a box) goes to the picked version too.
+    overlay = browser.find_element(By.ID, "overlay-layer")
+    width = overlay.size["width"]
+    ActionChains(browser).move_to_element_with_offset(overlay, -width // 4, -width // 4).click_and_hold() \
+        .move_by_offset(width // 2, width // 2).release().perform()
+    WebDriverWait(browser, 120, poll_frequency=0.1).until(lambda d: _body(d, "state") in ("refined", "error"))
+    assert _body(browser, "state") == "refined", browser.find_element(By.ID, "status").text
+    assert f"model {MODEL}:1 / onnxruntime" in browser.find_element(By.ID, "result-table").text
     _shot(browser, tmp_path / "segment.png")
     reader.close()

@@ -291,7 +291,7 @@ async function readEvents(id, stream) {
         const row = jobRow(job);
         row.dataset.events = String(Number(row.dataset.events) + 1);
       } else if (event === "end") {
-        loadModels().catch(() => {});
+        if (JSON.parse(data.join("\n")).status === "succeeded") loadModels().catch(() => {});  // a new version
         return true;
       } else if (event === "error") {
         return true;
