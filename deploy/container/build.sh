@@ -93,14 +93,17 @@ echo "build.sh: context from $(git -C "$ROOT" rev-parse --short "$REV") + artifa
 
 # 5. The Dockerfile, unchanged. Docker format keeps HEALTHCHECK (OCI drops it).
 build_started=$(date +%s)
+old_id=$(podman image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)
 podman build --network host --format docker --pull=never "${ulimits[@]}" "${mounts[@]}" \
     --ignorefile "$ROOT/deploy/container/containerignore" \
     --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_INDEX_URL_CPU="$index" \
     -t "$TAG" -f "$context/Dockerfile" "$context"
 rm -rf "$context"
-# The image this tag named before is now untagged: drop it (cached layers are parents of the new one and
-# stay). Best effort: the image is built either way, and Podman 4.3 keeps an image that a leftover build
-# container (`podman ps --external`) still uses.
-podman image prune -f >/dev/null 2>&1 || echo "build.sh: note: podman image prune left some untagged images" >&2
+# Drop the image this tag named before, by id: not `podman image prune`, which also deletes the build
+# stage's layers (no final image descends from them), i.e. the cache of the torch and dependency steps.
+new_id=$(podman image inspect --format '{{.Id}}' "$TAG")
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    podman rmi "$old_id" >/dev/null 2>&1 || echo "build.sh: note: the previous $TAG ($old_id) is still in use" >&2
+fi
 now=$(date +%s)
 echo "build.sh: $TAG built; Dockerfile $(( now - build_started )) s, total $(( now - started )) s"
