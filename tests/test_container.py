@@ -232,3 +232,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(container, phantom_u8)
     assert stopped_s < DRAIN_TIMEOUT_S, f"stopped after {stopped_s:.1f} s"
     assert statuses == [200] * 4, statuses
 
+
+
+def test_every_pip_install_in_the_dockerfile_fails_the_build_at_once():
+    """`pip install a && pip install b;` under `set -e` goes on after a failed `a` (only the last command of
+    an AND list stops the shell): each install must be a command of its own."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    runs = [line for line in text.splitlines() if line.startswith("RUN ")]
+    installs = [run for run in runs if "pip install" in run]
+    for run in installs:
+        assert "set -e" in run, run
+        for command in run.split(";"):
+            assert not ("pip " in command and "&&" in command), f"pip chained with &&: {command.strip()}"
+    assert len(installs) >= 3  # torch, the dependencies, the code
