@@ -28,6 +28,7 @@ CRD_KINDS = {
     ("serving.kserve.io/v1alpha1", "ServingRuntime"),
     ("serving.kserve.io/v1beta1", "InferenceService"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("ray.io/v1", "RayCluster"),  # tests/test_deploy_platform.py checks it
 }
 EXAMPLES = {DEPLOY / "base" / "secret.example.yaml"}  # shown in docs, never applied by a kustomization
 MIB = 1024 * 1024
