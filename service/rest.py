@@ -253,7 +253,7 @@ async def segment(
         "model": _model(runtime, selected),
     })
     if dicom_seg:
-        from service.dicom_seg import build_dicom_seg
+        from core.dicom_seg import build_dicom_seg
 
         if anonymize is None:
             anonymize = bool(getattr(runtime.settings, "anonymize_dicom", True))

@@ -1,4 +1,4 @@
-"""service.dicom_seg: a BINARY SEG referencing its source, with optional removal of patient identifiers."""
+"""core.dicom_seg: a BINARY SEG referencing its source, with optional removal of patient identifiers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.dicom_seg import build_dicom_seg
+from core.dicom_seg import build_dicom_seg
 
 
 @pytest.fixture(scope="module")

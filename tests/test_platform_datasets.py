@@ -236,8 +236,8 @@ def test_dicom_members_are_deidentified_on_request(platform, tmp_path):
 
 
 def test_deidentify_list_covers_the_seg_writers_list():
+    from core.dicom_seg import PATIENT_IDENTIFIER_KEYWORDS as SEG_KEYWORDS
     from medplatform.deidentify import PATIENT_IDENTIFIER_KEYWORDS
-    from service.dicom_seg import PATIENT_IDENTIFIER_KEYWORDS as SEG_KEYWORDS
 
     assert set(SEG_KEYWORDS) <= set(PATIENT_IDENTIFIER_KEYWORDS)
 
