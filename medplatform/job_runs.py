@@ -177,7 +177,8 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
 
 def run_predict(ctx: JobContext) -> dict[str, Any]:
     """Masks of a registered version for every image (PNG 0/255, native size) in a ZIP blob, with per-case
-    metrics against the dataset's masks. DICOM SEG output is not produced (its builder lives in service/)."""
+    metrics against the dataset's masks; a DICOM image also gets ``masks/<name>.seg.dcm`` (see
+    :func:`_dicom_seg`). Result ``dicom_seg``: ``{"written": n, "skipped": {name: reason}}``."""
     import numpy as np
     import torch
 
@@ -195,6 +196,7 @@ def run_predict(ctx: JobContext) -> dict[str, Any]:
     metrics = SegmentationMetrics(threshold=threshold)
     dataset = SegmentationDataset(root)
     out = ctx.workdir / "predictions.zip"
+    segs_written, segs_skipped = 0, {}
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf, torch.no_grad():
         for index, sample in enumerate(dataset):
             image = torch.from_numpy(np.asarray(sample.image, np.float32))[None, None].to(ctx.device)
@@ -204,6 +206,12 @@ def run_predict(ctx: JobContext) -> dict[str, Any]:
                 prob = model(image)["refined_mask"][0, 0]
             prob = prob.cpu().numpy()
             zf.writestr(f"masks/{sample.name}.png", encode_mask_png(prob > threshold))
+            seg = _dicom_seg(root / dataset.files(sample.name)[0], prob > threshold, f"{name}:{version}")
+            if isinstance(seg, bytes):
+                zf.writestr(f"masks/{sample.name}.seg.dcm", seg)
+                segs_written += 1
+            elif seg is not None:
+                segs_skipped[sample.name] = seg
             metrics.update(prob, np.asarray(sample.mask), names=[sample.name])
             if index % 16 == 15:
                 ctx.report({"phase": "predict", "done": index + 1, "total": len(dataset)})
@@ -213,7 +221,28 @@ def run_predict(ctx: JobContext) -> dict[str, Any]:
     cases_key = f"jobs/{ctx.job.id}/per_case.json"
     ctx.platform.blobs.put_bytes(cases_key, json.dumps(report.cases, indent=1).encode())
     return {"model": name, "version": version, "n_cases": len(dataset), "threshold": threshold,
-            "predictions": key, "per_case": cases_key, "metrics": {k: report.means[k] for k in METRIC_NAMES}}
+            "predictions": key, "per_case": cases_key, "metrics": {k: report.means[k] for k in METRIC_NAMES},
+            "dicom_seg": {"written": segs_written, "skipped": segs_skipped}}
+
+
+def _dicom_seg(image_path: Path, mask: Any, model_version: str) -> bytes | str | None:
+    """The DICOM SEG of ``mask`` ((H, W) bool, the image's pixel frame) when ``image_path`` is DICOM (by
+    content), anonymised as the service does by default; ``None`` for other formats; the reason (str) when
+    the source cannot carry a SEG (no UIDs, unusable geometry): the PNG is still written, the job goes on."""
+    import numpy as np
+
+    from core.dicom_seg import build_dicom_seg
+    from core.imageio import decode_image
+
+    decoded = decode_image(image_path.read_bytes(), name=image_path.name)
+    if decoded.format != "dicom" or decoded.source is None:
+        return None
+    try:
+        return build_dicom_seg(decoded.source, np.asarray(mask, np.uint8), model_version=model_version,
+                               anonymize=True)
+    except ValueError as exc:
+        log.warning("no DICOM SEG for %s: %s", image_path.name, exc)
+        return str(exc)
 
 
 RUNNERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
