@@ -15,12 +15,16 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---------------------------------------------------------------------------------------------------
 # The project's declared dependencies as a requirements file: the build stage copies only this file, so an
 # edit elsewhere in pyproject.toml (tests, tools, extras) keeps the dependency layer cached.
+# EXTRAS: optional dependency groups to add, comma-separated: `postgres` (a PostgreSQL driver for
+# MEDREFINE_DB_URL), `ray` (the platform's Ray runner), e.g. --build-arg EXTRAS=postgres,ray.
 FROM ${PYTHON_IMAGE} AS requirements
 ARG DEVICE=cpu
+ARG EXTRAS=
 COPY pyproject.toml /pyproject.toml
 RUN python -c 'import sys, tomllib; p = tomllib.load(open("/pyproject.toml", "rb"))["project"]; \
-print("\n".join(p["dependencies"] + (p["optional-dependencies"]["gpu"] if sys.argv[1] == "cuda" else [])))' \
-        "$DEVICE" > /requirements.txt
+extras = [e for e in sys.argv[2].split(",") if e] + (["gpu"] if sys.argv[1] == "cuda" else []); \
+print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
+        "$DEVICE" "$EXTRAS" > /requirements.txt
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -55,6 +59,7 @@ COPY models ./models
 COPY training ./training
 COPY export ./export
 COPY service ./service
+COPY medplatform ./medplatform
 RUN set -eux; \
     pip install --no-deps .; \
     python -c "import service.app"
@@ -70,7 +75,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     MEDREFINE_BACKEND=onnxruntime \
     MEDREFINE_DEVICE=auto \
     MEDREFINE_API_KEY_ENV=MEDREFINE_API_KEY \
-    MEDREFINE_REQUIRE_API_KEY=1
+    MEDREFINE_REQUIRE_API_KEY=1 \
+    MEDREFINE_DATA_DIR=/tmp/medrefine
+# The platform's SQLite database and blobs live under MEDREFINE_DATA_DIR: in the read-only image that is the
+# /tmp tmpfs, lost with the container; point it at a volume, or MEDREFINE_DB_URL / MEDREFINE_S3_BUCKET at
+# shared services, to keep datasets, jobs and model versions (deploy/platform does).
 RUN useradd --system --uid 10001 --user-group --home-dir /home/medrefine --create-home medrefine
 COPY --from=build /opt/venv /opt/venv
 # Model artifacts (`make export` writes both): owned by root, read-only for the service user. The

@@ -188,11 +188,20 @@ def test_rest_segment_equals_offline_pipeline(container, pipeline, phantom_u8):
                           headers=container.headers(), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"]["version"] == pipeline.version
+    assert body["model"]["version"] == "default:1"  # the image's model, registered by the platform at start
     served = np.array(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
     expected = offline(pipeline, decode_image(png).pixels)
     np.testing.assert_array_equal(served, expected.mask * 255)  # pixel-exact
     np.testing.assert_allclose(body["box"], expected.box, atol=1e-5)
+
+
+def test_the_platform_runs_in_the_image(container):
+    """medplatform is in the image and opens on the read-only filesystem (its data under the /tmp tmpfs)."""
+    models = httpx.get(container.url + "/models", headers=container.headers(), timeout=60)
+    assert models.status_code == 200, models.text
+    assert "default" in [model["name"] for model in models.json()]
+    versions = httpx.get(container.url + "/models/default/versions", headers=container.headers(), timeout=60)
+    assert [v["version"] for v in versions.json()] == [1]
 
 
 def test_grpc_segment_equals_offline_pipeline(container, pipeline, phantom_u8):
