@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import psutil
 
+from core.machine import cpu_model
+
 __all__ = ["CpuAccount", "ServerProcess", "free_port", "git_sha", "machine_description", "machine_slug", "process_tree_rss"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -216,16 +218,6 @@ def git_sha() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -239,7 +231,7 @@ def machine_description() -> dict[str, Any]:
     """CPU model, cores, RAM, OS, library versions, git sha and the current load average."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": psutil.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -7,9 +7,7 @@ Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium`` (``make bro
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -18,9 +16,7 @@ import pytest
 from platform_fixtures import folder_members, phantom_folder, zip_bytes
 from service_fixtures import TEST_API_KEY, ServerProcess, service_artifacts, start_server  # noqa: F401
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # as browser_fixtures
 webdriver = pytest.importorskip("selenium.webdriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("headless UI test needs apt packages chromium and chromium-driver", allow_module_level=True)
@@ -29,6 +25,8 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+pytest_plugins = ["browser_fixtures"]
 
 ADMIN_KEY = "admin-key-0123456789"
 MODEL = "phantom-ui"
@@ -48,23 +46,6 @@ def server(service_artifacts, tmp_path_factory: pytest.TempPathFactory):  # noqa
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager go online
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1400,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.machine import cpu_model
 
 log = logging.getLogger("training.quality")
 
@@ -78,16 +79,6 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
         return None
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(wins / (len(pos) * len(neg)))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------ the service
@@ -337,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     report = {
         "command": "python -m training quality-report " + " ".join(sys.argv[2:]),
-        "cpu": cpu_name(), "seconds": round(time.time() - started, 1),
+        "cpu": cpu_model(), "seconds": round(time.time() - started, 1),
         "model_version": manifest.get("version"),
         "held_out": {"lesion": f"ultrasound seed {LESION_SEED}, {args.n_lesion} cases, {args.size} px",
                      "normal": f"ultrasound_normal seed {NORMAL_SEED}, {args.n_normal} cases",
