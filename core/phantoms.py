@@ -65,6 +65,8 @@ FINDINGS: dict[str, tuple[str, ...]] = {
 }
 LOBES = ("right upper lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 
+MARGINS = ("circumscribed", "lobulated", "spiculated", "indistinct", "angular")
+
 # Distinct salts keep the random streams of different generators independent for the same seed.
 _SALT = {
     "ultrasound": 11,
@@ -237,7 +239,7 @@ def _branches(
 
 
 def breast_ultrasound(
-    seed: int, size: int = 256, shadow: bool | None = None, lesion: bool = True
+    seed: int, size: int = 256, shadow: bool | None = None, lesion: bool = True, margin: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A B-mode breast ultrasound phantom with one hypoechoic lesion (or none: BUSI's "normal" class).
 
@@ -247,6 +249,9 @@ def breast_ultrasound(
         shadow: ``True`` forces posterior acoustic shadowing, ``False`` forbids it (posterior enhancement
             may still occur), ``None`` chooses shadowing, enhancement or neither at random.
         lesion: ``False`` leaves the tissue (lobules, ligaments, speckle) without a lesion; the mask is empty.
+        margin: ``None`` draws the margin type at random; one of ``MARGINS`` forces it. ``"angular"`` (a polygon
+            with 3-5 straight sides, never drawn at random) is a shape family the random draw lacks: an
+            out-of-domain test of lesion shape. Forcing a margin leaves every other draw unchanged.
 
     Returns:
         ``(image (size, size) uint8, mask (size, size) uint8 in {0, 1})``; with ``lesion`` the mask is never
@@ -297,7 +302,10 @@ def breast_ultrasound(
         return _finish_ultrasound(rng, echo, v, size, scale), np.zeros((size, size), dtype=np.uint8)
 
     # 2. The lesion: an ellipse whose radius is modulated by its margin type.
-    margin = rng.choice(["circumscribed", "lobulated", "spiculated", "indistinct"], p=[0.3, 0.3, 0.2, 0.2])
+    drawn = str(rng.choice(["circumscribed", "lobulated", "spiculated", "indistinct"], p=[0.3, 0.3, 0.2, 0.2]))
+    if margin is not None and margin not in MARGINS:
+        raise ValueError(f"margin = {margin!r}; expected one of {MARGINS}")
+    margin = drawn if margin is None else margin
     r0 = rng.uniform(0.07, 0.19)
     aspect = rng.uniform(0.55, 1.25)  # height / width: < 1 "wider than tall", > 1 "taller than wide"
     rx, ry = r0 / math.sqrt(aspect), r0 * math.sqrt(aspect)
@@ -321,13 +329,20 @@ def breast_ultrasound(
                 d = np.angle(np.exp(1j * (theta - centre)))  # wrapped angular distance
                 out = out + height * np.exp(-((d / width) ** 2))
             return out
+    elif margin == "angular":
+        sides, phase = int(rng.integers(3, 6)), rng.uniform(0, 2 * math.pi)
+
+        def radius(theta: np.ndarray, sides=sides, phase=phase) -> np.ndarray:
+            sector = 2 * math.pi / sides  # polar equation of a regular polygon, circumradius 1.15
+            return 1.15 * math.cos(sector / 2) / np.cos(np.mod(theta - phase, sector) - sector / 2)
     else:  # indistinct: irregular, high-frequency outline
         radius = _harmonics(rng, range(2, 12), 0.06)
     distance = _radial_shape(v, u, cy, cx, ry, rx, angle, radius)
     mask = ndimage.binary_fill_holes(_largest_component(distance < 0.0))  # one lesion, no holes
     if not mask.any():  # cannot happen for size >= 32; keeps the "never empty" promise unconditional
         mask[min(int(cy * size), size - 1), min(int(cx * size), size - 1)] = True
-    edge = {"circumscribed": 0.04, "lobulated": 0.05, "spiculated": 0.06, "indistinct": 0.16}[str(margin)]
+    edge = {"circumscribed": 0.04, "lobulated": 0.05, "spiculated": 0.06, "indistinct": 0.16, "angular": 0.04}[
+        str(margin)]
     inside = _sigmoid(-distance / edge)
     contrast = rng.uniform(0.06, 0.35)
     lesion_texture = np.clip(1.0 + 0.35 * _smooth_noise(rng, (size, size), 3 * scale), 0.2, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,7 +90,7 @@ def test_training_step_mixes_real_and_synthetic_losses():
 
 @pytest.mark.parametrize("hyper_every", [2, 0])
 def test_train_genseg_writes_a_run_dir(tmp_path, hyper_every):
-    from core.checkpoints import load_run
+    from weights.checkpoints import load_run
 
     pairs = phantom_pairs(4, 3, 32)
     torch.manual_seed(0)
@@ -108,3 +109,175 @@ def test_train_genseg_writes_a_run_dir(tmp_path, hyper_every):
     changed = any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters(), strict=True))
     assert metrics["generator_updates"] == (1 if hyper_every else 0)
     assert changed == bool(hyper_every)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthesis: mask augmentation, random acquisition, weighting, the upper-level split
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_elastic_geometric_makes_a_new_plausible_lesion():
+    from training.augment import dice_binary
+    from training.genseg_synthesis import elastic_geometric
+
+    mask = phantom_pairs(1, 4, 64).masks[0]
+    outs = [elastic_geometric(mask, np.random.default_rng(s)) for s in range(12)]
+    dices = [dice_binary(o > 0, mask > 0.5) for o in outs]
+    areas = [o.sum() / mask.sum() for o in outs]
+    assert all(set(np.unique(o).tolist()) <= {0, 1} and o.any() for o in outs)
+    assert max(dices) < 0.98  # every draw changes the outline...
+    assert np.median(dices) > 0.2  # ...but keeps a lesion of comparable size, not noise
+    assert 0.3 < min(areas) and max(areas) < 3.0
+    again = elastic_geometric(mask, np.random.default_rng(3))
+    assert np.array_equal(again, outs[3])  # deterministic in the generator
+
+
+@pytest.mark.parametrize("mask_aug", ["none", "errors", "elastic", "elastic+errors"])
+def test_mask_sampler_draws_labelled_then_augmented_masks(mask_aug):
+    from training.genseg_synthesis import MaskSampler
+
+    masks = phantom_pairs(5, 5, 32).tensors()[1]
+    sampler = MaskSampler(masks, mask_aug, np.random.default_rng(0))
+    out = sampler(2, 3, exclude=torch.tensor([0, 1, 2]))
+    assert out.shape == (5, 1, 32, 32) and set(out.unique().tolist()) <= {0.0, 1.0}
+    allowed = [masks[3], masks[4]]
+    for m in out[:2]:  # labelled masks come only from the indices not excluded
+        assert any(torch.equal(m, a) for a in allowed)
+    new = [not any(torch.equal(m, a) or torch.equal(m, a.flip(-1)) for a in masks) for m in out[2:]]
+    assert any(new) == (mask_aug != "none")
+    with pytest.raises(ValueError, match="mask_aug"):
+        MaskSampler(masks, "warp", np.random.default_rng(0))
+
+
+def test_random_acquisition_is_centred_bounded_and_differentiable():
+    from training.genseg_synthesis import random_acquisition
+
+    images = torch.from_numpy(phantom_pairs(16, 6, 32).images[:, None].copy()).requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(random_acquisition(images, gen, 0.0), images)
+    out = random_acquisition(images, gen, 1.0)
+    assert out.shape == images.shape and float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
+    assert float((out - images).abs().mean()) > 0.02  # a visible change of acquisition
+    out.sum().backward()
+    assert images.grad is not None and float(images.grad.abs().sum()) > 0  # the hypergradient flows through
+    # No preferred direction: over many draws the mean brightness stays about that of the input.
+    many = torch.cat([random_acquisition(images.detach(), gen, 1.0) for _ in range(8)])
+    assert abs(float(many.mean()) - float(images.mean())) < 0.08
+
+
+def test_training_step_weights_the_synthetic_pairs_it_is_configured_for():
+    segmenter, generator = _parts()
+    model = GenSegModel(segmenter=segmenter, generator=generator).train()
+    pairs = phantom_pairs(6, 7, 32)
+    config = GenSegConfig(hyper_every=1, lam=0.25, n_real_masks=1, n_perturbed=3, mask_aug="elastic+errors",
+                          acquisition=0.8, val_disjoint=True)
+    hooks = GenSegHooks(config, pairs, seed=0)
+    hooks.on_fit_start(model, None)
+    assert hooks.synthetic_masks().shape[0] == 4
+    out = hooks.training_step(model, tuple(t[:3] for t in pairs.tensors()))
+    assert out.loss.item() == pytest.approx(out.scalars["loss_real"] + 0.25 * out.scalars["loss_fake"], rel=1e-5)
+    assert out.scalars["hyper_grad_norm"] > 0
+
+
+@pytest.mark.parametrize("val_disjoint", [False, True])
+def test_upper_level_batch_avoids_the_real_batch_only_when_asked(val_disjoint):
+    from training.genseg_diagnostics import upper_level_overlap
+
+    pairs = phantom_pairs(9, 8, 32)
+    stats = upper_level_overlap(pairs, GenSegConfig(val_disjoint=val_disjoint), steps=60, seed=0)
+    if val_disjoint:
+        assert stats["fraction_of_upper_level_images_in_the_real_batch"] == 0.0
+    else:  # 4 of 9 drawn independently of the batch's 4: about 4/9 of them repeat it
+        assert 0.25 < stats["fraction_of_upper_level_images_in_the_real_batch"] < 0.65
+    assert stats["distinct_labelled_images_used"] == 9
+
+
+def test_genseg_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="mask_aug"):
+        GenSegConfig(mask_aug="warp")
+    with pytest.raises(ValueError, match="acquisition"):
+        GenSegConfig(acquisition=-0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark's statistics and JSON
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_t_interval_matches_the_textbook_value():
+    from training.genseg import t_interval
+
+    mean, (low, high) = t_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, df=3)
+    assert mean == 2.5 and low == pytest.approx(2.5 - half) and high == pytest.approx(2.5 + half)
+    with pytest.raises(ValueError, match="at least 2"):
+        t_interval([1.0])
+
+
+def _row(seed, gains):
+    row = {"seed": seed}
+    for arm, gain in (("baseline", 0.0), ("pix2pix_aug", -0.01), ("genseg", gains)):
+        row[arm] = {test: {"dice": 0.7 + g, "iou": 0.5 + g} for test, g in
+                    zip(("in_domain", "out_of_domain", "out_of_domain_shape"),
+                        gain if isinstance(gain, tuple) else (gain,) * 3, strict=True)}
+    return row
+
+
+def test_summary_has_the_gain_keys_and_merge_checks_seeds_and_setup():
+    from training.genseg import merge_results, summarize
+
+    rows = [_row(0, (0.05, -0.02, 0.01)), _row(1, (0.03, 0.00, 0.03)), _row(2, (0.04, -0.04, 0.02))]
+    out = summarize(rows)
+    assert out["in_domain_gain"] == pytest.approx(0.04)
+    assert out["out_of_domain_gain"] == pytest.approx(-0.02)
+    assert out["out_of_domain_shape_gain"] == pytest.approx(0.02)
+    low, high = out["in_domain_gain_ci"]
+    assert 0 < low < 0.04 < high  # three positive differences: the interval is above zero
+    low, high = out["out_of_domain_gain_ci"]
+    assert low < -0.02 < high
+    assert out["paired_dice_differences"]["pix2pix_aug_minus_baseline"]["in_domain"]["better_in"] == 0
+    setup = {"seeds": [0, 1], "image_size": 32}
+    merged = merge_results([{"setup": setup, "per_seed": rows[:2]}, {"setup": {**setup, "seeds": [2]},
+                                                                       "per_seed": rows[2:]}])
+    assert merged["setup"]["seeds"] == [0, 1, 2] and merged["in_domain_gain"] == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="overlap"):
+        merge_results([{"setup": setup, "per_seed": rows[:2]}, {"setup": setup, "per_seed": rows[1:]}])
+    with pytest.raises(ValueError, match="different setups"):
+        merge_results([{"setup": setup, "per_seed": rows[:1]}, {"setup": {"seeds": [1], "image_size": 64},
+                                                                  "per_seed": rows[1:2]}])
+
+
+def test_shape_shift_set_has_angular_lesions_and_keeps_the_default_phantoms():
+    from core.phantoms import breast_ultrasound
+    from training.genseg import shape_shift_pairs
+
+    pairs = shape_shift_pairs(6, 3, 64)
+    assert pairs.images.shape == (6, 64, 64) and all(m.any() for m in pairs.masks)
+    # Straight sides: the lesion fills its convex hull almost completely (the random margins do not).
+    from scipy.spatial import ConvexHull
+
+    def solidity(m):
+        ys, xs = np.nonzero(m)
+        return m.sum() / ConvexHull(np.c_[ys, xs]).volume
+
+    assert np.median([solidity(m) for m in pairs.masks]) > 0.9
+    image, mask = breast_ultrasound(11, 64)
+    again = breast_ultrasound(11, 64, margin=None)
+    assert np.array_equal(image, again[0]) and np.array_equal(mask, again[1])
+    with pytest.raises(ValueError, match="margin"):
+        breast_ultrasound(11, 64, margin="star")
+
+
+def test_benchmark_json_on_a_tiny_run(tmp_path):
+    from training.genseg import run_benchmark
+
+    torch.set_num_threads(1)
+    out = run_benchmark(tmp_path / "b", seeds=[0, 1], n_train=4, size=32, steps=2, pix2pix_steps=50, n_test=4,
+                        config=GenSegConfig(n_real_masks=1, n_perturbed=1, mask_aug="elastic",
+                                            acquisition=0.5), arms=("baseline", "genseg"))
+    for key in ("in_domain", "out_of_domain", "out_of_domain_shape"):
+        diffs = [r["genseg"][key]["dice"] - r["baseline"][key]["dice"] for r in out["per_seed"]]
+        assert out[f"{key}_gain"] == pytest.approx(np.mean(diffs))
+        low, high = out[f"{key}_gain_ci"]
+        assert low <= out[f"{key}_gain"] <= high
+    assert out["setup"]["test_sets"]["out_of_domain_shape"]["source"].startswith("phantoms:ultrasound:angular")
