@@ -30,9 +30,20 @@ images per offline CPU-second. ``--profile-s N`` adds two untimed py-spy recordi
 concurrency, the offline pipeline at the max batch size) summarised as self / inclusive shares per
 function (the raw stacks are not kept).
 
+4. The serving peers (``loadtest.peers``) over the same artifacts, images and load steps, each on
+   127.0.0.1 with the same thread settings: BentoML written as its docs show (``@bentoml.api(batchable=True)``,
+   REST) and KServe's Python model server (a ``kserve.Model``, OIP over REST and gRPC, from its own
+   virtual environment). ``--peers-only`` runs steps 3 and 4 alone, with shorter steps (a few minutes);
+   the verdict keys ``ours_over_best_peer_rest|grpc`` and ``p99_ms_at_70pct_rest|grpc`` come from them.
+
+The offline-optimisation A/B (``optimized_over_fp32_offline_b1|b16``, ``optimized_heldout_dice_delta``) is
+measured by its own command; the newest ``loadtest/results/optimize-*.json`` (or ``--optimized-results``)
+is copied into the same document, its keys null while no such file exists.
+
 Writes ``loadtest/results/<machine>-<date>.json`` (schema ``medrefine-loadtest/1``, top-level
-``served_over_offline`` and ``served_over_naive``), a PNG of latency vs offered load beside it, and
-copies the JSON to ``loadtest/results/latest.json``.
+``served_over_offline``, ``served_over_naive`` and the keys above), a PNG of latency vs offered load
+beside it, ``<name>-servers.png`` (throughput and p99 against offered load for every server), and copies
+the JSON to ``loadtest/results/latest.json``.
 """
 
 from __future__ import annotations
@@ -58,6 +69,8 @@ import httpx
 from loadtest.driver import LoadSpec
 from loadtest.grpc_load import run_grpc_load
 from loadtest.http_load import run_http_load
+from loadtest.peers.compare import plot_servers, verdict
+from loadtest.peers.launch import PEERS, launch_peer
 from loadtest.prom import parse_histogram
 from loadtest.system import (
     REPO_ROOT,
@@ -67,6 +80,7 @@ from loadtest.system import (
     machine_description,
     machine_slug,
 )
+from loadtest.tenants import busiest_processes, instruction_sets
 from loadtest.workload import Workload
 
 __all__ = [
@@ -91,9 +105,13 @@ __all__ = [
 RESULTS_FORMAT = "medrefine-loadtest/1"
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
 BATCH_METRIC = "medrefine_batch_size"
+PEERS_ONLY_DURATION_S = 8.0
+PEERS_ONLY_MIN_REQUESTS = 100
 GOALS = {"served_over_offline": 0.85, "served_over_naive": 3.0, "p99_over_p50_at_70pct": 2.5}
-REQUIRED_KEYS = ("format", "created", "machine", "machine_load", "config", "offline", "naive", "served",
-                 "served_over_offline", "served_over_naive", "goals")
+VERDICT_KEYS = ("ours_over_best_peer_rest", "ours_over_best_peer_grpc", "p99_ms_at_70pct_rest", "p99_ms_at_70pct_grpc")
+OPTIMIZED_KEYS = ("optimized_over_fp32_offline_b1", "optimized_over_fp32_offline_b16", "optimized_heldout_dice_delta")
+REQUIRED_KEYS = ("format", "created", "machine", "machine_load", "config", "offline", "naive", "served", "peers",
+                 "served_over_offline", "served_over_naive", "goals", *VERDICT_KEYS, *OPTIMIZED_KEYS)
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,9 @@ class BenchConfig:
     request_timeout_s: float = 60.0
     startup_timeout_s: float = 300.0
     skip_naive: bool = False
+    peers: tuple[str, ...] = tuple(PEERS)
+    peers_only: bool = False  # our service and the peers only: no offline pipeline, no naive baseline
+    optimized_results: str | None = None  # an optimisation A/B JSON (default: newest results/optimize-*.json)
     profile_s: float = 0.0  # > 0: also py-spy the service at peak and the offline pipeline (not timed steps)
     note: str = ""
     out: str | None = None
@@ -135,6 +156,9 @@ class BenchConfig:
             raise ValueError(f"protocols {unknown} unknown; choose from rest, oip-http, grpc")
         if not 0 <= self.warmup_s < self.duration_s:
             raise ValueError(f"warmup_s must be in [0, duration_s={self.duration_s}), got {self.warmup_s}")
+        unknown_peers = [p for p in self.peers if p not in PEERS]
+        if unknown_peers:
+            raise ValueError(f"peers {unknown_peers} unknown; choose from {sorted(PEERS)}")
         if not any(abs(f - 0.7) < 1e-9 for f in self.open_fractions):
             raise ValueError(f"open_fractions must include 0.7 (the p99/p50 goal), got {self.open_fractions}")
 
@@ -285,8 +309,8 @@ def offline_throughput(art_dir: str | Path, *, batch_sizes: Sequence[int], threa
     """
     import torch
 
-    from loadtest.stats import percentile
     from service.pipeline import SegmentationPipeline
+    from loadtest.stats import percentile
 
     torch.set_num_threads(threads)
     pipeline = SegmentationPipeline.from_artifacts(art_dir, backend=backend, intra_op_threads=threads)
@@ -460,7 +484,7 @@ def validate_results(data: dict[str, Any]) -> None:
             raise ValueError(f"results: missing top-level key {key!r}")
     if data["format"] != RESULTS_FORMAT:
         raise ValueError(f"results: format {data['format']!r}, expected {RESULTS_FORMAT!r}")
-    for key in ("served_over_offline", "served_over_naive"):
+    for key in ("served_over_offline", "served_over_naive", *VERDICT_KEYS, *OPTIMIZED_KEYS):
         if data[key] is not None and not isinstance(data[key], (int, float)):
             raise ValueError(f"results: {key} must be a number or null, got {data[key]!r}")
     for name, curve in data["served"].items():
@@ -524,28 +548,31 @@ def run_bench(config: BenchConfig) -> tuple[dict[str, Any], Path]:
     """Run every step of the benchmark; returns the results and the JSON path written."""
     started = time.perf_counter()
     threads = config.resolved_threads()
-    machine = machine_description()
+    machine = {**machine_description(), "instruction_sets": instruction_sets()}
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     out = Path(config.out) if config.out else RESULTS_DIR / (
         f"{machine_slug(machine)}-{_dt.datetime.now().strftime('%Y%m%d-%H%M')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     workload = Workload(size=config.image_size)
     loads: list[float] = [os.getloadavg()[0]]
+    tenants = {"start": busiest_processes()}
     with tempfile.TemporaryDirectory(prefix="medrefine-bench-") as tmp:
         work = Path(tmp)
         art_dir, run_dir = prepare_artifacts(config.model, config.artifacts, work)
         manifest = json.loads((art_dir / "manifest.json").read_text())
 
         # 1. Offline pipeline throughput
-        _log(f"1. offline pipeline throughput ({config.backend}, {threads} threads)")
-        offline = _run_offline_child(config, art_dir, work)
-        if config.profile_s > 0:
-            offline["profile"] = _profile_offline(config, art_dir, work / "profile-offline.txt")
-        loads.append(os.getloadavg()[0])
+        offline: dict[str, Any] = {}
+        if not config.peers_only:
+            _log(f"1. offline pipeline throughput ({config.backend}, {threads} threads)")
+            offline = _run_offline_child(config, art_dir, work)
+            if config.profile_s > 0:
+                offline["profile"] = _profile_offline(config, art_dir, work / "profile-offline.txt")
+            loads.append(os.getloadavg()[0])
 
         # 2. Naive baseline
         naive: dict[str, Any] = {"closed": [], "open": [], "peak_throughput_rps": None}
-        if not config.skip_naive:
+        if not (config.skip_naive or config.peers_only):
             _log("2. naive baseline (torch eager, one request at a time)")
             port = free_port()
             server = ServerProcess(
@@ -589,30 +616,89 @@ def run_bench(config: BenchConfig) -> tuple[dict[str, Any], Path]:
                         config, target, served[protocol]["peak_concurrency"], workload, raw)
                 loads.append(os.getloadavg()[0])
             service_log_tail = server.log_tail(20)
+
+        # 4. The peers
+        peers: dict[str, Any] = {}
+        for index, name in enumerate(config.peers, start=1):
+            _log(f"4.{index} peer {name}")
+            peers[name] = _peer_curves(config, name, art_dir, work, workload)
+            loads.append(os.getloadavg()[0])
+    tenants["end"] = busiest_processes()
     data = assemble_results(config, machine=machine, created=created, offline=offline, naive=naive, served=served,
                             manifest=manifest, run_dir=run_dir, loads=loads, workload_pool=workload.pool_size,
-                            duration_s=time.perf_counter() - started, service_log_tail=service_log_tail)
+                            duration_s=time.perf_counter() - started, service_log_tail=service_log_tail,
+                            peers=peers, tenants=tenants)
     return data, write_results(data, out)
+
+
+def _peer_curves(config: BenchConfig, name: str, art_dir: Path, work: Path, workload: Workload) -> dict[str, Any]:
+    """Peer ``name`` started over ``art_dir``, a :func:`load_curve` per protocol it serves, then stopped."""
+    threads = config.resolved_threads()
+    peer = launch_peer(name, art_dir, threads=threads, max_batch_size=config.max_batch_size, work=work,
+                       thread_env=thread_env(threads), startup_timeout_s=config.startup_timeout_s, log=_log)
+    result: dict[str, Any] = {"details": peer.details, "curves": {}}
+    with peer.server as server:
+        result["startup_s"] = server.startup_s
+        for protocol, url in peer.urls.items():
+            target = Target(f"{name}-{protocol}", protocol, url, None, server.pid)
+            result["curves"][protocol] = load_curve(target, config, workload, concurrencies=config.service_concurrency,
+                                                    fractions=config.open_fractions)
+        result["log_tail"] = server.log_tail(10)
+    return result
+
+
+def optimized_figures(path: str | Path | None = None) -> dict[str, Any]:
+    """The optimisation A/B's verdict keys (:data:`OPTIMIZED_KEYS`) from ``path`` or, when None, from the
+    newest ``loadtest/results/optimize-*.json`` (by its ``created`` field, then name); nulls when none exists.
+
+    Raises:
+        ValueError: ``path`` is given but missing or not a JSON object.
+    """
+    if path is None:
+        found = []
+        for candidate in RESULTS_DIR.glob("optimize-*.json"):
+            try:
+                doc = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict):
+                found.append((str(doc.get("created", "")), candidate.name, candidate, doc))
+        if not found:
+            return {"source": None, "note": "no loadtest/results/optimize-*.json yet", **dict.fromkeys(OPTIMIZED_KEYS)}
+        _, _, source, doc = max(found, key=lambda row: row[:2])
+    else:
+        source = Path(path)
+        try:
+            doc = json.loads(source.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--optimized-results {source}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"--optimized-results {source}: expected a JSON object")
+    return {"source": source.name, "created": doc.get("created"), **{k: doc.get(k) for k in OPTIMIZED_KEYS}}
 
 
 def assemble_results(config: BenchConfig, *, machine: dict[str, Any], created: str, offline: dict[str, Any],
                      naive: dict[str, Any], served: dict[str, Any], manifest: dict[str, Any], run_dir: str,
                      loads: Sequence[float], workload_pool: int, duration_s: float,
-                     service_log_tail: str = "") -> dict[str, Any]:
+                     service_log_tail: str = "", peers: dict[str, Any] | None = None,
+                     tenants: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results document (schema ``medrefine-loadtest/1``) from the measured parts.
 
     ``served`` maps each protocol to its :func:`load_curve` (plus ``"settings"``); the top-level
-    ``served_over_offline`` and ``served_over_naive`` are those of ``config.primary_protocol``.
+    ``served_over_offline`` and ``served_over_naive`` are those of ``config.primary_protocol``; ``peers``
+    maps each peer to ``{"curves": {protocol: curve}, ...}`` (see :mod:`loadtest.peers.compare`).
     """
     threads = config.resolved_threads()
+    peers = peers or {}
+    peer_curves = [c for peer in peers.values() for c in peer.get("curves", {}).values()]
     other_cores = [step["cpu"]["other_cores"]
-                   for curve in [naive, *[c for k, c in served.items() if k != "settings"]]
+                   for curve in [naive, *[c for k, c in served.items() if k != "settings"], *peer_curves]
                    for step in curve.get("closed", []) + curve.get("open", [])]
     naive_peak = naive.get("peak_throughput_rps")
     ratios = {p: served_ratios(served[p], offline, naive_peak, config.max_batch_size) for p in config.protocols}
     primary = ratios[config.primary_protocol]
     other_mean = sum(other_cores) / len(other_cores) if other_cores else 0.0
-    return {
+    data = {
         "format": RESULTS_FORMAT,
         "created": created,
         "machine": machine,
@@ -623,6 +709,7 @@ def assemble_results(config: BenchConfig, *, machine: dict[str, Any], created: s
             "shared": other_mean > 0.25,
             "note": config.note or ("other processes used on average "
                                     f"{other_mean:.2f} of {machine['logical_cores']} cores during the load steps"),
+            "busiest_other_processes": tenants or {},
         },
         "config": config.to_dict(),
         "threads": {"OMP_NUM_THREADS": threads, "ort_intra_op_threads": threads, "torch_threads": threads,
@@ -643,7 +730,17 @@ def assemble_results(config: BenchConfig, *, machine: dict[str, Any], created: s
                         primary["served_over_offline_per_core"]),
         "service_log_tail": service_log_tail,
         "duration_s": duration_s,
+        "peers": peers,
     }
+    compared = verdict(data)
+    data.update({key: compared[key] for key in VERDICT_KEYS})
+    data["comparison"] = {"servers": compared["servers"], "best_peer": compared["best_peer"]}
+    data["goals"]["ours_over_best_peer"] = {**compared["goal"],
+                                            "met": all(g["met"] for g in compared["goal"].values())}
+    optimized = optimized_figures(config.optimized_results)
+    data.update({key: optimized[key] for key in OPTIMIZED_KEYS})
+    data["optimized"] = optimized
+    return data
 
 
 def write_results(data: dict[str, Any], out: str | Path) -> Path:
@@ -653,12 +750,15 @@ def write_results(data: dict[str, Any], out: str | Path) -> Path:
     plot = out.with_suffix(".png")
     _plot(data, plot)
     data["plot"] = plot.name
+    servers_plot = plot_servers(data, out.with_name(f"{out.stem}-servers.png"))
+    data["plot_servers"] = servers_plot.name
     validate_results(data)
     text = json.dumps(data, indent=2, default=_json_default)
     out.write_text(text)
     if out.parent.resolve() == RESULTS_DIR.resolve():
         (RESULTS_DIR / "latest.json").write_text(text)
         shutil.copyfile(plot, RESULTS_DIR / "latest.png")
+        shutil.copyfile(servers_plot, RESULTS_DIR / "latest-servers.png")
     return out
 
 
@@ -681,12 +781,17 @@ def _floats(text: str) -> tuple[float, ...]:
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=args.model, artifacts=args.artifacts, backend=args.backend, threads=args.threads,
-        image_size=args.image_size, duration_s=args.duration_s, warmup_s=args.warmup_s,
-        min_requests=args.min_requests, max_step_s=args.max_step_s, offline_duration_s=args.offline_duration_s, offline_batch_sizes=args.offline_batch_sizes,
+        image_size=args.image_size,
+        duration_s=args.duration_s if args.duration_s is not None else (
+            PEERS_ONLY_DURATION_S if args.peers_only else BenchConfig.duration_s),
+        warmup_s=args.warmup_s,
+        min_requests=args.min_requests if args.min_requests is not None else (
+            PEERS_ONLY_MIN_REQUESTS if args.peers_only else BenchConfig.min_requests), max_step_s=args.max_step_s, offline_duration_s=args.offline_duration_s, offline_batch_sizes=args.offline_batch_sizes,
         service_concurrency=args.concurrency, naive_concurrency=args.naive_concurrency,
         open_fractions=args.fractions, arrival=args.arrival, protocols=args.protocols,
         primary_protocol=args.primary_protocol, max_batch_size=args.max_batch_size,
         max_latency_ms=args.max_latency_ms, skip_naive=args.skip_naive, profile_s=args.profile_s, note=args.note,
+        peers=args.peers, peers_only=args.peers_only, optimized_results=args.optimized_results,
         out=args.out,
     )
 
@@ -698,10 +803,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--threads", type=int, default=d.threads, help="threads per engine (0: physical cores)")
     parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--duration-s", type=float, default=d.duration_s, help="seconds per load step")
+    parser.add_argument("--duration-s", type=float, default=None,
+                        help=f"seconds per load step (default {d.duration_s}; {PEERS_ONLY_DURATION_S} with --peers-only)")
     parser.add_argument("--warmup-s", type=float, default=d.warmup_s, help="left out of each step's summary")
-    parser.add_argument("--min-requests", type=int, default=d.min_requests,
-                        help="open-loop steps last until this many requests were offered after warm-up ...")
+    parser.add_argument("--min-requests", type=int, default=None,
+                        help=f"open-loop steps last until this many requests were offered after warm-up "
+                             f"(default {d.min_requests}; {PEERS_ONLY_MIN_REQUESTS} with --peers-only) ...")
     parser.add_argument("--max-step-s", type=float, default=d.max_step_s, help="... but at most this long")
     parser.add_argument("--offline-duration-s", type=float, default=d.offline_duration_s)
     parser.add_argument("--offline-batch-sizes", type=_ints, default=d.offline_batch_sizes)
@@ -716,6 +823,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     parser.add_argument("--max-latency-ms", type=float, default=d.max_latency_ms)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--peers", type=lambda s: tuple(v for v in s.split(",") if v), default=d.peers,
+                        help=f"comma-separated peers to compare (default all: {','.join(PEERS)}; '' for none)")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only our service and the peers (no offline pipeline, no naive baseline), shorter steps")
+    parser.add_argument("--optimized-results", default=None,
+                        help="optimisation A/B JSON to copy the optimized_* keys from "
+                             "(default: the newest loadtest/results/optimize-*.json)")
     parser.add_argument("--profile-s", type=float, default=0.0,
                         help="> 0: py-spy the service at peak and the offline pipeline for this long (extra steps)")
     parser.add_argument("--note", default="", help="free text stored in machine_load.note (e.g. 'shared box')")
@@ -736,6 +850,8 @@ def run(args: argparse.Namespace) -> int:
         "served_over_naive": data["served_over_naive"],
         "p99_over_p50_at_70pct": goals["p99_over_p50_at_70pct"]["by_protocol"],
         "goals_met": {k: v["met"] for k, v in goals.items()},
+        **{key: data[key] for key in (*VERDICT_KEYS, *OPTIMIZED_KEYS)},
+        "best_peer": data["comparison"]["best_peer"],
         "other_tenants_cores_mean": data["machine_load"]["other_tenants_cores_mean"],
     }, indent=2))
     return 0

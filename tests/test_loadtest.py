@@ -376,10 +376,15 @@ def test_results_document_has_the_schema_and_ratios(service, naive, tiny, worklo
     assert loaded["served_over_naive"] == pytest.approx(rest_peak / loaded["naive"]["peak_throughput_rps"])
     at70 = loaded["served"]["grpc"]["at_70pct"]
     assert at70["p99_over_p50"] == pytest.approx(at70["p99_ms"] / at70["p50_ms"])
-    assert set(loaded["goals"]) == {"served_over_offline", "served_over_naive", "p99_over_p50_at_70pct"}
+    assert set(loaded["goals"]) == {"served_over_offline", "served_over_naive", "p99_over_p50_at_70pct",
+                                    "ours_over_best_peer"}
+    assert loaded["p99_ms_at_70pct_grpc"] == at70["p99_ms"]  # no peers measured: no ratio, our p99 still reported
+    assert loaded["ours_over_best_peer_grpc"] is None
+    assert loaded["ours_over_best_peer_rest"] == pytest.approx(rest_peak / loaded["naive"]["peak_throughput_rps"])
     for key in ("cpu_model", "logical_cores", "ram_bytes", "os", "python", "torch", "onnxruntime", "git_sha"):
         assert loaded["machine"][key] is not None, key
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "bench-servers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     broken = dict(loaded)
     del broken["served_over_naive"]
     with pytest.raises(ValueError, match="served_over_naive"):
