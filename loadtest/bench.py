@@ -55,6 +55,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -641,8 +642,12 @@ def _peer_curves(config: BenchConfig, name: str, art_dir: Path, work: Path, work
         result["startup_s"] = server.startup_s
         for protocol, url in peer.urls.items():
             target = Target(f"{name}-{protocol}", protocol, url, None, server.pid)
-            result["curves"][protocol] = load_curve(target, config, workload, concurrencies=config.service_concurrency,
-                                                    fractions=config.open_fractions)
+            curve = load_curve(target, config, workload, concurrencies=config.service_concurrency,
+                               fractions=config.open_fractions)
+            if config.profile_s > 0 and curve.get("peak_concurrency"):  # where a peer's CPU goes, as for ours
+                curve["profile"] = _profile_service(config, target, curve["peak_concurrency"], workload,
+                                                    work / f"profile-{name}-{protocol}.txt")
+            result["curves"][protocol] = curve
         result["log_tail"] = server.log_tail(10)
     return result
 
@@ -842,6 +847,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"python -m loadtest bench: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped (each in its own session)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     data, out = run_bench(config)
     goals = data["goals"]
     print(json.dumps({

@@ -20,7 +20,7 @@ from PIL import Image
 
 from loadtest import bench
 from loadtest.peers.common import load_pipeline, model_side, segment_masks, to_unit
-from loadtest.peers.compare import plot_servers, verdict
+from loadtest.peers.compare import markdown_table, plot_servers, verdict
 from loadtest.peers.kserve_venv import requirements, venv_dir
 from loadtest.peers.launch import launch_peer
 from loadtest.tenants import instruction_sets
@@ -134,6 +134,9 @@ def test_verdict_compares_ours_with_the_best_peer_per_protocol_family(tmp_path):
     assert {(r["server"], r["protocol"]) for r in result["servers"]} == {
         ("ours", "rest"), ("ours", "grpc"), ("naive-torch", "rest"), ("bentoml-idiomatic", "rest"),
         ("kserve", "oip-http"), ("kserve", "grpc")}
+    table = markdown_table(_document(60.0, 62.0)).splitlines()
+    assert len(table) == 2 + 6
+    assert "| kserve | oip-http | 44.0 | 1.00 | 44.0 | 20 / 34 | 20 / 80 | – | 1.36 |" in table  # 60 / 44
     plot = plot_servers(_document(60.0, 62.0), tmp_path / "servers.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GOAL_OURS_OVER_BEST_PEER", "server_row", "server_curves", "verdict", "plot_servers"]
+__all__ = ["GOAL_OURS_OVER_BEST_PEER", "markdown_table", "plot_servers", "server_curves", "server_row", "verdict"]
 
 GOAL_OURS_OVER_BEST_PEER = 1.25
 HTTP_PROTOCOLS = ("rest", "oip-http")
@@ -115,3 +115,34 @@ def plot_servers(data: Mapping[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(data: Mapping[str, Any]) -> str:
+    """The README's table of one results document: a row per server and protocol, every figure from ``data``."""
+    lines = ["| server | protocol | peak (req/s) | server CPU at peak (cores) | req per server CPU-s at peak "
+             "| p50 / p99 at 30 % (ms) | p50 / p99 at 70 % (ms) | p50 / p99 at 90 % (ms) | ours ÷ this peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = [server_row(s, p, c) for s, p, c in server_curves(data)]
+    ours = {_family(r["protocol"]): r["peak_rps"] for r in rows if r["server"] == "ours"}
+    for row in rows:
+        cells = []
+        for fraction in ("30%", "70%", "90%"):
+            step = row["by_fraction"].get(fraction)
+            cells.append(f"{_num(step['p50_ms'], 0)} / {_num(step['p99_ms'], 0)}" if step else "–")
+        mine = ours.get(_family(row["protocol"]))
+        ratio = "" if row["server"] == "ours" or not mine or not row["peak_rps"] else f"{mine / row['peak_rps']:.2f}"
+        lines.append(f"| {row['server']} | {row['protocol']} | {_num(row['peak_rps'])} | "
+                     f"{_num(row['server_cores_at_peak'], 2)} | {_num(row['rps_per_server_core_at_peak'])} | "
+                     f"{' | '.join(cells)} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))
