@@ -56,7 +56,9 @@ RUN set -eux; \
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY models ./models
+COPY weights ./weights
 COPY training ./training
+COPY inference ./inference
 COPY export ./export
 COPY service ./service
 COPY medplatform ./medplatform

@@ -1,1 +1,1 @@
-"""Shared by training, export and service: image I/O, data sets, metrics, losses, phantoms, checkpoints."""
+"""The bottom layer, shared by everything above: image I/O, data sets, metrics, losses, phantoms."""

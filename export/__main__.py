@@ -111,7 +111,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             manifest = export_artifacts(run_dir, args.out, fp16=args.fp16, opset=args.opset,
                                         threads=args.threads, only=only, log=_log)
     else:
-        from core.checkpoints import resolve_run_dir
+        from weights.checkpoints import resolve_run_dir
 
         manifest = export_artifacts(resolve_run_dir(args.model), args.out, fp16=args.fp16, opset=args.opset,
                                     threads=args.threads, only=only, log=_log)
@@ -134,7 +134,7 @@ def cmd_generators(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from export.manifest import verify_artifacts
+    from export.verify import verify_artifacts
 
     report = verify_artifacts(args.art_dir, rerun_parity=not args.structural, threads=args.threads)
     for note in report.notes:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
 
-    from export.tensorrt import MissingDependencyError
+    from inference.tensorrt_runtime import MissingDependencyError
 
     try:
         return COMMANDS[args.command](args)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from export.manifest import check_hashes, load_manifest
+from inference.manifest import check_hashes, load_manifest
 
 DEFAULT_NAME = "medrefine"
 VERSION_CHARS = 20

@@ -1,8 +1,8 @@
 """Export the generator runs (``checkpoints/generators/{text2image,pix2pix,selector}``) to parity-checked ONNX.
 
 ``export_generator_artifacts(generators_dir, out_dir)`` writes an artifact directory in the segmentation
-format (export/manifest.py) whose graphs serve core.generation's pipelines on ONNX Runtime
-(service/generator_artifacts.py); B is a dynamic ``batch`` axis everywhere, T the text encoder's
+format (inference/manifest.py) whose graphs serve inference.generation's pipelines on ONNX Runtime
+(inference/generator_artifacts.py); B is a dynamic ``batch`` axis everywhere, T the text encoder's
 ``max_tokens``, D its width, S a generator's image size:
 
 - ``pix2pix`` (run ``pix2pix``): ``mask`` (B, 1, S, S) float32 {0, 1} -> ``image`` (B, 1, S, S) in [0, 1]
@@ -249,7 +249,7 @@ class GeneratorSources:
 
 
 def _weights_sha256(run_dir: Path) -> str:
-    from core.checkpoints import WEIGHTS_FILE, file_sha256, read_run_json
+    from weights.checkpoints import WEIGHTS_FILE, file_sha256, read_run_json
 
     return file_sha256(run_dir / str(read_run_json(run_dir).get("weights", WEIGHTS_FILE)))
 
@@ -258,13 +258,13 @@ def load_generator_sources(generators_dir: str | os.PathLike[str]) -> GeneratorS
     """Load every generator run present under ``generators_dir`` (``"default"``: checkpoints/generators).
 
     Raises:
-        core.checkpoints.RunDirError: the directory does not exist or holds none of the runs
+        weights.checkpoints.RunDirError: the directory does not exist or holds none of the runs
             (``text2image``, ``pix2pix``, ``selector``), or a run is inconsistent (names the file).
         core.text_encoders.TextEncoderError: the text2image run's text encoder cannot be loaded.
     """
-    from core.checkpoints import RunDirError
-    from core.generation import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
     from core.text_encoders import HFTextEncoder
+    from weights.checkpoints import RunDirError
+    from weights.generators import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
 
     root = resolve_generators_dir(generators_dir)
     if not root.is_dir():
@@ -318,8 +318,8 @@ def pipeline_block(sources: GeneratorSources) -> dict[str, Any]:
 
 
 def _copy_tokenizer(encoder: Any, stage: Path) -> dict[str, Any]:
-    from core.checkpoints import RunDirError
-    from export.manifest import sha256_file
+    from inference.manifest import sha256_file
+    from weights.checkpoints import RunDirError
 
     src = Path(encoder.path) / "tokenizer.json"
     if not src.is_file():
@@ -337,7 +337,7 @@ def export_generator_artifacts(generators_dir: str | os.PathLike[str], out_dir: 
     """Export the generator runs of ``generators_dir`` into ``out_dir``; returns the manifest.
 
     Raises:
-        core.checkpoints.RunDirError: no generator runs, or an inconsistent one (names the file).
+        weights.checkpoints.RunDirError: no generator runs, or an inconsistent one (names the file).
         export.parity.ParityError: a graph failed parity (nothing is written, ``out_dir`` is untouched).
     """
     # 1. Load the runs (and the text encoder of the text2image run)

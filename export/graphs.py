@@ -1,13 +1,13 @@
-"""Export wrappers, one per served graph, and their parity specs.
+"""Parity specs, one per served graph (the wrappers are ``weights.graphs``).
 
-Graphs (contracts.md, "Artifact directory"); B is a dynamic ``batch`` axis everywhere:
+Graphs (docs/architecture.md, "Artifact directory"); B is a dynamic ``batch`` axis everywhere:
 
 - ``transunet``: ``image`` (B, C, S, S) float32 in [0, 1] -> ``probability`` (B, 1, S, S) in [0, 1]
   (``TransUNetGraph``: the sigmoid is inside the graph).
 - ``image_encoder``: ``image`` (B, 3, R, R) float32 in [0, 255] (the ROI crop, gray repeated) ->
   ``image_embeddings`` (B, D, R/16, R/16) (``ImageEncoderGraph``: the refiner's own preprocessing —
   SAM mean/std or MedSAM min-max — is inside the graph).
-- ``mask_decoder``: ``export.sam_onnx.SamOnnxDecoder`` (single mask), inputs image_embeddings,
+- ``mask_decoder``: ``weights.sam_onnx.SamOnnxDecoder`` (single mask), inputs image_embeddings,
   point_coords (B, N, 2) in the R x R frame, point_labels (B, N), mask_input (B, 1, 4h, 4w),
   has_mask_input (B,), orig_im_size (2,) -> masks (B, 1, H0, W0) logits, iou_predictions (B, 1),
   low_res_masks (B, 1, 4h, 4w); N is the dynamic ``num_points`` axis, H0 / W0 follow orig_im_size.
@@ -33,46 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.parity import BOUNDS, ParityCase
+from weights.graphs import GateGraph, ImageEncoderGraph, TransUNetGraph, gate_input_names, model_parts
 
 PARITY_SEED = 1234
-
-
-# --------------------------------------------------------------------------- wrappers
-class TransUNetGraph(nn.Module):
-    """``image`` (B, C, S, S) in [0, 1] -> ``probability`` (B, 1, S, S) = sigmoid(TransUNet logits)."""
-
-    def __init__(self, transunet: nn.Module) -> None:
-        super().__init__()
-        self.transunet = transunet
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.transunet(image))
-
-
-class ImageEncoderGraph(nn.Module):
-    """``image`` (B, 3, R, R) in [0, 255] -> ``image_embeddings`` (B, D, R/16, R/16).
-
-    R is the refiner's input size S, so SAM's resize and pad are identities; the normalisation
-    (``Sam.preprocess``: mean/std for "sam", per-image min-max for "medsam") runs inside the graph.
-    """
-
-    def __init__(self, sam: nn.Module) -> None:
-        super().__init__()
-        self.sam = sam
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.sam.encode(self.sam.preprocess(image))
-
-
-class GateGraph(nn.Module):
-    """``coarse``, ``sam`` (B, 1, H, W) [, ``image``] -> ``gate`` (B, 1, H, W) of a learned/hybrid gate."""
-
-    def __init__(self, gate: nn.Module) -> None:
-        super().__init__()
-        self.gate = gate
-
-    def forward(self, coarse: torch.Tensor, sam: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        return self.gate(coarse, sam, image)
 
 
 # --------------------------------------------------------------------------- specs
@@ -189,7 +152,7 @@ def _phantom_prompts(sam: nn.Module, masks: torch.Tensor) -> dict[str, torch.Ten
 
 
 def mask_decoder_spec(sam: nn.Module) -> GraphSpec:
-    from export.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
+    from weights.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
 
     size = sam.img_size
     dim = sam.config.prompt_embed_dim
@@ -235,8 +198,7 @@ def gate_spec(gate: nn.Module, size: int, threshold: float = 0.5) -> GraphSpec:
     ``coarse + gate * (sam - coarse) > threshold`` (models.gate.apply_gate)."""
     from models.gate import apply_gate
 
-    cfg = gate.config
-    names = ("coarse", "sam", "image") if cfg.use_image else ("coarse", "sam")
+    names = gate_input_names(gate)
     module = GateGraph(gate).eval()
     spatial = {0: "batch", 2: "height", 3: "width"}
 
@@ -266,16 +228,9 @@ def gate_spec(gate: nn.Module, size: int, threshold: float = 0.5) -> GraphSpec:
 
 
 # --------------------------------------------------------------------------- from a run
-def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
-    """(transunet, sam, gate) of an UltraRefiner, or (transunet, None, None) for a TransUNet run."""
-    if hasattr(model, "refiner"):
-        return getattr(model, "transunet", None), model.refiner, getattr(model, "gate", None)
-    return model, None, None
-
-
 def build_graph_specs(model: nn.Module, info: Any) -> list[GraphSpec]:
     """Specs of every graph the service needs for this run's model (eval mode, CPU)."""
-    transunet, sam, gate = _parts(model)
+    transunet, sam, gate = model_parts(model)
     specs = []
     if transunet is not None:
         specs.append(transunet_spec(transunet))
@@ -289,7 +244,7 @@ def build_graph_specs(model: nn.Module, info: Any) -> list[GraphSpec]:
 
 def pipeline_block(model: nn.Module, info: Any) -> dict[str, Any]:
     """The manifest's ``pipeline`` block: every setting the service's glue needs, taken from the model."""
-    transunet, sam, gate = _parts(model)
+    transunet, sam, gate = model_parts(model)
     block: dict[str, Any] = {"threshold": float(info.threshold)}
     if transunet is not None:
         block.update(transunet_size=int(transunet.config.img_size),
@@ -324,8 +279,8 @@ def save_random_run(name: str, run_dir: str | os.PathLike[str], *, seed: int = 0
     Raises:
         ValueError: unknown name (the known ones are listed).
     """
-    from core.checkpoints import save_run
     from models.build import build_ultrarefiner, config_to_dict
+    from weights.checkpoints import save_run
 
     if name not in RANDOM_CONFIGS:
         raise ValueError(f"unknown random config {name!r}; expected one of {sorted(RANDOM_CONFIGS)}")

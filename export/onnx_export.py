@@ -2,14 +2,14 @@
 
 Steps of ``export_artifacts(run_dir, out_dir)``:
 
-1. load the run (core.checkpoints) and build its model in eval mode;
+1. load the run (weights.checkpoints) and build its model in eval mode;
 2. build the served graphs' specs (export/graphs.py);
 3. per graph, into a temporary sibling directory: ``torch.onnx.export`` (TorchScript exporter, fp32,
    dynamic batch axis), ``onnx.checker``, parity vs torch (export/parity.py); with ``fp16`` the fp32
    graph is converted (onnxconverter-common's float16 if installed, else ONNX Runtime's copy of it;
    graph inputs/outputs stay float32) and parity is checked again against the fp32 torch reference
    with the looser fp16 bound;
-4. write manifest.json (export/manifest.py) and move the directory into place.
+4. write manifest.json (inference/manifest.py) and move the directory into place.
 
 ``export_specs`` (steps 3) and ``write_artifact_manifest`` (step 4) are shared with the generator
 exporter (export/generators.py).
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from export.manifest import FORMAT, compute_version, sha256_file, write_manifest
 from export.parity import BOUNDS, ParityResult, check_parity
+from inference.manifest import FORMAT, compute_version, sha256_file, write_manifest
 
 DEFAULT_OPSET = 17
 _DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 9: "bool", 11: "float64", 2: "uint8"}
@@ -259,7 +259,7 @@ def write_artifact_manifest(stage: Path, graphs: Mapping[str, Any], *, pipeline:
 
     ``assets`` maps an asset name to ``{"file": path relative to the artifact directory, "sha256", ...}``.
     """
-    from core.checkpoints import code_version
+    from weights.checkpoints import code_version
 
     asset_hashes = {name: a["sha256"] for name, a in (assets or {}).items()}
     manifest: dict[str, Any] = {
@@ -288,11 +288,11 @@ def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     TransUNet-only deployment); unknown names raise ``ValueError``.
 
     Raises:
-        core.checkpoints.RunDirError: the run directory is missing or inconsistent.
+        weights.checkpoints.RunDirError: the run directory is missing or inconsistent.
         export.parity.ParityError: a graph failed parity (nothing is written).
     """
-    from core.checkpoints import build_model_from_run, load_run
     from export.graphs import build_graph_specs, pipeline_block
+    from weights.checkpoints import build_model_from_run, load_run
 
     # 1. Load the run and its model
     info = load_run(run_dir)
@@ -345,8 +345,8 @@ def reverify_parity(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]
 
     Uses the bound recorded in the manifest. Raises ``ParityError`` naming the graph file on failure.
     """
-    from core.checkpoints import build_model_from_run, load_run
     from export.graphs import build_graph_specs
+    from weights.checkpoints import build_model_from_run, load_run
 
     info = load_run(manifest["source"]["run_dir"])
     specs = {s.name: s for s in build_graph_specs(build_model_from_run(info), info)}

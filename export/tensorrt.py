@@ -9,8 +9,9 @@ Everything above ``build_engines`` is pure Python + onnx and is tested without T
   ``profile.set_shape_input(name, min, opt, max)`` for it, and shape tensors must be int32.
 - ``prepare_for_tensorrt(model)``: rewrites each float shape input to int32 followed by a Cast back to
   float, so the rest of the graph is unchanged.
-- ``check_engine_compatible(record, gpu, trt_version)``: a serialized engine only runs on the GPU model
-  (compute capability) and TensorRT version it was built with; the service calls this before loading.
+- ``check_engine_compatible(record, gpu, trt_version)`` (``inference.tensorrt_runtime``, with ``query_gpu`` and
+  ``import_tensorrt``): a serialized engine only runs on the GPU model (compute capability) and TensorRT
+  version it was built with; the service calls this before loading.
 
 ``build_engines`` imports ``tensorrt`` lazily. Without it, or without an NVIDIA GPU, it raises
 ``MissingDependencyError`` whose one-line message says what is missing and how to install it.
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,20 +32,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from inference.tensorrt_runtime import import_tensorrt, query_gpu
+
 TRT_FORMAT = "medrefine-trt/1"
 # Inputs whose *values* are shapes (TensorRT shape tensors): converted to int32, profiled by value.
 SHAPE_INPUTS: tuple[str, ...] = ("orig_im_size",)
-INSTALL_HINT = "install it on an NVIDIA machine with: pip install 'medrefine[gpu]'"
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 9: "bool", 11: "float64", 2: "uint8"}
-
-
-class MissingDependencyError(RuntimeError):
-    """TensorRT or an NVIDIA GPU is missing; the message is one line saying what and how to fix it."""
-
-
-class EngineCompatibilityError(RuntimeError):
-    """A serialized TensorRT engine was built for another GPU or TensorRT version."""
 
 
 @dataclass(frozen=True)
@@ -203,90 +195,6 @@ def prepare_for_tensorrt(model: Any, shape_inputs: Sequence[str] = SHAPE_INPUTS)
     return model
 
 
-# --------------------------------------------------------------------------- compatibility
-@dataclass(frozen=True)
-class GpuInfo:
-    """An NVIDIA GPU: ``name`` as the driver reports it, ``compute_capability`` "major.minor"."""
-
-    name: str
-    compute_capability: str
-
-    @classmethod
-    def coerce(cls, value: GpuInfo | Mapping[str, Any]) -> GpuInfo:
-        if isinstance(value, GpuInfo):
-            return value
-        return cls(name=str(value["name"]), compute_capability=str(value["compute_capability"]))
-
-
-def check_engine_compatible(engine_record: Mapping[str, Any], current_gpu: GpuInfo | Mapping[str, Any],
-                            current_trt_version: str) -> None:
-    """Raise unless engines described by ``engine_record`` can run here.
-
-    Args:
-        engine_record: ``ART_DIR/trt/manifest.json`` content (or any mapping with ``gpu`` {name,
-            compute_capability} and ``tensorrt_version``).
-        current_gpu: this machine's GPU (``GpuInfo`` or a mapping with the same keys).
-        current_trt_version: ``tensorrt.__version__`` here.
-
-    Raises:
-        EngineCompatibilityError: TensorRT version, compute capability or GPU model differ (TensorRT
-            engines are specific to all three unless built in hardware-compatibility mode); the message
-            names both values and how to rebuild.
-        ValueError: the record lacks a field.
-    """
-    for key in ("gpu", "tensorrt_version"):
-        if key not in engine_record:
-            raise ValueError(f"TensorRT engine record lacks field {key!r}")
-    built = GpuInfo.coerce(engine_record["gpu"])
-    here = GpuInfo.coerce(current_gpu)
-    rebuild = "rebuild the engines here with `python -m export tensorrt --onnx ART_DIR --out ART_DIR/trt`"
-    problems = []
-    if str(engine_record["tensorrt_version"]) != str(current_trt_version):
-        problems.append(f"TensorRT {engine_record['tensorrt_version']} at build, {current_trt_version} here")
-    if built.compute_capability != here.compute_capability:
-        problems.append(f"compute capability {built.compute_capability} at build, {here.compute_capability} here")
-    if built.name != here.name:
-        problems.append(f"GPU {built.name!r} at build, {here.name!r} here")
-    if problems:
-        raise EngineCompatibilityError("TensorRT engines are incompatible with this machine: "
-                                       + "; ".join(problems) + f"; {rebuild}")
-
-
-# --------------------------------------------------------------------------- environment
-def import_tensorrt() -> Any:
-    """``import tensorrt`` or raise ``MissingDependencyError`` with the install hint."""
-    try:
-        import tensorrt  # optional GPU dependency
-    except ImportError as exc:
-        raise MissingDependencyError(f"TensorRT is not installed (import tensorrt failed: {exc}); "
-                                     f"{INSTALL_HINT}") from exc
-    return tensorrt
-
-
-def query_gpu() -> GpuInfo:
-    """The first NVIDIA GPU (via ``nvidia-smi``, else torch.cuda) or ``MissingDependencyError``."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-            line = out.strip().splitlines()[0]
-            name, cap = (part.strip() for part in line.rsplit(",", 1))
-            return GpuInfo(name=name, compute_capability=cap)
-        except (subprocess.SubprocessError, IndexError, ValueError):
-            pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return GpuInfo(name=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}")
-    except ImportError:
-        pass
-    raise MissingDependencyError("no NVIDIA GPU found (nvidia-smi and torch.cuda see none); TensorRT engines must "
-                                 f"be built on the GPU that will run them; {INSTALL_HINT}")
-
-
 # --------------------------------------------------------------------------- build
 def _set_fp16(trt: Any, config: Any, fp16: bool) -> None:
     if not fp16:
@@ -377,7 +285,7 @@ def build_engines(art_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
     Checks TensorRT and the GPU first, so a machine without them fails before any work.
     """
-    from export.manifest import check_hashes, load_manifest, sha256_file
+    from inference.manifest import check_hashes, load_manifest, sha256_file
 
     trt = import_tensorrt()
     gpu = query_gpu()

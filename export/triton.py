@@ -36,7 +36,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import MANIFEST_NAME, check_hashes, load_manifest
+from inference.manifest import MANIFEST_NAME, check_hashes, load_manifest
 
 TRITON_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32,
                  "int64": mc.TYPE_INT64, "bool": mc.TYPE_BOOL, "uint8": mc.TYPE_UINT8}

@@ -50,8 +50,8 @@ def offline_throughput(generators_dir: Path, *, concurrency: list[int], steps: i
     """Images/s of ``sample_many`` over ``k`` one-image requests, for each ``k`` (ONNX Runtime, ``threads``)."""
     import torch
 
-    from core.generation import GenerationRequest
-    from service.generator_artifacts import load_generators
+    from inference.generation import GenerationRequest
+    from inference.generator_artifacts import load_generators
 
     torch.set_num_threads(threads)
     pipeline = load_generators(generators_dir, intra_op_threads=threads).text2image

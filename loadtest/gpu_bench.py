@@ -227,7 +227,7 @@ def jittered_prompts(base: dict[str, torch.Tensor], n: int, seed: int, pixels: f
 def load_reference(args: argparse.Namespace) -> tuple[Sam, str]:
     """The float32 reference on the CPU, and a description of its weights."""
     if args.checkpoint is not None:
-        from core.sam_checkpoint import load_sam_checkpoint
+        from weights.sam_checkpoint import load_sam_checkpoint
 
         return load_sam_checkpoint(args.checkpoint, args.model).eval(), f"checkpoint {args.checkpoint}"
     torch.manual_seed(args.seed)

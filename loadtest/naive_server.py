@@ -31,8 +31,8 @@ def build_app(model_dir: str, *, threads: int | None = None):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from core.checkpoints import build_model_from_run, load_run, resolve_run_dir
     from core.imageio import ImageDecodeError, decode_image, encode_mask_png
+    from weights.checkpoints import build_model_from_run, load_run, resolve_run_dir
 
     if threads:
         torch.set_num_threads(int(threads))

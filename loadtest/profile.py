@@ -1,7 +1,7 @@
 """Sampling profiles with py-spy (optional dependency) and where-the-time-goes summaries.
 
 ``py-spy record --format raw`` writes collapsed stacks, one line per distinct stack:
-``frame;frame;...;leaf COUNT`` with frames like ``segment (service/pipeline.py:470)``. The summary
+``frame;frame;...;leaf COUNT`` with frames like ``segment (inference/pipeline.py:470)``. The summary
 gives each function's share of samples as the leaf (self time) and anywhere on the stack (inclusive).
 """
 
@@ -57,7 +57,7 @@ _BOILERPLATE = re.compile(
 
 
 def _function(frame: str) -> str:
-    """``segment (service/pipeline.py:470)`` -> ``segment (service/pipeline.py)`` (lines merged)."""
+    """``segment (inference/pipeline.py:470)`` -> ``segment (inference/pipeline.py)`` (lines merged)."""
     return _LINE_NO.sub(")", frame.strip())
 
 

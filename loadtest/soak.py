@@ -251,7 +251,7 @@ def run_soak(config: SoakConfig) -> tuple[dict[str, Any], bool]:
     with tempfile.TemporaryDirectory(prefix="medrefine-soak-") as tmp:
         server: ServerProcess | None = None
         if config.url is None:
-            from service.engines import physical_cores
+            from inference.engines import physical_cores
 
             art_dir, _ = prepare_artifacts(config.model, config.artifacts, Path(tmp))
             threads = config.threads or physical_cores()

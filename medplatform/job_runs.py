@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from export.manifest import sha256_file
+from inference.manifest import sha256_file
 from medplatform.db import Dataset, Job
 from medplatform.errors import IntegrityFailure, InvalidValue, NotFound
 from medplatform.registry import run_prefix
@@ -182,11 +182,11 @@ def run_predict(ctx: JobContext) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from core.checkpoints import build_model_from_run, load_run
     from core.datasets import SegmentationDataset
     from core.imageio import encode_mask_png
     from core.metrics import METRIC_NAMES, SegmentationMetrics
     from training.phases import transunet_logits
+    from weights.checkpoints import build_model_from_run, load_run
 
     _, root = fetch_dataset(ctx)
     name, version, run_dir = fetch_run(ctx, ctx.job.recipe or "")

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
-from export.manifest import sha256_file as file_sha256
+from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
+from inference.manifest import sha256_file as file_sha256
 from medplatform.errors import Conflict, IntegrityFailure, InvalidValue
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "hd95")
@@ -53,7 +53,7 @@ def check_sources(run_dir: str | os.PathLike[str], art_dir: str | os.PathLike[st
         IntegrityFailure: the weights or a graph do not match their recorded sha256.
         Conflict: the artifacts were exported from other weights than this run's (field ``art_dir``).
     """
-    from core.checkpoints import RUN_JSON, WEIGHTS_FILE, RunDirError, read_run_json  # imports torch: ~4 s
+    from weights.checkpoints import RUN_JSON, WEIGHTS_FILE, RunDirError, read_run_json  # imports torch: ~4 s
 
     run_dir, art_dir = Path(run_dir), Path(art_dir)
     try:

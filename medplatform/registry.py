@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from export.manifest import ArtifactError, check_hashes, load_manifest
-from export.manifest import sha256_file as file_sha256
+from inference.manifest import ArtifactError, check_hashes, load_manifest
+from inference.manifest import sha256_file as file_sha256
 from medplatform.bento import BentoModels
 from medplatform.blobs import BlobStore
 from medplatform.db import Alias, ModelVersion, utcnow, write_session
@@ -27,7 +27,7 @@ from medplatform.errors import AliasInUse, IntegrityFailure, InvalidValue, NotFo
 from medplatform.provenance import CheckedSources, check_sources, version_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RUN_DIR = REPO_ROOT / "checkpoints" / "default"  # as core.checkpoints, without importing torch
+DEFAULT_RUN_DIR = REPO_ROOT / "checkpoints" / "default"  # as weights.checkpoints, without importing torch
 DEFAULT_ART_DIR = REPO_ROOT / "artifacts" / "default"
 DEFAULT_MODEL = "default"
 DEFAULT_ALIAS = "production"
@@ -153,7 +153,7 @@ class ModelRegistry:
         check_name(name)
         sources = check_sources(run_dir, art_dir)
         if evaluation is None and (sources.run_dir / "eval_test.json").is_file():
-            from export.manifest import read_json_object
+            from inference.manifest import read_json_object
 
             try:
                 evaluation = read_json_object(sources.run_dir / "eval_test.json")

@@ -1,6 +1,6 @@
 """Interactive (MedSAM-style) refinement: user prompts packed as SAM ONNX tokens, decoded to one mask.
 
-Training (``training.interactive``) and serving (``service.pipeline.SegmentationPipeline.refine``) build the
+Training (``training.interactive``) and serving (``inference.pipeline.SegmentationPipeline.refine``) build the
 tokens with the same ``pack_tokens`` and decode them with the same single-mask arithmetic, so the refiner
 sees in training exactly the token set ``/refine`` gives the exported decoder.
 """
@@ -58,7 +58,7 @@ def decode_tokens(
     mask_input: torch.Tensor | None = None,
     has_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The single-mask output for packed tokens: the arithmetic of ``export.sam_onnx.SamOnnxDecoder`` with
+    """The single-mask output for packed tokens: the arithmetic of ``weights.sam_onnx.SamOnnxDecoder`` with
     more than 2.5 tokens (differentiable, used for training).
 
     Args:

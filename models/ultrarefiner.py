@@ -13,7 +13,7 @@ Stages (``forward`` composes them; the service can run them one by one, e.g. wit
 
 The framework-free parts of steps 2 and 4 are the module functions ``roi_prompts`` (prompts, ROI and crop,
 before the refiner's preprocessing) and ``paste_refiner_logits`` (refiner logits -> probability in the image);
-the service pipeline (``service.pipeline``) calls the same two around its exported graphs, whose image encoder
+the service pipeline (``inference.pipeline``) calls the same two around its exported graphs, whose image encoder
 holds the preprocessing.
 
 Frames: image pixel frame (points, boxes) and continuous frame (ROIs) as in ``models.roi``; the refiner's

@@ -1,7 +1,3 @@
-"""Serving: a framework-free segmentation pipeline over exported artifacts, and the servers around it.
-
-``service.pipeline.SegmentationPipeline`` takes and returns numpy; it runs the UltraRefiner chain
-(TransUNet -> prompts -> ROI -> SAM encoder/decoder -> paste-back -> gate -> threshold) on an inference
-engine (``service.engines``) over a verified artifact directory (``service.artifacts``). Benchmarks,
-tests and the HTTP/gRPC fronts all use that same pipeline.
+"""Serving: the servers around ``inference`` (BentoML app, REST, OIP over HTTP and gRPC, middleware,
+batcher, settings, metrics, errors). ``service.runtime.ServiceRuntime`` is what every front end calls.
 """

@@ -53,12 +53,12 @@ def preflight(settings: ServiceSettings) -> str:
     model version.
 
     Raises:
-        service.artifacts.ArtifactError: naming the file at fault.
-        export.tensorrt.EngineCompatibilityError: TensorRT engines built for another GPU or TensorRT version.
-        export.tensorrt.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU.
+        inference.artifacts.ArtifactError: naming the file at fault.
+        inference.tensorrt_runtime.EngineCompatibilityError: TensorRT engines built for another GPU or TensorRT version.
+        inference.tensorrt_runtime.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU.
     """
-    from export.manifest import check_hashes, load_manifest
-    from service.artifacts import check_tensorrt_engines, load_artifacts
+    from inference.artifacts import check_tensorrt_engines, load_artifacts
+    from inference.manifest import check_hashes, load_manifest
 
     artifacts = load_artifacts(settings.artifacts)
     if settings.backend == "tensorrt":
@@ -71,8 +71,8 @@ def preflight(settings: ServiceSettings) -> str:
 
 def _startup_errors() -> tuple[type[BaseException], ...]:
     """What a failed preflight raises: each is answered with one line on stderr and exit code 2."""
-    from export.tensorrt import EngineCompatibilityError, MissingDependencyError
-    from service.artifacts import ArtifactError
+    from inference.artifacts import ArtifactError
+    from inference.tensorrt_runtime import EngineCompatibilityError, MissingDependencyError
 
     return ArtifactError, EngineCompatibilityError, MissingDependencyError, OSError
 

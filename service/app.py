@@ -99,7 +99,7 @@ class MedRefine:
     """UltraRefiner lesion segmentation (TransUNet + SAM refiner) over verified exported artifacts."""
 
     def __init__(self) -> None:
-        from service.artifacts import ArtifactError
+        from inference.artifacts import ArtifactError
         from service.runtime import ServiceRuntime
 
         self.settings = ServiceSettings.from_env()

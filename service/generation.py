@@ -1,7 +1,7 @@
 """Generation in the server: text + modality -> images and mask -> image, behind their own batching queue.
 
 ``GenerationRuntime`` holds the generator pipelines loaded from a generator artifact directory
-(``service.generator_artifacts.load_generators``: ONNX graphs driven by the same ``core.generation``
+(``inference.generator_artifacts.load_generators``: ONNX graphs driven by the same ``inference.generation``
 pipelines as offline use) and an ``AdaptiveBatcher`` of its own. REST (``/generate``, ``/synthesize``),
 OIP-HTTP and gRPC (models ``generate``, ``synthesize``) all call it, so they share one queue.
 
@@ -57,7 +57,7 @@ class SynthesizeResult:
 
 @dataclass(frozen=True, eq=False)
 class _GenerateItem:
-    request: Any  # core.generation.GenerationRequest
+    request: Any  # inference.generation.GenerationRequest
     best_of: int | None
     # Set once nobody waits for the answer (answered, timed out, client gone, shutdown): the denoising
     # loop drops this request's images at its next step instead of finishing orphaned work.
@@ -85,13 +85,13 @@ class GenerationRuntime:
     """See the module docstring.
 
     Args:
-        generators: a ``service.generator_artifacts.Generators`` (``text2image`` and ``pix2pix`` pipelines,
+        generators: a ``inference.generator_artifacts.Generators`` (``text2image`` and ``pix2pix`` pipelines,
             either may be None; ``version``; ``info``).
         settings: the process settings (limits and batching).
     """
 
     def __init__(self, generators: Any, settings: ServiceSettings) -> None:
-        from core.generation import GenerationLimits
+        from inference.generation import GenerationLimits
 
         self.generators = generators
         self.settings = settings
@@ -175,7 +175,7 @@ class GenerationRuntime:
             BadRequest (400) naming the argument at fault, NotFound (404) without a text2image graph,
             QueueFullError (503), RequestTimeoutError (504).
         """
-        from core.generation import GenerationRequest
+        from inference.generation import GenerationRequest
 
         pipeline = self.text2image
         if seed is None:
@@ -233,7 +233,7 @@ class GenerationRuntime:
         return results
 
     def _generate_batch(self, items: list[_GenerateItem]) -> list[Any]:
-        from core.generation import to_uint8
+        from inference.generation import to_uint8
 
         started = time.perf_counter()
         pipeline = self.text2image
@@ -252,7 +252,7 @@ class GenerationRuntime:
                 else (*result, seconds) for result in results]
 
     def _synthesize_batch(self, masks: list[np.ndarray]) -> list[Any]:
-        from core.generation import to_uint8
+        from inference.generation import to_uint8
 
         started = time.perf_counter()
         images = self.pix2pix.sample_many(masks)

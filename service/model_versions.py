@@ -32,7 +32,7 @@ Key = tuple[str, int | None]  # (model name, registry version); None: the one ve
 
 @dataclass(frozen=True, eq=False)
 class LoadedVersion:
-    """One loaded model version: its pipeline (``service.pipeline.SegmentationPipeline``) and names."""
+    """One loaded model version: its pipeline (``inference.pipeline.SegmentationPipeline``) and names."""
 
     name: str
     version: int | None  # None: served without a registry (the artifacts the server was started with)

@@ -310,7 +310,7 @@ class GenerateModel(_GenerationModel):
         return {"IMAGE": result.images, "SEED": np.asarray([result.seed], dtype=np.int64)}
 
 
-# core.generation argument names -> this model's input names, for error messages.
+# inference.generation argument names -> this model's input names, for error messages.
 _OIP_FIELDS = {"prompts": "PROMPT", "modalities": "MODALITY", "negative_prompts": "NEGATIVE_PROMPT",
                "guidance_scale": "GUIDANCE_SCALE", "steps": "STEPS", "seed": "SEED", "num_images": "NUM_IMAGES"}
 
@@ -366,7 +366,7 @@ def _to_gray_unit(image: np.ndarray) -> np.ndarray:
 def _segment_options(parameters: Mapping[str, float]) -> Any:
     if not parameters:
         return None
-    from service.pipeline import SegmentOptions  # the pipeline module loads engines; import it on first use
+    from inference.pipeline import SegmentOptions  # the pipeline module loads engines; import it on first use
 
     return SegmentOptions(**parameters)
 

@@ -214,7 +214,7 @@ async def segment(
     Raises:
         ServiceError: 400 (bad option or image), 413 (too large), 415 (unsupported format), 503, 504.
     """
-    from service.pipeline import SegmentOptions
+    from inference.pipeline import SegmentOptions
 
     started = time.perf_counter()
     wanted = parse_outputs(outputs, DEFAULT_SEGMENT_OUTPUTS)

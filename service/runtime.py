@@ -57,7 +57,7 @@ class ServiceRuntime:
 
     Args:
         settings: the process settings.
-        pipeline: a ``service.pipeline.SegmentationPipeline`` (or any object with its ``segment``,
+        pipeline: a ``inference.pipeline.SegmentationPipeline`` (or any object with its ``segment``,
             ``refine``, ``model_info`` methods).
         metrics: the metrics facade (default: a new one over the module-level Prometheus objects).
         generation: the ``service.generation.GenerationRuntime`` (its own queue), or None when generation
@@ -104,10 +104,10 @@ class ServiceRuntime:
         on the device ``settings`` picks for it).
 
         Raises:
-            service.artifacts.ArtifactError: the directory (or the generator directory) is missing,
+            inference.artifacts.ArtifactError: the directory (or the generator directory) is missing,
                 malformed or does not match.
         """
-        from service.pipeline import SegmentationPipeline
+        from inference.pipeline import SegmentationPipeline
 
         started = time.perf_counter()
         pipeline = SegmentationPipeline.from_artifacts(
@@ -260,19 +260,19 @@ class ServiceRuntime:
 
         Args:
             image: ``(H, W) float32 in [0, 1]``.
-            options: ``service.pipeline.SegmentOptions`` or None for the model's defaults.
+            options: ``inference.pipeline.SegmentOptions`` or None for the model's defaults.
             protocol: ``"rest"``, ``"oip-http"`` or ``"grpc"`` (for logs).
             spacing: ``(row, col)`` pixel spacing in mm for ``area_mm2``, or None.
             model: the version to run (:meth:`select_model`); None: the start-up pipeline.
 
         Returns:
-            ``service.pipeline.SegmentResult``.
+            ``inference.pipeline.SegmentResult``.
 
         Raises:
             QueueFullError (503), RequestTimeoutError (504), NotReady (503), PayloadTooLarge (413),
             BadRequest (400: image or option checks).
         """
-        from service.pipeline import OUTPUT_ARRAYS, SegmentOptions
+        from inference.pipeline import OUTPUT_ARRAYS, SegmentOptions
 
         image = self._checked_image(image)
         options = options if options is not None else SegmentOptions()
@@ -310,7 +310,7 @@ class ServiceRuntime:
         re-runs the decoder.
 
         Returns:
-            ``service.pipeline.RefineResult`` (with ``cache_hit``).
+            ``inference.pipeline.RefineResult`` (with ``cache_hit``).
 
         Raises:
             As :meth:`segment`; BadRequest names the prompt at fault.
@@ -422,13 +422,13 @@ def load_generation(settings: ServiceSettings) -> Any:
     """The ``GenerationRuntime`` over ``settings.generators_dir`` (ONNX Runtime), or None when it is off.
 
     Raises:
-        service.artifacts.ArtifactError: the directory is missing, malformed or does not match its manifest.
+        inference.artifacts.ArtifactError: the directory is missing, malformed or does not match its manifest.
     """
     directory = settings.generators_dir
     if directory is None:
         return None
+    from inference.generator_artifacts import load_generators
     from service.generation import GenerationRuntime
-    from service.generator_artifacts import load_generators
 
     options = engine_options(dataclasses.replace(settings, backend="onnxruntime",
                                                  device="cpu" if settings.device == "tensorrt" else settings.device))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.checkpoints import DEFAULT_RUN_DIR, save_run
+from weights.checkpoints import DEFAULT_RUN_DIR, save_run
 
 TINY_CONFIG = {
     "transunet": {

@@ -12,8 +12,8 @@ import pytest
 
 from export.bentoml_store import VERSION_CHARS, store_metadata
 from export.graphs import save_random_run
-from export.manifest import load_manifest, sha256_file
 from export.onnx_export import export_artifacts
+from inference.manifest import load_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from core.checkpoints import (
+from models.build import build_transunet, build_ultrarefiner, config_to_dict
+from weights.checkpoints import (
     DEFAULT_RUN_DIR,
     RUN_FORMAT,
     RunDirError,
@@ -20,7 +21,6 @@ from core.checkpoints import (
     resolve_run_dir,
     save_run,
 )
-from models.build import build_transunet, build_ultrarefiner, config_to_dict
 
 TINY_TRANSUNET = {
     "img_size": 32, "in_channels": 1, "resnet_units": [1, 1, 1], "resnet_width": 8, "gn_groups": 4,
@@ -182,5 +182,5 @@ def test_save_run_validates_and_resolves_default(tmp_path, model):
         save_run(tmp_path / "x", model, CONFIG, 0.5, {}, kind="ultrarefiner", extra={"kind": 1})
     assert resolve_run_dir("default") == DEFAULT_RUN_DIR
     assert DEFAULT_RUN_DIR.parts[-2:] == ("checkpoints", "default")
-    assert (DEFAULT_RUN_DIR.parent.parent / "core" / "checkpoints.py").is_file()
+    assert (DEFAULT_RUN_DIR.parent.parent / "weights" / "checkpoints.py").is_file()
     assert resolve_run_dir(tmp_path) == tmp_path

@@ -25,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from core.imageio import decode_image, encode_png, to_uint8
-from service.pipeline import SegmentationPipeline
+from inference.pipeline import SegmentationPipeline
 from tests.artifact_factory import phantom_images
 from tests.service_fixtures import free_port
 

@@ -1,4 +1,4 @@
-"""service.embedding_cache: byte-bounded LRU semantics, stats and thread safety."""
+"""inference.embedding_cache: byte-bounded LRU semantics, stats and thread safety."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.embedding_cache import EmbeddingCache, pixels_digest
+from inference.embedding_cache import EmbeddingCache, pixels_digest
 
 
 def _array(n_floats: int, fill: float = 0.0) -> np.ndarray:

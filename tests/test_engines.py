@@ -1,4 +1,4 @@
-"""service.engines and service.artifacts: registry, ONNX Runtime vs torch, TensorRT error, verification."""
+"""inference.engines and inference.artifacts: registry, ONNX Runtime vs torch, TensorRT error, verification."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from service.artifacts import ArtifactError, load_artifacts
-from service.engines import (
+from inference.artifacts import ArtifactError, load_artifacts
+from inference.engines import (
     ENGINE_REGISTRY,
     TENSORRT_MISSING,
     OnnxRuntimeEngine,
@@ -146,7 +146,7 @@ def test_modified_graph_is_refused_naming_the_file(tiny, tmp_path):
     with pytest.raises(ArtifactError, match=r"transunet\.onnx: sha256 mismatch"):
         build_engine("onnxruntime", art)
     with pytest.raises(ArtifactError, match=r"transunet\.onnx: sha256 mismatch"):
-        from service.pipeline import SegmentationPipeline
+        from inference.pipeline import SegmentationPipeline
 
         SegmentationPipeline.from_artifacts(art)
 

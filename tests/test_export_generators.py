@@ -1,5 +1,5 @@
 """`python -m export generators`: the generator graphs, their manifest, verification, and the ONNX-backed
-pipelines (service/generator_artifacts.py) against the torch ones on the committed default generators."""
+pipelines (inference/generator_artifacts.py) against the torch ones on the committed default generators."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from core.generation import GENERATORS_DIR, load_pix2pix_pipeline, load_text2image_pipeline
 from core.phantoms import breast_ultrasound, chest_xray
 from core.text_encoders import TextEncoderError, resolve_text_encoder
 from export import generators as generators_mod
 from export.__main__ import main
 from export.generators import export_generator_artifacts
-from export.manifest import FORMAT, ArtifactError, compute_version, load_manifest, sha256_file, write_manifest
 from export.parity import BOUNDS, ParityError
-from service.generator_artifacts import OnnxTextEncoder, load_generators
+from inference.generation import load_pix2pix_pipeline, load_text2image_pipeline
+from inference.generator_artifacts import OnnxTextEncoder, load_generators
+from inference.manifest import (
+    FORMAT,
+    ArtifactError,
+    compute_version,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from weights.generators import GENERATORS_DIR
 
 GRAPHS = {"pix2pix", "text_encoder", "denoiser", "selector"}
 PROMPTS = ["chest x-ray, left lower lobe nodule", "Brain MRI (T2): GLIOMA, right frontal!", "fundus photograph",

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoints import build_model_from_run, load_run, save_run
 from export import graphs as graphs_mod
 from export.__main__ import main
 from export.graphs import RANDOM_CONFIGS, build_graph_specs
-from export.manifest import FORMAT, compute_version, load_manifest, sha256_file
 from export.onnx_export import export_artifacts
 from export.parity import BOUNDS, MIN_DICE, ParityError
+from inference.manifest import FORMAT, compute_version, load_manifest, sha256_file
 from models.build import build_ultrarefiner, config_to_dict
+from weights.checkpoints import build_model_from_run, load_run, save_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam" / "tiny_reference.safetensors"
 PIPELINE_KEYS = {"transunet_size", "transunet_in_channels", "refiner_size", "refiner_preprocess", "pixel_mean",

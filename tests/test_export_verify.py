@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoints import build_model_from_run, load_run
 from export import graphs as graphs_mod
 from export.__main__ import main
 from export.graphs import build_graph_specs, save_random_run
-from export.manifest import (
+from export.onnx_export import export_artifacts, export_graph
+from export.verify import verify_artifacts
+from inference.manifest import (
     ArtifactError,
     compute_version,
     load_manifest,
     sha256_file,
-    verify_artifacts,
     write_manifest,
 )
-from export.onnx_export import export_artifacts, export_graph
+from weights.checkpoints import build_model_from_run, load_run
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from core.phantoms import breast_ultrasound
-from core.sam_checkpoint import load_sam_checkpoint
 from models.prompts import extract_prompts
 from models.sam.fast import (
     FastSamOptions,
@@ -27,6 +26,7 @@ from models.sam.fast import (
     fast_sam_from,
     pad_batch,
 )
+from weights.sam_checkpoint import load_sam_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "sam" / "tiny_reference.safetensors"

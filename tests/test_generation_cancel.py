@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.generation import GenerationRequest, Text2ImagePipeline
 from core.text_encoders import load_text_encoder
+from inference.generation import GenerationRequest, Text2ImagePipeline
 from models.text2image import build_text2image
 
 

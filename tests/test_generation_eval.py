@@ -95,8 +95,9 @@ def test_evaluate_generation_report_has_the_top_level_keys(tmp_path):
 
 def test_committed_generators_make_recognisable_modalities():
     """The committed checkpoints/generators: one image per modality, named correctly by the committed selector."""
-    from core.generation import GENERATORS_DIR, load_pix2pix_pipeline, load_text2image_pipeline
+    from inference.generation import load_pix2pix_pipeline, load_text2image_pipeline
     from training.generators import phantom_pairs
+    from weights.generators import GENERATORS_DIR
 
     pipe = load_text2image_pipeline(GENERATORS_DIR)
     prompts = {"oct": "retinal oct, drusen", "fundus": "fundus photograph, diabetic retinopathy",

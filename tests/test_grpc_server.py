@@ -20,11 +20,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from core.imageio import to_uint8
+from inference.pipeline import SegmentationPipeline, SegmentOptions
 from service.errors import NotReady, QueueFullError, RequestTimeoutError
 from service.grpc_server import start_grpc_server
 from service.metrics import REGISTRY, ServiceMetrics
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
-from service.pipeline import SegmentationPipeline, SegmentOptions
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.artifact_factory import make_tiny_artifacts, phantom_images

@@ -252,8 +252,8 @@ def test_soak_judges_faults_shedding_lost_and_hung_requests_apart():
 
 def test_collapsed_stack_summary():
     text = "\n".join([
-        'process 7:"python -m service";Thread.run (threading.py:1);segment (service/pipeline.py:10);run (ort.py:5) 6',
-        'process 7:"python -m service";Thread.run (threading.py:1);segment (service/pipeline.py:12);gate (g.py:3) 3',
+        'process 7:"python -m service";Thread.run (threading.py:1);segment (inference/pipeline.py:10);run (ort.py:5) 6',
+        'process 7:"python -m service";Thread.run (threading.py:1);segment (inference/pipeline.py:12);gate (g.py:3) 3',
         'process 7:"python -m service";select (selectors.py:9) 1',
         "",
     ])
@@ -261,7 +261,7 @@ def test_collapsed_stack_summary():
     assert summary["samples"] == 10
     assert summary["self"] == [{"function": "run (ort.py)", "share": 0.6}, {"function": "gate (g.py)", "share": 0.3},
                                {"function": "select (selectors.py)", "share": 0.1}]
-    assert summary["inclusive"][0] == {"function": "segment (service/pipeline.py)", "share": 0.9}  # lines merged
+    assert summary["inclusive"][0] == {"function": "segment (inference/pipeline.py)", "share": 0.9}  # lines merged
     assert all(not row["function"].startswith(("process", "Thread.run")) for row in summary["inclusive"])
     with pytest.raises(ValueError, match="line 1"):
         summarise_collapsed("no count here")

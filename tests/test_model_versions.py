@@ -16,8 +16,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from core.imageio import decode_image, encode_png
+from inference.pipeline import SegmentationPipeline
 from medplatform.context import open_platform
-from service.pipeline import SegmentationPipeline
 from tests.artifact_factory import make_tiny_run, phantom_images, session_tiny_artifacts
 from tests.service_fixtures import ServerProcess, start_server
 from tests.test_service_http import png_array

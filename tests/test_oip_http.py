@@ -24,11 +24,11 @@ import uvicorn
 from tritonclient.utils import InferenceServerException
 
 from core.imageio import LUMA_WEIGHTS, to_uint8
+from inference.pipeline import SegmentationPipeline
 from service.errors import QueueFullError, RequestTimeoutError
 from service.metrics import REGISTRY, ServiceMetrics
 from service.oip_http import create_oip_app
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
-from service.pipeline import SegmentationPipeline
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.artifact_factory import make_tiny_artifacts, phantom_images
@@ -121,7 +121,7 @@ def _image_input(array: np.ndarray, datatype: str = "UINT8", name: str = "IMAGE"
 
 
 def _expected(pipeline: SegmentationPipeline, gray_uint8: np.ndarray, threshold: float | None = None):
-    from service.pipeline import SegmentOptions
+    from inference.pipeline import SegmentOptions
 
     options = SegmentOptions(threshold=threshold) if threshold is not None else None
     (result,) = pipeline.segment([gray_uint8.astype(np.float32) / 255.0], options)
@@ -197,7 +197,7 @@ def test_infer_rgb_json_input_threshold_and_json_outputs(server, pipeline, phant
     assert [o["name"] for o in response["outputs"]] == ["PROBABILITY", "MASK"]
     assert "data" in response["outputs"][0] and "binary_data_size" in response["outputs"][1]["parameters"]
     gray = (rgb.astype(np.float32) @ np.asarray(LUMA_WEIGHTS, np.float32)) / 255.0
-    from service.pipeline import SegmentOptions
+    from inference.pipeline import SegmentOptions
 
     (expected,) = pipeline.segment([gray.astype(np.float32)], SegmentOptions(threshold=0.3))
     probability, mask = result.as_numpy("PROBABILITY"), result.as_numpy("MASK")

@@ -28,7 +28,7 @@ pytest_plugins = ["service_fixtures"]  # live_server, service_artifacts (one ser
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BENTOML = [sys.executable, "-m", "bentoml"]
-SOURCE_DIRS = ("core", "models", "service", "export")
+SOURCE_DIRS = ("core", "models", "weights", "inference", "service", "export")
 OFFLINE = {  # any attempt to reach a package index or the internet fails fast
     "PIP_NO_INDEX": "1",
     "HTTP_PROXY": "http://127.0.0.1:9",
@@ -90,7 +90,7 @@ def test_bentoml_build_packs_service_ui_and_artifacts(built_bento, service_artif
     routes = {route["route"] for route in spec["schema"]["routes"]}
     assert routes == {"/segment", "/refine", "/generate", "/synthesize"}
     src = bento / "src"
-    for path in ("service/app.py", "service/pipeline.py", "service/ui/index.html", "service/ui/app.js",
+    for path in ("service/app.py", "inference/pipeline.py", "service/ui/index.html", "service/ui/app.js",
                  "core/imageio.py", "models/gate.py", "export/graphs.py", "artifacts/default/manifest.json"):
         assert (src / path).is_file(), path
     manifest = json.loads((service_artifacts.art_dir / "manifest.json").read_text())

@@ -1,4 +1,4 @@
-"""service.pipeline: the exported UltraRefiner chain on ONNX Runtime equals the torch model.
+"""inference.pipeline: the exported UltraRefiner chain on ONNX Runtime equals the torch model.
 
 One tiny random run is exported once per session (tests/artifact_factory.py); every number the pipeline
 returns is compared with ``models.UltraRefiner`` on the same checkpoint.
@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoints import build_model_from_run
+from inference.pipeline import InputError, PromptError, SegmentationPipeline, SegmentOptions
 from models.gate import Gate, GateConfig
 from models.roi import crop_roi, full_image_roi, paste_roi, to_roi_frame
-from service.pipeline import InputError, PromptError, SegmentationPipeline, SegmentOptions
 from tests.artifact_factory import phantom_images, session_tiny_artifacts
+from weights.checkpoints import build_model_from_run
 
 SIZES = [(64, 64), (100, 80), (57, 131)]  # square at the TransUNet size, portrait, wide
 

@@ -105,8 +105,9 @@ def test_ood_phantoms_differ_from_in_domain():
 
 
 def test_train_pix2pix_writes_a_loadable_run_dir(tmp_path):
-    from core.checkpoints import load_run
-    from core.generation import Pix2PixPipeline, load_pix2pix
+    from inference.generation import Pix2PixPipeline
+    from weights.checkpoints import load_run
+    from weights.generators import load_pix2pix
 
     pairs = phantom_pairs(4, 0, 32)
     generator, metrics = train_pix2pix(pairs, PairSet(pairs.images[:2], pairs.masks[:2], pairs.names[:2], "v"),

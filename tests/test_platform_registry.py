@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoints import file_sha256
 from medplatform import db
 from medplatform.bento import BentoModels
 from medplatform.blobs import LocalBlobStore
@@ -28,6 +27,7 @@ from medplatform.registry import (
 )
 from tests.artifact_factory import session_tiny_artifacts
 from tests.platform_s3 import fresh_s3_store, moto_endpoint, s3_env  # noqa: F401  (fixtures)
+from weights.checkpoints import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 

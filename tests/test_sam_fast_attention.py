@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.sam_checkpoint import load_sam_checkpoint
 from models.sam import SamConfig, build_sam
 from models.sam.image_encoder import ImageEncoderViT
+from weights.sam_checkpoint import load_sam_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam" / "tiny_reference.safetensors"
 

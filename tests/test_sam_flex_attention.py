@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from core.sam_checkpoint import load_sam_checkpoint
 from models.sam import SamConfig, build_sam
 from models.sam.flex_attention import flex_attention_rel_pos, rel_pos_score_mod
 from models.sam.image_encoder import (
@@ -22,6 +21,7 @@ from models.sam.image_encoder import (
     add_decomposed_rel_pos,
     decomposed_rel_pos_terms,
 )
+from weights.sam_checkpoint import load_sam_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam" / "tiny_reference.safetensors"
 ATOL = 1e-3  # float32, absolute, as for "sdpa"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.sam_checkpoint import load_sam_checkpoint
 from models.sam import SAM_PRESETS, SamConfig, build_sam, get_sam_config, sam_model_registry
+from weights.sam_checkpoint import load_sam_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sam"
 

@@ -1,4 +1,4 @@
-"""export.sam_onnx.SamOnnxDecoder: official ONNX-signature outputs in torch and through onnxruntime, with
+"""weights.sam_onnx.SamOnnxDecoder: official ONNX-signature outputs in torch and through onnxruntime, with
 dynamic batch (one prompt set per image) and number of points."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.sam_checkpoint import load_sam_checkpoint
-from export.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
+from weights.sam_checkpoint import load_sam_checkpoint
+from weights.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam" / "tiny_reference.safetensors"
 ATOL = 1e-4

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.sam_checkpoint import load_sam_checkpoint
 from models.sam import Sam, build_sam, get_preprocess_shape
+from weights.sam_checkpoint import load_sam_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam" / "tiny_reference.safetensors"
 ATOL = 1e-4

@@ -46,9 +46,9 @@ def test_corruptions_stay_in_range_and_change_the_images():
 
 
 def test_train_selector_learns_phantom_modalities(tmp_path):
-    from core.checkpoints import load_run
-    from core.generation import load_selector
     from core.phantoms import write_dataset
+    from weights.checkpoints import load_run
+    from weights.generators import load_selector
 
     csv = write_dataset("modality", 20, tmp_path / "data", seed=0, size=32) / "captions.csv"
     selector, metrics = train_selector(csv, csv, tmp_path / "sel", preset="tiny", epochs=2, steps_per_epoch=15,

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.generation import load_pix2pix_pipeline, load_text2image_pipeline
 from core.imageio import encode_png
 from core.phantoms import breast_ultrasound
+from inference.generation import load_pix2pix_pipeline, load_text2image_pipeline
 from service.errors import BadRequest, NotFound
 from service.generation import GenerationRuntime
 from service.settings import ServiceSettings
@@ -35,7 +35,7 @@ def png_array(b64: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def generators(generator_artifacts):
-    from service.generator_artifacts import load_generators
+    from inference.generator_artifacts import load_generators
 
     return load_generators(generator_artifacts, intra_op_threads=1)
 

@@ -125,8 +125,8 @@ def test_metrics_facade_counts_and_exposes_our_series():
 
 
 def test_error_responses_map_codes_headers_and_hide_internals():
+    from inference.pipeline import PromptError
     from service.errors import QueueFullError, RequestTimeoutError
-    from service.pipeline import PromptError
     from service.rest import error_response
 
     full = error_response(QueueFullError(retry_after=2.4))
@@ -230,7 +230,7 @@ def test_probes_report_model_version_and_backend(live_server, service_artifacts)
 
 
 def test_segment_equals_offline_pipeline(live_server, service_artifacts):
-    from service.pipeline import SegmentationPipeline
+    from inference.pipeline import SegmentationPipeline
 
     png, truth = phantom_png(seed=11, size=128)
     with live_server.client() as client:

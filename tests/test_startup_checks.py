@@ -7,7 +7,7 @@ graph file modified after export (sha256 mismatch), a manifest edited after expo
 without ever listening, and say in ONE line which file or record is at fault and why, with no traceback.
 
 TensorRT is not installed here, so the GPU-mismatch path is tested on the check function itself
-(``service.artifacts.check_tensorrt_engines``) with a fake engine record and an explicit GPU.
+(``inference.artifacts.check_tensorrt_engines``) with a fake engine record and an explicit GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import sha256_file
-from export.tensorrt import EngineCompatibilityError, GpuInfo
-from service.artifacts import ArtifactError, check_tensorrt_engines, load_artifacts
+from inference.artifacts import ArtifactError, check_tensorrt_engines, load_artifacts
+from inference.manifest import sha256_file
+from inference.tensorrt_runtime import EngineCompatibilityError, GpuInfo
 
 pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.timeout(300)

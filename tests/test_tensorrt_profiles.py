@@ -17,17 +17,16 @@ from torch import nn
 from export import tensorrt as trt_export
 from export.__main__ import EXIT_MISSING_DEPENDENCY, main
 from export.onnx_export import export_graph
-from export.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
-from export.tensorrt import (
+from export.tensorrt import ProfileRanges, prepare_for_tensorrt, profile_spec
+from inference import tensorrt_runtime
+from inference.tensorrt_runtime import (
     EngineCompatibilityError,
     GpuInfo,
     MissingDependencyError,
-    ProfileRanges,
     check_engine_compatible,
-    prepare_for_tensorrt,
-    profile_spec,
 )
 from models.sam import build_sam
+from weights.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def test_engine_compatibility():
 def test_missing_tensorrt_is_one_clear_line_and_a_nonzero_exit(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
     with pytest.raises(MissingDependencyError, match=r"TensorRT is not installed.*pip install 'medrefine\[gpu\]'"):
-        trt_export.import_tensorrt()
+        tensorrt_runtime.import_tensorrt()
     code = main(["tensorrt", "--onnx", str(tmp_path), "--out", str(tmp_path / "trt")])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_MISSING_DEPENDENCY != 0
@@ -173,16 +172,16 @@ def test_missing_tensorrt_is_one_clear_line_and_a_nonzero_exit(monkeypatch, caps
 
 
 def test_missing_gpu_is_reported(monkeypatch):
-    monkeypatch.setattr(trt_export.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(tensorrt_runtime.shutil, "which", lambda _name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MissingDependencyError, match="no NVIDIA GPU found.*medrefine\\[gpu\\]"):
-        trt_export.query_gpu()
+        tensorrt_runtime.query_gpu()
 
 
 def test_build_engine_on_a_gpu(decoder_onnx, tmp_path):
     pytest.importorskip("tensorrt")
     try:
-        gpu = trt_export.query_gpu()
+        gpu = tensorrt_runtime.query_gpu()
     except MissingDependencyError:
         pytest.skip("no NVIDIA GPU")
     import tensorrt

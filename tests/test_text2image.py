@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.generation import GenerationInputError, Text2ImagePipeline
 from core.text_encoders import TextEncoderError, load_text_encoder
+from inference.generation import GenerationInputError, Text2ImagePipeline
 from models.text2image import Text2ImageConfig, build_text2image
 from training.text2image import prompt_variants
 
@@ -95,7 +95,7 @@ def test_batched_prompts_match_single_prompts(pipe):
 
 
 def test_independent_requests_batched_together_get_their_own_images(pipe):
-    from core.generation import GenerationRequest
+    from inference.generation import GenerationRequest
 
     guided = GenerationRequest(["chest ct, emphysema"], ["chest_ct"], ["noise"], guidance_scale=4.0, steps=3, seed=5,
                                num_images=2)
@@ -152,10 +152,10 @@ def test_prompt_variants_cover_synonyms_orders_and_dropped_findings():
 
 
 def test_train_text2image_writes_a_run_dir_that_loads_into_a_pipeline(tmp_path, encoder):
-    from core.checkpoints import load_run
-    from core.generation import load_text2image_pipeline
     from core.phantoms import write_dataset
+    from inference.generation import load_text2image_pipeline
     from training.text2image import train_text2image
+    from weights.checkpoints import load_run
 
     csv = write_dataset("modality", 10, tmp_path / "data", seed=0, size=32) / "captions.csv"
     model, metrics = train_text2image(csv, csv, tmp_path / "gen" / "text2image", preset="tiny", epochs=2,

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoints import RUN_FORMAT, load_run
 from core.phantoms import write_dataset
 from training.__main__ import main
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
+from weights.checkpoints import RUN_FORMAT, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

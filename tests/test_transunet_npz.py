@@ -1,4 +1,4 @@
-"""core.transunet_npz: the official R50+ViT-B_16.npz (JAX names and layouts) loads by name into our TransUNet.
+"""weights.transunet_npz: the official R50+ViT-B_16.npz (JAX names and layouts) loads by name into our TransUNet.
 
 The files are written here with the official key names and shapes and seeded random values; nothing is
 downloaded. Shapes follow the JAX/Flax checkpoint: conv kernels HWIO, dense kernels (in, out), attention
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.transunet_npz import load_transunet_npz
 from models.transunet import TRANSUNET_PRESETS, TransUNetConfig, build_transunet
+from weights.transunet_npz import load_transunet_npz
 
 # A 3-channel miniature of R50+ViT-B/16 (two-unit stages, narrow), for the fast error and resize tests.
 SMALL = {"img_size": 64, "in_channels": 3, "resnet_units": [2, 1, 2], "resnet_width": 8, "gn_groups": 4,
@@ -177,10 +177,10 @@ def test_position_table_of_another_grid_is_zoomed_as_upstream(tmp_path):
 
 
 def test_training_cli_starts_from_the_npz(tmp_path):
-    from core.checkpoints import load_run
     from core.phantoms import write_dataset
     from training.__main__ import main
     from training.phases import RUN_PRESETS
+    from weights.checkpoints import load_run
 
     write_dataset("ultrasound", 8, tmp_path / "train", 7, size=64)
     write_dataset("ultrasound", 4, tmp_path / "val", 8, size=64)

@@ -10,9 +10,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.__main__ import main
 from export.graphs import save_random_run
-from export.manifest import load_manifest, sha256_file
 from export.onnx_export import export_artifacts
 from export.triton import MANIFEST_COPY, read_config
+from inference.manifest import load_manifest, sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -177,9 +177,9 @@ def interactive_answers(model: Any, images: torch.Tensor, masks: torch.Tensor, t
 def calibrate_run(run_dir: str | Path, data: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Remake ``no_finding`` and ``review`` of an ultrarefiner run on the calibration split ``data`` and write
     them into its run.json (the weights are untouched); returns them."""
-    from core.checkpoints import RUN_JSON, build_model_from_run, load_run, resolve_run_dir
     from core.datasets import SegmentationDataset
     from training.phases import load_arrays, predict_ultrarefiner
+    from weights.checkpoints import RUN_JSON, build_model_from_run, load_run, resolve_run_dir
 
     info = load_run(resolve_run_dir(run_dir))
     if info.kind != "ultrarefiner":

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from core.checkpoints import RUN_JSON, WEIGHTS_FILE, load_run
 from core.datasets import SegmentationDataset
+from weights.checkpoints import RUN_JSON, WEIGHTS_FILE, load_run
 
 log = logging.getLogger("training.default_models")
 

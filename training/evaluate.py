@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.checkpoints import build_model_from_run, load_run, resolve_run_dir
 from core.datasets import SegmentationDataset
 from core.metrics import METRIC_NAMES, SegmentationMetrics
+from weights.checkpoints import build_model_from_run, load_run, resolve_run_dir
 
 log = logging.getLogger("training.evaluate")
 

@@ -171,7 +171,7 @@ def _judge_transunet(transunet: str | None, size: int, seed: int, judge_steps: i
                      work: Path, judge_pairs: int = 200) -> tuple[torch.nn.Module, str]:
     """The TransUNet that segments pix2pix images: a run dir (UltraRefiner or TransUNet), else a judge trained
     here on ultrasound phantoms."""
-    from core.checkpoints import RUN_JSON, build_model_from_run, resolve_run_dir
+    from weights.checkpoints import RUN_JSON, build_model_from_run, resolve_run_dir
 
     if transunet is not None and (resolve_run_dir(transunet) / RUN_JSON).is_file():
         model = build_model_from_run(transunet)
@@ -196,9 +196,9 @@ def pix2pix_consistency(generators_dir: str | Path, *, transunet: str | None = "
                         work: str | Path | None = None) -> dict[str, Any]:
     """Dice of the TransUNet's mask on pix2pix images vs the conditioning masks (held-out phantom masks),
     next to the same TransUNet's Dice on the real images of those masks (the ceiling)."""
-    from core.generation import load_pix2pix, resolve_generators_dir
     from core.metrics import dice
     from training.generators import phantom_pairs
+    from weights.generators import load_pix2pix, resolve_generators_dir
 
     root = resolve_generators_dir(generators_dir)
     generator = load_pix2pix(root / "pix2pix")
@@ -241,7 +241,8 @@ def evaluate_generation(
     """The full report: per modality the selector's accuracy on generated images (single sample and best of
     ``best_of``), SSIM / MS-SSIM to the nearest real image, diversity, selector-feature Frechet distance, and
     the pix2pix consistency Dice. Top-level ``modality_accuracy`` and ``pix2pix_consistency_dice``."""
-    from core.generation import load_text2image_pipeline, resolve_generators_dir
+    from inference.generation import load_text2image_pipeline
+    from weights.generators import resolve_generators_dir
 
     root = resolve_generators_dir(generators_dir)
     pipe = load_text2image_pipeline(root, text_encoder=text_encoder)
@@ -333,8 +334,8 @@ def run(args: Any) -> int:
     import logging
     import tempfile
 
-    from core.generation import resolve_generators_dir
     from training.text2image import write_modality_dataset
+    from weights.generators import resolve_generators_dir
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:

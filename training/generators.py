@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from core.checkpoints import save_run
 from models.patchgan import PatchGANDiscriminator, build_patchgan
 from models.pix2pix import PIX2PIX_PRESETS, Pix2PixGenerator, build_pix2pix
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
+from weights.checkpoints import save_run
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ def _store_half(run_dir: Path, model: torch.nn.Module) -> None:
     """Rewrite a run dir's weights in float16 and update run.json's hash and metadata."""
     from safetensors.torch import save_file
 
-    from core.checkpoints import RUN_JSON, WEIGHTS_FILE, file_sha256
+    from weights.checkpoints import RUN_JSON, WEIGHTS_FILE, file_sha256
 
     save_file({k: v.contiguous() for k, v in half_precision(model).items()}, str(run_dir / WEIGHTS_FILE),
               metadata={"format": "pt", "dtype": "float16"})

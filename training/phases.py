@@ -19,7 +19,7 @@ After phases 2 and 3 the parameter-free uncertainty gate is calibrated on valida
 (``tune_gate``: gamma, gate_min, gate_max from ``GATE_GRID``; ``--no-tune-gate`` keeps the configured gate);
 the choice and every candidate's validation Dice go into ``run.json["training"]["gate_tuning"]``.
 
-Run directories (``core.checkpoints``): phase 1 writes kind ``"transunet"`` (plain TransUNet keys); phase 2
+Run directories (``weights.checkpoints``): phase 1 writes kind ``"transunet"`` (plain TransUNet keys); phase 2
 writes kind ``"refiner"``: the full model config, and only the ``refiner.*`` and ``gate.*`` weights, with
 ``sources.transunet`` naming the ``--transunet`` run when one was given; phase 3 writes kind
 ``"ultrarefiner"`` (the whole model). ``run.json`` also records ``thresholds`` (``coarse`` and ``refined``,
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from core.checkpoints import RunDirError, build_model_from_run, load_run, resolve_run_dir, save_run
 from core.datasets import SegmentationDataset, data_fingerprint, kfold_split
 from core.losses import build_loss
 from core.metrics import DEFAULT_THRESHOLDS, threshold_sweep
@@ -57,6 +56,7 @@ from training.augment import AUGMENTOR_PRESETS, MaskAugmentor, build_augmentor
 from training.calibration import calibrate_answers
 from training.interactive import interactive_forward, iou_loss, sample_prompts
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks, seed_everything
+from weights.checkpoints import RunDirError, build_model_from_run, load_run, resolve_run_dir, save_run
 
 log = logging.getLogger("training.phases")
 
@@ -856,7 +856,7 @@ def run_transunet(args: argparse.Namespace) -> Path:
     model = build_transunet(model_config["transunet"]).to(args.device)
     sources: dict[str, str] = {}
     if args.vit_pretrained:
-        from core.transunet_npz import load_transunet_npz
+        from weights.transunet_npz import load_transunet_npz
 
         report = load_transunet_npz(model, args.vit_pretrained)
         log.info("transunet: %d encoder tensors from %s (positions %s; unused: %s)", len(report.loaded),
@@ -909,7 +909,7 @@ def run_refiner(args: argparse.Namespace) -> Path:
     if transunet is not None:
         model.transunet.load_state_dict(transunet.state_dict())
     if args.sam_checkpoint:
-        from core.sam_checkpoint import load_sam_checkpoint
+        from weights.sam_checkpoint import load_sam_checkpoint
 
         sam = load_sam_checkpoint(args.sam_checkpoint, model_config["refiner"])
         model.refiner.load_state_dict(sam.state_dict())

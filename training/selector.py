@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from core.checkpoints import save_run
 from core.datasets import CaptionDataset, DatasetError, data_fingerprint
 from models.selector import SELECTOR_PRESETS, Selector, build_selector
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
+from weights.checkpoints import save_run
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from core.checkpoints import save_run
 from core.datasets import CaptionDataset, DatasetError, data_fingerprint
 from core.text_encoders import DEFAULT_TEXT_ENCODER, CachedTextEncoder, load_text_encoder
 from models.text2image import TEXT2IMAGE_PRESETS, Text2ImageModel, build_text2image, build_train_scheduler
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
+from weights.checkpoints import save_run
 
 log = logging.getLogger(__name__)
 

@@ -371,7 +371,7 @@ def build_fast_sam(
         name_or_config: as in :func:`models.sam.build_sam`.
         dtype, attn_impl, compile, cuda_graph_buckets, compile_mode, decoder_buckets, channels_last, device:
             see :class:`FastSamOptions`.
-        state_dict: weights for the reference model (e.g. ``core.sam_checkpoint`` / a run's refiner.* keys).
+        state_dict: weights for the reference model (e.g. ``weights.sam_checkpoint`` / a run's refiner.* keys).
 
     Raises:
         ValueError: unknown preset or invalid option; RuntimeError: state dict keys or shapes do not match.

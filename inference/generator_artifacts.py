@@ -1,8 +1,8 @@
 """Load a generator artifact directory (``python -m export generators``) for serving on ONNX Runtime.
 
 ``load_generators(art_dir)`` verifies the manifest (every graph's and the tokenizer's sha256, the version)
-and returns core.generation's own pipelines — :class:`~core.generation.Text2ImagePipeline` and
-:class:`~core.generation.Pix2PixPipeline`, unchanged — fed ONNX-backed stand-ins for the torch modules
+and returns inference.generation's own pipelines — :class:`~inference.generation.Text2ImagePipeline` and
+:class:`~inference.generation.Pix2PixPipeline`, unchanged — fed ONNX-backed stand-ins for the torch modules
 they normally drive:
 
 - :class:`OnnxDenoiser` for ``Text2ImageModel`` (graph ``denoiser``),
@@ -12,7 +12,7 @@ they normally drive:
 - :class:`OnnxPix2Pix` for ``Pix2PixGenerator`` (graph ``pix2pix``),
 - :class:`OnnxSelector` for ``Selector`` (graph ``selector``).
 
-Sessions follow service.engines' conventions (``ort_providers``, ``ort_session_options``: CPU or CUDA,
+Sessions follow inference.engines' conventions (``ort_providers``, ``ort_session_options``: CPU or CUDA,
 ``intra_op_threads`` or the physical cores). Every failure is an ``ArtifactError`` naming the file.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.generation import Pix2PixPipeline, Text2ImagePipeline
-from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
-from service.artifacts import GraphSpec, _graph_spec
+from inference.artifacts import GraphSpec, _graph_spec
+from inference.generation import Pix2PixPipeline, Text2ImagePipeline
+from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
 
 __all__ = [
     "Generators",
@@ -63,7 +63,7 @@ class _OnnxGraph:
 
 
 class OnnxDenoiser:
-    """Stands in for ``models.text2image.Text2ImageModel`` in :class:`~core.generation.Text2ImagePipeline`.
+    """Stands in for ``models.text2image.Text2ImageModel`` in :class:`~inference.generation.Text2ImagePipeline`.
 
     ``__call__(noisy (B, 1, S, S) float32, timesteps (B,) int64, text_hidden (B, T, D) float32, text_mask
     (B, T) bool/{0, 1}, modality_ids (B,) int64) -> prediction (B, 1, S, S) float32``.
@@ -196,7 +196,7 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
 
     Args:
         art_dir: the directory ``python -m export generators`` wrote.
-        device: ``"cpu"`` or ``"cuda"`` (``"tensorrt"`` too): service.engines' provider presets.
+        device: ``"cpu"`` or ``"cuda"`` (``"tensorrt"`` too): inference.engines' provider presets.
         intra_op_threads: threads inside one operator; 0 = the physical cores.
         verify: re-hash every graph and asset and re-compute the version (leave True outside of tests).
 
@@ -205,10 +205,10 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
             tokenizer, a bad hash or version, a graph that failed export parity, an invalid config.
         ValueError: an unknown device or a provider this onnxruntime build lacks.
     """
+    from inference.engines import ort_providers, ort_session_options, physical_cores
     from models.pix2pix import Pix2PixConfig
     from models.selector import SelectorConfig
     from models.text2image import Text2ImageConfig
-    from service.engines import ort_providers, ort_session_options, physical_cores
 
     # 1. Manifest, kind, hashes
     root = Path(art_dir)

@@ -1,7 +1,7 @@
 """The UltraRefiner chain over exported graphs: numpy in, numpy out, no web framework.
 
 ``SegmentationPipeline.segment`` reproduces ``models.UltraRefiner.forward`` on each image at its own
-size, with the heavy parts run as graphs on an :class:`~service.engines.Engine` over the WHOLE batch:
+size, with the heavy parts run as graphs on an :class:`~inference.engines.Engine` over the WHOLE batch:
 
 1. resize every image to the TransUNet size and run the ``transunet`` graph on the batch;
 2. per group of images of one size: the coarse probability at that size (the TransUNet logits
@@ -23,7 +23,7 @@ bottom/right, aspect ratio kept — SAM's resize-longest-side + pad framing, whi
 (``training.interactive``: jittered boxes, clicks, a prior mask with clicks in its errors), as MedSAM
 is. Cropping around the user's box would add resolution for small lesions, but then every box edit
 would need a new encoder pass; with the whole image the embedding depends only on the pixels, so it
-is cached (:class:`~service.embedding_cache.EmbeddingCache`, keyed by image digest and model version)
+is cached (:class:`~inference.embedding_cache.EmbeddingCache`, keyed by image digest and model version)
 and a prompt edit runs the decoder alone.
 
 Prompts reach the exported decoder in the de-facto SAM ONNX format: points, then the box corners
@@ -52,14 +52,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.artifacts import Artifacts, load_artifacts
+from inference.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
+from inference.engines import Engine, build_engine
 from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
 from models.interactive import pack_tokens
 from models.prompts import mask_prompt
 from models.roi import crop_roi, full_image_roi, to_roi_frame
 from models.ultrarefiner import RoiPrompts, UltraRefinerConfig, paste_refiner_logits, resize, roi_prompts
-from service.artifacts import Artifacts, load_artifacts
-from service.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
-from service.engines import Engine, build_engine
 
 __all__ = [
     "OUTPUT_ARRAYS",

@@ -3,7 +3,9 @@
 * :class:`Text2ImagePipeline` — text + modality -> gray images with DDIM sampling, classifier-free guidance,
   negative prompts and best-of-N selection by the selector.
 * :class:`Pix2PixPipeline` — binary masks -> gray images (GenSeg's generator).
-* ``load_*`` — build them from run directories (``checkpoints/generators/{text2image,pix2pix,selector}``).
+* ``load_*_pipeline`` — build them from run directories (``checkpoints/generators/{text2image,pix2pix,selector}``;
+  the torch models come from ``weights.generators``). Torch is imported here: the sampler runs torch modules
+  or the ONNX stand-ins of ``inference.generator_artifacts``.
 
 Determinism: image ``j`` of prompt ``i`` starts from Gaussian noise drawn by ``torch.Generator`` seeded with
 ``seed + i * num_images + j`` and DDIM runs with ``eta = 0``, so the same arguments give the same pixels,
@@ -21,9 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.checkpoints import REPO_ROOT, load_run
-
-GENERATORS_DIR = REPO_ROOT / "checkpoints" / "generators"
+from weights.generators import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
 
 
 class GenerationInputError(ValueError):
@@ -67,11 +67,6 @@ class GenerationRequest:
     @property
     def image_count(self) -> int:
         return len(self.prompts) * int(self.num_images)
-
-
-def resolve_generators_dir(name_or_path: str | Path) -> Path:
-    """``"default"`` -> ``<repo>/checkpoints/generators``; anything else is a path."""
-    return GENERATORS_DIR if str(name_or_path) == "default" else Path(name_or_path).expanduser()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -405,45 +400,8 @@ class Pix2PixPipeline:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading from run directories
+# Pipelines from run directories (the models come from weights.generators)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _expect_kind(run_dir: Path, kind: str) -> Any:
-    info = load_run(run_dir)
-    if info.kind != kind:
-        raise ValueError(f"{run_dir}/run.json: kind = {info.kind!r}; expected {kind!r}")
-    return info
-
-
-def load_pix2pix(run_dir: str | Path) -> Any:
-    """The generator of a ``"pix2pix"`` run dir, eval mode."""
-    from models.pix2pix import build_pix2pix
-
-    info = _expect_kind(Path(run_dir), "pix2pix")
-    generator = build_pix2pix(info.config["pix2pix"])
-    generator.load_state_dict(info.state_dict)
-    return generator.eval()
-
-
-def load_selector(run_dir: str | Path) -> Any:
-    """The selector of a ``"selector"`` run dir, eval mode."""
-    from models.selector import build_selector
-
-    info = _expect_kind(Path(run_dir), "selector")
-    selector = build_selector(info.config["selector"])
-    selector.load_state_dict(info.state_dict)
-    return selector.eval()
-
-
-def load_text2image(run_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """``(model in eval mode, run.json config)`` of a ``"text2image"`` run dir."""
-    from models.text2image import build_text2image
-
-    info = _expect_kind(Path(run_dir), "text2image")
-    model = build_text2image(info.config["text2image"])
-    model.load_state_dict(info.state_dict)
-    return model.eval(), info.config
 
 
 def load_text2image_pipeline(
@@ -471,17 +429,12 @@ def load_pix2pix_pipeline(generators_dir: str | Path = "default") -> Pix2PixPipe
 
 
 __all__ = [
-    "GENERATORS_DIR",
     "GenerationInputError",
     "GenerationLimits",
     "GenerationRequest",
     "Pix2PixPipeline",
     "Text2ImagePipeline",
-    "load_pix2pix",
     "load_pix2pix_pipeline",
-    "load_selector",
-    "load_text2image",
     "load_text2image_pipeline",
-    "resolve_generators_dir",
     "to_uint8",
 ]

@@ -1,11 +1,11 @@
 """Read and verify an exported artifact directory (``python -m export onnx`` writes it).
 
 ``load_artifacts(art_dir)`` parses ``ART_DIR/manifest.json`` (format ``medrefine-artifacts/1``, see
-contracts.md), checks every graph file's sha256 against the manifest before anything runs it, and
-returns an :class:`Artifacts` record: the model version, the pipeline constants (sizes, ROI ratio,
-gate, validated threshold) and one :class:`GraphSpec` per graph. Every failure is an
+docs/architecture.md, "Artifact directory"), checks every graph file's sha256 against the manifest before
+anything runs it, and returns an :class:`Artifacts` record: the model version, the pipeline constants
+(sizes, ROI ratio, gate, validated threshold) and one :class:`GraphSpec` per graph. Every failure is an
 :class:`ArtifactError` with one line naming the file and what is wrong with it (the same class and
-checks as ``python -m export verify``: ``export.manifest``).
+checks as ``python -m export verify``: ``inference.manifest``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest, read_json_object
+from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest, read_json_object
 
 __all__ = ["ArtifactError", "Artifacts", "GraphSpec", "PipelineSpec", "check_tensorrt_engines", "load_artifacts"]
 
@@ -203,8 +203,8 @@ def check_tensorrt_engines(
     Args:
         artifacts: the verified artifact directory.
         engines_dir: where the engines are (default ``ART_DIR/trt``).
-        gpu: this machine's GPU (``export.tensorrt.GpuInfo`` or a mapping with ``name`` and
-            ``compute_capability``); None queries it (``export.tensorrt.query_gpu``).
+        gpu: this machine's GPU (``inference.tensorrt_runtime.GpuInfo`` or a mapping with ``name`` and
+            ``compute_capability``); None queries it (``inference.tensorrt_runtime.query_gpu``).
         tensorrt_version: ``tensorrt.__version__`` here; None imports tensorrt to read it.
 
     Returns:
@@ -212,11 +212,11 @@ def check_tensorrt_engines(
 
     Raises:
         ArtifactError: missing or malformed record, artifact-version mismatch, missing or modified engine file.
-        export.tensorrt.EngineCompatibilityError: built for another GPU, compute capability or TensorRT.
-        export.tensorrt.MissingDependencyError: no TensorRT or no NVIDIA GPU here (only when asked to query).
+        inference.tensorrt_runtime.EngineCompatibilityError: built for another GPU, compute capability or TensorRT.
+        inference.tensorrt_runtime.MissingDependencyError: no TensorRT or no NVIDIA GPU here (only when asked to query).
     """
-    from export.manifest import sha256_file
-    from export.tensorrt import check_engine_compatible, import_tensorrt, query_gpu
+    from inference.manifest import sha256_file
+    from inference.tensorrt_runtime import check_engine_compatible, import_tensorrt, query_gpu
 
     engines_dir = Path(engines_dir) if engines_dir is not None else artifacts.root / "trt"
     record_path = engines_dir / "manifest.json"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from service.artifacts import ArtifactError, Artifacts, check_tensorrt_engines, load_artifacts
+from inference.artifacts import ArtifactError, Artifacts, check_tensorrt_engines, load_artifacts
 
 __all__ = [
     "ENGINE_REGISTRY",
@@ -116,7 +116,7 @@ def ort_session_options(intra_op_threads: int, *, allow_spinning: bool = False) 
 class Engine(abc.ABC):
     """Runs exported graphs by name. Implementations are safe to call from several threads.
 
-    Graph names and signatures are those of the artifact manifest (contracts.md): ``transunet``,
+    Graph names and signatures are those of the artifact manifest (docs/architecture.md): ``transunet``,
     ``image_encoder``, ``mask_decoder`` and, for learned gates, ``gate``.
     """
 
@@ -243,7 +243,7 @@ class OnnxRuntimeEngine(Engine):
 class TorchEngine(Engine):
     """The source checkpoint run in torch behind the graph-level interface.
 
-    The graphs are the export wrappers (``export.graphs.build_graph_specs``: TransUNetGraph,
+    The graphs are the export wrappers (``weights.graphs.served_graphs``: TransUNetGraph,
     ImageEncoderGraph, SamOnnxDecoder, GateGraph) around the model loaded from the run directory the
     manifest names (``source.run_dir``) or ``run_dir``, whose weights must be the exported ones; the
     numbers are those the ONNX graphs were checked against.
@@ -259,8 +259,8 @@ class TorchEngine(Engine):
     def __init__(self, artifacts: Artifacts, *, run_dir: str | Path | None = None, device: str | None = None) -> None:
         import torch
 
-        from core.checkpoints import build_model_from_run, load_run
-        from export.graphs import build_graph_specs
+        from weights.checkpoints import build_model_from_run, load_run
+        from weights.graphs import served_graphs
 
         source = run_dir if run_dir is not None else artifacts.source.get("run_dir")
         if not source:
@@ -273,10 +273,10 @@ class TorchEngine(Engine):
                 f"were exported from ({str(artifacts.source['weights_sha256'])[:16]}...)"
             )
         model = build_model_from_run(info)
-        specs = [spec for spec in build_graph_specs(model, info) if spec.name in artifacts.graphs]
-        self._modules = {spec.name: spec.module.to(self._device).eval() for spec in specs}
-        self._inputs = {spec.name: tuple(spec.example) for spec in specs}
-        self._outputs = {spec.name: tuple(spec.output_names) for spec in specs}
+        graphs = [graph for graph in served_graphs(model) if graph.name in artifacts.graphs]
+        self._modules = {graph.name: graph.module.to(self._device).eval() for graph in graphs}
+        self._inputs = {graph.name: graph.input_names for graph in graphs}
+        self._outputs = {graph.name: graph.output_names for graph in graphs}
         self._torch = torch
 
     @property
@@ -309,7 +309,7 @@ class TensorRTEngine(Engine):
     """Serialized TensorRT engines written by ``python -m export tensorrt`` (``ART_DIR/trt/``).
 
     Before deserialising, checks the engine record (``trt/manifest.json``) against this GPU and
-    TensorRT version (``export.tensorrt.check_engine_compatible``), against the artifact version, and
+    TensorRT version (``inference.tensorrt_runtime.check_engine_compatible``), against the artifact version, and
     each engine file's sha256. Runs with torch CUDA tensors as I/O buffers; shape inputs
     (``orig_im_size``, int32 in the engine) live in host memory as TensorRT requires.
 
@@ -319,15 +319,15 @@ class TensorRTEngine(Engine):
         device: CUDA device index.
 
     Raises:
-        export.tensorrt.MissingDependencyError: tensorrt or a CUDA GPU is missing (with the install hint).
-        export.tensorrt.EngineCompatibilityError: engines built for another GPU / TensorRT version.
+        inference.tensorrt_runtime.MissingDependencyError: tensorrt or a CUDA GPU is missing (with the install hint).
+        inference.tensorrt_runtime.EngineCompatibilityError: engines built for another GPU / TensorRT version.
         ArtifactError: missing engine record or files, hash or artifact-version mismatch.
     """
 
     backend = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, *, engines_dir: str | Path | None = None, device: int = 0) -> None:
-        from export.tensorrt import MissingDependencyError, query_gpu
+        from inference.tensorrt_runtime import MissingDependencyError, query_gpu
 
         try:
             import tensorrt as trt

@@ -1,0 +1,1 @@
+"""Building models from weights files: run directories, SAM / TransUNet checkpoints, the served graphs' wrappers."""
