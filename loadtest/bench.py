@@ -20,7 +20,7 @@ least ``--duration-s``, at most ``--max-step-s``), so percentiles rest on enough
 Thread counts are pinned the same everywhere: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = ``--threads``
 for every child, ONNX Runtime intra-op threads = ``--threads`` (offline engine and
 ``MEDREFINE_INTRA_OP_THREADS`` for the service), ``torch.set_num_threads(--threads)`` offline and in the
-naive server. ONNX Runtime's intra-op threads do not spin between operators (``service.engines``), so
+naive server. ONNX Runtime's intra-op threads do not spin between operators (``inference.engines``), so
 ``--threads`` above 1 no longer costs the HTTP side its CPU. Every step records the cores used by the server, by the load generator and by everything
 else on the machine (other tenants), so a result taken on a shared machine says so.
 
@@ -164,7 +164,7 @@ class BenchConfig:
             raise ValueError(f"open_fractions must include 0.7 (the p99/p50 goal), got {self.open_fractions}")
 
     def resolved_threads(self) -> int:
-        from service.engines import physical_cores
+        from inference.engines import physical_cores
 
         return self.threads if self.threads > 0 else physical_cores()
 
@@ -310,7 +310,7 @@ def offline_throughput(art_dir: str | Path, *, batch_sizes: Sequence[int], threa
     """
     import torch
 
-    from service.pipeline import SegmentationPipeline
+    from inference.pipeline import SegmentationPipeline
     from loadtest.stats import percentile
 
     torch.set_num_threads(threads)
@@ -416,7 +416,7 @@ def prepare_artifacts(model: str, artifacts: str | None, work: Path) -> tuple[Pa
         FileNotFoundError: naming the missing run directory or manifest.
         RuntimeError: the export failed (its stderr tail included).
     """
-    from core.checkpoints import resolve_run_dir
+    from weights.checkpoints import resolve_run_dir
 
     run_dir = resolve_run_dir(model)
     if artifacts is not None:
