@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -55,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-
     parser.add_argument("--config", default="default", help="run preset of all three phases")
     parser.add_argument("--kind", default=DATA_KIND, help="phantom kind of all three splits (core.phantoms.KINDS)")
     parser.add_argument("--transunet-epochs", type=int, default=24)
-    parser.add_argument("--refiner-epochs", type=int, default=16)
-    parser.add_argument("--e2e-epochs", type=int, default=3)
+    parser.add_argument("--refiner-epochs", type=int, default=18)
+    parser.add_argument("--e2e-epochs", type=int, default=0,
+                        help="phase 3 epochs; 0 = package phases 1 + 2 (phase 3 did not gain on validation)")
     parser.add_argument("--real-ratio", type=float, default=0.5)
     parser.add_argument("--augmentor-preset", default="default")
     parser.add_argument("--max-steps", type=int, help="cap every phase's optimiser steps (smoke tests)")
@@ -112,6 +114,38 @@ def make_portable(out: Path, work: Path) -> None:
             path.write_text(json.dumps(_portable(json.loads(path.read_text()), work), indent=2) + "\n")
 
 
+def package_phases(transunet_run: Path, refiner_run: Path, out: Path) -> Path:
+    """The phase-1 TransUNet and the phase-2 refiner as one ``"ultrarefiner"`` run in ``out`` (``--e2e-epochs 0``).
+
+    Phase 2 already tuned its gate, thresholds and review / no-finding choices on the real phase-1 predictions
+    of the validation split, i.e. on exactly this model's outputs, so run.json keeps them; log.csv and
+    curves.png are phase 2's.
+    """
+    from weights.checkpoints import build_model_from_run, save_run
+
+    info = load_run(refiner_run)
+    model = build_model_from_run(info, transunet_run=transunet_run)
+    standard = {"format", "kind", "config", "threshold", "metrics", "data_fingerprint", "phase", "seed", "created",
+                "code_version", "weights", "weights_sha256", "sources"}
+    extra = {k: v for k, v in info.raw.items() if k not in standard}
+    if out.exists():
+        shutil.rmtree(out)
+    save_run(out, model, model.config_dict(), info.threshold, info.metrics, kind="ultrarefiner", phase="refiner",
+             seed=info.seed, data_fingerprint=info.data_fingerprint,
+             sources={"transunet": str(transunet_run), "refiner": str(refiner_run)}, extra=extra)
+    for fname in ("log.csv", "curves.png"):
+        shutil.copy2(refiner_run / fname, out / fname)
+    return out
+
+
+def _loadavg() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages now (how busy the shared machine was)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def benchmark_step_seconds(steps: int = 4) -> float:
     """Median seconds of one training step of the default TransUNet (batch 8, 128 px) on this machine now.
 
@@ -145,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else out.parent / f"{out.name}_work"
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU time per step: with --threads 1, an idle machine's wall time
+    load: dict[str, list[float]] = {"start": _loadavg()}
 
     bench = benchmark_step_seconds()
-    t = time.time()
+    t, c = time.time(), time.process_time()
     data = _write_data(work, args)
-    timings["data"] = time.time() - t
+    timings["data"], cpu["data"] = time.time() - t, time.process_time() - c
 
     common = ["--data", str(data["train"]), "--val-data", str(data["val"]), "--config", args.config,
               "--seed", str(args.seed), "--device", args.device, "--no-progress"]
@@ -164,21 +200,30 @@ def run(args: argparse.Namespace) -> int:
         "e2e": ["e2e", "--out", str(runs["e2e"]), "--epochs", str(args.e2e_epochs),
                 "--init", str(runs["transunet"]), str(runs["refiner"]), *common],
     }
+    if args.e2e_epochs == 0:  # phase 3 skipped: the final model is phases 1 + 2 packaged (see package_phases)
+        commands.pop("e2e")
     phase_metrics: dict[str, Any] = {}
     for name, argv in commands.items():
         recorded = _recorded(runs[name]) if args.reuse else None
         if recorded is not None and recorded.get("argv") == argv and (runs[name] / WEIGHTS_FILE).is_file():
             log.info("default-models: %s reused from %s (same command)", name, runs[name])
             timings[name] = float(recorded["seconds"])
+            cpu[name] = float(recorded.get("cpu_seconds", float("nan")))
+            load[name] = recorded.get("loadavg", [])
         else:
-            t = time.time()
+            t, c = time.time(), time.process_time()
             log.info("default-models: python -m training %s", " ".join(argv))
             main(argv)
-            timings[name] = time.time() - t
-            (runs[name] / COMMAND_JSON).write_text(json.dumps({"argv": argv, "seconds": timings[name]}) + "\n")
+            timings[name], cpu[name], load[name] = time.time() - t, time.process_time() - c, _loadavg()
+            (runs[name] / COMMAND_JSON).write_text(json.dumps(
+                {"argv": argv, "seconds": timings[name], "cpu_seconds": cpu[name], "loadavg": load[name]}) + "\n")
         phase_metrics[name] = load_run(runs[name]).metrics
         log.info("default-models: %s done in %.0f s", name, timings[name])
 
+    if "e2e" not in commands:
+        t, c = time.time(), time.process_time()
+        package_phases(runs["transunet"], runs["refiner"], runs["e2e"])
+        timings["e2e"], cpu["e2e"] = time.time() - t, time.process_time() - c
     # The final run directory: the e2e run, copied.
     out.mkdir(parents=True, exist_ok=True)
     for fname in (RUN_JSON, WEIGHTS_FILE, "log.csv", "curves.png"):
@@ -187,16 +232,18 @@ def run(args: argparse.Namespace) -> int:
     if weights_mb > MAX_WEIGHTS_MB:
         raise RuntimeError(f"{out / WEIGHTS_FILE}: {weights_mb:.1f} MB exceeds the {MAX_WEIGHTS_MB} MB budget")
 
-    t = time.time()
+    t, c = time.time(), time.process_time()
     main(["calibrate", "--run", str(out), "--data", str(data["calib"]), "--device", args.device])
-    timings["calibrate"] = time.time() - t
-    t = time.time()
+    timings["calibrate"], cpu["calibrate"] = time.time() - t, time.process_time() - c
+    t, c = time.time(), time.process_time()
     result = evaluate_run(out, SegmentationDataset(data["test"]), device=args.device)
     result["data"] = f"phantom {args.kind} test set ({args.n_test} cases, seed {args.data_seed + 2}, {args.size} px)"
     (out / "eval_test.json").write_text(json.dumps(result, indent=2) + "\n")
-    timings["evaluate"] = time.time() - t
-    # Phases reused from --work count with their recorded wall time, so "total" is the whole recipe's.
+    timings["evaluate"], cpu["evaluate"] = time.time() - t, time.process_time() - c
+    load["end"] = _loadavg()
+    # Phases reused from --work count with their recorded wall and CPU time, so "total" is the whole recipe's.
     timings["total"] = sum(timings.values())
+    cpu["total"] = sum(cpu.values())
     print(format_summary(result))
 
     recipe = {
@@ -206,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
                  "n_test": args.n_test, "n_calib": args.n_calib,
                  "seeds": [args.data_seed, args.data_seed + 1, args.data_seed + 2, args.data_seed + 3]},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
+        "loadavg_1_5_15min": load,
         "threads": torch.get_num_threads(),
         "benchmark_step_seconds": round(bench, 3),
         "weights_mb": round(weights_mb, 2),
