@@ -17,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -35,6 +36,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0  # a worker's write waits this long for the server'
 DATASET_STATUSES = ("ready", "error")
 JOB_KINDS = ("train", "evaluate", "predict")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FEEDBACK_KINDS = ("segmentation", "generation")  # generation: ratings of generated images (issue #20, later)
 
 
 def utcnow() -> dt.datetime:
@@ -171,6 +173,36 @@ class Alias(Base):
     alias: Mapped[str] = mapped_column(String(63))
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Feedback(Base):
+    """One piece of user feedback, grouped into a named feedback ``dataset`` (not a ``datasets`` row: those are
+    immutable by content; ``medplatform.feedback.snapshot`` turns the cases into one for a train job).
+
+    ``segmentation``: ``image_key``/``mask_key`` in the blob store (image de-identified, mask PNG 0/255),
+    ``model_name``/``model_version`` produced the starting mask, ``seconds``/``prompts`` the correction took;
+    ``details``: ``{"format", "height", "width", "mask_pixels"}``. ``generation`` (later): the rating in
+    ``details``, no blobs.
+    """
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", FEEDBACK_KINDS), name="ck_feedback_kind"),
+        Index("ix_feedback_kind_dataset_created_at", "kind", "dataset", "created_at"),  # a dataset, oldest first
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    dataset: Mapped[str] = mapped_column(String(200))
+    model_name: Mapped[str | None] = mapped_column(String(63), default=None)
+    model_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    image_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    mask_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    image_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    prompts: Mapped[int | None] = mapped_column(Integer, default=None)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 WRITE = "medplatform_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)

@@ -47,14 +47,16 @@ class JobContext:
 # -- data ---------------------------------------------------------------------------------------------------------
 
 
-def fetch_dataset(ctx: JobContext) -> tuple[Dataset, Path]:
-    """The job's dataset row and its ZIP extracted under ``workdir/dataset`` (members checked, no links)."""
+def fetch_dataset(ctx: JobContext, dataset_id: str | None = None, folder: str = "dataset") -> tuple[Dataset, Path]:
+    """A dataset row (default: the job's) and its ZIP extracted under ``workdir/<folder>`` (members checked, no
+    links)."""
+    dataset_id = dataset_id or ctx.job.dataset_id
     with ctx.platform.sessions() as session:
-        dataset = session.get(Dataset, ctx.job.dataset_id) if ctx.job.dataset_id else None
+        dataset = session.get(Dataset, dataset_id) if dataset_id else None
     if dataset is None or not dataset.blob_key:
-        raise NotFound("dataset", ctx.job.dataset_id, "the job's dataset (or its archive) no longer exists")
-    archive = ctx.platform.blobs.get_file(dataset.blob_key, ctx.workdir / "dataset.zip")
-    root = ctx.workdir / "dataset"
+        raise NotFound("dataset", dataset_id, "the job's dataset (or its archive) no longer exists")
+    archive = ctx.platform.blobs.get_file(dataset.blob_key, ctx.workdir / f"{folder}.zip")
+    root = ctx.workdir / folder
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
         if len(members) > MAX_ARCHIVE_MEMBERS:
@@ -120,24 +122,40 @@ def _phase_args(phase: str, argv: list[str]) -> argparse.Namespace:
 
 def run_train(ctx: JobContext) -> dict[str, Any]:
     """Train the job's phases on the dataset's train split (validation on val), evaluate on test, export ONNX
-    (parity-gated), register ``recipe`` version N. Returns ``{"model", "version", "metrics", "split"}``."""
+    (parity-gated), register ``recipe`` version N. Returns ``{"model", "version", "metrics", "split"}``.
+
+    A fine-tune (``init``: a registered ``name:N``) runs the e2e phase from that version's weights, with its
+    run's preset unless one was given; ``replay_dataset`` adds that dataset's train split (same seeded split)
+    to the training cases, so the model keeps seeing its original domain."""
     from core.datasets import SegmentationDataset
     from export.onnx_export import export_artifacts
     from training.evaluate import evaluate_run
     from training.phases import run as run_phase
 
     hp = dict(ctx.job.hyperparameters)
+    seed = int(hp.get("seed", 0))
     dataset, root = fetch_dataset(ctx)
-    folders = split_dataset(root, ctx.workdir / "splits", seed=int(hp.get("seed", 0)))
-    common = ["--data", str(folders["train"]), "--val-data", str(folders["val"]), "--config", hp["preset"],
-              "--no-progress", "--device", ctx.device, "--seed", str(hp.get("seed", 0))]
+    folders = split_dataset(root, ctx.workdir / "splits", seed=seed)
+    runs = ctx.workdir / "runs"
+    extra = {"transunet": [], "refiner": ["--transunet", str(runs / "transunet")],
+             "e2e": ["--init", str(runs / "transunet"), str(runs / "refiner")]}
+    preset = hp.get("preset")
+    if hp.get("init"):
+        _, _, init_dir = fetch_run(ctx, hp["init"])
+        extra["e2e"] = ["--init", str(init_dir)]
+        preset = preset or _run_preset(init_dir)
+        log.info("fine-tune from %s (preset %s)", hp["init"], preset)
+    if hp.get("replay_dataset"):
+        _, replay_root = fetch_dataset(ctx, hp["replay_dataset"], "replay")
+        replay = split_dataset(replay_root, ctx.workdir / "replay_splits", seed=seed)
+        added = _merge_cases(replay["train"], folders["train"], prefix="replay-")
+        log.info("replay: %d cases of dataset %s added to the train split", added, hp["replay_dataset"])
+    common = ["--data", str(folders["train"]), "--val-data", str(folders["val"]), "--config", preset or "default",
+              "--no-progress", "--device", ctx.device, "--seed", str(seed)]
     for key, flag in (("epochs", "--epochs"), ("learning_rate", "--lr"), ("batch_size", "--batch-size")):
         if key in hp:
             common += [flag, str(hp[key])]
-    runs = ctx.workdir / "runs"
     phases: list[str] = list(hp["phases"])
-    extra = {"transunet": [], "refiner": ["--transunet", str(runs / "transunet")],
-             "e2e": ["--init", str(runs / "transunet"), str(runs / "refiner")]}
     for phase in phases:
         ctx.report({"phase": phase, "phases": phases, "epoch": 0, "epochs": None})
         run_phase(_phase_args(phase, [*extra[phase], "--out", str(runs / phase), *common]))
@@ -154,6 +172,23 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
                                           job_id=ctx.job.id)
     split = {k: len(list((v / "images").iterdir())) for k, v in folders.items()}
     return {"model": info.name, "version": info.version, "metrics": info.metrics, "split": split}
+
+
+def _run_preset(run_dir: Path) -> str:
+    """The preset a run was trained with (``run.json`` ``training.preset``), ``default`` when it says none."""
+    info = json.loads((run_dir / "run.json").read_text())
+    preset = (info.get("training") or {}).get("preset")
+    return preset if isinstance(preset, str) and preset else "default"
+
+
+def _merge_cases(source: Path, target: Path, *, prefix: str) -> int:
+    """Copy ``source/{images,masks}/*`` into ``target`` under ``prefix`` + name; returns the cases copied."""
+    count = 0
+    for folder in ("images", "masks"):
+        for path in sorted((source / folder).iterdir()) if (source / folder).is_dir() else []:
+            shutil.copyfile(path, target / folder / f"{prefix}{path.name}")
+            count += folder == "images"
+    return count
 
 
 # -- evaluate / predict ---------------------------------------------------------------------------------------------

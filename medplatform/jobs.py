@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 FINISHED = ("succeeded", "failed", "cancelled")
 TRAIN_PRESETS = ("default", "paper", "tiny")  # training.phases.RUN_PRESETS, without importing torch here
 PHASE_PLANS = (("transunet",), ("transunet", "refiner", "e2e"))  # a TransUNet alone, or the whole UltraRefiner
+FINE_TUNE_PHASES = ("e2e",)  # with ``init``: the end-to-end phase from a registered version's weights
 CANCEL_FLAG = "cancel_requested"  # key in Job.progress: set by cancel_job, seen by the worker's next report
 MAX_LIST = 500
 
@@ -46,10 +47,27 @@ def _preset(field: str, value: Any) -> str:
 
 
 def _phases(field: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or tuple(value) not in PHASE_PLANS:
-        raise InvalidValue(field, value, "expected [\"transunet\"] (a TransUNet alone) or "
-                                         "[\"transunet\", \"refiner\", \"e2e\"] (the whole UltraRefiner)")
+    if not isinstance(value, list) or tuple(value) not in (*PHASE_PLANS, FINE_TUNE_PHASES):
+        raise InvalidValue(field, value, "expected [\"transunet\"] (a TransUNet alone), "
+                                         "[\"transunet\", \"refiner\", \"e2e\"] (the whole UltraRefiner) or, "
+                                         "with init, [\"e2e\"]")
     return list(value)
+
+
+def _model_spec(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidValue(field, value, "expected a registered version to start from: name:N or name@alias")
+    try:
+        parse_model_spec(value)
+    except InvalidValue as exc:
+        raise InvalidValue(field, value, str(exc)) from None
+    return value
+
+
+def _dataset_id(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidValue(field, value, "expected a dataset id")
+    return value
 
 
 # name -> (check, default); None: the preset's value for each phase.
@@ -60,6 +78,10 @@ _TRAIN_FIELDS: dict[str, tuple[Any, Any]] = {
     "preset": (_preset, "default"),
     "phases": (_phases, list(PHASE_PLANS[-1])),
     "seed": (lambda f, v: _integer(f, v, 0, 2**31 - 1), 0),
+    # Fine-tuning: start from a registered version (pinned to name:N at submit), run only the e2e phase, and
+    # optionally add the train split of a second dataset (e.g. the original training set) to the training data.
+    "init": (_model_spec, None),
+    "replay_dataset": (_dataset_id, None),
 }
 
 
@@ -86,7 +108,28 @@ def check_hyperparameters(kind: str, hyperparameters: Mapping[str, Any] | None) 
             checked[key] = check(f"hyperparameters.{key}", hyperparameters[key])
         elif default is not None:
             checked[key] = default
+    if kind == "train":
+        _check_fine_tune(hyperparameters, checked)
     return checked
+
+
+def _check_fine_tune(given: Mapping[str, Any], checked: dict[str, Any]) -> None:
+    """With ``init``: phases ``["e2e"]`` (the default), preset from the init run unless given. Without it, the
+    fine-tune-only fields and phase plan are refused."""
+    if "init" in checked:
+        if "phases" not in given:
+            checked["phases"] = list(FINE_TUNE_PHASES)
+        elif tuple(checked["phases"]) != FINE_TUNE_PHASES:
+            raise InvalidValue("hyperparameters.phases", given["phases"], "a fine-tune (init) runs [\"e2e\"]")
+        if "preset" not in given:
+            checked.pop("preset", None)  # the init run's own preset (its image size), read by the job
+        return
+    if tuple(checked.get("phases", ())) == FINE_TUNE_PHASES:
+        raise InvalidValue("hyperparameters.phases", given.get("phases"), "[\"e2e\"] alone needs init: the "
+                                                                         "registered version to fine-tune")
+    if "replay_dataset" in checked:
+        raise InvalidValue("hyperparameters.replay_dataset", checked["replay_dataset"],
+                           "replay_dataset is for a fine-tune: set init too")
 
 
 def _check_recipe(platform: Platform, kind: str, recipe: str | None) -> str:
@@ -108,6 +151,15 @@ def _check_recipe(platform: Platform, kind: str, recipe: str | None) -> str:
     return f"{info.name}:{info.version}"
 
 
+def _pin(platform: Platform, spec: str, field: str) -> str:
+    name, ref = parse_model_spec(spec)
+    try:
+        info = platform.registry.resolve(name, ref)
+    except NotFound as exc:
+        raise NotFound(field, spec, str(exc)) from exc
+    return f"{info.name}:{info.version}"
+
+
 def submit_job(platform: Platform, kind: str, dataset_id: str | None, recipe: str | None = None,
                hyperparameters: Mapping[str, Any] | None = None) -> Job:
     """Queue a job; returns its row (``status`` ``queued``). Runs nowhere until a worker claims it.
@@ -123,12 +175,18 @@ def submit_job(platform: Platform, kind: str, dataset_id: str | None, recipe: st
     if not isinstance(dataset_id, str) or not dataset_id:
         raise InvalidValue("dataset", dataset_id, "expected a dataset id")
     pinned = _check_recipe(platform, kind, recipe)
+    if "init" in checked:  # pinned like an evaluate recipe: a later promotion does not change the start
+        checked["init"] = _pin(platform, checked["init"], "hyperparameters.init")
     with write_session(platform.sessions) as session:  # datasets.delete_dataset cannot slip in between
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise NotFound("dataset", dataset_id, "no such dataset")
-        if dataset.status != "ready":
-            raise Conflict("dataset", dataset_id, f"dataset status is {dataset.status!r}; expected 'ready'")
+        for field, wanted in (("dataset", dataset_id), ("hyperparameters.replay_dataset", checked.get(
+                "replay_dataset"))):
+            if wanted is None:
+                continue
+            dataset = session.get(Dataset, wanted)
+            if dataset is None:
+                raise NotFound(field, wanted, "no such dataset")
+            if dataset.status != "ready":
+                raise Conflict(field, wanted, f"dataset status is {dataset.status!r}; expected 'ready'")
         job = Job(kind=kind, dataset_id=dataset_id, recipe=pinned, hyperparameters=checked, status="queued",
                   progress={})
         session.add(job)

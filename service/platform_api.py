@@ -36,6 +36,7 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from service.feedback_api import feedback_routes
 from service.model_versions import LoadedVersions
 from service.oip_http import presented_api_key
 
@@ -175,6 +176,7 @@ def create_platform_app(state: PlatformState, *, settings: Callable[[], ServiceS
               methods=["DELETE"]),
         Route("/models/{name}/aliases/{alias}", api.endpoint(api.set_alias, admin=True), methods=["PUT"]),
         Route("/models/{name}/aliases/{alias}", api.endpoint(api.remove_alias, admin=True), methods=["DELETE"]),
+        *feedback_routes(api.endpoint),  # /feedback/... (service.feedback_api), same keys and errors
     ]
     return Starlette(routes=routes)
 

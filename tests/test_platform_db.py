@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from medplatform import db, settings
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = "0002_artifact_version"
+HEAD = "0003_feedback"
 
 
 def _url(tmp_path: Path) -> str:
@@ -29,7 +29,7 @@ def _url(tmp_path: Path) -> str:
 def test_revisions_form_one_line_ending_at_head():
     script = ScriptDirectory(str(db.MIGRATIONS_DIR))
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()] == [HEAD, "0001_initial"]
+    assert [r.revision for r in script.walk_revisions()] == [HEAD, "0002_artifact_version", "0001_initial"]
 
 
 def test_empty_database_to_head_matches_the_models(tmp_path):
