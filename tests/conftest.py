@@ -98,3 +98,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(line, red=True)
     if _mode() == "fail" and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def single_thread_torch():
+    """torch on one intra-op thread for the test, so a float reduction sums in one order whatever the machine's
+    core count (the stored-slice tests compare against numbers taken that way); restored afterwards."""
+    import torch  # here, not at the top: most modules never ask for it and the import takes seconds
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
