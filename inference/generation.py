@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.protocols import Denoiser, ImageScorer, MaskToImage, TextEncoder
 from weights.generators import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
 
 
@@ -85,7 +86,7 @@ class Text2ImagePipeline:
         limits: accepted argument ranges.
     """
 
-    def __init__(self, model: Any, text_encoder: Any, *, selector: Any = None,
+    def __init__(self, model: Denoiser, text_encoder: TextEncoder, *, selector: ImageScorer | None = None,
                  limits: GenerationLimits | None = None) -> None:
         from models.text2image import build_sampler
 
@@ -354,7 +355,7 @@ class Pix2PixPipeline:
     (nearest) to the generator's size and the images back to ``(H, W)`` (bilinear).
     """
 
-    def __init__(self, generator: Any) -> None:
+    def __init__(self, generator: MaskToImage) -> None:
         self.generator = generator.eval()
 
     @property
@@ -405,7 +406,7 @@ class Pix2PixPipeline:
 
 
 def load_text2image_pipeline(
-    generators_dir: str | Path = "default", *, text_encoder: Any = None, with_selector: bool = True
+    generators_dir: str | Path = "default", *, text_encoder: TextEncoder | None = None, with_selector: bool = True
 ) -> Text2ImagePipeline:
     """The pipeline from ``DIR/text2image`` (+ ``DIR/selector`` when present and wanted).
 

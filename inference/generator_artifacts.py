@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,13 @@ import torch
 from inference.artifacts import GraphSpec, _graph_spec
 from inference.generation import Pix2PixPipeline, Text2ImagePipeline
 from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
+
+if TYPE_CHECKING:
+    from models.pix2pix import Pix2PixConfig
+    from models.selector import SelectorConfig
+    from models.text2image import Text2ImageConfig
+
+_Config = TypeVar("_Config")
 
 __all__ = [
     "Generators",
@@ -69,7 +76,7 @@ class OnnxDenoiser:
     (B, T) bool/{0, 1}, modality_ids (B,) int64) -> prediction (B, 1, S, S) float32``.
     """
 
-    def __init__(self, graph: _OnnxGraph, config: Any) -> None:
+    def __init__(self, graph: _OnnxGraph, config: Text2ImageConfig) -> None:
         self.graph, self.config = graph, config
 
     @property
@@ -144,7 +151,7 @@ class OnnxPix2Pix:
     """Stands in for ``models.pix2pix.Pix2PixGenerator``: ``mask (B, 1, S, S) {0, 1} -> image (B, 1, S, S)``
     in [0, 1] at ``config.image_size`` (Pix2PixPipeline resizes to and from it)."""
 
-    def __init__(self, graph: _OnnxGraph, config: Any) -> None:
+    def __init__(self, graph: _OnnxGraph, config: Pix2PixConfig) -> None:
         self.graph, self.config = graph, config
 
     def eval(self) -> OnnxPix2Pix:
@@ -159,7 +166,7 @@ class OnnxSelector:
     modality_ids (B,)) -> (B,)`` ``log p(modality) + log p(real)``; images are resized to the selector's
     size first (``models.selector.fit_size``, as ``Selector.forward`` does)."""
 
-    def __init__(self, graph: _OnnxGraph, config: Any) -> None:
+    def __init__(self, graph: _OnnxGraph, config: SelectorConfig) -> None:
         self.graph, self.config = graph, config
 
     def eval(self) -> OnnxSelector:
@@ -183,7 +190,7 @@ class Generators:
     info: dict[str, Any]
 
 
-def _config(cls: Any, block: Any, key: str, where: Path) -> Any:
+def _config(cls: type[_Config], block: dict[str, Any], key: str, where: Path) -> _Config:
     try:
         return cls.from_dict(dict(block["config"]))
     except (KeyError, TypeError, ValueError) as exc:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,10 @@ from service.batcher import AdaptiveBatcher, BatcherConfig
 from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError, as_service_error
 from service.metrics import GENERATION_BATCH_SIZE, GENERATION_QUEUE_DEPTH, GENERATION_STEPS, STAGE_LATENCY
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:  # both import torch; the runtime loads them only when generation is on
+    from inference.generation import GenerationRequest, Pix2PixPipeline, Text2ImagePipeline
+    from inference.generator_artifacts import Generators
 
 __all__ = ["GenerateResult", "GenerationRuntime", "SynthesizeResult"]
 
@@ -57,7 +61,7 @@ class SynthesizeResult:
 
 @dataclass(frozen=True, eq=False)
 class _GenerateItem:
-    request: Any  # inference.generation.GenerationRequest
+    request: GenerationRequest
     best_of: int | None
     # Set once nobody waits for the answer (answered, timed out, client gone, shutdown): the denoising
     # loop drops this request's images at its next step instead of finishing orphaned work.
@@ -90,7 +94,7 @@ class GenerationRuntime:
         settings: the process settings (limits and batching).
     """
 
-    def __init__(self, generators: Any, settings: ServiceSettings) -> None:
+    def __init__(self, generators: Generators, settings: ServiceSettings) -> None:
         from inference.generation import GenerationLimits
 
         self.generators = generators
@@ -120,7 +124,7 @@ class GenerationRuntime:
         return str(self.generators.version)
 
     @property
-    def text2image(self) -> Any:
+    def text2image(self) -> Text2ImagePipeline:
         """The text + modality pipeline; NotFound (404) when the artifacts have none."""
         if self.generators.text2image is None:
             raise NotFound("text-to-image generation is not enabled on this server (its generator artifacts "
@@ -128,7 +132,7 @@ class GenerationRuntime:
         return self.generators.text2image
 
     @property
-    def pix2pix(self) -> Any:
+    def pix2pix(self) -> Pix2PixPipeline:
         """The mask-to-image pipeline; NotFound (404) when the artifacts have none."""
         if self.generators.pix2pix is None:
             raise NotFound("mask-to-image synthesis is not enabled on this server (its generator artifacts have "

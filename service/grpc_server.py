@@ -46,6 +46,7 @@ from service.oip import (
 )
 from service.oip_http import model_ready_unlisted, presented_api_key
 from service.oip_models import ModelRegistry, default_registry, server_metadata
+from service.protocols import FrontEndRuntime
 
 __all__ = [
     "PROTOCOL",
@@ -195,7 +196,7 @@ Rpc = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """KServe v2 RPCs over a ``ServiceRuntime`` and a ``ModelRegistry``."""
 
-    def __init__(self, runtime: Any, registry: ModelRegistry | None = None) -> None:
+    def __init__(self, runtime: FrontEndRuntime, registry: ModelRegistry | None = None) -> None:
         self.runtime = runtime
         self.registry = registry or default_registry()
 
@@ -214,7 +215,7 @@ class GrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # ModelInfer names its model in model_name, ModelReady/ModelMetadata in name; server RPCs in neither.
         model = model_label(getattr(request, "model_name", "") or getattr(request, "name", ""), self.registry.names)
         try:
-            if inference and getattr(self.runtime, "draining", False) is True:
+            if inference and self.runtime.draining:
                 raise NotReady("server shutting down; retry on another instance", retry_after=1)
             if auth:
                 metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
@@ -339,7 +340,7 @@ def _host_for_address(host: str) -> str:
 
 
 async def start_grpc_server(
-    runtime: Any,
+    runtime: FrontEndRuntime,
     host: str = "127.0.0.1",
     port: int = 8001,
     *,

@@ -14,9 +14,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from inference.protocols import Segmenter
 from service.errors import BadRequest, NotFound, ServiceError
+
+if TYPE_CHECKING:
+    from medplatform.registry import ModelRegistry
 
 __all__ = ["LoadedVersion", "LoadedVersions", "ModelVersions", "open_versions"]
 
@@ -36,7 +40,7 @@ class LoadedVersion:
 
     name: str
     version: int | None  # None: served without a registry (the artifacts the server was started with)
-    pipeline: Any
+    pipeline: Segmenter
     artifact_version: str
 
     @property
@@ -72,7 +76,7 @@ class ModelVersions:
         initial: an already loaded version (the artifacts the server started with).
     """
 
-    def __init__(self, *, registry: Any = None, loader: Callable[[Path], Any] | None = None,
+    def __init__(self, *, registry: ModelRegistry | None = None, loader: Callable[[Path], Segmenter] | None = None,
                  default_name: str = DEFAULT_MODEL, max_loaded: int = DEFAULT_MAX_LOADED,
                  ttl_s: float = DEFAULT_TTL_S, initial: LoadedVersion | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -230,7 +234,7 @@ class ModelVersions:
                         ", ".join(self.loaded()))
             return loaded
 
-    def _load_pipeline(self, name: str, version: int) -> Any:
+    def _load_pipeline(self, name: str, version: int) -> Segmenter:
         """Materialize (every file re-hashed) and build; refusals become client-visible errors without paths."""
         from medplatform.errors import IntegrityFailure
         from medplatform.errors import NotFound as RegistryNotFound
@@ -279,7 +283,7 @@ class ModelVersions:
             return self._loaded.get(key)
 
 
-def open_versions(art_dir: Path, startup: Any, loader: Callable[[Path], Any],
+def open_versions(art_dir: Path, startup: Segmenter, loader: Callable[[Path], Segmenter],
                   env: Mapping[str, str] | None = None) -> ModelVersions:
     """Wire the platform (``open_platform``: the database under MEDREFINE_DATA_DIR, migrated), register the
     artifacts the server started with (``ensure_default_registered``) and serve registry versions.

@@ -37,6 +37,7 @@ from service.errors import NotReady, PayloadTooLarge, Unauthorized, UnsupportedM
 from service.metrics import model_label
 from service.oip import ModelNotFoundError, OipError, encode_http_infer_response, parse_http_infer_request
 from service.oip_models import ModelRegistry, default_registry, server_metadata
+from service.protocols import FrontEndRuntime
 
 __all__ = ["PROTOCOL", "create_oip_app", "model_ready_unlisted", "presented_api_key"]
 
@@ -45,7 +46,9 @@ logger = logging.getLogger(__name__)
 PROTOCOL = "oip-http"
 _HEADER_LENGTH = "inference-header-content-length"
 
-Handler = Callable[[Request, Any], Awaitable[Response]]
+Handler = Callable[[Request, Any], Awaitable[Response]]  # runtime None only where needs_runtime=False
+# The runtime, or a callable returning it (None while it is being built).
+RuntimeSource = FrontEndRuntime | Callable[[], FrontEndRuntime | None]
 
 
 def presented_api_key(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -112,16 +115,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class _OipHttp:
     """The route handlers, bound to a runtime source and a model registry."""
 
-    def __init__(self, runtime: Any, registry: ModelRegistry) -> None:
-        if hasattr(runtime, "segment"):
-            self._runtime_source: Callable[[], Any] = lambda: runtime
+    def __init__(self, runtime: RuntimeSource, registry: ModelRegistry) -> None:
+        if isinstance(runtime, FrontEndRuntime):
+            self._runtime_source: Callable[[], FrontEndRuntime | None] = lambda: runtime
         elif callable(runtime):
             self._runtime_source = runtime
         else:
             raise TypeError(f"create_oip_app: expected a ServiceRuntime or a callable returning one, got {runtime!r}")
         self.registry = registry
 
-    def runtime(self) -> Any:
+    def runtime(self) -> FrontEndRuntime:
         runtime = self._runtime_source()
         if runtime is None:
             raise NotReady("server is starting: the inference runtime is not built yet")
@@ -163,22 +166,22 @@ class _OipHttp:
 
     # -- handlers -------------------------------------------------------------------------------------------
 
-    async def server_metadata(self, request: Request, runtime: Any) -> Response:
+    async def server_metadata(self, request: Request, runtime: FrontEndRuntime | None) -> Response:
         return JSONResponse(server_metadata())
 
-    async def live(self, request: Request, runtime: Any) -> Response:
+    async def live(self, request: Request, runtime: FrontEndRuntime | None) -> Response:
         live = True if runtime is None else bool(runtime.live)  # answering at all means the process is live
         return JSONResponse({"live": live}, status_code=200 if live else 503)
 
-    async def ready(self, request: Request, runtime: Any) -> Response:
+    async def ready(self, request: Request, runtime: FrontEndRuntime) -> Response:
         ready = bool(runtime.ready)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    async def model_metadata(self, request: Request, runtime: Any) -> Response:
+    async def model_metadata(self, request: Request, runtime: FrontEndRuntime) -> Response:
         name, version = _model_path(request)
         return JSONResponse(self.registry.model_metadata(runtime, name, version))
 
-    async def model_ready(self, request: Request, runtime: Any) -> Response:
+    async def model_ready(self, request: Request, runtime: FrontEndRuntime) -> Response:
         name, version = _model_path(request)
         ready = model_ready_unlisted(self.registry, runtime, name, version)
         body: dict[str, Any] = {"name": name, "ready": ready}
@@ -186,7 +189,7 @@ class _OipHttp:
             body["error"] = f"model '{name}' is not ready"
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    async def infer(self, request: Request, runtime: Any) -> Response:
+    async def infer(self, request: Request, runtime: FrontEndRuntime) -> Response:
         name, version = _model_path(request)
         self.registry.get(runtime, name, version)  # 404 before reading the body
         body = await _read_body(request, int(runtime.settings.max_upload_bytes))
@@ -203,7 +206,7 @@ class _OipHttp:
         )
 
 
-def model_ready_unlisted(registry: ModelRegistry, runtime: Any, name: str, version: str = "") -> bool:
+def model_ready_unlisted(registry: ModelRegistry, runtime: FrontEndRuntime, name: str, version: str = "") -> bool:
     """``registry.model_ready`` for the key-less readiness probe: an unknown model or version is a 404
     whose message does not list what the server serves (model metadata, which does, needs the key).
 
@@ -222,7 +225,7 @@ def _model_path(request: Request) -> tuple[str, str]:
 
 
 def create_oip_app(
-    runtime: Any,
+    runtime: RuntimeSource,
     *,
     registry: ModelRegistry | None = None,
     prefix: str = "",

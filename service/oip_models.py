@@ -43,7 +43,7 @@ import importlib.metadata
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -58,6 +58,11 @@ from service.oip import (
     ModelNotFoundError,
     OipError,
 )
+from service.protocols import FrontEndRuntime
+
+if TYPE_CHECKING:
+    from inference.pipeline import SegmentOptions
+    from service.model_versions import LoadedVersion
 
 __all__ = [
     "SERVER_NAME",
@@ -149,7 +154,7 @@ class OipModel(abc.ABC):
     outputs: ClassVar[tuple[TensorSpec, ...]]
     parameters: ClassVar[tuple[ParameterSpec, ...]] = ()
 
-    def versions(self, runtime: Any) -> tuple[str, ...]:
+    def versions(self, runtime: FrontEndRuntime) -> tuple[str, ...]:
         """Versions a request may name; the first is the one served. Default: the artifact version."""
         try:
             version = runtime.model_info().get("version")
@@ -157,31 +162,29 @@ class OipModel(abc.ABC):
             return ()
         return (str(version),) if version else ()
 
-    def is_ready(self, runtime: Any) -> bool:
-        return bool(getattr(runtime, "ready", False))
+    def is_ready(self, runtime: FrontEndRuntime) -> bool:
+        return runtime.ready
 
-    def available(self, runtime: Any) -> bool:
+    def available(self, runtime: FrontEndRuntime) -> bool:
         """Whether this server serves the model at all (e.g. generators are optional)."""
         return True
 
-    async def select(self, runtime: Any, version: str) -> Any:
+    async def select(self, runtime: FrontEndRuntime, version: str) -> LoadedVersion | None:
         """The loaded version a request names (``""``: the default); None where the model has one version."""
         return None
 
-    def served_version(self, runtime: Any, selected: Any) -> str:
+    def served_version(self, runtime: FrontEndRuntime, selected: LoadedVersion | None) -> str:
         """The ``model_version`` an answer carries."""
         versions = self.versions(runtime)
         return versions[0] if versions else ""
 
-    def check_capacity(self, runtime: Any) -> None:
+    def check_capacity(self, runtime: FrontEndRuntime) -> None:
         """503 at once when the queue this model runs on is full (default: the segmentation queue)."""
-        check = getattr(runtime, "check_capacity", None)
-        if check is not None:
-            check()
+        runtime.check_capacity()
 
     @abc.abstractmethod
     async def run(
-        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
     ) -> Mapping[str, np.ndarray]:
         """Run the model.
 
@@ -215,22 +218,18 @@ class SegmentModel(OipModel):
     parameters = (ParameterSpec("threshold", 0.0, 1.0, "mask threshold on PROBABILITY"),)
 
     # Versions are the registry's numbers of the served model name (``/v2/models/segment/versions/2``).
-    def versions(self, runtime: Any) -> tuple[str, ...]:
-        versions = getattr(runtime, "versions", None)
-        if versions is None:
-            return super().versions(runtime)
-        return versions.oip_versions()
+    def versions(self, runtime: FrontEndRuntime) -> tuple[str, ...]:
+        return runtime.versions.oip_versions()
 
-    async def select(self, runtime: Any, version: str) -> Any:
-        select = getattr(runtime, "select_oip_version", None)
-        return None if select is None else await select(version)
+    async def select(self, runtime: FrontEndRuntime, version: str) -> LoadedVersion | None:
+        return await runtime.select_oip_version(version)
 
-    def served_version(self, runtime: Any, selected: Any) -> str:
+    def served_version(self, runtime: FrontEndRuntime, selected: LoadedVersion | None) -> str:
         return selected.oip_version if selected is not None else super().served_version(runtime, selected)
 
     async def run(
-        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str,
-        selected: Any = None,
+        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str,
+        selected: LoadedVersion | None = None,
     ) -> Mapping[str, np.ndarray]:
         image = inputs["IMAGE"]
         height, width = int(image.shape[0]), int(image.shape[1])
@@ -259,12 +258,12 @@ class SegmentModel(OipModel):
 class _GenerationModel(OipModel):
     """A model served by ``runtime.generation`` (present only when the server loaded generators)."""
 
-    def versions(self, runtime: Any) -> tuple[str, ...]:
-        generation = getattr(runtime, "generation", None)
-        return (generation.version,) if generation is not None else ()
+    def versions(self, runtime: FrontEndRuntime) -> tuple[str, ...]:
+        return (runtime.generation.version,) if runtime.generation is not None else ()
 
-    def check_capacity(self, runtime: Any) -> None:
-        runtime.generation.check_capacity()
+    def check_capacity(self, runtime: FrontEndRuntime) -> None:
+        if runtime.generation is not None:  # else available() was False and the request never got here
+            runtime.generation.check_capacity()
 
 
 class GenerateModel(_GenerationModel):
@@ -283,12 +282,11 @@ class GenerateModel(_GenerationModel):
     )
     outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1, -1),)), TensorSpec("SEED", "INT64", ((1,),)))
 
-    def available(self, runtime: Any) -> bool:
-        generation = getattr(runtime, "generation", None)
-        return generation is not None and generation.generators.text2image is not None
+    def available(self, runtime: FrontEndRuntime) -> bool:
+        return runtime.generation is not None and runtime.generation.generators.text2image is not None
 
     async def run(
-        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
     ) -> Mapping[str, np.ndarray]:
         prompts = _strings(inputs["PROMPT"], "PROMPT")
         count = len(prompts)
@@ -299,6 +297,7 @@ class GenerateModel(_GenerationModel):
         scalars = {name: inputs[name].reshape(-1)[0].item() for name in ("GUIDANCE_SCALE", "STEPS", "SEED",
                                                                           "NUM_IMAGES") if name in inputs}
         try:
+            assert runtime.generation is not None  # available() checked it before the request got here
             result = await runtime.generation.generate(
                 prompts, modalities, negative_prompts=negatives,
                 guidance_scale=float(scalars.get("GUIDANCE_SCALE", 1.5)), steps=int(scalars.get("STEPS", 25)),
@@ -323,16 +322,16 @@ class SynthesizeModel(_GenerationModel):
     inputs = (TensorSpec("MASK", "UINT8", ((-1, -1),)),)
     outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1),)),)
 
-    def available(self, runtime: Any) -> bool:
-        generation = getattr(runtime, "generation", None)
-        return generation is not None and generation.generators.pix2pix is not None
+    def available(self, runtime: FrontEndRuntime) -> bool:
+        return runtime.generation is not None and runtime.generation.generators.pix2pix is not None
 
     async def run(
-        self, runtime: Any, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
     ) -> Mapping[str, np.ndarray]:
         mask = inputs["MASK"]
         if min(mask.shape) < 1:
             raise OipError(f"input 'MASK' must not be empty, got shape {list(mask.shape)}", field="MASK")
+        assert runtime.generation is not None  # available() checked it
         result = await runtime.generation.synthesize(mask)
         return {"IMAGE": result.image}
 
@@ -363,7 +362,7 @@ def _to_gray_unit(image: np.ndarray) -> np.ndarray:
     return np.clip(pixels / 255.0, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _segment_options(parameters: Mapping[str, float]) -> Any:
+def _segment_options(parameters: Mapping[str, float]) -> SegmentOptions | None:
     if not parameters:
         return None
     from inference.pipeline import SegmentOptions  # the pipeline module loads engines; import it on first use
@@ -389,7 +388,7 @@ class ModelRegistry:
     def names(self) -> tuple[str, ...]:
         return tuple(self._models)
 
-    def get(self, runtime: Any, name: str, version: str = "") -> OipModel:
+    def get(self, runtime: FrontEndRuntime, name: str, version: str = "") -> OipModel:
         """The model called ``name``; ``version`` must be empty or one of its versions.
 
         Raises:
@@ -410,7 +409,7 @@ class ModelRegistry:
                 )
         return model
 
-    def model_metadata(self, runtime: Any, name: str, version: str = "") -> dict[str, Any]:
+    def model_metadata(self, runtime: FrontEndRuntime, name: str, version: str = "") -> dict[str, Any]:
         """The KServe v2 model metadata object (JSON form; the gRPC transport maps it to protobuf)."""
         model = self.get(runtime, name, version)
         return {
@@ -421,11 +420,11 @@ class ModelRegistry:
             "outputs": [spec.metadata() for spec in model.outputs],
         }
 
-    def model_ready(self, runtime: Any, name: str, version: str = "") -> bool:
+    def model_ready(self, runtime: FrontEndRuntime, name: str, version: str = "") -> bool:
         """Whether the model can take inference requests now (raises ``ModelNotFoundError`` if unknown)."""
         return self.get(runtime, name, version).is_ready(runtime)
 
-    async def infer(self, runtime: Any, request: InferRequest, *, protocol: str) -> InferResponse:
+    async def infer(self, runtime: FrontEndRuntime, request: InferRequest, *, protocol: str) -> InferResponse:
         """Validate ``request``, run its model on ``runtime``, and return the requested outputs.
 
         Raises:
@@ -441,9 +440,8 @@ class ModelRegistry:
         inputs = _validated_inputs(model, request.inputs)
         parameters = _validated_parameters(model, request.parameters)
         # A request the transport let in before a drain began still runs (``serving``); new ones are
-        # refused at the transport's entry. Runtimes without ``serving`` fall back to readiness.
-        serving = getattr(runtime, "serving", None)
-        if not (serving if isinstance(serving, bool) else model.is_ready(runtime)):
+        # refused at the transport's entry.
+        if not runtime.serving:
             raise NotReady(f"model '{model.name}' is not ready")
         model.check_capacity(runtime)  # 503 at once when its queue is full
         # 3. The version (loaded on first use), run (through the runtime's shared queue), pack the outputs.

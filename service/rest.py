@@ -32,13 +32,17 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.imageio import DecodedImage, decode_image, decode_mask, encode_mask_png, encode_png, to_uint8
 from service.decode_pool import shared_decode_pool
 from service.errors import BadRequest, ServiceError, as_service_error
+from service.protocols import FrontEndRuntime
+
+if TYPE_CHECKING:
+    from service.model_versions import LoadedVersion
 
 __all__ = [
     "DEFAULT_REFINE_OUTPUTS",
@@ -121,24 +125,22 @@ def _read_part(path: Path, limit: int, field: str) -> bytes:
     return data
 
 
-async def _read_upload(path: Path, runtime: Any, field: str) -> bytes:
+async def _read_upload(path: Path, runtime: FrontEndRuntime, field: str) -> bytes:
     return await asyncio.to_thread(_read_part, path, int(runtime.settings.max_upload_bytes), field)
 
 
-def _decode_deadline(runtime: Any) -> float:
+def _decode_deadline(runtime: FrontEndRuntime) -> float:
     """``time.monotonic()`` after which a decode that has not started is not started (request_timeout_s)."""
     return time.monotonic() + float(runtime.settings.request_timeout_s)
 
 
-async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
+async def _decode(path: Path, runtime: FrontEndRuntime) -> tuple[bytes, DecodedImage]:
     """Read and decode the ``file`` upload on the decode pool, within the decode budget of core.imageio.
 
     The inflate budget (``inflate_budget(max_pixels, max_upload_bytes)``, 325 MiB at the defaults) bounds
     what a compressed upload may cost; past it, or past ``max_pixels``, the answer is 413 naming ``file``.
     """
-    check_capacity = getattr(runtime, "check_capacity", None)
-    if check_capacity is not None:
-        check_capacity()  # 503 before spending memory and CPU on decoding when the queue is full
+    runtime.check_capacity()  # 503 before spending memory and CPU on decoding when the queue is full
     settings = runtime.settings
 
     def read_and_decode() -> tuple[bytes, DecodedImage]:  # one decode-thread hop for both
@@ -152,7 +154,7 @@ async def _decode(path: Path, runtime: Any) -> tuple[bytes, DecodedImage]:
     return await shared_decode_pool().run(read_and_decode, deadline=_decode_deadline(runtime))
 
 
-async def _decode_prior_mask(path: Path, runtime: Any) -> np.ndarray:
+async def _decode_prior_mask(path: Path, runtime: FrontEndRuntime) -> np.ndarray:
     """Read and decode the ``prior_mask`` upload on the decode pool: ``(H, W) uint8 in {0, 1}``."""
     settings = runtime.settings
 
@@ -175,16 +177,15 @@ def _field_error(exc: ValueError, field: str) -> ServiceError:
     return error
 
 
-def _model(runtime: Any, selected: Any = None) -> dict[str, str]:
+def _model(runtime: FrontEndRuntime, selected: LoadedVersion | None = None) -> dict[str, str]:
     """``version``: the registry's ``name:version`` that answered (the artifact version without a registry)."""
     version = selected.label if selected is not None else runtime.model_version
     return {"version": version, "backend": runtime.backend}
 
 
-async def _select(runtime: Any, model: str | None) -> Any:
+async def _select(runtime: FrontEndRuntime, model: str | None) -> LoadedVersion:
     """The version the ``model`` field names (404/400 naming ``model`` before the upload is decoded)."""
-    select = getattr(runtime, "select_model", None)
-    return None if select is None else await select(model)
+    return await runtime.select_model(model)
 
 
 def _ms(seconds: float) -> float:
@@ -192,7 +193,7 @@ def _ms(seconds: float) -> float:
 
 
 async def segment(
-    runtime: Any,
+    runtime: FrontEndRuntime,
     file: Path,
     *,
     threshold: float | None = None,
@@ -256,7 +257,7 @@ async def segment(
         from core.dicom_seg import build_dicom_seg
 
         if anonymize is None:
-            anonymize = bool(getattr(runtime.settings, "anonymize_dicom", True))
+            anonymize = runtime.settings.anonymize_dicom
 
         mask = result.mask if result.mask is not None else (np.asarray(result.probability) > result.threshold)
         try:
@@ -272,7 +273,7 @@ async def segment(
 
 
 async def refine(
-    runtime: Any,
+    runtime: FrontEndRuntime,
     file: Path,
     *,
     box: Sequence[float] | None = None,

@@ -24,11 +24,17 @@ import asyncio
 import base64
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from core.imageio import decode_mask, encode_png
 from service.errors import NotFound, ServiceError
+from service.protocols import FrontEndRuntime
 from service.rest import _field_error, _ms, _read_upload
+
+if TYPE_CHECKING:
+    from service.generation import GenerationRuntime
 
 __all__ = ["generate", "synthesize"]
 
@@ -51,24 +57,24 @@ def _rest_field(error: ServiceError) -> ServiceError:
     return error
 
 
-def _generation(runtime: Any) -> Any:
-    generation = getattr(runtime, "generation", None)
+def _generation(runtime: FrontEndRuntime) -> GenerationRuntime:
+    generation = runtime.generation
     if generation is None:
         raise NotFound("generation is not enabled on this server: start it with generator artifacts "
                        "(python -m export generators; MEDREFINE_GENERATORS)")
     return generation
 
 
-def _model(generation: Any) -> dict[str, str]:
+def _model(generation: GenerationRuntime) -> dict[str, str]:
     return {"version": generation.version, "backend": "onnxruntime"}
 
 
-def _png_b64(image: Any) -> str:
+def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
 
 
 async def generate(
-    runtime: Any,
+    runtime: FrontEndRuntime,
     *,
     prompt: str,
     modality: str,
@@ -110,7 +116,7 @@ async def generate(
     }
 
 
-async def synthesize(runtime: Any, file: Path) -> dict[str, Any]:
+async def synthesize(runtime: FrontEndRuntime, file: Path) -> dict[str, Any]:
     """``POST /synthesize``: a mask upload -> a generated image of the same size.
 
     Raises:

@@ -18,15 +18,21 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.protocols import Segmenter
 from service.batcher import AdaptiveBatcher, BatcherConfig
 from service.errors import BadRequest, NotReady, PayloadTooLarge, ServiceError, as_service_error
 from service.metrics import ServiceMetrics
 from service.model_versions import DEFAULT_MODEL, LoadedVersion, ModelVersions
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:  # the pipeline module imports torch; the runtime loads it on first use
+    from inference.pipeline import RefineResult, SegmentOptions, SegmentResult
+    from service.generation import GenerationRuntime
 
 __all__ = ["RefineRequest", "ServiceRuntime", "SegmentRequest"]
 
@@ -38,9 +44,9 @@ class SegmentRequest:
     """One queued segmentation: ``image (H, W) float32 in [0, 1]``, its options and pixel spacing (mm)."""
 
     image: np.ndarray
-    options: Any
+    options: SegmentOptions
     spacing: tuple[float, float] | None = None
-    pipeline: Any = None  # the chosen version's pipeline (None: the runtime's start-up pipeline)
+    pipeline: Segmenter | None = None  # the chosen version's pipeline (None: the runtime's start-up pipeline)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +55,7 @@ class RefineRequest:
 
     image: np.ndarray
     kwargs: dict[str, Any]
-    pipeline: Any = None
+    pipeline: Segmenter | None = None
 
 
 class ServiceRuntime:
@@ -57,8 +63,7 @@ class ServiceRuntime:
 
     Args:
         settings: the process settings.
-        pipeline: a ``inference.pipeline.SegmentationPipeline`` (or any object with its ``segment``,
-            ``refine``, ``model_info`` methods).
+        pipeline: the start-up pipeline (``inference.pipeline.SegmentationPipeline``).
         metrics: the metrics facade (default: a new one over the module-level Prometheus objects).
         generation: the ``service.generation.GenerationRuntime`` (its own queue), or None when generation
             is off.
@@ -66,8 +71,8 @@ class ServiceRuntime:
             default: only ``pipeline``.
     """
 
-    def __init__(self, settings: ServiceSettings, pipeline: Any, *, metrics: ServiceMetrics | None = None,
-                 generation: Any = None, versions: ModelVersions | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, pipeline: Segmenter, *, metrics: ServiceMetrics | None = None,
+                 generation: GenerationRuntime | None = None, versions: ModelVersions | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.versions = versions or ModelVersions(
@@ -81,7 +86,7 @@ class ServiceRuntime:
         self._started = False
         self._info = dict(pipeline.model_info())
         self._info.setdefault("backend", settings.backend)
-        self.batcher: AdaptiveBatcher[Any, Any] = AdaptiveBatcher(
+        self.batcher: AdaptiveBatcher[SegmentRequest | RefineRequest, SegmentResult | RefineResult] = AdaptiveBatcher(
             self._run_batch,
             BatcherConfig(
                 max_batch_size=settings.max_batch_size,
@@ -119,7 +124,7 @@ class ServiceRuntime:
         )
         generation = load_generation(settings)
 
-        def load_version(art_dir: Any) -> Any:  # another registry version, on first use
+        def load_version(art_dir: Path) -> Segmenter:  # another registry version, on first use
             return SegmentationPipeline.from_artifacts(
                 art_dir, settings.backend, embedding_cache_bytes=settings.embedding_cache_bytes,
                 max_points=settings.max_points, **engine_options(settings))
@@ -251,8 +256,8 @@ class ServiceRuntime:
         """As :meth:`select_model` for an OIP/gRPC ``model_version`` (``""``: production); field ``version``."""
         return await self.versions.select(self.versions.resolve_oip(version))
 
-    async def segment(self, image: np.ndarray, options: Any = None, *, protocol: str,
-                      spacing: Sequence[float] | None = None, model: LoadedVersion | None = None) -> Any:
+    async def segment(self, image: np.ndarray, options: SegmentOptions | None = None, *, protocol: str,
+                      spacing: Sequence[float] | None = None, model: LoadedVersion | None = None) -> SegmentResult:
         """Segment one image through the shared batching queue.
 
         Images with equal options (threshold, gate) share batches whatever arrays they asked for: the
@@ -301,7 +306,7 @@ class ServiceRuntime:
         spacing: Sequence[float] | None = None,
         protocol: str,
         model: LoadedVersion | None = None,
-    ) -> Any:
+    ) -> RefineResult:
         """Refine one image with user prompts (box / points / prior mask) through the shared queue.
 
         Prompts are in the image's pixel frame: ``box`` (4,) xyxy, ``points`` (N, 2) xy with
@@ -349,10 +354,7 @@ class ServiceRuntime:
 
     def sync_metrics(self) -> None:
         """Mirror the embedding cache counters into the Prometheus metrics (also called on each scrape)."""
-        stats_fn = getattr(self.pipeline, "cache_stats", None)
-        if stats_fn is None:
-            return
-        stats = stats_fn()
+        stats = self.pipeline.cache_stats()
         self.metrics.sync_cache(int(stats.hits), int(stats.misses), int(stats.bytes))
 
     def _run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
@@ -366,7 +368,7 @@ class ServiceRuntime:
             self.sync_metrics()
         return results
 
-    def _segment_batch(self, items: list[SegmentRequest]) -> list[Any]:
+    def _segment_batch(self, items: list[SegmentRequest]) -> list[SegmentResult | Exception]:
         images = [item.image for item in items]
         try:
             results = (items[0].pipeline or self.pipeline).segment(images, items[0].options, spacings=[item.spacing for item in items])
@@ -378,7 +380,7 @@ class ServiceRuntime:
         self._observe_timings(results[0] if results else None)
         return list(results)
 
-    def _segment_one(self, item: SegmentRequest) -> Any:
+    def _segment_one(self, item: SegmentRequest) -> SegmentResult | Exception:
         try:
             (result,) = (item.pipeline or self.pipeline).segment([item.image], item.options, spacings=[item.spacing])
         except Exception as exc:
@@ -386,7 +388,7 @@ class ServiceRuntime:
         self._observe_timings(result)
         return result
 
-    def _refine_one(self, item: RefineRequest) -> Any:
+    def _refine_one(self, item: RefineRequest) -> RefineResult | Exception:
         try:
             result = (item.pipeline or self.pipeline).refine(item.image, **item.kwargs)
         except Exception as exc:
@@ -394,8 +396,8 @@ class ServiceRuntime:
         self._observe_timings(result)
         return result
 
-    def _observe_timings(self, result: Any) -> None:
-        timings = getattr(result, "timings", None)
+    def _observe_timings(self, result: SegmentResult | RefineResult | None) -> None:
+        timings = result.timings if result is not None else None
         if timings:
             self.metrics.observe_stages(timings)
 
@@ -418,7 +420,7 @@ def _spacing(spacing: Sequence[float] | None) -> tuple[float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def load_generation(settings: ServiceSettings) -> Any:
+def load_generation(settings: ServiceSettings) -> GenerationRuntime | None:
     """The ``GenerationRuntime`` over ``settings.generators_dir`` (ONNX Runtime), or None when it is off.
 
     Raises:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,11 +22,12 @@ from core.imageio import to_uint8
 from inference.pipeline import SegmentationPipeline, SegmentOptions
 from service.errors import NotReady, QueueFullError, RequestTimeoutError
 from service.grpc_server import start_grpc_server
-from service.metrics import REGISTRY, ServiceMetrics
+from service.metrics import REGISTRY
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.artifact_factory import make_tiny_artifacts, phantom_images
+from tests.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -281,28 +281,6 @@ def test_requests_are_counted_with_protocol_grpc(server, phantom):
     assert REGISTRY.get_sample_value("medrefine_requests_total", {**labels, "status": "400"}) == before_bad + 1
 
 
-@dataclass
-class _FailingRuntime:
-    """A runtime double raising what the real batcher raises under load."""
-
-    error: Exception
-    ready: bool = True
-    live: bool = True
-
-    def __post_init__(self) -> None:
-        self.settings = ServiceSettings()
-        self.metrics = ServiceMetrics()
-
-    def model_info(self) -> dict:
-        return {"version": "v-test"}
-
-    def check_api_key(self, presented: str | None) -> bool:
-        return True
-
-    async def segment(self, image, options, *, protocol):
-        raise self.error
-
-
 @pytest.mark.parametrize(
     ("error", "code", "retry_after"),
     [
@@ -313,7 +291,7 @@ class _FailingRuntime:
     ],
 )
 def test_runtime_errors_map_to_status_codes(error, code, retry_after):
-    served = LoopGrpc(_FailingRuntime(error), start_runtime=False)
+    served = LoopGrpc(FailingRuntime(error), start_runtime=False)
     try:
         with grpc.insecure_channel(served.url) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

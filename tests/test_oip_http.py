@@ -13,7 +13,6 @@ import gzip
 import json
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,12 +25,13 @@ from tritonclient.utils import InferenceServerException
 from core.imageio import LUMA_WEIGHTS, to_uint8
 from inference.pipeline import SegmentationPipeline
 from service.errors import QueueFullError, RequestTimeoutError
-from service.metrics import REGISTRY, ServiceMetrics
+from service.metrics import REGISTRY
 from service.oip_http import create_oip_app
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.artifact_factory import make_tiny_artifacts, phantom_images
+from tests.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -368,32 +368,12 @@ def test_requests_are_counted_with_protocol_oip_http(server, phantom):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _FailingRuntime:
-    error: Exception
-    ready: bool = True
-    live: bool = True
-
-    def __post_init__(self) -> None:
-        self.settings = ServiceSettings()
-        self.metrics = ServiceMetrics()
-
-    def model_info(self) -> dict:
-        return {"version": "v-test"}
-
-    def check_api_key(self, presented: str | None) -> bool:
-        return True
-
-    async def segment(self, image, options, *, protocol):
-        raise self.error
-
-
 @pytest.mark.parametrize(
     ("error", "status", "retry_after"),
     [(QueueFullError(retry_after=2.4), 503, "2"), (RequestTimeoutError(), 504, None)],
 )
 def test_runtime_errors_map_to_status_codes(error, status, retry_after):
-    app = create_oip_app(_FailingRuntime(error), prefix="/v2")
+    app = create_oip_app(FailingRuntime(error), prefix="/v2")
     document = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [2, 2], "data": [0, 1, 2, 3]}]}
 
     async def scenario():
