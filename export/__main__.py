@@ -1,6 +1,7 @@
 """`python -m export COMMAND ...`: ONNX artifacts, verification, TensorRT engines, BentoML, Triton.
 
     python -m export onnx --model RUN_DIR|default --out ART_DIR [--fp16] [--opset 17]
+                          [--int8 [GRAPHS]] [--fuse-rel-pos] [--optimize]
     python -m export onnx --random-config paper --out ART_DIR      (random weights, paper sizes)
     python -m export generators --model default|DIR --out artifacts/generators [--fp16] [--opset 17]
     python -m export verify ART_DIR [--structural]                 (segmentation or generator artifacts)
@@ -42,6 +43,14 @@ def _add_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the parity check")
     p.add_argument("--graphs", help="comma-separated subset of graphs to export (default: all the run serves)")
+    p.add_argument("--int8", nargs="?", const="transunet", metavar="GRAPHS",
+                   help="static int8 (QDQ, calibrated on phantoms through the pipeline) for these comma-separated "
+                        "graphs (default: transunet, the one where int8 measured faster)")
+    p.add_argument("--fuse-rel-pos", action="store_true",
+                   help="export the image encoder with its relative-position term inside the attention matmul")
+    p.add_argument("--optimize", action="store_true",
+                   help="what measured fastest on CPU at parity (loadtest/results/optimize-*.json): "
+                        "--int8 transunet --fuse-rel-pos")
 
 
 def _add_generators(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +111,12 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     only = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
+    int8 = [g.strip() for g in (args.int8 or ("transunet" if args.optimize else "")).split(",") if g.strip()]
+    if int8 and args.fp16:
+        raise ValueError("--int8 and --fp16 exclude each other: int8 graphs are quantized from the fp32 export")
+    if only is not None:
+        int8 = [g for g in int8 if g in only]
+    options = {"int8": int8, "fuse_rel_pos": args.fuse_rel_pos or args.optimize}
     if args.random_config:
         from export.graphs import save_random_run
 
@@ -109,15 +124,15 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             run_dir = save_random_run(args.random_config, Path(tmp) / "run")
             _log(f"built random-weight run {args.random_config!r} in {time.perf_counter() - start:.1f} s")
             manifest = export_artifacts(run_dir, args.out, fp16=args.fp16, opset=args.opset,
-                                        threads=args.threads, only=only, log=_log)
+                                        threads=args.threads, only=only, log=_log, **options)
     else:
         from weights.checkpoints import resolve_run_dir
 
         manifest = export_artifacts(resolve_run_dir(args.model), args.out, fp16=args.fp16, opset=args.opset,
-                                    threads=args.threads, only=only, log=_log)
+                                    threads=args.threads, only=only, log=_log, **options)
     total = sum(g["bytes"] for g in manifest["graphs"].values())
     print(f"wrote {args.out}: version {manifest['version'][:16]}, {len(manifest['graphs'])} graphs, "
-          f"{total / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")
+          f"{total / 1e6:.1f} MB, precision {manifest['precision']}, {time.perf_counter() - start:.1f} s")
     return 0
 
 

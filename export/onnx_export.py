@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from export.parity import BOUNDS, ParityResult, check_parity
+from export.parity import BOUNDS, MIN_DICE, ParityResult, check_parity
 from inference.manifest import FORMAT, compute_version, sha256_file, write_manifest
 
 DEFAULT_OPSET = 17
@@ -225,6 +225,7 @@ def _export_one(spec: Any, stage: Path, *, fp16: bool, opset: int, threads: int)
     entry = {"file": final.name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
              "inputs": inputs, "outputs": outputs,
              "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()},
+             "precision": "fp16" if fp16 else "fp32",
              "parity": parity.to_dict(), "export_seconds": round(export_seconds, 3),
              "parity_seconds": round(parity_seconds, 3)}
     if fp16:
@@ -268,7 +269,7 @@ def write_artifact_manifest(stage: Path, graphs: Mapping[str, Any], *, pipeline:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "opset": opset,
-        "precision": "fp16" if fp16 else "fp32",
+        "precision": _overall_precision(graphs, "fp16" if fp16 else "fp32"),
         "source": dict(source),
         "pipeline": dict(pipeline),
         "graphs": dict(graphs),
@@ -279,13 +280,20 @@ def write_artifact_manifest(stage: Path, graphs: Mapping[str, Any], *, pipeline:
     return manifest
 
 
+def _overall_precision(graphs: Mapping[str, Any], default: str) -> str:
+    """The graphs' one precision, or e.g. "fp32+int8" when they differ (each graph entry has its own)."""
+    return "+".join(sorted({str(g.get("precision", default)) for g in graphs.values()})) or default
+
+
 def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, fp16: bool = False,
                      opset: int = DEFAULT_OPSET, threads: int = 1, only: Sequence[str] | None = None,
-                     log: Any = None) -> dict[str, Any]:
+                     int8: Sequence[str] = (), fuse_rel_pos: bool = False, log: Any = None) -> dict[str, Any]:
     """Export every served graph of a run directory into ``out_dir``; returns the manifest.
 
     ``only`` restricts the export to some graph names (a partial artifact set, e.g. for tests or a
-    TransUNet-only deployment); unknown names raise ``ValueError``.
+    TransUNet-only deployment); unknown names raise ``ValueError``. ``int8`` names graphs replaced by
+    static int8 ones after the fp32 export (export/quantize.py); ``fuse_rel_pos`` exports the image
+    encoder with its relative-position term inside the attention matmul (export/fused_encoder.py).
 
     Raises:
         weights.checkpoints.RunDirError: the run directory is missing or inconsistent.
@@ -305,6 +313,10 @@ def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
             raise ValueError(f"graphs {unknown} are not produced by run {info.run_dir}; it has "
                              f"{[s.name for s in specs]}")
         specs = [s for s in specs if s.name in only]
+    if fuse_rel_pos:
+        from export.fused_encoder import fused_encoder_spec
+
+        specs = [fused_encoder_spec(s) if s.name == "image_encoder" else s for s in specs]
     pipeline = pipeline_block(model, info)
     source = {"run_dir": str(Path(info.run_dir).resolve()), "kind": info.kind,
               "weights_sha256": info.weights_sha256, "config": info.config,
@@ -314,6 +326,12 @@ def export_artifacts(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     with staging_dir(Path(out_dir)) as stage:
         graphs = export_specs(specs, stage, fp16=fp16, opset=opset, threads=threads, log=log)
         manifest = write_artifact_manifest(stage, graphs, pipeline=pipeline, source=source, opset=opset, fp16=fp16)
+        if int8:
+            from export.quantize import quantize_artifacts
+
+            graphs = quantize_artifacts(stage, specs, graphs, list(int8), threads=threads, log=log)
+            manifest = write_artifact_manifest(stage, graphs, pipeline=pipeline, source=source, opset=opset,
+                                               fp16=fp16)
     return manifest
 
 
@@ -333,7 +351,8 @@ def reverify_specs(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any],
             raise ValueError(f"{path}: graph {name!r} is not produced by {source} (it produces {sorted(specs)})")
         spec = specs[name]
         result = check_parity(name, path, spec.reference, spec.cases(), bound=float(graph["parity"]["bound"]),
-                              mask_outputs=spec.mask_outputs, mask_fn=spec.mask_fn, threads=threads)
+                              mask_outputs=spec.mask_outputs, mask_fn=spec.mask_fn, threads=threads,
+                              min_dice=float(graph["parity"].get("min_dice", MIN_DICE)))
         result.raise_if_failed(str(path))
         results[name] = result.to_dict()
     return results

@@ -33,6 +33,7 @@ __all__ = [
     "TensorRTEngine",
     "TorchEngine",
     "build_engine",
+    "graph_precisions",
     "ort_providers",
     "ort_session_options",
     "physical_cores",
@@ -111,6 +112,12 @@ def ort_session_options(intra_op_threads: int, *, allow_spinning: bool = False) 
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+def graph_precisions(artifacts: Artifacts, names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """{graph: "fp32" | "fp16" | "int8"} from the manifest's graph entries (older manifests: the top-level one)."""
+    entries = artifacts.manifest.get("graphs", {})
+    return {name: str(entries.get(name, {}).get("precision", artifacts.precision)) for name in names}
 
 
 class Engine(abc.ABC):
@@ -218,6 +225,7 @@ class OnnxRuntimeEngine(Engine):
             name: tuple(node.name for node in session.get_outputs()) for name, session in self._sessions.items()
         }
         self._providers = list(next(iter(self._sessions.values())).get_providers()) if self._sessions else providers
+        self._precision = graph_precisions(artifacts, names)
 
     @property
     def graph_names(self) -> tuple[str, ...]:
@@ -237,7 +245,7 @@ class OnnxRuntimeEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "providers": self._providers, "intra_op_threads": self._intra_op_threads,
-                "allow_spinning": self._allow_spinning}
+                "allow_spinning": self._allow_spinning, "precision": dict(self._precision)}
 
 
 class TorchEngine(Engine):
@@ -302,7 +310,9 @@ class TorchEngine(Engine):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "device": str(self._device)}
+        # the source checkpoint's own modules, whatever precision the ONNX graphs were exported in
+        return {"backend": self.backend, "device": str(self._device),
+                "precision": {name: "fp32" for name in self._modules}}
 
 
 class TensorRTEngine(Engine):

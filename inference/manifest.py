@@ -25,6 +25,8 @@ REQUIRED_FIELDS = ("format", "version", "created", "code_version", "opset", "pre
                    "pipeline", "graphs")
 REQUIRED_GRAPH_FIELDS = ("file", "sha256", "inputs", "outputs", "dynamic_axes", "parity")
 REQUIRED_ASSET_FIELDS = ("file", "sha256")
+# a graph entry's optional "precision" (absent in older manifests: the top-level one applies)
+GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
 _CHUNK = 1 << 20
 
 
@@ -99,6 +101,9 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> dict[str, Any]:
         for key in REQUIRED_GRAPH_FIELDS:
             if key not in graph:
                 raise ArtifactError(f"{path}: graph {name!r} is missing field {key!r}")
+        if graph.get("precision", "fp32") not in GRAPH_PRECISIONS:
+            raise ArtifactError(f"{path}: graph {name!r} field 'precision' is {graph['precision']!r}, expected one "
+                                f"of {list(GRAPH_PRECISIONS)}")
     assets = manifest.get("assets", {})
     if not isinstance(assets, dict):
         raise ArtifactError(f"{path}: field 'assets' must be an object, got {type(assets).__name__}")

@@ -6,6 +6,7 @@
     python -m loadtest http --url http://127.0.0.1:3000 [--protocol rest|oip-http] --mode closed|open ...
     python -m loadtest grpc --url 127.0.0.1:8001 --mode closed|open ...
     python -m loadtest client-overhead --out loadtest/results/NAME.json
+    python -m loadtest optimize [--rounds 5] [--round-s 3] [--work DIR]   (fp32 vs CPU optimisations, offline)
 
 ``http`` and ``grpc`` run one bounded load step and print its summary as JSON. Exit codes: 0 success,
 1 a soak limit was exceeded or a step had errors with ``--fail-on-errors``, 2 usage error.
@@ -70,13 +71,14 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from loadtest import bench, client_overhead, soak
+    from loadtest import bench, client_overhead, optimize, soak
 
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench.add_arguments(sub.add_parser("bench", help="offline vs naive vs served benchmark -> results JSON + PNG"))
     soak.add_arguments(sub.add_parser("soak", help="N minutes at a fraction of peak: errors and RSS over time"))
     client_overhead.add_arguments(sub.add_parser("client-overhead", help="the HTTP generator's own CPU per request"))
+    optimize.add_arguments(sub.add_parser("optimize", help="fp32 vs int8 / fused / thread layouts, offline A/B"))
     offline = sub.add_parser("offline", help="offline pipeline throughput by batch size (no server)")
     offline.add_argument("--artifacts", required=True)
     offline.add_argument("--backend", default="onnxruntime")
@@ -98,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _offline(args)
     if args.command == "client-overhead":
         return client_overhead.run(args)
+    if args.command == "optimize":
+        return optimize.run(args)
     try:
         from loadtest.http_load import require_loopback
 

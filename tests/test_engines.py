@@ -65,7 +65,8 @@ def test_registry_rejects_unknown_backend_naming_the_choices(tiny):
 def test_onnxruntime_engine_runs_every_graph(ort_engine, artifacts):
     assert set(ort_engine.graph_names) == set(artifacts.graphs)
     assert ort_engine.describe() == {"backend": "onnxruntime", "providers": ["CPUExecutionProvider"],
-                                     "intra_op_threads": 1, "allow_spinning": False}
+                                     "intra_op_threads": 1, "allow_spinning": False,
+                                     "precision": {name: "fp32" for name in artifacts.graphs}}
     for name in artifacts.graphs:
         assert ort_engine.input_names(name) == artifacts.graph(name).input_names
         assert ort_engine.output_names(name) == artifacts.graph(name).output_names
@@ -103,7 +104,8 @@ def test_gpu_providers_need_onnxruntime_gpu(artifacts):
 
 def test_torch_engine_gives_the_onnx_numbers(artifacts, ort_engine):
     engine = build_engine("torch", artifacts, device="cpu")
-    assert isinstance(engine, TorchEngine) and engine.describe() == {"backend": "torch", "device": "cpu"}
+    assert isinstance(engine, TorchEngine) and engine.describe() == {"backend": "torch", "device": "cpu",
+                                                             "precision": {n: "fp32" for n in engine.graph_names}}
     inputs = _inputs(artifacts, np.random.default_rng(1))
     for name in artifacts.graphs:
         assert engine.input_names(name) == ort_engine.input_names(name)

@@ -1,0 +1,433 @@
+"""``python -m loadtest optimize``: fp32 against each CPU optimisation, offline, A/B in interleaved rounds.
+
+Variants are artifact directories of the same run (``python -m export onnx`` with ``--int8``,
+``--fuse-rel-pos``, both = ``--optimize``), built in ``--work`` unless they are there already. Measured:
+
+1. **graphs**: each graph alone in one ONNX Runtime session (one thread) on inputs recorded from the
+   pipeline: graph optimisation level (ALL / EXTENDED), a saved pre-optimised model, int8 operator sets,
+   the fused relative-position encoder;
+2. **pipeline**: ``SegmentationPipeline.segment`` images per second at batch 1 and 16 for every variant in
+   worker processes: one process with one thread (today's configuration), one process with two threads,
+   two processes with one thread each (throughputs summed);
+3. **held-out Dice**: every variant's served masks on ``--heldout`` breast-ultrasound phantoms (seed 7000,
+   the quality report's, which no model trained or calibrated on) against the truth, and against fp32.
+
+Each round runs every cell once, in a rotated order, so slow drifts of a shared machine hit all
+variants alike; the figures are medians over rounds, ratios the median of per-round ratios. The load
+average and the CPU other processes took are recorded per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from loadtest.system import REPO_ROOT, machine_description, machine_slug
+
+__all__ = ["add_arguments", "run"]
+
+HELDOUT_SEED = 7000  # training.quality's LESION_SEED: held out from training and from int8 calibration
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int8": {"int8": ["transunet"]},
+    "fused_rel_pos": {"fuse_rel_pos": True},
+    "optimized": {"int8": ["transunet"], "fuse_rel_pos": True},
+}
+OPTIMIZED = "optimized"  # what `python -m export onnx --optimize` builds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="run directory, or 'default' (checkpoints/default)")
+    parser.add_argument("--fp32", default="artifacts/default", help="fp32 artifacts of the same run")
+    parser.add_argument("--work", default=None, help="where the variants are exported (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--round-s", type=float, default=3.0, help="seconds per cell per round")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
+    parser.add_argument("--heldout", type=int, default=40, help="held-out phantoms for Dice")
+    parser.add_argument("--skip-graphs", action="store_true", help="no per-graph A/B")
+    parser.add_argument("--skip-processes", action="store_true", help="only one process with one thread")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--out", default=None, help="results JSON (default loadtest/results/optimize-<cpu>-<date>.json)")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ variants
+def build_variants(run_dir: Path, fp32_dir: Path, work: Path) -> dict[str, Path]:
+    """{variant: artifact directory}; exports the ones ``work`` lacks (each parity-checked as usual)."""
+    from export.onnx_export import export_artifacts
+    from inference.manifest import load_manifest
+
+    dirs = {"fp32": fp32_dir}
+    expected_weights = load_manifest(fp32_dir)["source"]["weights_sha256"]
+    for name, options in VARIANTS.items():
+        out = work / name
+        if (out / "manifest.json").is_file() and load_manifest(out)["source"]["weights_sha256"] == expected_weights:
+            _log(f"variant {name}: reusing {out}")
+        else:
+            _log(f"variant {name}: exporting {options} ...")
+            started = time.perf_counter()
+            export_artifacts(run_dir, out, **options)
+            _log(f"variant {name}: {time.perf_counter() - started:.0f} s")
+        dirs[name] = out
+    return dirs
+
+
+def _images(count: int, seed: int = HELDOUT_SEED) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(images (256, 256) float32 in [0, 1], truth masks (256, 256) bool) of held-out lesion phantoms."""
+    from core.phantoms import breast_ultrasound, sample_seed
+
+    pairs = [breast_ultrasound(sample_seed(seed, i), 256) for i in range(count)]
+    return [p[0].astype(np.float32) / 255.0 for p in pairs], [p[1] > 0 for p in pairs]
+
+
+# ------------------------------------------------------------------ pipeline workers
+def _worker(conn: Any, dirs: Mapping[str, str], threads: int, pool_size: int) -> None:
+    """Worker process: one pipeline per variant; answers ("segment", variant, batch, seconds) commands."""
+    import torch
+
+    from inference.pipeline import SegmentationPipeline
+
+    torch.set_num_threads(threads)
+    pipelines = {name: SegmentationPipeline.from_artifacts(d, "onnxruntime", intra_op_threads=threads,
+                                                           embedding_cache_bytes=0) for name, d in dirs.items()}
+    pool, _ = _images(pool_size)
+    cursor = 0
+    conn.send("ready")
+    while True:
+        command = conn.recv()
+        if command is None:
+            return
+        _, variant, batch, seconds = command
+        pipeline = pipelines[variant]
+        pipeline.segment(pool[:batch])  # warm: first call of this shape
+        calls, images = 0, 0
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds or calls < 2:
+            chunk = [pool[(cursor + k) % len(pool)] for k in range(batch)]
+            cursor += batch
+            pipeline.segment(chunk)
+            calls += 1
+            images += batch
+        conn.send({"images": images, "calls": calls, "wall_s": time.perf_counter() - t0,
+                   "cpu_s": time.process_time() - cpu0})
+
+
+class _Workers:
+    """``count`` worker processes (``threads`` each) holding every variant's pipeline."""
+
+    def __init__(self, dirs: Mapping[str, Path], count: int, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        env_threads = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned interpreters
+        try:
+            for _ in range(count):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(there, {k: str(v) for k, v in dirs.items()}, threads, 64),
+                                   daemon=True)
+                proc.start()
+                self.conns.append(here)
+                self.procs.append(proc)
+        finally:
+            if env_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_threads
+        for conn in self.conns:
+            if conn.recv() != "ready":
+                raise RuntimeError("a benchmark worker failed to start")
+
+    def segment(self, variant: str, batch: int, seconds: float) -> dict[str, Any]:
+        """All workers at once; images per second summed over workers, CPU per image over all of them."""
+        for conn in self.conns:
+            conn.send(("segment", variant, batch, seconds))
+        rows = [conn.recv() for conn in self.conns]
+        images = sum(r["images"] for r in rows)
+        cpu = sum(r["cpu_s"] for r in rows)
+        return {"ips": sum(r["images"] / r["wall_s"] for r in rows), "images_per_cpu_s": images / cpu,
+                "calls": sum(r["calls"] for r in rows)}
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+
+class _Machine:
+    """Load average and other processes' CPU (cores) between ``start`` and ``stop``."""
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+
+    def _busy(self) -> tuple[float, float]:
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        own = 0.0
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                own += t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+        return busy, own
+
+    def start(self) -> None:
+        self._t, (self._busy0, self._own0) = time.perf_counter(), self._busy()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._t
+        busy, own = self._busy()
+        return {"loadavg_1min": round(os.getloadavg()[0], 3),
+                "other_cores": round(max(0.0, (busy - self._busy0) - (own - self._own0)) / wall, 3)}
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def pipeline_ab(dirs: Mapping[str, Path], configs: Mapping[str, tuple[int, int, Sequence[str]]],
+                batch_sizes: Sequence[int], rounds: int, round_s: float) -> dict[str, Any]:
+    """{config: {variant: {batch: medians and per-round figures}}}, configs named "1p1t" etc.
+
+    ``configs`` maps a name to (processes, threads per process, variants measured).
+    """
+    out: dict[str, Any] = {}
+    machine = _Machine()
+    for config, (procs, threads, variants) in configs.items():
+        workers = _Workers({v: dirs[v] for v in variants}, procs, threads)
+        cells = [(v, b) for b in batch_sizes for v in variants]
+        per: dict[tuple[str, int], list[dict[str, Any]]] = {c: [] for c in cells}
+        try:
+            for r in range(rounds):
+                machine.start()
+                shift = r % len(cells)
+                for variant, batch in cells[shift:] + cells[:shift]:
+                    per[(variant, batch)].append(workers.segment(variant, batch, round_s))
+                load = machine.stop()
+                for cell in cells:
+                    per[cell][-1].update(load)
+                _log(f"  {config} round {r + 1}/{rounds}: " + ", ".join(
+                    f"{v} b{b} {per[(v, b)][-1]['ips']:.1f}" for v, b in cells) + f" img/s; load {load}")
+        finally:
+            workers.close()
+        block: dict[str, Any] = {"processes": procs, "threads_per_process": threads, "variants": {}}
+        for variant, batch in cells:
+            rows = per[(variant, batch)]
+            base = per[("fp32", batch)]
+            entry = {
+                "ips_median": _median([r["ips"] for r in rows]),
+                "images_per_cpu_s_median": _median([r["images_per_cpu_s"] for r in rows]),
+                "ips_rounds": [round(r["ips"], 3) for r in rows],
+                "over_fp32_median": _median([r["ips"] / b["ips"] for r, b in zip(rows, base, strict=True)]),
+                "over_fp32_rounds": [round(r["ips"] / b["ips"], 3) for r, b in zip(rows, base, strict=True)],
+                "loadavg_1min_rounds": [r["loadavg_1min"] for r in rows],
+                "other_cores_rounds": [r["other_cores"] for r in rows],
+            }
+            block["variants"].setdefault(variant, {})[str(batch)] = entry
+        out[config] = block
+    return out
+
+
+# ------------------------------------------------------------------ single graphs
+def _session(path: Path, level: str = "all", saved: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    from inference.engines import ort_session_options
+
+    options = ort_session_options(1)
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    options.graph_optimization_level = levels[level]
+    if saved is not None:
+        options.optimized_model_filepath = str(saved)
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def graph_ab(dirs: Mapping[str, Path], work: Path, batch_sizes: Sequence[int], rounds: int,
+             round_s: float) -> dict[str, Any]:
+    """Per graph: ms per call of each candidate against the fp32 graph, on inputs recorded from the pipeline."""
+    from export.quantize import (
+        CALIBRATION_IMAGES,
+        CALIBRATION_SEED,
+        phantom_images,
+        quantize_graph,
+        record_graph_inputs,
+    )
+
+    feeds = record_graph_inputs(dirs["fp32"], phantom_images(CALIBRATION_SEED + 1, 16))
+    calibration = record_graph_inputs(dirs["fp32"], phantom_images(CALIBRATION_SEED, CALIBRATION_IMAGES))
+    scratch = work / "graphs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    candidates: dict[str, dict[str, Callable[[], Any]]] = {}
+    tu, enc = dirs["fp32"] / "transunet.onnx", dirs["fp32"] / "image_encoder.onnx"
+    fused = dirs["fused_rel_pos"] / "image_encoder.onnx"
+    # a model optimised offline (EXTENDED: portable) and loaded with the runtime's own optimisations on top
+    _session(tu, "extended", scratch / "transunet.opt.onnx")
+    _session(enc, "extended", scratch / "image_encoder.opt.onnx")
+    for ops, tag in ((("Conv", "MatMul"), "int8_conv_matmul"), (("Conv",), "int8_conv"), (None, "int8_all_ops")):
+        quantize_graph(tu, scratch / f"transunet.{tag}.onnx", calibration["transunet"], op_types=ops)
+    quantize_graph(enc, scratch / "image_encoder.int8_matmul.onnx", calibration["image_encoder"], op_types=("MatMul",))
+    quantize_graph(fused, scratch / "image_encoder.fused.int8_matmul.onnx", calibration["image_encoder"],
+                   op_types=("MatMul",))
+    candidates["transunet"] = {
+        "fp32": lambda: _session(tu), "fp32_extended": lambda: _session(tu, "extended"),
+        "fp32_saved_optimized": lambda: _session(scratch / "transunet.opt.onnx"),
+        **{tag: (lambda t=tag: _session(scratch / f"transunet.{t}.onnx"))
+           for tag in ("int8_conv_matmul", "int8_conv", "int8_all_ops")},
+    }
+    candidates["image_encoder"] = {
+        "fp32": lambda: _session(enc), "fp32_extended": lambda: _session(enc, "extended"),
+        "fp32_saved_optimized": lambda: _session(scratch / "image_encoder.opt.onnx"),
+        "fused_rel_pos": lambda: _session(fused),
+        "int8_matmul": lambda: _session(scratch / "image_encoder.int8_matmul.onnx"),
+        "fused_rel_pos_int8_matmul": lambda: _session(scratch / "image_encoder.fused.int8_matmul.onnx"),
+    }
+    results: dict[str, Any] = {}
+    for graph, makers in candidates.items():
+        sessions = {name: make() for name, make in makers.items()}
+        results[graph] = {}
+        for batch in batch_sizes:
+            feed = {k: np.concatenate([f[k] for f in feeds[graph][:batch]]) for k in feeds[graph][0]}
+            want = sessions["fp32"].run(None, feed)[0]
+            per: dict[str, list[float]] = {name: [] for name in sessions}
+            for r in range(rounds):
+                names = list(sessions)
+                names = names[r % len(names):] + names[:r % len(names)]
+                for name in names:
+                    per[name].append(_time_calls(sessions[name], feed, round_s / len(sessions)))
+            results[graph][str(batch)] = {
+                name: {"ms_median": _median(times), "ms_rounds": [round(t, 3) for t in times],
+                       "speedup_median": _median([b / t for b, t in zip(per["fp32"], times, strict=True)]),
+                       "max_abs_diff_vs_fp32": float(np.max(np.abs(sessions[name].run(None, feed)[0] - want)))}
+                for name, times in per.items()}
+            _log(f"  {graph} b{batch}: " + ", ".join(
+                f"{n} {v['speedup_median']:.2f}x" for n, v in results[graph][str(batch)].items()))
+    return results
+
+
+def _time_calls(session: Any, feed: Mapping[str, np.ndarray], seconds: float) -> float:
+    """Median ms per call over at least ``seconds`` and 3 calls (after one warm-up call)."""
+    session.run(None, dict(feed))
+    times: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(times) < 3:
+        t = time.perf_counter()
+        session.run(None, dict(feed))
+        times.append((time.perf_counter() - t) * 1000.0)
+    return _median(times)
+
+
+# ------------------------------------------------------------------ held-out Dice
+def heldout_dice(dirs: Mapping[str, Path], count: int) -> dict[str, Any]:
+    """Per variant: mean Dice of the served masks against the truth, and mask Dice against fp32."""
+    from export.parity import dice
+    from inference.pipeline import SegmentationPipeline, SegmentOptions
+
+    images, truth = _images(count)
+    masks = {}
+    for name, d in dirs.items():
+        pipeline = SegmentationPipeline.from_artifacts(d, "onnxruntime", intra_op_threads=1, embedding_cache_bytes=0)
+        masks[name] = [r.mask > 0 for r in pipeline.segment(images, SegmentOptions(outputs=("mask",)))]
+    out: dict[str, Any] = {"seed": HELDOUT_SEED, "images": count, "kind": "ultrasound (lesion cases), 256 px"}
+    for name, ms in masks.items():
+        scores = [dice(m, t) for m, t in zip(ms, truth, strict=True)]
+        agree = [dice(m, f) for m, f in zip(ms, masks["fp32"], strict=True)]
+        out[name] = {"dice_mean": float(np.mean(scores)), "dice_vs_fp32_min": float(min(agree)),
+                     "dice_vs_fp32_mean": float(np.mean(agree))}
+    return out
+
+
+# ------------------------------------------------------------------ the command
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from inference.manifest import load_manifest
+    from weights.checkpoints import resolve_run_dir
+
+    started = time.perf_counter()
+    machine = machine_description()
+    fp32_dir = Path(args.fp32)
+    if load_manifest(fp32_dir).get("precision") != "fp32":
+        raise SystemExit(f"--fp32 {fp32_dir}: not an fp32 artifact directory")
+    temp = None
+    if args.work is None:
+        temp = tempfile.mkdtemp(prefix="medrefine-optimize-")
+    work = Path(args.work or temp)
+    try:
+        dirs = build_variants(resolve_run_dir(args.model), fp32_dir, work)
+        result: dict[str, Any] = {
+            "format": "medrefine-optimize/1",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine, "note": args.note,
+            "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "variants": {name: {"export_options": VARIANTS.get(name, {}), **_describe(d)} for name, d in dirs.items()},
+        }
+        _log("held-out Dice ...")
+        result["heldout"] = heldout_dice(dirs, args.heldout)
+        if not args.skip_graphs:
+            _log("single graphs ...")
+            result["graphs"] = graph_ab(dirs, work, args.batch_sizes, args.rounds, args.round_s)
+        configs: dict[str, tuple[int, int, Sequence[str]]] = {"1p1t": (1, 1, list(dirs))}
+        if not args.skip_processes:
+            configs["1p2t"] = (1, 2, ["fp32", OPTIMIZED])
+            configs["2p1t"] = (2, 1, ["fp32", OPTIMIZED])
+        _log("pipeline ...")
+        result["pipeline"] = pipeline_ab(dirs, configs, args.batch_sizes, args.rounds, args.round_s)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    result.update(_verdict(result, args.batch_sizes))
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    result["machine"]["loadavg_1_5_15_end"] = list(os.getloadavg())
+    out = Path(args.out) if args.out else (REPO_ROOT / "loadtest" / "results" /
+                                            f"optimize-{machine_slug(machine)}-{datetime.now():%Y%m%d-%H%M}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    _log(f"wrote {out}")
+    print(json.dumps({k: result[k] for k in result if k.startswith(("optimized_", "best_"))}, indent=2))
+    return 0
+
+
+def _describe(art_dir: Path) -> dict[str, Any]:
+    from inference.manifest import load_manifest
+
+    manifest = load_manifest(art_dir)
+    return {"version": manifest["version"], "precision": manifest["precision"],
+            "graph_precision": {n: g.get("precision", manifest["precision"]) for n, g in manifest["graphs"].items()}}
+
+
+def _verdict(result: Mapping[str, Any], batch_sizes: Sequence[int]) -> dict[str, Any]:
+    """The top-level keys: the optimised pipeline against fp32 in today's configuration (1 process, 1 thread),
+    and the best configuration on the machine against the same fp32 figure."""
+    pipe = result["pipeline"]
+    base = pipe["1p1t"]["variants"]
+    verdict: dict[str, Any] = {}
+    for b in batch_sizes:
+        verdict[f"optimized_over_fp32_offline_b{b}"] = round(base[OPTIMIZED][str(b)]["over_fp32_median"], 3)
+    for b in batch_sizes:
+        fp32 = base["fp32"][str(b)]["ips_median"]
+        best = max(((cfg, block["variants"][OPTIMIZED][str(b)]["ips_median"]) for cfg, block in pipe.items()),
+                   key=lambda item: item[1])
+        verdict[f"best_config_b{b}"] = {"config": best[0], "ips": round(best[1], 2),
+                                        "over_fp32_1p1t": round(best[1] / fp32, 3)}
+    held = result["heldout"]
+    verdict["optimized_heldout_dice_delta"] = round(held["fp32"]["dice_mean"] - held[OPTIMIZED]["dice_mean"], 5)
+    return verdict
