@@ -1,6 +1,7 @@
 // medrefine UI: upload an image, show coarse vs refined contours and the gate heat map, drag a box to refine.
 // Plain browser JavaScript, no build step. Talks to POST /segment and POST /refine (multipart), POST /generate
-// (JSON; the panel shows only when the server serves generators) and GET /readyz.
+// (JSON; the panel shows only when the server serves generators) and GET /readyz. Accepting, correcting (clicks,
+// brush, eraser) and saving a mask for training: feedback.js.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -16,6 +17,9 @@ const state = {
   box: null,           // prompt box of the automatic pipeline [x0, y0, x1, y1]
   userBox: null,       // box the user dragged
   drag: null,
+  tool: "box",         // what a press on the image does: box | point+ | point- | brush | eraser (feedback.js)
+  points: [],          // click prompts [[x, y], ...] in image pixels, with pointLabels (1 lesion, 0 background)
+  pointLabels: [],
 };
 
 function setStatus(text, kind) {
@@ -120,6 +124,15 @@ function drawBox(ctx, box, color, scale) {
   ctx.restore();
 }
 
+function drawPoints(ctx, scale) {
+  state.points.forEach(([x, y], i) => {
+    ctx.beginPath();
+    ctx.arc(x, y, 3 * scale, 0, 2 * Math.PI);
+    ctx.fillStyle = state.pointLabels[i] ? "#39e07f" : "#ff6b6b";
+    ctx.fill();
+  });
+}
+
 function render() {
   if (!state.size) return;
   const [h, w] = state.size;
@@ -136,6 +149,7 @@ function render() {
   const scale = Math.max(1, Math.round(Math.max(w, h) / 512));
   if ($("show-box").checked) drawBox(ctx, state.box, "#ffffff", scale);
   drawBox(ctx, state.userBox, "#35c6ff", scale);
+  drawPoints(ctx, scale);
   if (state.drag) drawBox(ctx, normalise(state.drag), "#35c6ff", scale);
   let painted = 0;
   for (let i = 3; i < layer.data.length; i += 4) if (layer.data[i]) painted++;
@@ -166,7 +180,7 @@ function showTable(result, extra) {
 }
 
 async function segment(file) {
-  state.file = file; state.user = null; state.userBox = null;
+  state.file = file; state.user = null; state.userBox = null; state.points = []; state.pointLabels = [];
   setStatus("Segmenting " + file.name + " …", "busy");
   const form = new FormData();
   form.append("file", file, file.name);
@@ -189,6 +203,7 @@ async function segment(file) {
     state.box = result.box;
     render();
     showTable(result, { model: modelLabel(result.model) });
+    if (window.feedback) window.feedback.segmented(result);
     setStatus("Segmented " + w + "×" + h + " image. Drag a box to refine.", "segmented");
   } catch (err) {
     setStatus(err.message, "error");
@@ -208,20 +223,28 @@ function normalise(drag) {
   return [Math.min(drag[0], drag[2]), Math.min(drag[1], drag[3]), Math.max(drag[0], drag[2]), Math.max(drag[1], drag[3])];
 }
 
-async function refine(box) {
-  setStatus("Refining with your box …", "busy");
+async function refine(box, points, labels) {
+  // box: [x0, y0, x1, y1] or null; points/labels: click prompts (feedback.js), sent with the box when both exist.
+  setStatus("Refining with your " + (box ? "box" : "clicks") + " …", "busy");
   const form = new FormData();
+  const round = (v) => Math.round(v * 10) / 10;
   form.append("file", state.file, state.file.name);
-  form.append("box", JSON.stringify(box.map((v) => Math.round(v * 10) / 10)));
+  if (box) form.append("box", JSON.stringify(box.map(round)));
+  if (points && points.length) {
+    form.append("points", JSON.stringify(points.map((p) => p.map(round))));
+    form.append("point_labels", JSON.stringify(labels));
+  }
   form.append("outputs", "mask");
   appendModel(form);
   try {
     const result = await postForm("/refine", form);
     state.user = await maskFrom(result.mask_png_base64);
     state.userBox = box;
+    if (window.feedback) window.feedback.refined();
     render();
     showTable(result, { "embedding cache": result.cache_hit ? "hit" : "miss", model: modelLabel(result.model) });
-    setStatus("Refined with your box (embedding cache " + (result.cache_hit ? "hit" : "miss") + ").", "refined");
+    setStatus("Refined with your " + (box ? "box" : "clicks") + " (embedding cache " +
+              (result.cache_hit ? "hit" : "miss") + ").", "refined");
   } catch (err) {
     setStatus(err.message, "error");
   }
@@ -323,7 +346,7 @@ function wire() {
   $("generate-form").addEventListener("submit", generate);
   const overlay = $("overlay-layer");
   overlay.addEventListener("mousedown", (event) => {
-    if (!state.size || !state.file) return;
+    if (!state.size || !state.file || state.tool !== "box") return;  // other tools: feedback.js
     const [x, y] = toImage(event);
     state.drag = [x, y, x, y];
   });
@@ -337,7 +360,7 @@ function wire() {
     if (!state.drag) return;
     const box = normalise(state.drag);
     state.drag = null;
-    if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) refine(box); else render();
+    if (box[2] - box[0] >= 2 && box[3] - box[1] >= 2) refine(box, state.points, state.pointLabels); else render();
   });
   fetch("/readyz").then((r) => r.json()).then((info) => {
     $("model").textContent = info.ready
