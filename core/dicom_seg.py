@@ -24,7 +24,9 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-__all__ = ["PATIENT_IDENTIFIER_KEYWORDS", "build_dicom_seg"]
+from core.errors import InputError
+
+__all__ = ["PATIENT_IDENTIFIER_KEYWORDS", "SegSourceError", "build_dicom_seg"]
 
 # Type 2 attributes highdicom reads from the source's Patient / General Study modules.
 _TYPE2_SOURCE_KEYWORDS = (
@@ -79,6 +81,10 @@ PATIENT_IDENTIFIER_KEYWORDS = (
 _TYPE2_OUTPUT_KEYWORDS = frozenset(_TYPE2_SOURCE_KEYWORDS)
 
 
+class SegSourceError(InputError):
+    """The source DICOM lacks what a SEG must reference or state (the client's upload is at fault)."""
+
+
 def _blank_identifiers(dataset: pydicom.Dataset) -> None:
     """Empty the type 2 identifiers and delete the other patient identifiers, in place."""
     for keyword in PATIENT_IDENTIFIER_KEYWORDS:
@@ -92,13 +98,13 @@ def _prepared_source(source: pydicom.Dataset, anonymize: bool) -> pydicom.Datase
     """A copy of ``source`` holding every type 2 attribute highdicom reads (empty where absent)."""
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns"):
         if keyword not in source:
-            raise ValueError(f"source DICOM dataset lacks {keyword}; a SEG must reference a complete image instance")
+            raise SegSourceError(f"source DICOM dataset lacks {keyword}; a SEG must reference a complete image instance")
     prepared = deepcopy(source)
     for keyword in _TYPE2_SOURCE_KEYWORDS:
         if keyword not in prepared:
             setattr(prepared, keyword, "")
     if "Modality" not in prepared:
-        raise ValueError("source DICOM dataset lacks Modality (type 1 of the General Series module)")
+        raise SegSourceError("source DICOM dataset lacks Modality (type 1 of the General Series module)")
     if anonymize:
         _blank_identifiers(prepared)
     return prepared
@@ -108,7 +114,7 @@ def _frame_count(source: pydicom.Dataset) -> int:
     try:
         return max(int(source.get("NumberOfFrames", 1) or 1), 1)
     except (TypeError, ValueError):
-        raise ValueError(f"source DICOM has NumberOfFrames={source.NumberOfFrames!r}, not an integer") from None
+        raise SegSourceError(f"source DICOM has NumberOfFrames={source.NumberOfFrames!r}, not an integer") from None
 
 
 def _functional_group(source: pydicom.Dataset, frame_index: int, sequence: str) -> pydicom.Dataset | None:
@@ -136,9 +142,9 @@ def _pixel_measures(source: pydicom.Dataset, frame_index: int) -> hd.PixelMeasur
     try:
         row, col = float(spacing[0]), float(spacing[1])
     except (TypeError, ValueError, IndexError):
-        raise ValueError(f"source DICOM PixelSpacing {spacing!r} is not two numbers (row, column) in mm") from None
+        raise SegSourceError(f"source DICOM PixelSpacing {spacing!r} is not two numbers (row, column) in mm") from None
     if not (row > 0 and col > 0):
-        raise ValueError(f"source DICOM PixelSpacing {spacing!r} must be positive (row, column) in mm")
+        raise SegSourceError(f"source DICOM PixelSpacing {spacing!r} must be positive (row, column) in mm")
     thickness = measures.get("SliceThickness")
     thickness = float(thickness) if thickness not in (None, "") and float(thickness) > 0 else min(row, col)
     between = measures.get("SpacingBetweenSlices")
@@ -161,7 +167,7 @@ def _frame_geometry(prepared: pydicom.Dataset, frame_index: int, frames: int) ->
     position = _functional_group(prepared, frame_index, "PlanePositionSequence")
     orientation = _functional_group(prepared, frame_index, "PlaneOrientationSequence")
     if position is None or orientation is None:
-        raise ValueError(
+        raise SegSourceError(
             f"source DICOM has {frames} frames and a frame of reference but no per-frame PlanePositionSequence/"
             "PlaneOrientationSequence (functional groups); cannot place the SEG on one frame"
         )
@@ -225,8 +231,8 @@ def build_dicom_seg(
         The SEG as a DICOM Part 10 file (bytes, explicit VR little endian).
 
     Raises:
-        ValueError: if the source lacks identifying UIDs or usable geometry, ``frame_index`` is out of
-            range, or the mask's shape or values do not match.
+        SegSourceError: the source lacks identifying UIDs or usable geometry (an ``InputError``).
+        ValueError: ``frame_index`` is out of range, or the mask's shape or values do not match.
     """
     frames = _frame_count(source)
     if frame_index is None:
@@ -283,7 +289,7 @@ def build_dicom_seg(
             **geometry,
         )
     except AttributeError as exc:  # highdicom reads the source's geometry; pydicom names what is missing
-        raise ValueError(f"source DICOM lacks geometry a SEG needs: {exc}") from None
+        raise SegSourceError(f"source DICOM lacks geometry a SEG needs: {exc}") from None
     if one_frame_view:
         _refer_to_frame(seg, source, frame_index + 1)
     if anonymize:

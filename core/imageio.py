@@ -31,8 +31,9 @@ first: a deflated DICOM is refused once it passes its declared pixel data plus h
 NumberOfFrames, SamplesPerPixel, BitsAllocated are read from its first inflated MiB), a ``.nii.gz`` when the
 chosen slice ends past the budget; only the bytes up to that slice are inflated and only the slice is kept.
 
-Every failure raises :class:`ImageDecodeError` (a ``ValueError``) whose message starts with the file name
-(or ``"upload"``) and says what was wrong; a size limit raises its subclass :class:`ImageTooLargeError`.
+Every failure raises :class:`ImageDecodeError` (a ``core.errors.InputError``) whose message starts with the
+file name (or ``"upload"``) and says what was wrong; a size limit raises its subclass :class:`ImageTooLargeError`
+(an ``InputTooLarge``), an unknown format :class:`UnsupportedImageFormat` (an ``UnsupportedInput``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from core.errors import InputError, InputTooLarge, UnsupportedInput
 
 FORMATS = ("png", "jpeg", "tiff", "dicom", "nifti")
 VOLUME_SLICE_LIMIT = 1024  # a volume may hold max_pixels * VOLUME_SLICE_LIMIT voxels
@@ -76,12 +79,22 @@ _OTHER_MAGICS = (
 )
 
 
-class ImageDecodeError(ValueError):
-    """An image could not be decoded; the message names the file (or ``"upload"``) and the reason."""
+class ImageDecodeError(InputError):
+    """An image could not be decoded; the message names the file (or ``"upload"``) and the reason.
+
+    ``field`` is the request field the bytes came in (``"file"`` unless the caller says otherwise).
+    """
+
+    def __init__(self, message: str, field: str | None = "file") -> None:
+        super().__init__(message, field)
 
 
-class ImageTooLargeError(ImageDecodeError):
+class ImageTooLargeError(ImageDecodeError, InputTooLarge):
     """Over a size limit (bytes, pixels, voxels or the inflate budget); the message says "over the limit"."""
+
+
+class UnsupportedImageFormat(ImageDecodeError, UnsupportedInput):
+    """Not one of :data:`FORMATS` (a GIF, a PDF, or no image at all)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,7 +364,7 @@ def _decode_plane(
     if fmt is None:
         other = next((label for magic, label in _OTHER_MAGICS if data.startswith(magic)), None)
         what = f"unsupported format {other}" if other else "not an image or an unsupported format"
-        raise ImageDecodeError(f"{name}: {what} (supported: PNG, JPEG, TIFF, DICOM with preamble, NIfTI)")
+        raise UnsupportedImageFormat(f"{name}: {what} (supported: PNG, JPEG, TIFF, DICOM with preamble, NIfTI)")
     decoder = {
         "png": _decode_pil,
         "jpeg": _decode_pil,

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import InputError
 from inference.protocols import Denoiser, ImageScorer, MaskToImage, TextEncoder
 from weights.generators import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
 
 
-class GenerationInputError(ValueError):
+class GenerationInputError(InputError):
     """Bad generation arguments; ``field`` names the argument at fault (for HTTP 400 answers)."""
 
     def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}", field)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import InputError
 from inference.artifacts import Artifacts, load_artifacts
 from inference.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
 from inference.engines import Engine, build_engine
@@ -77,14 +78,6 @@ DEFAULT_MAX_POINTS = 16
 DEFAULT_REVIEW_IOU = 0.7 / 1.3
 FLAT_IMAGE_RANGE = 1.5 / 255.0  # max - min below this (one 8-bit gray level): a blank image, "no finding"
 _PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit (|logit| <= 16.1)
-
-
-class InputError(ValueError):
-    """A request value is invalid (the service answers 400). ``field`` names it."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class PromptError(InputError):

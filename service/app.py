@@ -17,7 +17,7 @@ Why our own batcher (``service.batcher``) instead of BentoML's ``@bentoml.api(ba
 
 Hence exactly one worker per server (``workers=1``); scale with more containers, each with its own queue.
 
-Around BentoML: ``service.http_middleware.GuardMiddleware`` answers ``/livez`` and ``/readyz`` in JSON
+Around BentoML: ``service.middleware.GuardMiddleware`` answers ``/livez`` and ``/readyz`` in JSON
 (ready only once every artifact is loaded and hash-verified against the manifest and the batcher runs),
 checks the API key, enforces ``max_upload_bytes`` before bodies are read (413), refuses non-multipart
 uploads (415) and keeps client errors in our ``{"error", "field"}`` shape. Our Prometheus metrics
@@ -44,9 +44,9 @@ from service import rest, rest_generation
 from service.bento_pages import BentoPagesMiddleware
 from service.bentoml_metrics import bound_bentoml_metric_paths
 from service.errors import NotReady
-from service.http_middleware import GuardMiddleware, OpenRequests, mark_handler_entered
 from service.log_privacy import install_log_redaction
 from service.metrics import exposition_if_separate
+from service.middleware import API_ROUTES, GuardMiddleware, OpenRequests, rest_api
 from service.oip_http import create_oip_app
 from service.platform_api import (
     PlatformState,
@@ -77,6 +77,16 @@ class _Process:
         if self.load_failed:
             return "model artifacts failed to load or verify (see the server log)"
         return "starting"
+
+
+def _rest_api(route: str) -> t.Callable[[t.Callable[..., t.Any]], t.Any]:
+    """``@bentoml.api(route=...)`` over ``rest_api``: the handler's exceptions are answered by one mapping
+    (``rest.error_response``), and the guard knows BentoML has parsed the request once the handler runs."""
+
+    def declare(handler: t.Callable[..., t.Any]) -> t.Any:
+        return bentoml.api(route=route)(rest_api(rest.error_response)(handler))
+
+    return declare
 
 
 PROCESS = _Process()
@@ -172,7 +182,7 @@ class MedRefine:
             raise NotReady(f"server not ready: {PROCESS.not_ready_reason()}")
         return self.runtime
 
-    @bentoml.api(route="/segment")
+    @_rest_api("/segment")
     async def segment(
         self,
         file: Path,
@@ -191,16 +201,12 @@ class MedRefine:
         model: str | None = Field(None, description=_MODEL_FIELD),
     ) -> dict[str, t.Any]:
         """Segment one uploaded image (PNG, JPEG, TIFF, DICOM, NIfTI); masks come back as base64 PNGs."""
-        mark_handler_entered()
-        try:
-            return await rest.segment(
-                self._require_runtime(), file, threshold=threshold, gate=gate, gamma=gamma, gate_min=gate_min,
-                gate_max=gate_max, outputs=outputs, dicom_seg=dicom_seg, anonymize=anonymize, model=model,
-            )
-        except Exception as exc:
-            return rest.error_response(exc)
+        return await rest.segment(
+            self._require_runtime(), file, threshold=threshold, gate=gate, gamma=gamma, gate_min=gate_min,
+            gate_max=gate_max, outputs=outputs, dicom_seg=dicom_seg, anonymize=anonymize, model=model,
+        )
 
-    @bentoml.api(route="/refine")
+    @_rest_api("/refine")
     async def refine(
         self,
         file: Path,
@@ -217,17 +223,13 @@ class MedRefine:
         model: str | None = Field(None, description=_MODEL_FIELD),
     ) -> dict[str, t.Any]:
         """Refine an uploaded image with your own prompts; the image embedding is cached between calls."""
-        mark_handler_entered()
-        try:
-            return await rest.refine(
-                self._require_runtime(), file, box=box, points=points, point_labels=point_labels,
-                prior_mask=rest.single_upload(prior_mask, "prior_mask"), threshold=threshold, outputs=outputs,
-                model=model,
-            )
-        except Exception as exc:
-            return rest.error_response(exc)
+        return await rest.refine(
+            self._require_runtime(), file, box=box, points=points, point_labels=point_labels,
+            prior_mask=rest.single_upload(prior_mask, "prior_mask"), threshold=threshold, outputs=outputs,
+            model=model,
+        )
 
-    @bentoml.api(route="/generate")
+    @_rest_api("/generate")
     async def generate(
         self,
         prompt: str = Field(description="text prompt, e.g. 'chest x-ray, left lower lobe nodule'"),
@@ -241,23 +243,15 @@ class MedRefine:
         best_of: int | None = Field(None, strict=True, description="generate N candidates, return the selector's best"),
     ) -> dict[str, t.Any]:
         """Text + modality -> images (MINIM-style conditional diffusion), as base64 PNGs."""
-        mark_handler_entered()
-        try:
-            return await rest_generation.generate(
-                self._require_runtime(), prompt=prompt, modality=modality, negative_prompt=negative_prompt,
-                guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
-            )
-        except Exception as exc:
-            return rest.error_response(exc)
+        return await rest_generation.generate(
+            self._require_runtime(), prompt=prompt, modality=modality, negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+        )
 
-    @bentoml.api(route="/synthesize")
+    @_rest_api("/synthesize")
     async def synthesize(self, file: Path) -> dict[str, t.Any]:
         """Mask -> image (GenSeg's pix2pix generator): upload a mask image (nonzero = foreground)."""
-        mark_handler_entered()
-        try:
-            return await rest_generation.synthesize(self._require_runtime(), file)
-        except Exception as exc:
-            return rest.error_response(exc)
+        return await rest_generation.synthesize(self._require_runtime(), file)
 
 
 def _chain_drain_on_signals(runtime: t.Any) -> None:
@@ -346,6 +340,10 @@ MedRefine.mount_asgi_app(create_platform_app(PLATFORM, settings=_settings,
                          path="/", name="platform")
 # BentoML's bentoml_service_* series are labelled by route, not by raw path: made-up paths add no series.
 bound_bentoml_metric_paths([api.route for api in MedRefine.apis.values()])
+# The guard's policy table must know every API, and every API must answer its own errors (via _rest_api).
+if {api.route for api in MedRefine.apis.values()} != set(API_ROUTES) or not all(
+        getattr(api.func, "answers_own_errors", False) for api in MedRefine.apis.values()):
+    raise RuntimeError("every MedRefine API is declared with _rest_api and has a RoutePolicy in service.middleware")
 
 
 if (UI_DIR / "index.html").is_file():

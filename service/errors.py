@@ -7,8 +7,14 @@ value at fault and what was expected, never a server path or a stack trace) and 
 
 from __future__ import annotations
 
+import logging
+
+from core.errors import InputError, InputTooLarge, UnsupportedInput
+
 __all__ = [
+    "GENERIC_MESSAGE",
     "BadRequest",
+    "Conflict",
     "NotFound",
     "NotReady",
     "PayloadTooLarge",
@@ -20,7 +26,11 @@ __all__ = [
     "UnsupportedMediaType",
     "UploadTooSlow",
     "as_service_error",
+    "client_error",
 ]
+
+logger = logging.getLogger("service.errors")
+GENERIC_MESSAGE = "internal error; see the server log"  # the REST body of every unexpected failure
 
 
 class ServiceError(Exception):
@@ -136,27 +146,60 @@ class RequestTimeoutError(ServiceError):
         super().__init__(message, field)
 
 
-def as_service_error(exc: BaseException) -> ServiceError | None:
-    """The client-visible form of ``exc``, or None for an unexpected error (the caller answers a bare 500).
+class Conflict(ServiceError):
+    """The request contradicts stored state (a platform name or alias already in use)."""
 
-    ``ServiceError`` passes through; ``core.imageio.ImageDecodeError`` (its messages start with the input's
-    name, ``"upload"`` here, never a server path) becomes 415 for an unsupported format, 413 for a size
-    or decompression-bomb limit and 400 otherwise; any other ``ValueError`` (the pipeline's prompt and
-    option checks) becomes 400 with its message.
+    code = 409
+
+
+# Input errors by type, most specific first: the first isinstance match answers.
+_INPUT_ANSWERS: tuple[tuple[type[InputError], type[ServiceError]], ...] = (
+    (InputTooLarge, PayloadTooLarge),
+    (UnsupportedInput, UnsupportedMediaType),
+    (InputError, BadRequest),
+)
+
+
+def as_service_error(exc: BaseException) -> ServiceError | None:
+    """The client-visible form of ``exc`` by its type alone, or None for a server fault (answered 500).
+
+    ``ServiceError`` passes through; ``core.errors.InputError`` becomes 413 (``InputTooLarge``), 415
+    (``UnsupportedInput``) or 400, with its ``field``; an OIP request naming a model not served here is 404;
+    medplatform's ``NotFound`` 404, ``Conflict`` 409 and other ``PlatformError`` 400. Anything else, a plain
+    ``ValueError`` from a bug included, is None: its message is not for the client.
     """
     if isinstance(exc, ServiceError):
         return exc
-    name = type(exc).__name__
-    message = str(exc) or name
-    field = getattr(exc, "field", None)
-    if name == "ImageDecodeError" or any(cls.__name__ == "ImageDecodeError" for cls in type(exc).__mro__):
-        lowered = message.lower()
-        field = field or "file"
-        if "unsupported format" in lowered:
-            return UnsupportedMediaType(message, field)
-        if "over the limit" in lowered or "decompression bomb" in lowered:
-            return PayloadTooLarge(message, field)
-        return BadRequest(message, field)
-    if isinstance(exc, ValueError):
-        return BadRequest(message, field if isinstance(field, str) else None)
+    from service.oip import ModelNotFoundError
+
+    if isinstance(exc, ModelNotFoundError):
+        return NotFound(exc.message, exc.field)
+    if isinstance(exc, InputError):
+        answer = next(error for kind, error in _INPUT_ANSWERS if isinstance(exc, kind))
+        return answer(str(exc), exc.field)
+    platform = _platform_answer(exc)
+    if platform is not None:
+        return platform
     return None
+
+
+def _platform_answer(exc: BaseException) -> ServiceError | None:
+    try:
+        from medplatform import errors as platform
+    except ImportError:  # an install without the platform
+        return None
+    if not isinstance(exc, platform.PlatformError):
+        return None
+    answer = NotFound if isinstance(exc, platform.NotFound) else Conflict if isinstance(exc, platform.Conflict) \
+        else BadRequest
+    return answer(str(exc), exc.field)
+
+
+def client_error(exc: BaseException, *, generic: str = GENERIC_MESSAGE) -> ServiceError:
+    """What a transport answers for ``exc``: :func:`as_service_error`, or a 500 whose body is ``generic``
+    (no internals) while the server log gets the traceback."""
+    error = as_service_error(exc)
+    if error is None:
+        logger.error("unexpected %s answered 500", type(exc).__name__, exc_info=exc)
+        error = ServiceError(generic, code=500)
+    return error

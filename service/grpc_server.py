@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from service.errors import NotReady, QueueFullError, Unauthorized, as_service_error
+from service.errors import NotReady, Unauthorized, client_error
 from service.metrics import model_label
 from service.oip import (
     CONTENTS_FIELD,
@@ -87,16 +87,10 @@ class _RpcError(Exception):
 
 
 def _as_rpc_error(exc: Exception) -> _RpcError:
-    if isinstance(exc, OipError):
-        return _RpcError(exc.status, exc.message)
-    service_error = as_service_error(exc)
-    if service_error is not None:
-        trailing: tuple[tuple[str, str], ...] = ()
-        if isinstance(service_error, (QueueFullError, NotReady)):
-            trailing = (("retry-after", str(max(1, round(service_error.retry_after)))),)
-        return _RpcError(service_error.code, service_error.message, trailing)
-    logger.exception("gRPC request failed")
-    return _RpcError(500, f"internal server error ({type(exc).__name__})")
+    """``exc`` as a gRPC status, mapped by type (``service.errors.client_error``); Retry-After as trailing metadata."""
+    error = client_error(exc, generic=f"internal server error ({type(exc).__name__})")
+    trailing = tuple((key.lower(), value) for key, value in error.headers().items() if key.lower() == "retry-after")
+    return _RpcError(error.code, error.message, trailing)
 
 
 # ----------------------------------------------------------------------------------------------------------

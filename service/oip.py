@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.errors import InputError
+
 __all__ = [
     "BINARY_DATA_EXTENSION",
     "CONTENTS_FIELD",
@@ -97,7 +99,7 @@ _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 _LENGTH_PREFIX = struct.Struct("<I")
 
 
-class OipError(ValueError):
+class OipError(InputError):
     """An invalid inference request or tensor: HTTP 400, gRPC INVALID_ARGUMENT.
 
     Args:
@@ -105,18 +107,12 @@ class OipError(ValueError):
         field: the request field at fault (an input name, ``"parameters.threshold"``, ...), or None.
     """
 
-    status = 400
-
     def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
+        super().__init__(message, field)
 
 
 class ModelNotFoundError(OipError):
     """The request names a model or model version this server does not serve: HTTP 404, gRPC NOT_FOUND."""
-
-    status = 404
 
 
 @dataclass(frozen=True)

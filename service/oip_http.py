@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.errors import NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType, as_service_error
+from service.errors import NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType, client_error
 from service.metrics import model_label
 from service.oip import ModelNotFoundError, OipError, encode_http_infer_response, parse_http_infer_request
 from service.oip_models import ModelRegistry, default_registry, server_metadata
@@ -63,15 +63,9 @@ def presented_api_key(authorization: str | None, x_api_key: str | None) -> str |
 
 
 def _error_response(exc: Exception) -> JSONResponse:
-    if isinstance(exc, OipError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-    service_error = as_service_error(exc)
-    if service_error is not None:
-        return JSONResponse(
-            {"error": service_error.message}, status_code=service_error.code, headers=service_error.headers()
-        )
-    logger.exception("OIP HTTP request failed")
-    return JSONResponse({"error": f"internal server error ({type(exc).__name__})"}, status_code=500)
+    """The OIP error body ``{"error"}`` of ``exc``, mapped by type (``service.errors.client_error``)."""
+    error = client_error(exc, generic=f"internal server error ({type(exc).__name__})")
+    return JSONResponse({"error": error.message}, status_code=error.code, headers=error.headers())
 
 
 def _decompress(data: bytes, encoding: str, limit: int) -> bytes:

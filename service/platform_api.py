@@ -32,9 +32,9 @@ from service.errors import (
     BadRequest,
     NotReady,
     PayloadTooLarge,
-    ServiceError,
     Unauthorized,
     UnsupportedMediaType,
+    as_service_error,
 )
 from service.feedback_api import feedback_routes
 from service.model_versions import LoadedVersions
@@ -478,17 +478,11 @@ class _PlatformApi:
 
 
 def _error_response(exc: Exception) -> JSONResponse:
-    """By type: ServiceError its own code; medplatform NotFound 404, Conflict 409, other PlatformError 400
-    (``field`` named); anything else a generic 500 (logged with its frames, without its message)."""
-    if isinstance(exc, ServiceError):
-        return JSONResponse(exc.to_dict(), status_code=exc.code, headers=exc.headers())
-    try:
-        from medplatform.errors import Conflict, NotFound, PlatformError
-    except ImportError:
-        PlatformError = NotFound = Conflict = ()  # type: ignore[assignment,misc]  # noqa: N806
-    if PlatformError and isinstance(exc, PlatformError):
-        code = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
-        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=code)
+    """By type (``service.errors.as_service_error``: medplatform NotFound 404, Conflict 409, other
+    PlatformError 400, ``field`` named); anything else a generic 500 (logged with its frames, without its message)."""
+    error = as_service_error(exc)
+    if error is not None:
+        return JSONResponse(error.to_dict(), status_code=error.code, headers=error.headers())
     logger.error("platform request failed: %s\n%s", type(exc).__name__,
                  "".join(traceback.format_tb(exc.__traceback__)))
     return JSONResponse({"error": "internal server error", "field": None}, status_code=500)

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.errors import InputError
 from core.imageio import DecodedImage, decode_image, decode_mask, encode_mask_png, encode_png, to_uint8
 from service.decode_pool import shared_decode_pool
-from service.errors import BadRequest, ServiceError, as_service_error
+from service.errors import BadRequest, ServiceError, as_service_error, client_error
 from service.protocols import FrontEndRuntime
 
 if TYPE_CHECKING:
@@ -65,13 +66,10 @@ _MAPS = ("probability", "coarse_probability", "gate")
 
 
 def error_response(exc: BaseException) -> Any:
-    """A Starlette JSON response for ``exc``: its ``ServiceError`` form, or a bare 500 (logged)."""
+    """A Starlette JSON response for ``exc``: its ``ServiceError`` form by type, or a generic 500 (logged)."""
     from starlette.responses import JSONResponse
 
-    error = as_service_error(exc)
-    if error is None:
-        logger.exception("unexpected error in a REST endpoint", exc_info=exc)
-        error = ServiceError("internal error; see the server log", code=500)
+    error = client_error(exc)
     return JSONResponse(error.to_dict(), status_code=error.code, headers=error.headers())
 
 
@@ -145,11 +143,8 @@ async def _decode(path: Path, runtime: FrontEndRuntime) -> tuple[bytes, DecodedI
 
     def read_and_decode() -> tuple[bytes, DecodedImage]:  # one decode-thread hop for both
         data = _read_part(path, int(settings.max_upload_bytes), "file")
-        try:
-            return data, decode_image(data, name="upload", max_pixels=settings.max_pixels,
-                                      max_bytes=settings.max_upload_bytes)
-        except ValueError as exc:
-            raise _field_error(exc, "file") from None
+        return data, decode_image(data, name="upload", max_pixels=settings.max_pixels,
+                                  max_bytes=settings.max_upload_bytes)
 
     return await shared_decode_pool().run(read_and_decode, deadline=_decode_deadline(runtime))
 
@@ -163,16 +158,17 @@ async def _decode_prior_mask(path: Path, runtime: FrontEndRuntime) -> np.ndarray
         try:
             return decode_mask(data, name="prior_mask", max_pixels=settings.max_pixels,
                                max_bytes=settings.max_upload_bytes)
-        except ValueError as exc:
+        except InputError as exc:
             raise _field_error(exc, "prior_mask") from None
 
     return await shared_decode_pool().run(read_and_decode, deadline=_decode_deadline(runtime))
 
 
-def _field_error(exc: ValueError, field: str) -> ServiceError:
+def _field_error(exc: InputError, field: str) -> ServiceError:
+    """``exc`` answered as naming ``field`` where it names no field, or the default upload field ``file``."""
     error = as_service_error(exc)
-    assert error is not None  # every ValueError maps
-    if error.field in (None, "file"):  # an undecodable upload maps to "file": name the part it came in
+    assert error is not None  # every InputError maps
+    if error.field in (None, "file"):
         error.field = field
     return error
 
@@ -222,7 +218,7 @@ async def segment(
     try:
         options = SegmentOptions(threshold=threshold, gate=gate, gate_gamma=gamma, gate_min=gate_min,
                                  gate_max=gate_max, outputs=tuple(n for n in wanted if n != "image"))
-    except ValueError as exc:
+    except InputError as exc:
         raise _field_error(exc, "options") from None
     if anonymize is True and not dicom_seg:
         raise BadRequest("anonymize applies to the DICOM SEG output; set dicom_seg=true as well", "anonymize")
@@ -263,7 +259,7 @@ async def segment(
         try:
             seg = await asyncio.to_thread(build_dicom_seg, decoded.source, np.asarray(mask, np.uint8),
                                           model_version=_model(runtime, selected)["version"], anonymize=anonymize)
-        except ValueError as exc:
+        except InputError as exc:  # the upload lacks what a SEG must reference
             raise _field_error(exc, "dicom_seg") from None
         body["dicom_seg_base64"] = _b64(seg)
     timings = {"decode": _ms(decode_s), **{k: round(float(v), 3) for k, v in result.timings.items()},

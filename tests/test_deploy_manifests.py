@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from service import metrics
-from service.http_middleware import UNLIMITED_PATHS, GuardMiddleware
+from service.middleware import UNLIMITED_PATHS, GuardMiddleware
 from service.settings import ENV_PREFIX, ServiceSettings, parse_cli
 
 ROOT = Path(__file__).resolve().parent.parent

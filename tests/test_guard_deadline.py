@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from service.http_middleware import ANSWER_GRACE_S, GuardMiddleware
+from service.middleware import ANSWER_GRACE_S, GuardMiddleware
 from service.settings import ServiceSettings
 
 BOUNDARY = b"deadline"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from service.http_middleware import GuardMiddleware
+from service.middleware import GuardMiddleware
 from service.settings import ServiceSettings
 
 MIB = 1024 * 1024

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.http_middleware import _MultipartGuard
+from service.middleware.multipart import MultipartGuard
 
 pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.timeout(300)
@@ -26,7 +26,7 @@ def _body(*parts: bytes, close: bool = True) -> bytes:
 
 
 def _guard_verdict(body: bytes, chunk: int = 7):
-    guard = _MultipartGuard(BOUNDARY.encode())
+    guard = MultipartGuard(BOUNDARY.encode())
     for start in range(0, len(body), chunk):  # header lines split across chunks, as on the wire
         problem = guard.feed(body[start:start + chunk], start + chunk < len(body))
         if problem is not None:

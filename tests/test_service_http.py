@@ -151,7 +151,7 @@ def _guard_scenario(app, hang_up_after_s: float):
     """Run GuardMiddleware over ``app`` for one /segment request whose client hangs up after a delay."""
     from types import SimpleNamespace
 
-    from service.http_middleware import GuardMiddleware
+    from service.middleware import GuardMiddleware
 
     body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n\r\n" + _PNG
             + b"\r\n--B--\r\n")

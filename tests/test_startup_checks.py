@@ -160,7 +160,7 @@ def test_the_worker_also_refuses_to_become_ready(service_artifacts, tmp_path):
     import httpx
 
     from service.app import PROCESS
-    from service.http_middleware import GuardMiddleware
+    from service.middleware import GuardMiddleware
     from service.runtime import ServiceRuntime
     from service.settings import ServiceSettings
 

@@ -1,0 +1,86 @@
+"""The per-route policy table: what the guard checks on each route (key, method, content type, body limit).
+
+One frozen :class:`RoutePolicy` per route; :func:`policy_for` finds a request's. The guard's middlewares read
+only the policy, never the path, so a new route is one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["API_ROUTES", "BODY_METHODS", "UNGUARDED", "UNLIMITED_PATHS", "RoutePolicy", "policy_for"]
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Never refused for concurrency or while draining (probes and scrapes must answer); no API key either.
+# The model-readiness probes /v2/models/{model}[/versions/{v}]/ready are matched by policy_for as well.
+UNLIMITED_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """How the guard treats one route.
+
+    Attributes:
+        endpoint: the REST API's name (``"segment"``): counted in ``medrefine_requests_total`` and its
+            BentoML errors (pydantic 400s, unparsable forms) answered in our ``{"error", "field"}`` shape.
+        api_key: the guard checks the API key (``/v2`` checks it itself, in the OIP error shape).
+        methods: the methods allowed (405 otherwise); empty: any (the app decides).
+        content_type: the one media type accepted (415 otherwise); None: any.
+        body_limit: the route's own body limit in bytes (``POST /datasets``); None: ``max_upload_bytes``.
+        watch_handler: an inference route: a client that hangs up cancels its handler (dropping the queued
+            request) and an answer not begun by the deadline is a 504.
+        oip: errors in the Open Inference Protocol's ``{"error"}`` shape.
+        guarded: False for probes and scrapes: passed through untouched (no key, no slot, no limits).
+    """
+
+    endpoint: str | None = None
+    api_key: bool = False
+    methods: frozenset[str] = frozenset()
+    content_type: str | None = None
+    body_limit: Callable[[], int] | None = None
+    watch_handler: bool = False
+    oip: bool = False
+    guarded: bool = True
+
+    @property
+    def multipart(self) -> bool:
+        return self.content_type == MULTIPART
+
+
+def _api(name: str, content_type: str) -> RoutePolicy:
+    return RoutePolicy(endpoint=name, api_key=True, methods=frozenset({"POST"}), content_type=content_type,
+                       watch_handler=True)
+
+
+REST_POLICIES: Mapping[str, RoutePolicy] = {
+    "/segment": _api("segment", MULTIPART),
+    "/refine": _api("refine", MULTIPART),
+    "/synthesize": _api("synthesize", MULTIPART),
+    "/generate": _api("generate", JSON),
+}
+API_ROUTES = {path: policy.endpoint for path, policy in REST_POLICIES.items()}
+UNGUARDED = RoutePolicy(guarded=False)
+_OIP_INFER = RoutePolicy(watch_handler=True, oip=True)
+_OIP = RoutePolicy(oip=True)
+_DEFAULT = RoutePolicy()
+
+
+def policy_for(method: str, path: str, upload_limits: Mapping[str, Callable[[], int]] = {}) -> RoutePolicy:  # noqa: B006
+    """The policy of ``method path``; ``upload_limits``: routes taking bodies over ``max_upload_bytes``."""
+    if path in UNLIMITED_PATHS:
+        return UNGUARDED
+    if path in REST_POLICIES:
+        return REST_POLICIES[path]
+    if path.startswith("/v2/models/"):
+        if method in ("GET", "HEAD") and path.endswith("/ready"):
+            return UNGUARDED
+        if method == "POST" and path.endswith("/infer"):
+            return _OIP_INFER
+    if path.startswith("/v2/"):
+        return _OIP
+    if method == "POST" and path in upload_limits:
+        return RoutePolicy(body_limit=upload_limits[path])
+    return _DEFAULT
