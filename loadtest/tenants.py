@@ -1,7 +1,10 @@
 """Who else uses the machine during a benchmark: the busiest other processes, and the CPU's instruction sets.
 
 A result from a shared machine must say how shared it was; the per-step ``other_cores`` say how much,
-:func:`busiest_processes` says who (and at which nice level, since training runs at nice 10).
+:func:`busiest_processes` says who, at which nice level and in which scheduler autogroup: with
+``kernel.sched_autogroup_enabled`` on, every session shares the CPU equally with every other session
+and a process's own nice level only ranks it inside its session, so ``nice -n 10`` does not yield
+the CPU to a benchmark started in another session.
 """
 
 from __future__ import annotations
@@ -59,9 +62,24 @@ def busiest_processes(*, sample_s: float = 1.0, top: int = 5, exclude_pids: set[
                 if cores < 0.01:
                     continue
                 rows.append({"pid": proc.pid, "name": proc.name(), "cmd": " ".join(proc.cmdline()[:6])[:160],
-                             "nice": proc.nice(), "cores": round(cores, 3)})
+                             "nice": proc.nice(), "autogroup": _autogroup(proc.pid), "cores": round(cores, 3)})
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     rows.sort(key=lambda r: r["cores"], reverse=True)
     return {"sample_s": sample_s, "other_cores": round(sum(r["cores"] for r in rows), 3),
-            "loadavg_1min": os.getloadavg()[0], "processes": rows[:top]}
+            "loadavg_1min": os.getloadavg()[0], "sched_autogroup_enabled": _read("/proc/sys/kernel/sched_autogroup_enabled"),
+            "busy_autogroups": len({r["autogroup"] for r in rows if r["cores"] >= 0.05 and r["autogroup"]}),
+            "processes": rows[:top]}
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _autogroup(pid: int) -> str | None:
+    """``"/autogroup-917 nice 0"`` -> ``"917 nice 0"``; None where the kernel has no autogroups."""
+    text = _read(f"/proc/{pid}/autogroup")
+    return text.removeprefix("/autogroup-") if text else None
