@@ -177,6 +177,9 @@ def infer_response_to_proto(response: InferResponse) -> service_pb2.ModelInferRe
         output.datatype = tensor.datatype
         output.shape.extend(tensor.shape)
         message.raw_output_contents.append(encode_raw(tensor.data, tensor.datatype))
+    for key, value in response.parameters.items():
+        if isinstance(value, str):
+            message.parameters[key].string_param = value
     return message
 
 

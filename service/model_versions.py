@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inference.protocols import Segmenter
 from service.errors import BadRequest, NotFound, ServiceError
@@ -22,7 +22,7 @@ from service.errors import BadRequest, NotFound, ServiceError
 if TYPE_CHECKING:
     from medplatform.registry import ModelRegistry
 
-__all__ = ["LoadedVersion", "LoadedVersions", "ModelVersions", "open_versions"]
+__all__ = ["LoadedVersion", "LoadedVersions", "ModelVersions", "open_versions", "precision_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,13 @@ DEFAULT_MAX_LOADED = 2
 DEFAULT_TTL_S = 1.0  # how stale an alias may be in a process that did not move it itself
 
 Key = tuple[str, int | None]  # (model name, registry version); None: the one version of a registry-less server
+
+
+def precision_report(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What /readyz and every answer say about precision, from a pipeline's ``model_info()``:
+    ``{"artifacts": "fp32+int8", "graphs": {"transunet": "int8", "image_encoder": "fp32", ...}}``."""
+    engine = info.get("engine") or {}
+    return {"artifacts": str(info.get("precision", "fp32")), "graphs": dict(engine.get("precision") or {})}
 
 
 @dataclass(frozen=True, eq=False)

@@ -49,6 +49,7 @@ import numpy as np
 
 from core.imageio import LUMA_WEIGHTS
 from service.errors import BadRequest, NotReady, PayloadTooLarge
+from service.model_versions import precision_report
 from service.oip import (
     BINARY_DATA_EXTENSION,
     DATATYPES,
@@ -449,11 +450,13 @@ class ModelRegistry:
         extra = {"selected": selected} if selected is not None else {}
         results = await model.run(runtime, inputs, parameters, protocol=protocol, **extra)
         outputs = tuple(_output_tensor(model, spec, results) for spec in output_specs)
+        info = selected.pipeline.model_info() if selected is not None else runtime.model_info()
         return InferResponse(
             model_name=model.name,
             model_version=model.served_version(runtime, selected),
             id=request.id,
             outputs=outputs,
+            parameters={"precision": precision_report(info)["artifacts"]},  # e.g. "fp32+int8"
         )
 
 

@@ -40,6 +40,7 @@ from core.errors import InputError
 from core.imageio import DecodedImage, decode_image, decode_mask, encode_mask_png, encode_png, to_uint8
 from service.decode_pool import shared_decode_pool
 from service.errors import BadRequest, ServiceError, as_service_error, client_error
+from service.model_versions import precision_report
 from service.protocols import FrontEndRuntime
 
 if TYPE_CHECKING:
@@ -173,10 +174,12 @@ def _field_error(exc: InputError, field: str) -> ServiceError:
     return error
 
 
-def _model(runtime: FrontEndRuntime, selected: LoadedVersion | None = None) -> dict[str, str]:
-    """``version``: the registry's ``name:version`` that answered (the artifact version without a registry)."""
+def _model(runtime: FrontEndRuntime, selected: LoadedVersion | None = None) -> dict[str, Any]:
+    """``version``: the registry's ``name:version`` that answered (the artifact version without a registry);
+    ``precision``: its graphs' (``service.model_versions.precision_report``)."""
     version = selected.label if selected is not None else runtime.model_version
-    return {"version": version, "backend": runtime.backend}
+    info = selected.pipeline.model_info() if selected is not None else runtime.model_info()
+    return {"version": version, "backend": runtime.backend, "precision": precision_report(info)}
 
 
 async def _select(runtime: FrontEndRuntime, model: str | None) -> LoadedVersion:

@@ -27,7 +27,7 @@ from inference.protocols import Segmenter
 from service.batcher import AdaptiveBatcher, BatcherConfig
 from service.errors import BadRequest, NotReady, PayloadTooLarge, ServiceError, as_service_error
 from service.metrics import ServiceMetrics
-from service.model_versions import DEFAULT_MODEL, LoadedVersion, ModelVersions
+from service.model_versions import DEFAULT_MODEL, LoadedVersion, ModelVersions, precision_report
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:  # the pipeline module imports torch; the runtime loads it on first use
@@ -175,6 +175,7 @@ class ServiceRuntime:
             "draining": self.draining,
             "backend": self.backend,
             "model_version": self.model_version,
+            "precision": precision_report(self._info),
             "queue_depth": self.batcher.queue_depth,
             "loaded_versions": self.versions.loaded(),
             "generation": self.generation.info() if self.generation is not None else None,

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
 import torch
 from artifact_factory import make_tiny_run
+from PIL import Image
+from service_fixtures import start_server
 
+from core.imageio import encode_png
+from core.phantoms import breast_ultrasound, sample_seed
 from export.__main__ import main
 from export.fused_encoder import FusedRelPosAttention, fused_sam
 from export.parity import dice
@@ -101,3 +108,25 @@ def test_fused_encoder_equals_the_model_and_leaves_it_untouched(tmp_path):
         want = sam.encode(sam.preprocess(x * 255.0))
         got = fused.encode(fused.preprocess(x * 255.0))
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_service_reports_precision_in_readyz_and_every_answer(exported, tmp_path):
+    image, truth = breast_ultrasound(sample_seed(4243, 0), 128)
+    server = start_server(exported, tmp_path / "server")
+    try:
+        ready = httpx.get(server.url + "/readyz", timeout=30).json()
+        with server.client(timeout=60) as client:
+            rest = client.post("/segment", files={"file": ("p.png", encode_png(image), "image/png")})
+            document = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(image.shape),
+                                    "data": image.ravel().tolist()}]}
+            oip = client.post("/v2/models/segment/infer", json=document)
+    finally:
+        server.stop()
+    graphs = {"transunet": "int8", "image_encoder": "fp32", "mask_decoder": "fp32"}
+    assert ready["precision"] == {"artifacts": "fp32+int8", "graphs": graphs}
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["model"]["precision"] == {"artifacts": "fp32+int8", "graphs": graphs}
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(rest.json()["mask_png_base64"])))) > 127
+    assert dice(mask, truth > 0) > 0.8  # the int8 model still finds the lesion, as served
+    assert oip.status_code == 200, oip.text
+    assert oip.json()["parameters"] == {"precision": "fp32+int8"}

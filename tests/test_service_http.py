@@ -251,7 +251,8 @@ def test_segment_equals_offline_pipeline(live_server, service_artifacts):
     assert body["area_px"] == int(offline.mask.sum()) and body["shape"] == [128, 128]
     assert body["box"] == pytest.approx(offline.box.tolist(), abs=1e-4)
     assert body["iou"] == pytest.approx(offline.iou, abs=1e-5)
-    assert body["model"] == {"version": "default:1", "backend": "onnxruntime"}  # registry name:version
+    assert body["model"] == {"version": "default:1", "backend": "onnxruntime",  # registry name:version
+                             "precision": {"artifacts": "fp32", "graphs": {g: "fp32" for g in pipeline.engine.graph_names}}}
     assert {"decode", "transunet", "image_encoder", "mask_decoder", "total"} <= set(body["timings_ms"])
     assert body["area_mm2"] is None  # PNG has no pixel spacing
 
