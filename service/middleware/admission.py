@@ -7,6 +7,7 @@ slowly cannot lock others out; until then it holds a receiving place (429 past `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from service.errors import NotReady, ServiceError, TooManyRequests
 from service.middleware.exchange import Exchange, Message, Next, Receive, Send
@@ -31,10 +32,10 @@ class Admission:
     """One request's claim on :class:`OpenRequests`: a receiving place while its body arrives, then an open
     slot from the moment it has arrived whole until it is answered."""
 
-    def __init__(self, counts: OpenRequests, settings: object, draining: Callable[[], bool]) -> None:
+    def __init__(self, counts: OpenRequests, settings: Any, draining: Callable[[], bool]) -> None:
         self._counts = counts
-        self._limit = int(settings.max_concurrency)  # type: ignore[attr-defined]
-        self._receiving_limit = int(settings.max_receiving)  # type: ignore[attr-defined]
+        self._limit = int(settings.max_concurrency)
+        self._receiving_limit = int(settings.max_receiving)
         self._draining = draining
         self.receiving = False
         self.open = False
