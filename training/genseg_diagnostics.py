@@ -185,6 +185,28 @@ def hypergradient_probe(segmenter: nn.Module, generator: nn.Module, hooks: GenSe
     return out
 
 
+def anchor_vs_hypergradient(segmenter: nn.Module, generator: nn.Module, hooks: GenSegHooks, seed: int = 0
+                            ) -> dict[str, float]:
+    """What moves the generator: norms of the one-step hypergradient (x lam's batch, as training draws it) and of
+    the L1 anchor's gradient (all labelled pairs, x ``anchor_l1``) at this state, and their cosine."""
+    torch.manual_seed(seed)
+    gen = copy.deepcopy(generator).train()
+    seg = copy.deepcopy(segmenter).train()
+    images, masks = hooks.images, hooks.masks
+    rng = np.random.default_rng(seed)
+    idx = torch.from_numpy(rng.choice(len(images), size=4, replace=False))
+    val = torch.from_numpy(rng.choice(len(images), size=4, replace=False))
+    h, _ = unrolled_hypergradient(seg, gen, hooks.loss_fn, (images[idx], masks[idx]), hooks.synthetic_masks(),
+                                  (images[val], masks[val]), lam=hooks.config.lam, unroll_lr=hooks.config.unroll_lr)
+    anchor = hooks.config.anchor_l1 * (gen(masks) - images).abs().mean()
+    a = torch.autograd.grad(anchor, list(gen.parameters()), allow_unused=True)
+    hf = torch.cat([g.flatten() for g in h])
+    af = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(gen.parameters(), a,
+                                                                                         strict=True)])
+    return {"hypergradient_norm": float(hf.norm()), "anchor_gradient_norm": float(af.norm()),
+            "cosine": float(F.cosine_similarity(hf, af, dim=0)), "anchor_l1": float(anchor.detach())}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The validation split, and pairs per real pair
 # ----------------------------------------------------------------------------------------------------------
@@ -301,6 +323,9 @@ def run_diagnostics(out_json: Path, figure: Path, work: Path, *, seed: int, size
             "start": hypergradient_probe(fresh, stage1, hooks_by_name[name], horizons=horizons, seed=seed),
             "end": hypergradient_probe(model.segmenter, model.generator, hooks_by_name[name], horizons=horizons,
                                        seed=seed)}
+        report["runs"][name]["what_moves_the_generator"] = {
+            "start": anchor_vs_hypergradient(fresh, stage1, hooks_by_name[name], seed),
+            "end": anchor_vs_hypergradient(model.segmenter, model.generator, hooks_by_name[name], seed)}
         log.info("%s: %s", name, json.dumps(report["runs"][name]["hypergradient"]))
     figure_rows = [("labelled (real)", train.images[:6], train.masks[:6])]
     for gname, (gen, config) in generators.items():
