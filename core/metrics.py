@@ -64,9 +64,29 @@ def _counts(p: np.ndarray, g: np.ndarray) -> tuple[int, int, int]:
 
 
 def dice(pred: Any, gt: Any) -> float:
-    """Dice ``2 TP / (|P| + |G|)`` of binary ``(H, W)`` masks; 1 if both empty, 0 if one is."""
+    """Dice ``2 TP / (|P| + |G|)`` of binary ``(H, W)`` masks; 1 if both empty, 0 if one is.
+
+    The project's one Dice: :func:`dice_per_case` is the same over a batch; ``core.losses.soft_dice_loss``
+    is its differentiable relaxation (a loss, on probabilities).
+    """
     tp, n_p, n_g = _counts(*_pair(pred, gt))
-    return 1.0 if n_p + n_g == 0 else 2.0 * tp / (n_p + n_g)
+    return float(_dice_from_counts(np.float64(tp), np.float64(n_p + n_g)))
+
+
+def dice_per_case(pred: Any, gt: Any) -> np.ndarray:
+    """:func:`dice` of each case of binary masks ``(N, ...)`` (numpy or torch): ``(N,) float64``."""
+    p, g = _binary(pred, "pred"), _binary(gt, "gt")
+    if p.shape != g.shape or p.ndim < 1:
+        raise ValueError(f"pred shape {p.shape} and gt shape {g.shape} must be one (N, ...) shape")
+    p, g = p.reshape(p.shape[0], -1), g.reshape(g.shape[0], -1)
+    tp = np.count_nonzero(p & g, axis=1).astype(np.float64)
+    total = (np.count_nonzero(p, axis=1) + np.count_nonzero(g, axis=1)).astype(np.float64)
+    return _dice_from_counts(tp, total)
+
+
+def _dice_from_counts(tp: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """``2 TP / (|P| + |G|)``, 1 where both masks are empty (``total == 0``)."""
+    return np.where(total == 0, 1.0, 2.0 * tp / np.maximum(total, 1.0))
 
 
 def iou(pred: Any, gt: Any) -> float:

@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from core.metrics import dice_per_case
+
 BOUNDS: dict[str, dict[str, float]] = {
     "transunet": {"fp32": 1e-5, "fp16": 1e-2},
     "image_encoder": {"fp32": 2e-4, "fp16": 5e-2},
@@ -105,10 +107,8 @@ class ParityResult:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays; 1.0 when both are empty."""
-    a, b = a.astype(bool), b.astype(bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+    """``core.metrics`` Dice of two boolean arrays of one shape, over all their elements; 1.0 when both are empty."""
+    return float(dice_per_case(np.reshape(a, (1, -1)), np.reshape(b, (1, -1)))[0])
 
 
 def make_session(onnx_path: str | os.PathLike[str], threads: int = 1) -> Any:

@@ -3,7 +3,7 @@
 ``load_artifacts(art_dir)`` parses ``ART_DIR/manifest.json`` (format ``medrefine-artifacts/1``, see
 docs/architecture.md, "Artifact directory"), checks every graph file's sha256 against the manifest before
 anything runs it, and returns an :class:`Artifacts` record: the model version, the pipeline constants
-(sizes, ROI ratio, gate, validated threshold) and one :class:`GraphSpec` per graph. Every failure is an
+(sizes, ROI ratio, gate, validated threshold) and one :class:`GraphFile` per graph. Every failure is an
 :class:`ArtifactError` with one line naming the file and what is wrong with it (the same class and
 checks as ``python -m export verify``: ``inference.manifest``).
 """
@@ -17,13 +17,13 @@ from typing import Any
 
 from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest, read_json_object
 
-__all__ = ["ArtifactError", "Artifacts", "GraphSpec", "PipelineSpec", "check_tensorrt_engines", "load_artifacts"]
+__all__ = ["ArtifactError", "Artifacts", "GraphFile", "PipelineSpec", "check_tensorrt_engines", "load_artifacts"]
 
 REQUIRED_GRAPHS = ("transunet", "image_encoder", "mask_decoder")
 
 
 @dataclass(frozen=True)
-class GraphSpec:
+class GraphFile:
     """One exported graph: its verified file and its I/O signature as recorded by the exporter.
 
     ``inputs`` / ``outputs`` are lists of ``{"name", "shape", "dtype"}``; symbolic dims are strings
@@ -110,7 +110,7 @@ class Artifacts:
     precision: str
     opset: int | None
     pipeline: PipelineSpec
-    graphs: dict[str, GraphSpec]
+    graphs: dict[str, GraphFile]
     source: dict[str, Any]
     manifest: dict[str, Any]
 
@@ -118,7 +118,7 @@ class Artifacts:
     def threshold(self) -> float:
         return self.pipeline.threshold
 
-    def graph(self, name: str) -> GraphSpec:
+    def graph(self, name: str) -> GraphFile:
         """The spec of graph ``name``; ArtifactError naming the available graphs if absent."""
         try:
             return self.graphs[name]
@@ -132,7 +132,7 @@ class Artifacts:
         check_hashes(self.root, self.manifest)
 
 
-def _graph_spec(root: Path, name: str, entry: Any, where: str) -> GraphSpec:
+def _graph_file(root: Path, name: str, entry: Any, where: str) -> GraphFile:
     if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
         raise ArtifactError(f"{where}: graphs.{name} needs 'file' and 'sha256'")
     relative = Path(str(entry["file"]))
@@ -141,7 +141,7 @@ def _graph_spec(root: Path, name: str, entry: Any, where: str) -> GraphSpec:
     parity = dict(entry.get("parity") or {})
     if parity and parity.get("passed") is False:
         raise ArtifactError(f"{root / relative}: graph {name!r} failed its export parity check ({parity})")
-    return GraphSpec(
+    return GraphFile(
         name=name,
         path=root / relative,
         sha256=str(entry["sha256"]).lower(),
@@ -170,7 +170,7 @@ def load_artifacts(art_dir: str | Path, *, verify: bool = True) -> Artifacts:
     missing = [name for name in REQUIRED_GRAPHS if name not in graphs_block]
     if missing:
         raise ArtifactError(f"{where}: lacks required graph(s) {missing}; has {sorted(graphs_block)}")
-    graphs = {name: _graph_spec(root, name, entry, where) for name, entry in graphs_block.items()}
+    graphs = {name: _graph_file(root, name, entry, where) for name, entry in graphs_block.items()}
     pipeline = PipelineSpec.from_dict(dict(manifest["pipeline"]), where)
     artifacts = Artifacts(
         root=root,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from inference.artifacts import GraphSpec, _graph_spec
+from inference.artifacts import GraphFile, _graph_file
 from inference.generation import Pix2PixPipeline, Text2ImagePipeline
 from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
 
@@ -52,7 +52,7 @@ BLOCK_GRAPHS = {"text2image": ("text_encoder", "denoiser"), "pix2pix": ("pix2pix
 class _OnnxGraph:
     """One ONNX Runtime session over a verified graph: numpy in (cast to the graph's dtypes), torch out."""
 
-    def __init__(self, spec: GraphSpec, providers: list[str], options: Any) -> None:
+    def __init__(self, spec: GraphFile, providers: list[str], options: Any) -> None:
         import onnxruntime as ort
 
         try:
@@ -235,7 +235,7 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
         raise ArtifactError(f"{where}: pipeline.text2image needs the asset 'tokenizer' (tokenizer/tokenizer.json)")
     if verify:
         check_hashes(root, manifest)
-    specs = {name: _graph_spec(root, name, entry, str(where)) for name, entry in manifest["graphs"].items()}
+    specs = {name: _graph_file(root, name, entry, str(where)) for name, entry in manifest["graphs"].items()}
     # 2. Sessions
     providers = ort_providers(device)
     threads = int(intra_op_threads) if intra_op_threads else physical_cores()

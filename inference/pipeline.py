@@ -135,7 +135,11 @@ class SegmentOptions:
 
 
 def _check_number(value: Any, name: str, *, low: float, high: float | None, open_interval: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not np.isfinite(value)
+    ):
         raise InputError(f"{name} must be a finite number, got {value!r}", name)
     value = float(value)
     if open_interval:
@@ -433,7 +437,7 @@ class SegmentationPipeline:
     def _effective_gate(self, options: SegmentOptions) -> tuple[GateConfig, bool]:
         """(gate config, use the gate graph) for these options."""
         base = self.gate_config
-        # option name -> GateConfig field
+        # option names = GateConfig field names
         given = {name: value for name, value in (("gate_gamma", options.gate_gamma), ("gate_min", options.gate_min),
                                                  ("gate_max", options.gate_max)) if value is not None}
         gate_type = options.gate or base.type
@@ -445,9 +449,8 @@ class SegmentationPipeline:
                 raise InputError(f"gate parameter overrides {sorted(given)} apply to the 'uncertainty' gate only; "
                                  f"this model's gate is {base.type!r}", sorted(given)[0])
             return base, True
-        fields = {"gamma" if name == "gate_gamma" else name: value for name, value in given.items()}
         try:
-            config = dataclasses.replace(base, type=gate_type, **fields)
+            config = dataclasses.replace(base, type=gate_type, **given)
         except ValueError as exc:
             raise InputError(str(exc).replace("GateConfig.", ""), "gate") from exc
         return config, False

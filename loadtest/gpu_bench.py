@@ -1,6 +1,7 @@
 """GPU benchmark of SAM's fast path (``models.sam.fast``) against the float32 reference, one command:
 
-    python -m loadtest.gpu_bench --out loadtest/results/gpu-<name>.json [--model vit_b] [--checkpoint sam_vit_b_01ec64.pth]
+    python -m loadtest.gpu_bench --out loadtest/results/gpu-<name>.json
+        [--model vit_b] [--checkpoint sam_vit_b_01ec64.pth]
 
 Needs an NVIDIA GPU: without CUDA it prints why on stderr, measures nothing, writes nothing and exits 3.
 Expect 10-20 minutes on one H100 (one fresh compilation per compiled variant and batch size).
@@ -52,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.metrics import dice_per_case
 from models.sam import SAM_PRESETS, Sam, build_sam
 from models.sam.fast import FastSam, FastSamOptions
 
@@ -87,7 +89,9 @@ def _variant_list(text: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in text.split(",") if v.strip())
     unknown = [n for n in names if n not in ENCODER_VARIANTS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or text!r}; known: {', '.join(ENCODER_VARIANTS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {unknown or text!r}; known: {', '.join(ENCODER_VARIANTS)}"
+        )
     return names
 
 
@@ -116,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     parser.add_argument("--iters", type=_positive_int, default=5, help="timed encoder calls per repeat")
     parser.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats (the median is reported)")
-    parser.add_argument("--warmup", type=_positive_int, default=2, help="untimed calls first (compilation happens here)")
+    parser.add_argument(
+        "--warmup", type=_positive_int, default=2, help="untimed calls first (compilation happens here)"
+    )
     parser.add_argument("--decoder-prompts", type=_int_list, default=(1, 8, 32, 128),
                         help="prompt sets per image embedding (one image, many prompts)")
     parser.add_argument("--decoder-images", type=_int_list, default=(1, 8, 32),
@@ -183,9 +189,8 @@ def _error_record(exc: BaseException) -> dict[str, Any]:
 
 
 def mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dice of two boolean masks of one shape; 1 when both are empty."""
-    total = float(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+    """Dice of two boolean masks of one shape, over all elements (``core.metrics.dice_per_case``)."""
+    return float(dice_per_case(a.reshape(1, -1), b.reshape(1, -1))[0])
 
 
 # ---- inputs and weights -----------------------------------------------------------------------------------
@@ -273,8 +278,13 @@ def agreement(fast: FastSam, images: torch.Tensor, prompts: dict[str, torch.Tens
 
 
 # ---- 1 + 3: encoder throughput and peak memory ------------------------------------------------------------
-def measure_encoder(variant: str, batch: int, ref_cpu: Sam, args: argparse.Namespace,
-                    agree: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+def measure_encoder(
+    variant: str,
+    batch: int,
+    ref_cpu: Sam,
+    args: argparse.Namespace,
+    agree: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+) -> dict[str, Any]:
     """One (variant, batch): images/s, first-call (compile) time, peak memory, and agreement when asked."""
     size = ref_cpu.img_size
     record: dict[str, Any] = {"batch": batch}
@@ -368,7 +378,9 @@ def bench_decoder(ref_cpu: Sam, args: argparse.Namespace, embeddings: torch.Tens
                 low_ref, _ = reference_decode(emb, prompts)
                 low_fast, _ = fast_decode(emb, prompts)
                 record["low_res_logits_max_abs_err"] = float((low_fast - low_ref).abs().max())
-                record["low_res_mask_dice_min"] = min(mask_dice(a > 0, b > 0) for a, b in zip(low_fast, low_ref, strict=True))
+                record["low_res_mask_dice_min"] = min(
+                    mask_dice(a > 0, b > 0) for a, b in zip(low_fast, low_ref, strict=True)
+                )
             except Exception as exc:
                 record["agreement_error"] = _error_record(exc)
             results[case][str(n)] = record
@@ -445,7 +457,9 @@ def run(args: argparse.Namespace) -> int:
     ref_cpu, weights = load_reference(args)
     size = ref_cpu.img_size
     images, masks = phantom_inputs(args.agreement_images, size, args.seed)
-    prompts = {k: v.to(DEVICE) for k, v in pipeline_prompts(masks, tuple(ref_cpu.prompt_encoder.mask_input_size)).items()}
+    prompts = {
+        k: v.to(DEVICE) for k, v in pipeline_prompts(masks, tuple(ref_cpu.prompt_encoder.mask_input_size)).items()
+    }
     images = images.to(DEVICE)
     ref_gpu = copy.deepcopy(ref_cpu).to(DEVICE)
     reference = reference_outputs(ref_gpu, images, prompts)

@@ -13,34 +13,37 @@ Gate types (all maps (B, 1, H, W)):
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
 
 GATE_TYPES = ("none", "uncertainty", "learned", "hybrid")
 
 
 @dataclass(frozen=True)
-class GateConfig:
+class GateConfig(ConfigMixin):
     """Gate settings (defaults = preset ``"default"``: the uncertainty gate with upstream's CLI defaults).
 
     Attributes:
         type: one of ``GATE_TYPES``.
-        gamma: uncertainty curve exponent (> 0); the gate 1 - |2c - 1|^gamma grows with gamma (gamma < 1
-            narrows the open region around c = 0.5, gamma > 1 widens it).
+        gate_gamma: uncertainty curve exponent (> 0); the gate 1 - |2c - 1|^gamma grows with gamma (gamma < 1
+            narrows the open region around c = 0.5, gamma > 1 widens it). Saved as ``gamma`` before; that
+            key still loads.
         gate_min: smallest gate value, in [0, 1].
         gate_max: largest gate value, in [gate_min, 1].
         hidden_channels: width of the learned gate's CNN.
         use_image: feed the image to the learned gate (3 input channels instead of 2).
     """
 
+    renamed_fields: ClassVar[Mapping[str, str]] = {"gamma": "gate_gamma"}
+
     type: str = "uncertainty"
-    gamma: float = 1.0
+    gate_gamma: float = 1.0
     gate_min: float = 0.0
     gate_max: float = 0.8
     hidden_channels: int = 16
@@ -53,32 +56,22 @@ class GateConfig:
         """Raise ``ValueError`` naming the first invalid field."""
         if self.type not in GATE_TYPES:
             raise ValueError(f"GateConfig.type must be one of {GATE_TYPES}, got {self.type!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or self.gamma <= 0:
-            raise ValueError(f"GateConfig.gamma must be > 0, got {self.gamma!r}")
+        if isinstance(self.gate_gamma, bool) or not isinstance(self.gate_gamma, (int, float)) or self.gate_gamma <= 0:
+            raise ValueError(f"GateConfig.gate_gamma must be > 0, got {self.gate_gamma!r}")
         for name in ("gate_min", "gate_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"GateConfig.{name} must be in [0, 1], got {value!r}")
         if self.gate_min > self.gate_max:
             raise ValueError(f"GateConfig.gate_min ({self.gate_min}) must be <= gate_max ({self.gate_max})")
-        if isinstance(self.hidden_channels, bool) or not isinstance(self.hidden_channels, int) or self.hidden_channels < 1:
+        if (
+            isinstance(self.hidden_channels, bool)
+            or not isinstance(self.hidden_channels, int)
+            or self.hidden_channels < 1
+        ):
             raise ValueError(f"GateConfig.hidden_channels must be a positive int, got {self.hidden_channels!r}")
         if not isinstance(self.use_image, bool):
             raise ValueError(f"GateConfig.use_image must be a bool, got {self.use_image!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GateConfig:
-        """Inverse of ``to_dict``. Missing fields take the defaults; unknown fields raise ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"GateConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"GateConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 GATE_PRESETS: dict[str, GateConfig] = {
@@ -145,7 +138,7 @@ class Gate(nn.Module):
         if cfg.type == "none":
             return torch.ones_like(coarse)
         if cfg.type == "uncertainty":
-            return torch.clamp(uncertainty(coarse, cfg.gamma), cfg.gate_min, cfg.gate_max)
+            return torch.clamp(uncertainty(coarse, cfg.gate_gamma), cfg.gate_min, cfg.gate_max)
         inputs = [coarse, sam]
         if cfg.use_image:
             if image is None:
@@ -153,7 +146,7 @@ class Gate(nn.Module):
             inputs.append(image)
         learned = torch.sigmoid(self.net(torch.cat(inputs, dim=1)))
         if cfg.type == "hybrid":
-            learned = learned * uncertainty(coarse, cfg.gamma)
+            learned = learned * uncertainty(coarse, cfg.gate_gamma)
         return cfg.gate_min + (cfg.gate_max - cfg.gate_min) * learned
 
 

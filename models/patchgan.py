@@ -9,19 +9,18 @@ LeakyReLU(0.2); no norm on the first conv.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.pix2pix import NORMS, _check_fields, norm_layer
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
+from models.pix2pix import NORMS, norm_layer
 
 
 @dataclass(frozen=True)
-class PatchGANConfig:
+class PatchGANConfig(ConfigMixin):
     """Discriminator hyper-parameters. Defaults are the small CPU preset ``"default"``.
 
     Attributes:
@@ -43,14 +42,6 @@ class PatchGANConfig:
                 raise ValueError(f"PatchGANConfig.{name} must be a positive int, got {value!r}")
         if self.norm not in NORMS:
             raise ValueError(f"PatchGANConfig.norm = {self.norm!r}; expected one of {NORMS}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PatchGANConfig:
-        _check_fields(cls, data)
-        return cls(**data)
 
 
 PATCHGAN_PRESETS: dict[str, PatchGANConfig] = {

@@ -13,25 +13,15 @@ A ``(B, 1, S, S)`` input needs ``S`` divisible by ``2 ** num_downs`` (the innerm
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
 
 NORMS = ("batch", "instance")
-
-
-def _check_fields(cls: type, data: dict[str, Any]) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
@@ -44,7 +34,7 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class Pix2PixConfig:
+class Pix2PixConfig(ConfigMixin):
     """U-Net generator hyper-parameters. Defaults are the small CPU preset ``"default"``.
 
     Attributes:
@@ -84,15 +74,6 @@ class Pix2PixConfig:
             raise ValueError(f"Pix2PixConfig.max_mult must be 1, 2, 4 or 8, got {self.max_mult!r}")
         if self.norm not in NORMS:
             raise ValueError(f"Pix2PixConfig.norm = {self.norm!r}; expected one of {NORMS}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Pix2PixConfig:
-        """Inverse of ``to_dict``; unknown fields raise ``ValueError``."""
-        _check_fields(cls, data)
-        return cls(**data)
 
 
 PIX2PIX_PRESETS: dict[str, Pix2PixConfig] = {

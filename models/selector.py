@@ -10,7 +10,6 @@ feature diversity in the generation evaluation.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -18,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
 from models.text2image import DEFAULT_MODALITIES
 
 
 @dataclass(frozen=True)
-class SelectorConfig:
+class SelectorConfig(ConfigMixin):
     """Attributes:
     image_size: side the input is resized to.
     channels: conv widths; each stage is conv3x3-GroupNorm-SiLU twice, then 2x2 max-pool.
@@ -47,17 +46,6 @@ class SelectorConfig:
             raise ValueError(f"SelectorConfig.channels must be multiples of 4, got {self.channels}")
         if len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"SelectorConfig.modalities must be distinct, got {self.modalities}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SelectorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SelectorConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 SELECTOR_PRESETS: dict[str, SelectorConfig] = {

@@ -13,7 +13,6 @@ no residual noise with few DDIM steps) or the clean image (``"sample"``). Schedu
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
 from models.text_encoder import ConditionFusion
 
 DEFAULT_MODALITIES = ("oct", "fundus", "chest_xray", "chest_ct", "brain_mri")
@@ -31,7 +30,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
-class Text2ImageConfig:
+class Text2ImageConfig(ConfigMixin):
     """Generator hyper-parameters. Defaults are the small CPU preset ``"default"`` (32 x 32 gray).
 
     Attributes:
@@ -100,19 +99,6 @@ class Text2ImageConfig:
     def null_modality(self) -> int:
         """Index of the learned "no modality" embedding row (classifier-free guidance): ``len(modalities)``."""
         return len(self.modalities)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Text2ImageConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"Text2ImageConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Text2ImageConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 TEXT2IMAGE_PRESETS: dict[str, Text2ImageConfig] = {

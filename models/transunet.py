@@ -13,7 +13,6 @@ first ``n_skip`` skips) -> 3x3 segmentation head -> (B, 1, S, S) logits.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.presets import resolve_preset
+from core.config import ConfigMixin, resolve_preset
 from models.resnet import ResNetV2
 
 
 @dataclass(frozen=True)
-class TransUNetConfig:
+class TransUNetConfig(ConfigMixin):
     """TransUNet hyper-parameters. Defaults are the small CPU preset ``"default"``.
 
     Attributes:
@@ -104,21 +103,6 @@ class TransUNetConfig:
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"TransUNetConfig.{name} must be in [0, 1), got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransUNetConfig:
-        """Inverse of ``to_dict``. Missing fields take the dataclass defaults; unknown fields raise ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"TransUNetConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TransUNetConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
-
 
 TRANSUNET_PRESETS: dict[str, TransUNetConfig] = {
     # Small CPU model: trains in minutes on two cores.
@@ -140,6 +124,9 @@ TRANSUNET_PRESETS: dict[str, TransUNetConfig] = {
         decoder_channels=(256, 128, 64, 16),
         n_skip=3,
     ),
+    # Seconds-long runs and tests: the run preset "tiny" and the tests' exported artifacts.
+    "tiny": TransUNetConfig(img_size=64, resnet_width=8, gn_groups=4, hidden_size=32, num_layers=1, num_heads=2,
+                            mlp_dim=64, head_channels=32, decoder_channels=(32, 16, 8, 8)),
 }
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.config import ConfigMixin
 from models.gate import Gate, apply_gate
 from models.prompts import MASK_PROMPT_STYLES, NEGATIVE_POINT_STYLES, PromptSet, mask_prompt
 from models.prompts import negative_point as _negative_point
@@ -48,7 +49,7 @@ OUTPUT_KEYS = (
 
 
 @dataclass(frozen=True)
-class UltraRefinerConfig:
+class UltraRefinerConfig(ConfigMixin):
     """Wiring between the coarse model and the refiner (the refiner's input size S comes from its SamConfig).
 
     Attributes:
@@ -115,20 +116,6 @@ class UltraRefinerConfig:
             raise ValueError(f"UltraRefinerConfig.prompt_grad_scale must be in [0, 1], got {self.prompt_grad_scale}")
         if not (self.use_points or self.use_box or self.use_mask_prompt):
             raise ValueError("UltraRefinerConfig: at least one of use_points, use_box, use_mask_prompt must be True")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UltraRefinerConfig:
-        """Inverse of ``to_dict``. Missing fields take the defaults; unknown fields raise ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"UltraRefinerConfig.from_dict expects a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"UltraRefinerConfig: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
 
 
 ULTRAREFINER_PRESETS: dict[str, UltraRefinerConfig] = {

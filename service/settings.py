@@ -68,7 +68,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 __all__ = ["BACKENDS", "ENV_PREFIX", "ServiceSettings", "SettingsError", "add_cli_arguments"]
 
@@ -128,7 +128,9 @@ class ServiceSettings:
             raise SettingsError(f"{ENV_PREFIX}BACKEND: expected one of {BACKENDS}, got {self.backend!r}")
         if not (self.device in ("auto", "cpu", "cuda", "tensorrt") or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise SettingsError(f"{ENV_PREFIX}DEVICE: expected auto, cpu, cuda, cuda:N or tensorrt, got {self.device!r}")
+            raise SettingsError(
+                f"{ENV_PREFIX}DEVICE: expected auto, cpu, cuda, cuda:N or tensorrt, got {self.device!r}"
+            )
         for name in ("port", "grpc_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
@@ -193,6 +195,7 @@ class ServiceSettings:
             SettingsError: naming the variable whose value does not parse or is out of range.
         """
         env = os.environ if environ is None else environ
+        kinds = get_type_hints(cls)
         values: dict[str, Any] = {}
         for item in fields(cls):
             if item.name == "api_key":
@@ -200,7 +203,7 @@ class ServiceSettings:
             raw = env.get(_env_name(item.name))
             if raw is None or raw == "":
                 continue
-            values[item.name] = _parse(item.name, raw)
+            values[item.name] = _parse(item.name, kinds[item.name], raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         key_env = str(values.get("api_key_env", cls.api_key_env))
         if "api_key" not in values:
@@ -269,31 +272,22 @@ def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-_INT_FIELDS = {"port", "grpc_port", "max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
-               "max_concurrency", "embedding_cache_bytes", "intra_op_threads", "generation_max_images",
-               "generation_max_steps", "generation_max_queue", "max_receiving", "keepalive_timeout_s",
-               "platform_workers"}
-_FLOAT_FIELDS = {"max_latency_ms", "request_timeout_s", "drain_timeout_s", "upload_grace_s", "min_upload_bytes_per_s"}
-_BOOL_FIELDS = {"require_api_key", "anonymize_dicom"}
-
-
-def _parse(name: str, raw: str) -> Any:
-    try:
-        if name in _INT_FIELDS:
-            return int(raw)
-        if name in _FLOAT_FIELDS:
-            return float(raw)
-    except ValueError:
-        kind = "an integer" if name in _INT_FIELDS else "a number"
-        raise SettingsError(f"{_env_name(name)}: expected {kind}, got {raw!r}") from None
-    if name == "artifacts":
-        return Path(raw)
-    if name in _BOOL_FIELDS:
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    """``raw`` (an environment value) as the field's type ``kind``; SettingsError naming the variable."""
+    if kind is int or kind is float:
+        try:
+            return kind(raw)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise SettingsError(f"{_env_name(name)}: expected {expected}, got {raw!r}") from None
+    if kind is bool:
         lowered = raw.strip().lower()
         if lowered not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
             raise SettingsError(f"{_env_name(name)}: expected 0/1 (or true/false), got {raw!r}")
         return lowered in ("1", "true", "yes", "on")
-    return raw
+    if kind is Path:
+        return Path(raw)
+    return raw  # str and str | None
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:

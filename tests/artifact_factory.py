@@ -20,11 +20,7 @@ import torch
 from weights.checkpoints import DEFAULT_RUN_DIR, save_run
 
 TINY_CONFIG = {
-    "transunet": {
-        "img_size": 64, "in_channels": 1, "resnet_units": [1, 1, 1], "resnet_width": 8, "gn_groups": 4,
-        "hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "head_channels": 32,
-        "decoder_channels": [32, 16, 8, 8], "n_skip": 3,
-    },
+    "transunet": "tiny",
     "refiner": {
         "img_size": 128, "patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
         "encoder_global_attn_indexes": [1], "window_size": 4, "mlp_ratio": 2.0, "out_chans": 32,
@@ -32,7 +28,8 @@ TINY_CONFIG = {
         "decoder_num_heads": 2, "iou_head_depth": 2, "iou_head_hidden_dim": 32, "num_multimask_outputs": 3,
         "preprocess": "sam",
     },
-    "gate": {"type": "learned", "gamma": 1.0, "gate_min": 0.0, "gate_max": 0.8, "hidden_channels": 4, "use_image": True},
+    "gate": {"type": "learned", "gate_gamma": 1.0, "gate_min": 0.0, "gate_max": 0.8, "hidden_channels": 4,
+             "use_image": True},
     "ultrarefiner": {"use_roi": True, "roi_expand_ratio": 0.2},
 }
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from core.metrics import dice
 from training.augment import (
     AUGMENTOR_PRESETS,
     ERROR_TYPES,
     AugmentorConfig,
     build_augmentor,
-    dice_binary,
     signed_distance,
     soft_mask,
 )
@@ -201,7 +201,7 @@ def test_soft_and_secondary_paths_and_info():
         assert coarse.dtype == np.float32 and coarse.min() >= 0.0 and coarse.max() <= 1.0
         assert set(info) == {"error_type", "secondary", "soft", "temperature", "dice"}
         assert info["soft"] is True and 3.0 <= info["temperature"] <= 4.0
-        assert info["dice"] == pytest.approx(dice_binary(coarse > 0.5, GT))
+        assert info["dice"] == pytest.approx(dice(coarse > 0.5, GT > 0))
         if info["error_type"] != "empty":
             assert 1 <= len(info["secondary"]) <= 2
 

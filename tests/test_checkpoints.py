@@ -22,18 +22,13 @@ from weights.checkpoints import (
     save_run,
 )
 
-TINY_TRANSUNET = {
-    "img_size": 32, "in_channels": 1, "resnet_units": [1, 1, 1], "resnet_width": 8, "gn_groups": 4,
-    "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32, "head_channels": 16,
-    "decoder_channels": [16, 8, 8, 8], "n_skip": 3,
-}
 TINY_REFINER = {
     "img_size": 64, "patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
     "encoder_global_attn_indexes": [0], "window_size": 0, "mlp_ratio": 2.0, "out_chans": 32,
     "prompt_embed_dim": 32, "mask_in_chans": 8, "decoder_depth": 1, "decoder_mlp_dim": 64,
     "decoder_num_heads": 2, "iou_head_depth": 2, "iou_head_hidden_dim": 32, "num_multimask_outputs": 3,
 }
-CONFIG = config_to_dict({"transunet": TINY_TRANSUNET, "refiner": TINY_REFINER, "gate": "learned"})
+CONFIG = config_to_dict({"transunet": "tiny", "refiner": TINY_REFINER, "gate": "learned"})
 
 
 class NotWeights:
@@ -87,7 +82,8 @@ def test_ultrarefiner_round_trip_gives_identical_outputs(tmp_path, model):
 def test_transunet_and_refiner_runs(tmp_path, model):
     tu_dir = save_run(tmp_path / "p1", model.transunet, {"transunet": CONFIG["transunet"]}, 0.5, {}, kind="transunet")
     tu = build_model_from_run(tu_dir)
-    x = torch.rand(1, 1, 32, 32)
+    size = model.transunet.config.img_size
+    x = torch.rand(1, 1, size, size)
     with torch.no_grad():
         assert torch.equal(tu(x), model.transunet(x))
 
@@ -159,7 +155,7 @@ def test_bad_run_dirs_name_the_file(tmp_path, model):
 
 
 def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path, model):
-    other = build_transunet(dict(TINY_TRANSUNET, hidden_size=32))
+    other = build_transunet(dict(CONFIG["transunet"], hidden_size=64))
     run_dir = save_run(tmp_path / "mismatch", other, {"transunet": CONFIG["transunet"]}, 0.5, {}, kind="transunet")
     with pytest.raises((RunDirError, RuntimeError), match="mismatch|size"):
         build_model_from_run(run_dir)

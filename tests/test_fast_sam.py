@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from core.metrics import dice_per_case
 from core.phantoms import breast_ultrasound
 from models.prompts import extract_prompts
 from models.sam.fast import (
@@ -40,8 +41,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    total = float(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+    return float(dice_per_case(a.reshape(1, -1), b.reshape(1, -1))[0])
 
 
 @pytest.fixture(scope="module")

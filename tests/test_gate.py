@@ -25,7 +25,7 @@ def test_uncertainty_curve():
 
 
 def test_uncertainty_gate_is_clamped():
-    gate = build_gate(GateConfig(type="uncertainty", gamma=1.0, gate_min=0.1, gate_max=0.6))
+    gate = build_gate(GateConfig(type="uncertainty", gate_gamma=1.0, gate_min=0.1, gate_max=0.6))
     c = torch.tensor([0.0, 0.25, 0.5, 0.9]).view(1, 1, 1, 4)
     out = gate(c, torch.zeros_like(c))
     torch.testing.assert_close(out.flatten(), torch.tensor([0.1, 0.5, 0.6, 0.2]), atol=1e-5, rtol=0)
@@ -77,7 +77,7 @@ def test_config_round_trip_and_validation():
     with pytest.raises(ValueError, match="GateConfig.type"):
         GateConfig(type="soft")
     with pytest.raises(ValueError, match="gamma"):
-        GateConfig(gamma=0)
+        GateConfig(gate_gamma=0)
     with pytest.raises(ValueError, match="colour"):
         GateConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="unknown gate preset"):

@@ -117,12 +117,12 @@ def test_train_genseg_writes_a_run_dir(tmp_path, hyper_every):
 
 
 def test_elastic_geometric_makes_a_new_plausible_lesion():
-    from training.augment import dice_binary
+    from core.metrics import dice
     from training.genseg_synthesis import elastic_geometric
 
     mask = phantom_pairs(1, 4, 64).masks[0]
     outs = [elastic_geometric(mask, np.random.default_rng(s)) for s in range(12)]
-    dices = [dice_binary(o > 0, mask > 0.5) for o in outs]
+    dices = [dice(o > 0, mask > 0.5) for o in outs]
     areas = [o.sum() / mask.sum() for o in outs]
     assert all(set(np.unique(o).tolist()) <= {0, 1} and o.any() for o in outs)
     assert max(dices) < 0.98  # every draw changes the outline...

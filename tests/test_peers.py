@@ -18,6 +18,7 @@ import pytest
 from artifact_factory import session_tiny_artifacts
 from PIL import Image
 
+from core.metrics import dice
 from loadtest import bench
 from loadtest.peers.common import load_pipeline, model_side, segment_masks, to_unit
 from loadtest.peers.compare import markdown_table, plot_servers, verdict
@@ -43,11 +44,6 @@ def _phantom(seed: int, height: int, width: int) -> np.ndarray:
     image, _ = breast_ultrasound(seed, size=max(height, width))
     return np.ascontiguousarray(image[:height, :width].astype(np.uint8))
 
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
 
 
 def test_to_unit_is_what_our_rest_decoder_gives():
@@ -80,7 +76,7 @@ def test_bentoml_idiomatic_answers_the_offline_pipelines_masks(tiny, pipeline, t
             assert (body["height"], body["width"]) == image.shape == mask.shape
             masks.append(mask)
     for got, want in zip(masks, expected, strict=True):  # same graphs, same input: the same mask
-        assert _dice(got, want) == 1.0
+        assert dice(got != 0, want != 0) == 1.0
         np.testing.assert_array_equal(got, want.astype(bool))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.metrics import dice
 from inference.pipeline import InputError, PromptError, SegmentationPipeline, SegmentOptions
 from models.gate import Gate, GateConfig
 from models.roi import crop_roi, full_image_roi, paste_roi, to_roi_frame
@@ -46,11 +47,6 @@ def _torch_forward(model, image: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[0].numpy() for k, v in out.items()}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
-
 
 def test_segment_batch_of_mixed_sizes_equals_torch_forward(pipeline, model, images):
     results = pipeline.segment(images)
@@ -62,7 +58,7 @@ def test_segment_batch_of_mixed_sizes_equals_torch_forward(pipeline, model, imag
         assert result.probability.shape == image.shape and result.probability.dtype == np.float32
         ref_mask = ref["refined_mask"][0] > threshold
         assert ref_mask.mean() > 0.02, "the tiny model must produce a non-trivial mask for this test to mean much"
-        assert _dice(result.mask, ref_mask) >= 0.99
+        assert dice(result.mask != 0, ref_mask) >= 0.99
         np.testing.assert_allclose(result.probability, ref["refined_mask"][0], atol=1e-4)
         np.testing.assert_allclose(result.coarse_probability, ref["coarse_mask"][0], atol=1e-4)
         np.testing.assert_array_equal(result.coarse_mask, (result.coarse_probability > threshold).astype(np.uint8))
@@ -108,7 +104,7 @@ def test_threshold_and_uncertainty_gate_overrides_match_torch(pipeline, model, i
     (result,) = pipeline.segment([image], options, spacings=[(0.5, 0.25)])
     learned = model.gate
     try:
-        model.gate = Gate(GateConfig(type="uncertainty", gamma=2.0, gate_min=0.0, gate_max=0.6))
+        model.gate = Gate(GateConfig(type="uncertainty", gate_gamma=2.0, gate_min=0.0, gate_max=0.6))
         ref = _torch_forward(model, image)
     finally:
         model.gate = learned

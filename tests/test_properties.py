@@ -190,7 +190,7 @@ def gate_configs(draw) -> GateConfig:
     low = draw(_unit_floats())
     high = draw(st.floats(low, 1.0))
     return GateConfig(type=draw(st.sampled_from(["none", "uncertainty", "learned", "hybrid"])),
-                      gamma=draw(st.floats(0.05, 8.0)), gate_min=low, gate_max=high,
+                      gate_gamma=draw(st.floats(0.05, 8.0)), gate_min=low, gate_max=high,
                       hidden_channels=draw(st.integers(1, 4)), use_image=draw(st.booleans()))
 
 

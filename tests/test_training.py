@@ -130,10 +130,10 @@ def test_e2e_freeze_and_anchor_take_effect(runs, data, tmp_path):
 
 
 def test_e2e_warns_when_the_coarse_model_degrades(runs, caplog):
-    from training.phases import PHASE_DEFAULTS, E2EHooks, _init_e2e_model
+    from training.phases import E2EHooks, E2EPhase, _init_e2e_model
 
     model, _ = _init_e2e_model([str(runs["e2e"])])
-    hooks = E2EHooks(dict(PHASE_DEFAULTS["e2e"]), "cpu", 0, model)
+    hooks = E2EHooks(E2EPhase(), "cpu", 0, model)
     hooks.baseline_coarse_dice = 0.8
     row = {"val_coarse_dice": 0.7}
     with caplog.at_level(logging.WARNING, logger="training.phases"):

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from core.config import ConfigMixin, resolve_preset
+from core.metrics import dice
+
 ERROR_TYPES: tuple[str, ...] = (
     "identity",
     "over_segmentation",
@@ -64,7 +67,7 @@ Range = tuple[float, float]
 
 
 @dataclass(frozen=True)
-class AugmentorConfig:
+class AugmentorConfig(ConfigMixin):
     """Probabilities and parameter ranges of the mask augmentor (all ranges inclusive).
 
     Attributes:
@@ -145,21 +148,6 @@ class AugmentorConfig:
         total = float(sum(self.weights.values()))
         return {name: float(self.weights.get(name, 0.0)) / total for name in ERROR_TYPES}
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AugmentorConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"AugmentorConfig: unknown field(s) {unknown}")
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
-        if "weights" in kwargs:
-            kwargs["weights"] = dict(kwargs["weights"])
-        return cls(**kwargs)
-
 
 def _weights(**overrides: float) -> dict[str, float]:
     return {name: float(overrides.get(name, 0.0)) for name in ERROR_TYPES}
@@ -236,16 +224,6 @@ def soft_mask(mask: np.ndarray, temperature: float) -> np.ndarray:
         raise ValueError(f"soft_mask: temperature = {temperature!r}; expected > 0")
     sdf = signed_distance(mask).astype(np.float64)
     return (1.0 / (1.0 + np.exp(-sdf / float(temperature)))).astype(np.float32)
-
-
-def dice_binary(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary (H, W) masks; 1.0 when both are empty."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    denom = int(a.sum()) + int(b.sum())
-    if denom == 0:
-        return 1.0
-    return 2.0 * float(np.logical_and(a, b).sum()) / float(denom)
 
 
 def _smooth_noise(shape: tuple[int, int], rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -395,7 +373,7 @@ class MaskAugmentor:
             "secondary": secondary,
             "soft": soft,
             "temperature": temperature,
-            "dice": dice_binary(coarse > 0.5, gt),
+            "dice": dice(coarse > 0.5, np.asarray(gt, dtype=bool)),
         }
         return coarse, info
 
@@ -612,14 +590,8 @@ def build_augmentor(name_or_config: str | AugmentorConfig = "default", **overrid
 
     ``overrides`` replace config fields, e.g. ``build_augmentor("mild", soft_mask_prob=1.0)``.
     """
-    if isinstance(name_or_config, AugmentorConfig):
-        config = name_or_config
-    else:
-        if name_or_config not in AUGMENTOR_PRESETS:
-            raise ValueError(
-                f"unknown augmentor preset {name_or_config!r}; expected one of {sorted(AUGMENTOR_PRESETS)}"
-            )
-        config = AUGMENTOR_PRESETS[name_or_config]
+    config = resolve_preset(name_or_config, AUGMENTOR_PRESETS, AugmentorConfig, family="augmentor",
+                            builder="build_augmentor")
     if overrides:
         config = dataclasses.replace(config, **overrides)
     return MaskAugmentor(config)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.metrics import dice_per_case
+
 log = logging.getLogger("training.calibration")
 CALIBRATION_SEED = 5150  # the seeded box and click prompts of the calibration answers
 
@@ -36,10 +38,8 @@ FALLBACK_FIT_DICE = 0.8
 
 
 def case_dice(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-case Dice (N,) of binary (N, 1, H, W) masks; 1 when both are empty."""
-    p, g = pred.flatten(1).float(), (gt > 0.5).flatten(1).float()
-    inter, denom = (p * g).sum(1), p.sum(1) + g.sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-9), torch.ones_like(denom))
+    """Per-case Dice (N,) float32 of binary (N, 1, H, W) masks (``core.metrics.dice_per_case``)."""
+    return torch.from_numpy(dice_per_case(pred > 0.5, gt > 0.5)).float()
 
 
 def apply_min_area(masks: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -54,6 +54,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from core.config import ConfigMixin
 from core.losses import build_loss
 from core.machine import cpu_model
 from core.metrics import dice as dice_metric
@@ -76,8 +77,9 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
 @dataclass(frozen=True)
-class GenSegConfig:
+class GenSegConfig(ConfigMixin):
     """Stage-2 settings.
 
     Attributes:
@@ -120,17 +122,6 @@ class GenSegConfig:
         for name in ("hyper_every", "n_real_masks", "n_perturbed"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ValueError(f"GenSegConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenSegConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"GenSegConfig: unknown field(s) {unknown}")
-        return cls(**data)
 
 
 class GenSegModel(nn.Module):

@@ -13,7 +13,7 @@ all of ``--val-data`` when given. Without ``--data`` a phantom ultrasound set (`
 Run presets (``--config NAME`` or a JSON file with the same fields): ``default`` (small CPU models, 256 px
 images, TransUNet at 128 px inside), ``paper`` (TransUNet R50-ViT-B/16 at 224 + SAM ViT-B), ``tiny``
 (seconds-long test runs). Every flag left unset takes the preset's value for the phase, then
-``PHASE_DEFAULTS``.
+the phase's settings dataclass (``PHASE_SETTINGS``).
 
 After phases 2 and 3 the parameter-free uncertainty gate is calibrated on validation like the threshold
 (``tune_gate``: gamma, gate_min, gate_max from ``GATE_GRID``; ``--no-tune-gate`` keeps the configured gate);
@@ -45,9 +45,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.config import ConfigMixin
 from core.datasets import SegmentationDataset, data_fingerprint, kfold_split
 from core.losses import build_loss
-from core.metrics import DEFAULT_THRESHOLDS, threshold_sweep
+from core.metrics import DEFAULT_THRESHOLDS, dice_per_case, threshold_sweep
 from models.build import build_transunet, build_ultrarefiner, config_to_dict
 from models.gate import Gate, GateConfig, apply_gate
 from models.transunet import TransUNet
@@ -67,20 +68,64 @@ N_FOLDS = 5
 # Run presets and phase defaults
 # ---------------------------------------------------------------------------------------------------------
 
-PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "transunet": {"epochs": 30, "lr": 1e-3, "batch_size": 8, "loss": "dice+bce", "grad_clip": 1.0},
-    "refiner": {
-        "epochs": 15, "lr": 3e-4, "batch_size": 8, "loss": "dice+bce", "grad_clip": 1.0,
-        "augmentor_preset": "default", "real_ratio": 0.0, "sam_loss_weight": 0.5, "encoder_lr_scale": 1.0,
-        "tune_gate": True, "interactive_weight": 1.0, "iou_loss_weight": 1.0, "interactive_per_batch": 8,
-    },
-    "e2e": {
-        "epochs": 5, "lr": 5e-5, "batch_size": 8, "loss": "dice+bce", "grad_clip": 1.0,
-        "transunet_lr": 1e-5, "refiner_lr": None, "transunet_grad_scale": 0.01, "transunet_weight_reg": 0.1,
-        "freeze_transunet_epochs": 1, "coarse_loss_weight": 0.8, "refined_loss_weight": 0.2, "tune_gate": True,
-        "interactive_weight": 0.5, "iou_loss_weight": 1.0, "interactive_per_batch": 4,
-    },
-}
+@dataclass(frozen=True)
+class PhaseSettings(ConfigMixin):
+    """What every phase takes; each field is also a flag of the same name (``--batch-size``)."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 8
+    loss: str = "dice+bce"
+    grad_clip: float | None = 1.0  # None or <= 0: no clipping
+
+
+@dataclass(frozen=True)
+class TransUNetPhase(PhaseSettings):
+    """Phase 1 (the coarse TransUNet)."""
+
+
+@dataclass(frozen=True)
+class _InteractiveSettings(PhaseSettings):
+    """Phases 2 and 3: they train the refiner on user-like prompts too, and calibrate the gate afterwards."""
+
+    tune_gate: bool = True
+    interactive_weight: float = 1.0  # weight of the /refine-style prompt loss (0: off)
+    iou_loss_weight: float = 1.0
+    interactive_per_batch: int = 8  # lesion cases per batch given user-like prompts
+
+
+@dataclass(frozen=True)
+class RefinerPhase(_InteractiveSettings):
+    """Phase 2 (the refiner on augmented coarse masks)."""
+
+    epochs: int = 15
+    lr: float = 3e-4
+    augmentor_preset: str = "default"
+    real_ratio: float = 0.0  # share of real TransUNet predictions among the coarse masks, in [0, 1]
+    sam_loss_weight: float = 0.5
+    encoder_lr_scale: float = 1.0
+    freeze_image_encoder: bool = False
+
+
+@dataclass(frozen=True)
+class E2EPhase(_InteractiveSettings):
+    """Phase 3 (the whole UltraRefiner)."""
+
+    epochs: int = 5
+    lr: float = 5e-5
+    interactive_weight: float = 0.5
+    interactive_per_batch: int = 4
+    transunet_lr: float = 1e-5
+    refiner_lr: float | None = None  # None: lr
+    transunet_grad_scale: float = 0.01
+    transunet_weight_reg: float = 0.1
+    freeze_transunet_epochs: int = 1
+    coarse_loss_weight: float = 0.8
+    refined_loss_weight: float = 0.2
+
+
+PHASE_SETTINGS: dict[str, type[PhaseSettings]] = {"transunet": TransUNetPhase, "refiner": RefinerPhase,
+                                                  "e2e": E2EPhase}
 
 
 @dataclass(frozen=True)
@@ -91,7 +136,7 @@ class RunPreset:
         model: run.json-style model config: part -> preset name or config dict (``models.build``).
         image_size: side (pixels) every image and mask is resized to for training.
         augmentor: overrides of the augmentor preset's fields for phase 2 (``training.augment``).
-        phases: per-phase default settings (flag name -> value) over ``PHASE_DEFAULTS``.
+        phases: per-phase settings (field name -> value) over the defaults of ``PHASE_SETTINGS[phase]``.
         phantom_count: cases in the on-the-fly phantom set when ``--data`` is absent.
     """
 
@@ -112,11 +157,6 @@ class RunPreset:
         return cls(**data)
 
 
-_TINY_TRANSUNET = {
-    "img_size": 64, "in_channels": 1, "resnet_units": [1, 1, 1], "resnet_width": 8, "gn_groups": 4,
-    "hidden_size": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64, "head_channels": 32,
-    "decoder_channels": [32, 16, 8, 8], "n_skip": 3,
-}
 _TINY_REFINER = {
     "img_size": 64, "patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
     "encoder_global_attn_indexes": [0], "window_size": 0, "mlp_ratio": 2.0, "out_chans": 32,
@@ -148,7 +188,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
     ),
     # Seconds-long runs for tests.
     "tiny": RunPreset(
-        model={"transunet": _TINY_TRANSUNET, "refiner": _TINY_REFINER, "gate": "default", "ultrarefiner": "default"},
+        model={"transunet": "tiny", "refiner": _TINY_REFINER, "gate": "default", "ultrarefiner": "default"},
         image_size=64,
         augmentor={"soft_mask_temperature": (0.5, 2.0)},
         phases={name: {"epochs": 1, "batch_size": 4} for name in PHASES},
@@ -200,8 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
                    help="ReduceLROnPlateau: scale the LR by this after --plateau-patience flat epochs (default: off)")
     g.add_argument("--plateau-patience", type=int, default=2, help="flat epochs tolerated before the LR is reduced")
     if command_name == "transunet":
-        parser.add_argument("--vit-pretrained", metavar="NPZ",
-                            help="official TransUNet R50+ViT-B_16.npz (ImageNet-21k) for the encoder; config r50-vit-b16")
+        parser.add_argument(
+            "--vit-pretrained",
+            metavar="NPZ",
+            help="official TransUNet R50+ViT-B_16.npz (ImageNet-21k) for the encoder; config r50-vit-b16",
+        )
     if command_name in ("refiner", "e2e"):
         parser.add_argument("--tune-gate", action=argparse.BooleanOptionalAction, default=None,
                             help="calibrate the uncertainty gate's gamma / gate_max on validation (default: on)")
@@ -233,15 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
         e.add_argument("--refined-loss-weight", type=float)
 
 
-def _settings(args: argparse.Namespace, phase: str, preset: RunPreset) -> dict[str, Any]:
-    """Phase settings: explicit flags > preset.phases[phase] > PHASE_DEFAULTS[phase]."""
-    merged = dict(PHASE_DEFAULTS[phase])
-    merged.update(preset.phases.get(phase, {}))
-    for key in list(merged):
-        value = getattr(args, key, None)
-        if value is not None:
-            merged[key] = value
-    return merged
+def _settings(args: argparse.Namespace, phase: str, preset: RunPreset) -> PhaseSettings:
+    """Phase settings: explicit flags > preset.phases[phase] > the defaults of ``PHASE_SETTINGS[phase]``."""
+    cls = PHASE_SETTINGS[phase]
+    settings = cls.from_dict(preset.phases.get(phase, {}))
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(settings, **flags)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,12 +405,8 @@ def refine(model: UltraRefiner, image: torch.Tensor, coarse: torch.Tensor) -> di
 
 
 def _batch_dice(prob: torch.Tensor, gt: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Per-case hard Dice (B,) of ``prob > threshold`` against {0, 1} ``gt``; 1 when both are empty."""
-    p = (prob > threshold).float().flatten(1)
-    g = (gt > 0.5).float().flatten(1)
-    inter = (p * g).sum(1)
-    denom = p.sum(1) + g.sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-9), torch.ones_like(denom))
+    """Per-case hard Dice (B,) float32 of ``prob > threshold`` against {0, 1} ``gt`` (``core.metrics``)."""
+    return torch.from_numpy(dice_per_case(prob > threshold, gt > 0.5)).float()
 
 
 @torch.no_grad()
@@ -449,11 +485,11 @@ def validate_interactive(model: UltraRefiner, loader: Iterable[Any], device: tor
 class _PhaseHooks(TrainHooks):
     """Shared pieces: losses, device, flip augmentation, the validation loader's arrays."""
 
-    def __init__(self, settings: dict[str, Any], device: str, seed: int) -> None:
+    def __init__(self, settings: PhaseSettings, device: str, seed: int) -> None:
         self.settings = settings
         self.device = torch.device(device)
-        self.loss_logits = build_loss(settings["loss"], from_logits=True)
-        self.loss_prob = build_loss(settings["loss"], from_logits=False)
+        self.loss_logits = build_loss(settings.loss, from_logits=True)
+        self.loss_prob = build_loss(settings.loss, from_logits=False)
         self.generator = torch.Generator().manual_seed(seed + 1)
 
     def _to(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -472,7 +508,7 @@ class _PhaseHooks(TrainHooks):
         Returns:
             (weighted loss or None when off / no lesion case, scalars for log.csv).
         """
-        weight, limit = float(self.settings["interactive_weight"]), int(self.settings["interactive_per_batch"])
+        weight, limit = float(self.settings.interactive_weight), int(self.settings.interactive_per_batch)
         lesion = torch.nonzero(mask.flatten(1).amax(1) > 0.5).flatten()[:limit]
         if weight <= 0 or limit <= 0 or len(lesion) == 0:
             return None, {}
@@ -483,7 +519,7 @@ class _PhaseHooks(TrainHooks):
         prob, pred_iou = interactive_forward(model, image[lesion], prompts)
         seg = self.loss_prob(prob, gt)
         iou = iou_loss(pred_iou, prob, gt)
-        loss = weight * (seg + float(self.settings["iou_loss_weight"]) * iou)
+        loss = weight * (seg + float(self.settings.iou_loss_weight) * iou)
         return loss, {"interactive_loss": seg.item(), "interactive_iou_mse": iou.item()}
 
 
@@ -491,7 +527,7 @@ class TransUNetHooks(_PhaseHooks):
     """Phase 1: the TransUNet alone, ``loss(logits, mask)``, monitor coarse Dice."""
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        return [{"name": "transunet", "params": list(model.parameters()), "lr": self.settings["lr"]}]
+        return [{"name": "transunet", "params": list(model.parameters()), "lr": self.settings.lr}]
 
     def training_step(self, model: torch.nn.Module, batch: Any) -> StepOutput:
         image, mask, _ = batch
@@ -523,7 +559,7 @@ class RefinerHooks(_PhaseHooks):
 
     def __init__(
         self,
-        settings: dict[str, Any],
+        settings: RefinerPhase,
         device: str,
         seed: int,
         augmentor_overrides: dict[str, Any],
@@ -533,7 +569,7 @@ class RefinerHooks(_PhaseHooks):
         work_size: int,
     ) -> None:
         super().__init__(settings, device, seed)
-        self.augmentor = build_augmentor(settings["augmentor_preset"], **augmentor_overrides)
+        self.augmentor = build_augmentor(settings.augmentor_preset, **augmentor_overrides)
         self.rng = np.random.default_rng(seed + 2)
         self.real_train = real_train
         self.val_coarse = val_coarse
@@ -542,7 +578,7 @@ class RefinerHooks(_PhaseHooks):
         self.error_counts: dict[str, int] = {}
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        lr = self.settings["lr"]
+        lr = self.settings.lr
         model.transunet.requires_grad_(False)
         encoder = list(model.refiner.image_encoder.parameters())
         model.refiner.image_encoder.requires_grad_(not self.freeze_image_encoder)
@@ -550,7 +586,7 @@ class RefinerHooks(_PhaseHooks):
         rest = [p for p in model.refiner.parameters() if id(p) not in enc_ids]
         groups = [{"name": "refiner", "params": rest, "lr": lr}]
         if not self.freeze_image_encoder:
-            groups.append({"name": "image_encoder", "params": encoder, "lr": lr * self.settings["encoder_lr_scale"]})
+            groups.append({"name": "image_encoder", "params": encoder, "lr": lr * self.settings.encoder_lr_scale})
         gate = list(model.gate.parameters())
         if gate:
             groups.append({"name": "gate", "params": gate, "lr": lr})
@@ -563,7 +599,7 @@ class RefinerHooks(_PhaseHooks):
 
     def coarse_for(self, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Coarse probabilities (B, 1, H, W) for a training batch: real predictions or augmented masks."""
-        ratio = float(self.settings["real_ratio"]) if self.real_train is not None else 0.0
+        ratio = float(self.settings.real_ratio) if self.real_train is not None else 0.0
         real = torch.tensor([ratio > 0 and self.rng.random() < ratio for _ in range(len(mask))])
         # A normal case: the augmentor needs a lesion; its coarse mask is the real prediction, else empty.
         empty = mask.flatten(1).amax(1) <= 0.5
@@ -588,7 +624,7 @@ class RefinerHooks(_PhaseHooks):
         refined_loss = self.loss_prob(out["refined_mask"], mask)
         sam_loss = self.loss_prob(out["sam_mask"], mask)
         iou_mse = iou_loss(out["iou"], out["sam_mask"], mask)
-        loss = refined_loss + self.settings["sam_loss_weight"] * sam_loss + self.settings["iou_loss_weight"] * iou_mse
+        loss = refined_loss + self.settings.sam_loss_weight * sam_loss + self.settings.iou_loss_weight * iou_mse
         scalars = {"refined_loss": refined_loss.item(), "sam_loss": sam_loss.item(), "iou_mse": iou_mse.item()}
         extra, more = self.interactive_loss(model, image, mask, coarse, self.rng)
         if extra is not None:
@@ -629,7 +665,7 @@ class E2EHooks(_PhaseHooks):
 
     degrade_tolerance = 0.005
 
-    def __init__(self, settings: dict[str, Any], device: str, seed: int, model: UltraRefiner) -> None:
+    def __init__(self, settings: E2EPhase, device: str, seed: int, model: UltraRefiner) -> None:
         super().__init__(settings, device, seed)
         self.anchor = {n: p.detach().clone() for n, p in model.transunet.named_parameters()}
         self.rng = np.random.default_rng(seed + 3)
@@ -638,9 +674,9 @@ class E2EHooks(_PhaseHooks):
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         s = self.settings
-        refiner_lr = s["refiner_lr"] if s["refiner_lr"] is not None else s["lr"]
+        refiner_lr = s.refiner_lr if s.refiner_lr is not None else s.lr
         groups = [
-            {"name": "transunet", "params": list(model.transunet.parameters()), "lr": s["transunet_lr"]},
+            {"name": "transunet", "params": list(model.transunet.parameters()), "lr": s.transunet_lr},
             {"name": "refiner", "params": list(model.refiner.parameters()), "lr": refiner_lr},
         ]
         gate = list(model.gate.parameters())
@@ -657,7 +693,7 @@ class E2EHooks(_PhaseHooks):
         log.info("e2e: TransUNet baseline val Dice %.4f", self.baseline_coarse_dice)
 
     def on_epoch_start(self, epoch: int, model: torch.nn.Module) -> None:
-        self.frozen = epoch < int(self.settings["freeze_transunet_epochs"])
+        self.frozen = epoch < int(self.settings.freeze_transunet_epochs)
         model.transunet.requires_grad_(not self.frozen)
         if self.frozen:
             model.transunet.eval()
@@ -675,16 +711,16 @@ class E2EHooks(_PhaseHooks):
         coarse_loss = self.loss_logits(out["coarse_logits"], mask)
         refined_loss = self.loss_prob(out["refined_mask"], mask)
         iou_mse = iou_loss(out["iou"], out["sam_mask"], mask)
-        loss = (s["coarse_loss_weight"] * coarse_loss + s["refined_loss_weight"] * refined_loss
-                + s["iou_loss_weight"] * iou_mse)
+        loss = (s.coarse_loss_weight * coarse_loss + s.refined_loss_weight * refined_loss
+                + s.iou_loss_weight * iou_mse)
         scalars = {"coarse_loss": coarse_loss.item(), "refined_loss": refined_loss.item(), "iou_mse": iou_mse.item()}
         extra, more = self.interactive_loss(model, image, mask, out["coarse_mask"].detach(), self.rng)
         if extra is not None:
             loss = loss + extra
             scalars.update(more)
-        if s["transunet_weight_reg"] > 0 and not self.frozen:
+        if s.transunet_weight_reg > 0 and not self.frozen:
             reg = self.anchor_penalty(model)
-            loss = loss + s["transunet_weight_reg"] * reg
+            loss = loss + s.transunet_weight_reg * reg
             scalars["anchor_l2"] = reg.item()
         return StepOutput(loss, scalars)
 
@@ -758,17 +794,8 @@ GATE_MIN_GAIN = 0.001  # validation Dice a grid point must gain over the current
 
 
 def _best_threshold_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
-    """Best mean Dice over ``core.metrics.DEFAULT_THRESHOLDS`` (vectorised; same empty-mask rule as
-    ``core.metrics.dice``: 1 when prediction and ground truth are both empty)."""
-    p = probs.flatten(1)
-    g = (masks > 0.5).flatten(1).float()
-    best = 0.0
-    for t in DEFAULT_THRESHOLDS:
-        b = (p > float(t)).float()
-        inter, denom = (b * g).sum(1), b.sum(1) + g.sum(1)
-        d = torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-9), torch.ones_like(denom))
-        best = max(best, float(d.mean()))
-    return best
+    """Best mean per-case Dice (``_batch_dice``) over ``core.metrics.DEFAULT_THRESHOLDS``."""
+    return max((float(_batch_dice(probs, masks, float(t)).mean()) for t in DEFAULT_THRESHOLDS), default=0.0)
 
 
 def tune_gate(model: UltraRefiner, probs: dict[str, torch.Tensor], masks: torch.Tensor) -> dict[str, Any] | None:
@@ -789,13 +816,13 @@ def tune_gate(model: UltraRefiner, probs: dict[str, torch.Tensor], masks: torch.
         return round(_best_threshold_dice(refined, masks), 6), refined
 
     def key(cfg: GateConfig) -> str:
-        return f"gamma={cfg.gamma:g},gate_min={cfg.gate_min:g},gate_max={cfg.gate_max:g}"
+        return f"gamma={cfg.gate_gamma:g},gate_min={cfg.gate_min:g},gate_max={cfg.gate_max:g}"
 
     base_score, base_refined = score(current)
     results = {key(current): base_score}
     best = (base_score, current, base_refined)
     for gamma, gate_min, gate_max in GATE_GRID:
-        cfg = dataclasses.replace(current, gamma=gamma, gate_min=gate_min, gate_max=gate_max)
+        cfg = dataclasses.replace(current, gate_gamma=gamma, gate_min=gate_min, gate_max=gate_max)
         value, refined = score(cfg)
         results[key(cfg)] = value
         if value > best[0] + (GATE_MIN_GAIN if best[1] is current else 0.0):
@@ -808,10 +835,10 @@ def tune_gate(model: UltraRefiner, probs: dict[str, torch.Tensor], masks: torch.
 
 
 def _calibrate(
-    model: UltraRefiner, probs: dict[str, torch.Tensor], masks: torch.Tensor, settings: dict[str, Any]
+    model: UltraRefiner, probs: dict[str, torch.Tensor], masks: torch.Tensor, settings: _InteractiveSettings
 ) -> tuple[dict[str, tuple[float, dict[str, float]]], dict[str, Any] | None]:
     """Gate calibration (when enabled) then the refined and coarse threshold sweeps on validation."""
-    gate = tune_gate(model, probs, masks) if settings.get("tune_gate") else None
+    gate = tune_gate(model, probs, masks) if settings.tune_gate else None
     sweeps = {"refined": tune_threshold(probs["refined"], masks), "coarse": tune_threshold(probs["coarse"], masks)}
     return sweeps, gate
 
@@ -829,19 +856,19 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _loop_config(settings: dict[str, Any], args: argparse.Namespace, monitor: str = "val_dice") -> LoopConfig:
-    clip = settings.get("grad_clip")
+def _loop_config(settings: PhaseSettings, args: argparse.Namespace, monitor: str = "val_dice") -> LoopConfig:
+    clip = settings.grad_clip
     return LoopConfig(
-        epochs=int(settings["epochs"]), max_steps=args.max_steps, grad_clip=clip if clip and clip > 0 else None,
+        epochs=int(settings.epochs), max_steps=args.max_steps, grad_clip=clip if clip and clip > 0 else None,
         monitor=monitor, device=args.device, seed=args.seed, progress=not args.no_progress,
         early_stop_patience=args.early_stop_patience, min_delta=args.min_delta,
         plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience,
     )
 
 
-def _training_record(settings: dict[str, Any], preset_name: str, fit: Any, args: argparse.Namespace) -> dict:
+def _training_record(settings: PhaseSettings, preset_name: str, fit: Any, args: argparse.Namespace) -> dict:
     return {
-        "settings": settings, "preset": preset_name, "best_epoch": fit.best_epoch, "steps": fit.steps,
+        "settings": settings.to_dict(), "preset": preset_name, "best_epoch": fit.best_epoch, "steps": fit.steps,
         "seconds": round(fit.seconds, 1), "device": args.device, "max_steps": args.max_steps,
         **({"early_stopped": fit.early_stopped} if args.early_stop_patience is not None else {}),
     }
@@ -863,8 +890,8 @@ def run_transunet(args: argparse.Namespace) -> Path:
                  args.vit_pretrained, report.position_embedding, ", ".join(report.ignored) or "none")
         sources["vit_pretrained"] = str(args.vit_pretrained)
     hooks = TransUNetHooks(settings, args.device, args.seed)
-    train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
-    val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
+    train_loader = make_loader(data.train, settings.batch_size, True, args.seed)
+    val_loader = make_loader(data.val, settings.batch_size, False, args.seed)
     fit = Trainer(_loop_config(settings, args)).fit(model, hooks, train_loader, val_loader, args.out, "transunet")
     probs = predict_transunet(model, data.val.images)
     sweep = tune_threshold(probs, data.val.masks)
@@ -892,9 +919,9 @@ def _load_transunet_run(path: str) -> tuple[Path, TransUNet, dict[str, Any], flo
 def run_refiner(args: argparse.Namespace) -> Path:
     preset = resolve_preset(args.config)
     settings = _settings(args, "refiner", preset)
-    if not 0.0 <= settings["real_ratio"] <= 1.0:
-        raise ValueError(f"--real-ratio = {settings['real_ratio']}; expected a value in [0, 1]")
-    if settings["real_ratio"] > 0 and not args.transunet:
+    if not 0.0 <= settings.real_ratio <= 1.0:
+        raise ValueError(f"--real-ratio = {settings.real_ratio}; expected a value in [0, 1]")
+    if settings.real_ratio > 0 and not args.transunet:
         raise ValueError("--real-ratio > 0 needs --transunet RUN_DIR (the real predictions come from it)")
     seed_everything(args.seed)
     data = load_data(args, preset)
@@ -915,7 +942,7 @@ def run_refiner(args: argparse.Namespace) -> Path:
         model.refiner.load_state_dict(sam.state_dict())
         sources["sam_checkpoint"] = str(args.sam_checkpoint)
     freeze = args.freeze_image_encoder if args.freeze_image_encoder is not None else bool(args.sam_checkpoint)
-    settings["freeze_image_encoder"] = freeze
+    settings = dataclasses.replace(settings, freeze_image_encoder=freeze)
     model.to(args.device)
 
     work_size = model.transunet.config.img_size
@@ -923,13 +950,13 @@ def run_refiner(args: argparse.Namespace) -> Path:
     if transunet is not None:
         val_coarse = predict_transunet(model.transunet, data.val.images)
     else:
-        aug = build_augmentor(settings["augmentor_preset"], **preset.augmentor)
+        aug = build_augmentor(settings.augmentor_preset, **preset.augmentor)
         rng = np.random.default_rng(10_000 + args.split_seed)
         val_coarse = augment_masks(aug, data.val.masks, rng, work_size)[0]
     hooks = RefinerHooks(settings, args.device, args.seed, preset.augmentor, real_train, val_coarse, freeze,
                          work_size)
-    train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
-    val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
+    train_loader = make_loader(data.train, settings.batch_size, True, args.seed)
+    val_loader = make_loader(data.val, settings.batch_size, False, args.seed)
     fit = Trainer(_loop_config(settings, args, "val_score")).fit(model, hooks, train_loader, val_loader, args.out,
                                                                  "refiner")
     probs = predict_ultrarefiner(model, data.val.images, coarse=val_coarse)
@@ -971,14 +998,14 @@ def run_e2e(args: argparse.Namespace) -> Path:
     seed_everything(args.seed)
     data = load_data(args, preset)
     model, sources = _init_e2e_model(args.init)
-    scale = float(settings["transunet_grad_scale"])
+    scale = float(settings.transunet_grad_scale)
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"--transunet-grad-scale = {scale}; expected a value in [0, 1]")
     model.config = dataclasses.replace(model.config, prompt_grad_scale=scale)
     model.to(args.device)
     hooks = E2EHooks(settings, args.device, args.seed, model)
-    train_loader = make_loader(data.train, settings["batch_size"], True, args.seed)
-    val_loader = make_loader(data.val, settings["batch_size"], False, args.seed)
+    train_loader = make_loader(data.train, settings.batch_size, True, args.seed)
+    val_loader = make_loader(data.val, settings.batch_size, False, args.seed)
     fit = Trainer(_loop_config(settings, args, "val_score")).fit(model, hooks, train_loader, val_loader, args.out,
                                                                  "e2e")
     probs = predict_ultrarefiner(model, data.val.images)
@@ -1012,7 +1039,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "PHASE_DEFAULTS", "RUN_PRESETS", "E2EHooks", "RefinerHooks", "RunPreset", "TransUNetHooks",
-    "add_arguments", "load_data", "phantom_dataset", "predict_transunet", "predict_ultrarefiner", "refine",
-    "resolve_preset", "run", "transunet_logits", "tune_threshold",
+    "PHASE_SETTINGS",
+    "E2EPhase",
+    "PhaseSettings",
+    "RefinerPhase",
+    "TransUNetPhase",
+    "RUN_PRESETS",
+    "E2EHooks",
+    "RefinerHooks",
+    "RunPreset",
+    "TransUNetHooks",
+    "add_arguments",
+    "load_data",
+    "phantom_dataset",
+    "predict_transunet",
+    "predict_ultrarefiner",
+    "refine",
+    "resolve_preset",
+    "run",
+    "transunet_logits",
+    "tune_threshold",
 ]

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from core.config import ConfigMixin, resolve_preset
+
 from .image_encoder import ATTN_IMPLS
 
 PREPROCESS_STYLES = ("sam", "medsam")
@@ -24,7 +26,7 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
-class SamConfig:
+class SamConfig(ConfigMixin):
     """Sizes and preprocessing of a SAM model.
 
     Attributes:
@@ -136,33 +138,6 @@ class SamConfig:
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"SamConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (tuples as lists)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SamConfig:
-        """Build from a dict as written by :meth:`to_dict`; missing fields take the vit_b defaults.
-
-        Raises:
-            ValueError: unknown field, or a field with an invalid value (named in the message).
-        """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"SamConfig.from_dict expects a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SamConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        kwargs = dict(data)
-        for name in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
-            if name in kwargs and not isinstance(kwargs[name], list | tuple):
-                raise ValueError(f"SamConfig.{name} must be a list, got {kwargs[name]!r}")
-        return cls(**kwargs)
-
     def replace(self, **changes: Any) -> SamConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
@@ -212,12 +187,4 @@ def get_sam_config(name_or_config: str | SamConfig | Mapping[str, Any]) -> SamCo
     Raises:
         ValueError: unknown preset name (the known ones are listed) or invalid dict.
     """
-    if isinstance(name_or_config, SamConfig):
-        return name_or_config
-    if isinstance(name_or_config, str):
-        if name_or_config not in SAM_PRESETS:
-            raise ValueError(f"unknown SAM preset {name_or_config!r}; known presets: {sorted(SAM_PRESETS)}")
-        return SAM_PRESETS[name_or_config]
-    if isinstance(name_or_config, Mapping):
-        return SamConfig.from_dict(name_or_config)
-    raise ValueError(f"expected a SAM preset name, SamConfig or dict, got {type(name_or_config).__name__}")
+    return resolve_preset(name_or_config, SAM_PRESETS, SamConfig, family="SAM", builder="get_sam_config")
