@@ -22,9 +22,9 @@ PEERS: dict[str, tuple[str, ...]] = {
 }
 
 
-# With uvicorn's default 5 s keep-alive the model service closes idle pooled connections that the API
-# service's aiohttp client (15 s keep-alive) still reuses: under Poisson arrivals 1-20 % of requests failed
-# with 500 (ServerDisconnectedError between the two services). Ours keeps connections 75 s, so does this peer.
+# The API service's keep-alive, as ours (75 s). Under overload BentoML's API service still gets
+# ServerDisconnectedError from its model service (answered 500): `--timeout-keep-alive` is not passed on to
+# dependency services, which keep uvicorn's 5 s while the calling aiohttp pool keeps connections 15 s.
 BENTOML_KEEP_ALIVE_S = 75
 
 
