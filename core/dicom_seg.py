@@ -98,7 +98,9 @@ def _prepared_source(source: pydicom.Dataset, anonymize: bool) -> pydicom.Datase
     """A copy of ``source`` holding every type 2 attribute highdicom reads (empty where absent)."""
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns"):
         if keyword not in source:
-            raise SegSourceError(f"source DICOM dataset lacks {keyword}; a SEG must reference a complete image instance")
+            raise SegSourceError(
+                f"source DICOM dataset lacks {keyword}; a SEG must reference a complete image instance"
+            )
     prepared = deepcopy(source)
     for keyword in _TYPE2_SOURCE_KEYWORDS:
         if keyword not in prepared:

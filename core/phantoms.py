@@ -369,7 +369,9 @@ def breast_ultrasound(
     return _finish_ultrasound(rng, echo, v, size, scale), mask.astype(np.uint8)
 
 
-def _finish_ultrasound(rng: np.random.Generator, echo: np.ndarray, v: np.ndarray, size: int, scale: float) -> np.ndarray:
+def _finish_ultrasound(
+    rng: np.random.Generator, echo: np.ndarray, v: np.ndarray, size: int, scale: float
+) -> np.ndarray:
     """Step 4 of ``breast_ultrasound``: depth attenuation with partial gain compensation, speckle, log
     compression; echo (size, size) float -> image (size, size) uint8."""
     attenuation = np.exp(-rng.uniform(0.6, 1.5) * v) * (1.0 + 0.2 * rng.uniform(0, 1) * v)

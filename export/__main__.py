@@ -190,8 +190,14 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"onnx": cmd_onnx, "generators": cmd_generators, "verify": cmd_verify, "tensorrt": cmd_tensorrt, "bentoml": cmd_bentoml,
-            "triton": cmd_triton}
+COMMANDS = {
+    "onnx": cmd_onnx,
+    "generators": cmd_generators,
+    "verify": cmd_verify,
+    "tensorrt": cmd_tensorrt,
+    "bentoml": cmd_bentoml,
+    "triton": cmd_triton,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

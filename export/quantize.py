@@ -220,7 +220,9 @@ def quantize_artifacts(stage: Path, specs: Sequence[Any], graphs: dict[str, Any]
                               threads=threads)
         if not parity.passed:
             staged.unlink(missing_ok=True)
-            raise ParityError(f"graph {name!r} (int8): ONNX Runtime disagrees with torch: " + "; ".join(parity.problems))
+            raise ParityError(
+                f"graph {name!r} (int8): ONNX Runtime disagrees with torch: " + "; ".join(parity.problems)
+            )
         staged.replace(path)
         entry.update(sha256=sha256_file(path), bytes=path.stat().st_size, precision="int8",
                      parity=parity.to_dict() | {"min_dice": INT8_MIN_DICE}, parity_fp32=entry["parity"],

@@ -1,16 +1,6 @@
-"""Inference engines: run a named exported graph on numpy inputs.
-
-One interface, :class:`Engine`, with ``run(graph_name, {input_name: array}) -> {output_name: array}``,
-so the pipeline never knows which runtime it drives. Implementations:
-
-- :class:`OnnxRuntimeEngine` (default): the verified ONNX graphs on onnxruntime; CPU here, CUDA or
-  TensorRT execution providers when onnxruntime-gpu is installed and asked for.
-- :class:`TorchEngine`: the source checkpoint run directly in torch (CUDA when available) behind the
-  same graph-level interface, through the same export wrappers that produced the ONNX graphs.
-- :class:`TensorRTEngine`: serialized TensorRT engines (``python -m export tensorrt``), buffers as torch
-  CUDA tensors.
-
-``build_engine(backend, artifacts_dir, **opts)`` picks one by name.
+"""Inference engines: ``Engine.run(graph_name, {input: array}) -> {output: array}`` on ONNX Runtime, torch
+or TensorRT (:class:`OnnxRuntimeEngine`, :class:`TorchEngine`, :class:`TensorRTEngine`); ``build_engine``
+picks one by name.
 """
 
 from __future__ import annotations
@@ -299,7 +289,9 @@ class TorchEngine(Engine):
 
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device) for name in self._inputs[graph_name]]
+        args = [
+            torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device) for name in self._inputs[graph_name]
+        ]
         with torch.inference_mode():
             values = self._modules[graph_name](*args)
         if isinstance(values, torch.Tensor):

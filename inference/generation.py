@@ -336,7 +336,9 @@ class Text2ImagePipeline:
                                                      f"[1, {self.limits.max_images}]")
 
     @torch.no_grad()
-    def select_best(self, images: torch.Tensor, modalities: list[str], candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    def select_best(
+        self, images: torch.Tensor, modalities: list[str], candidates: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``images (len(modalities) * candidates, 1, S, S)`` in [0, 1], prompt-major -> the best per prompt:
         ``(uint8 (len(modalities), S, S), selector scores (len(modalities),) float32)``."""
         self.check_candidates(candidates)
@@ -420,7 +422,9 @@ def load_text2image_pipeline(
     if text_encoder is None:
         name = config.get("text_encoder", {}).get("name", "minilm")
         text_encoder = load_text_encoder(name, max_tokens=model.config.max_text_tokens)
-    selector = load_selector(root / "selector") if with_selector and (root / "selector" / "run.json").is_file() else None
+    selector = (
+        load_selector(root / "selector") if with_selector and (root / "selector" / "run.json").is_file() else None
+    )
     return Text2ImagePipeline(model, text_encoder, selector=selector)
 
 

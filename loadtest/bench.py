@@ -21,8 +21,9 @@ Thread counts are pinned the same everywhere: ``OMP_NUM_THREADS`` / ``MKL_NUM_TH
 for every child, ONNX Runtime intra-op threads = ``--threads`` (offline engine and
 ``MEDREFINE_INTRA_OP_THREADS`` for the service), ``torch.set_num_threads(--threads)`` offline and in the
 naive server. ONNX Runtime's intra-op threads do not spin between operators (``inference.engines``), so
-``--threads`` above 1 no longer costs the HTTP side its CPU. Every step records the cores used by the server, by the load generator and by everything
-else on the machine (other tenants), so a result taken on a shared machine says so.
+``--threads`` above 1 no longer costs the HTTP side its CPU. Every step records the cores used by the server,
+by the load generator and by everything else on the machine (other tenants), so a result taken on a shared
+machine says so.
 
 Because other tenants may take a different share of the CPU during the offline and the served
 measurements, ``ratios`` also holds ``served_over_offline_per_core``: requests per server CPU-second over
@@ -589,7 +590,9 @@ def run_bench(config: BenchConfig) -> tuple[dict[str, Any], Path]:
             loads.append(os.getloadavg()[0])
 
         # 3. The service
-        _log(f"3. service ({config.backend}, max batch {config.max_batch_size}, max latency {config.max_latency_ms} ms)")
+        _log(
+            f"3. service ({config.backend}, max batch {config.max_batch_size}, max latency {config.max_latency_ms} ms)"
+        )
         port, grpc_port = free_port(), free_port()
         settings_env = {
             **thread_env(threads),
@@ -785,18 +788,35 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        model=args.model, artifacts=args.artifacts, backend=args.backend, threads=args.threads,
+        model=args.model,
+        artifacts=args.artifacts,
+        backend=args.backend,
+        threads=args.threads,
         image_size=args.image_size,
-        duration_s=args.duration_s if args.duration_s is not None else (
-            PEERS_ONLY_DURATION_S if args.peers_only else BenchConfig.duration_s),
+        duration_s=args.duration_s
+        if args.duration_s is not None
+        else (PEERS_ONLY_DURATION_S if args.peers_only else BenchConfig.duration_s),
         warmup_s=args.warmup_s,
-        min_requests=args.min_requests if args.min_requests is not None else (
-            PEERS_ONLY_MIN_REQUESTS if args.peers_only else BenchConfig.min_requests), max_step_s=args.max_step_s, offline_duration_s=args.offline_duration_s, offline_batch_sizes=args.offline_batch_sizes,
-        service_concurrency=args.concurrency, naive_concurrency=args.naive_concurrency,
-        open_fractions=args.fractions, arrival=args.arrival, protocols=args.protocols,
-        primary_protocol=args.primary_protocol, max_batch_size=args.max_batch_size,
-        max_latency_ms=args.max_latency_ms, skip_naive=args.skip_naive, profile_s=args.profile_s, note=args.note,
-        peers=args.peers, peers_only=args.peers_only, optimized_results=args.optimized_results,
+        min_requests=args.min_requests
+        if args.min_requests is not None
+        else (PEERS_ONLY_MIN_REQUESTS if args.peers_only else BenchConfig.min_requests),
+        max_step_s=args.max_step_s,
+        offline_duration_s=args.offline_duration_s,
+        offline_batch_sizes=args.offline_batch_sizes,
+        service_concurrency=args.concurrency,
+        naive_concurrency=args.naive_concurrency,
+        open_fractions=args.fractions,
+        arrival=args.arrival,
+        protocols=args.protocols,
+        primary_protocol=args.primary_protocol,
+        max_batch_size=args.max_batch_size,
+        max_latency_ms=args.max_latency_ms,
+        skip_naive=args.skip_naive,
+        profile_s=args.profile_s,
+        note=args.note,
+        peers=args.peers,
+        peers_only=args.peers_only,
+        optimized_results=args.optimized_results,
         out=args.out,
     )
 
@@ -808,8 +828,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--threads", type=int, default=d.threads, help="threads per engine (0: physical cores)")
     parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--duration-s", type=float, default=None,
-                        help=f"seconds per load step (default {d.duration_s}; {PEERS_ONLY_DURATION_S} with --peers-only)")
+    parser.add_argument(
+        "--duration-s",
+        type=float,
+        default=None,
+        help=f"seconds per load step (default {d.duration_s}; {PEERS_ONLY_DURATION_S} with --peers-only)",
+    )
     parser.add_argument("--warmup-s", type=float, default=d.warmup_s, help="left out of each step's summary")
     parser.add_argument("--min-requests", type=int, default=None,
                         help=f"open-loop steps last until this many requests were offered after warm-up "

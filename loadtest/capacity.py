@@ -155,12 +155,17 @@ def plan(data: dict[str, Any], *, gpu_service_ms: float, gpu_host_cores: int, of
         out["reproduction"][name] = {
             "service_ms_mean": 1000 * float(model.service_s.mean()),
             "delay_ms_mean": 1000 * float(model.delay_s.mean()),
-            "closed_rps_error": _worst([(r["model_rps"], r["measured_rps"]) for r in steps if r["step"].startswith("c")]),
-            "closed_p99_error": _worst([(r["model_p99_ms"], r["measured_p99_ms"]) for r in steps
-                                        if r["step"].startswith("c")]),
-            "open_p99_error": _worst([(r["model_p99_ms"], r["measured_p99_ms"]) for r in steps
-                                      if r["step"].startswith("o")]),
-            "steps": steps}
+            "closed_rps_error": _worst(
+                [(r["model_rps"], r["measured_rps"]) for r in steps if r["step"].startswith("c")]
+            ),
+            "closed_p99_error": _worst(
+                [(r["model_p99_ms"], r["measured_p99_ms"]) for r in steps if r["step"].startswith("c")]
+            ),
+            "open_p99_error": _worst(
+                [(r["model_p99_ms"], r["measured_p99_ms"]) for r in steps if r["step"].startswith("o")]
+            ),
+            "steps": steps,
+        }
     # A deployed CPU replica = one process, one inference thread, its own core (deploy/base). Measured
     # here, a replica got only the CPU other jobs left it: "as measured" sizes a fleet of such replicas;
     # "per dedicated core" scales every time by the cores the replica had at its peak (CPU-bound work
@@ -168,7 +173,9 @@ def plan(data: dict[str, Any], *, gpu_service_ms: float, gpu_host_cores: int, of
     for name in ("1x1", "2x1"):
         if name in layouts:
             model = ReplicaModel.from_layout(layouts[name])
-            out["fleets"][f"cpu ({name}, as measured)"] = {f"{rate:.0f}": fleet_size(model, rate) for rate in TARGETS_IPS}
+            out["fleets"][f"cpu ({name}, as measured)"] = {
+                f"{rate:.0f}": fleet_size(model, rate) for rate in TARGETS_IPS
+            }
     layout = layouts["1x1"]
     peak = max(layout["closed"], key=lambda s: s["throughput_rps"])
     share = min(peak["cpu"]["service_cores"] / layout["replicas"], 1.0)

@@ -200,10 +200,15 @@ def _interactive_client(url: str, pngs: Sequence[bytes], prompts: int) -> list[d
     return answers
 
 
-def measure_cache(artifacts: Path, *, users: int, images_per_user: int, prompts: int, image_size: int) -> dict[str, Any]:
+def measure_cache(
+    artifacts: Path, *, users: int, images_per_user: int, prompts: int, image_size: int
+) -> dict[str, Any]:
     """Hit rate of the replayed session for 1 replica, and 2 behind round robin or consistent hashing."""
-    cases = (("1 replica", Layout("1x1", 1, 1), "hash"), ("2 replicas, round robin", Layout("2x1", 2, 1), "round_robin"),
-             ("2 replicas, consistent hash", Layout("2x1", 2, 1), "hash"))
+    cases = (
+        ("1 replica", Layout("1x1", 1, 1), "hash"),
+        ("2 replicas, round robin", Layout("2x1", 2, 1), "round_robin"),
+        ("2 replicas, consistent hash", Layout("2x1", 2, 1), "hash"),
+    )
     workload = Workload(size=image_size, pool_size=users * images_per_user, bases=users * images_per_user, seed=500)
     results = {}
     with tempfile.TemporaryDirectory(prefix="medrefine-scaleout-cache-") as tmp:

@@ -27,7 +27,15 @@ import psutil
 
 from core.machine import cpu_model
 
-__all__ = ["CpuAccount", "ServerProcess", "free_port", "git_sha", "machine_description", "machine_slug", "process_tree_rss"]
+__all__ = [
+    "CpuAccount",
+    "ServerProcess",
+    "free_port",
+    "git_sha",
+    "machine_description",
+    "machine_slug",
+    "process_tree_rss",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,8 +120,10 @@ class ServerProcess:
                     pass
                 if time.perf_counter() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{self.name} not ready at {self.ready_url} after {self.startup_timeout_s:.0f} s; "
-                                       f"log tail:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.name} not ready at {self.ready_url} after {self.startup_timeout_s:.0f} s; "
+                        f"log tail:\n{self.log_tail()}"
+                    )
                 time.sleep(0.25)
         self.startup_s = time.perf_counter() - started
         return self

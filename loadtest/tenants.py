@@ -66,10 +66,14 @@ def busiest_processes(*, sample_s: float = 1.0, top: int = 5, exclude_pids: set[
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     rows.sort(key=lambda r: r["cores"], reverse=True)
-    return {"sample_s": sample_s, "other_cores": round(sum(r["cores"] for r in rows), 3),
-            "loadavg_1min": os.getloadavg()[0], "sched_autogroup_enabled": _read("/proc/sys/kernel/sched_autogroup_enabled"),
-            "busy_autogroups": len({r["autogroup"] for r in rows if r["cores"] >= 0.05 and r["autogroup"]}),
-            "processes": rows[:top]}
+    return {
+        "sample_s": sample_s,
+        "other_cores": round(sum(r["cores"] for r in rows), 3),
+        "loadavg_1min": os.getloadavg()[0],
+        "sched_autogroup_enabled": _read("/proc/sys/kernel/sched_autogroup_enabled"),
+        "busy_autogroups": len({r["autogroup"] for r in rows if r["cores"] >= 0.05 and r["autogroup"]}),
+        "processes": rows[:top],
+    }
 
 
 def _read(path: str) -> str | None:

@@ -60,7 +60,9 @@ def entry_parts(name: str, *, field: str = "file") -> tuple[str, ...]:
     if len(name) > MAX_NAME_CHARS:
         raise ArchiveRefused(name[:60] + "...", f"entry name over {MAX_NAME_CHARS} characters", field=field)
     if "\\" in name:
-        raise ArchiveRefused(name, "backslash in the entry name (a Windows path separator that could escape)", field=field)
+        raise ArchiveRefused(
+            name, "backslash in the entry name (a Windows path separator that could escape)", field=field
+        )
     if name.startswith("/") or _DRIVE.match(name):
         raise ArchiveRefused(name, "absolute path", field=field)
     parts = tuple(name.rstrip("/").split("/"))

@@ -153,5 +153,7 @@ def _layout_faults(folder: Path, files: list[str]) -> tuple[str, dict[str, str]]
     for paths in masks.values():
         for path in paths:
             if path not in used:
-                faults[path] = f"mask without an image (expected {root}images/NAME.* for masks/NAME.* or NAME{MASK_SUFFIX}.*)"
+                faults[path] = (
+                    f"mask without an image (expected {root}images/NAME.* for masks/NAME.* or NAME{MASK_SUFFIX}.*)"
+                )
     return root, faults

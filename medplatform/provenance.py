@@ -97,7 +97,9 @@ def version_metrics(run: Mapping[str, Any], evaluation: Mapping[str, Any] | None
         metrics.update(dice=metrics["val_dice"], source="run.json validation")
         return metrics
     if evaluation.get("weights_sha256") not in (None, run.get("weights_sha256")):
-        raise Conflict("evaluation", evaluation.get("weights_sha256"), "the evaluation is of other weights than the run")
+        raise Conflict(
+            "evaluation", evaluation.get("weights_sha256"), "the evaluation is of other weights than the run"
+        )
     block = evaluation.get("refined") or evaluation.get("coarse")
     if not isinstance(block, Mapping) or not isinstance(block.get("mean"), Mapping):
         raise InvalidValue("evaluation", sorted(evaluation), "expected a 'refined' or 'coarse' block with 'mean'")

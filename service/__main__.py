@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(settings.to_env())
     os.environ["MEDREFINE_ARTIFACTS"] = str(Path(settings.artifacts).resolve())
     # Resolved here, so the worker serves what preflight checked whatever its working directory.
-    os.environ["MEDREFINE_GENERATORS"] = str(Path(settings.generators_dir).resolve()) if settings.generators_dir else "off"
+    os.environ["MEDREFINE_GENERATORS"] = (
+        str(Path(settings.generators_dir).resolve()) if settings.generators_dir else "off"
+    )
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics from a medical service
 
     from bentoml_cli.cli import cli

@@ -236,7 +236,9 @@ class MedRefine:
         modality: str = Field(description="one of the generator's modalities (see /readyz generation.modalities)"),
         negative_prompt: str | None = Field(None, description="what to steer away from (classifier-free guidance)"),
         # strict: JSON true is not the number 1 (pydantic's lax mode takes it as 1, and 2.0 as an integer)
-        guidance_scale: float = Field(1.5, strict=True, allow_inf_nan=False, description="guidance weight w (1 = none)"),
+        guidance_scale: float = Field(
+            1.5, strict=True, allow_inf_nan=False, description="guidance weight w (1 = none)"
+        ),
         steps: int = Field(25, strict=True, description="DDIM steps"),
         seed: int | None = Field(None, strict=True, description="same seed, same images; default: drawn and returned"),
         num_images: int = Field(1, strict=True, description="images for this prompt"),

@@ -1,19 +1,5 @@
-"""An asyncio adaptive batcher: the one inference queue shared by REST, OIP-HTTP and gRPC.
-
-Requests from every front end are ``submit``-ted here. A dispatcher task forms a batch from the
-oldest queued item and the items after it that share its batch key (images with the same options can
-go through the model together), closing the batch when it holds ``max_batch_size`` items or when the
-oldest item has waited ``max_latency_ms``. Batches run one at a time on a single inference thread
-(the engine parallelises inside each call), so while one batch runs the next one fills up: under load
-batches grow towards ``max_batch_size``, when idle a lone request waits at most ``max_latency_ms``.
-
-Back-pressure and failure modes:
-
-* the queue is bounded: ``submit`` raises :class:`QueueFullError` at once when ``max_queue`` items wait;
-* every request has a deadline (queue wait + inference): :class:`RequestTimeoutError` when it passes;
-* a request whose caller went away (client disconnect cancels the awaiting task) is dropped from the
-  queue and never runs;
-* :meth:`AdaptiveBatcher.drain` stops admissions (:class:`NotReady`) and completes accepted requests.
+"""``AdaptiveBatcher``: the one asyncio inference queue shared by REST, OIP-HTTP and gRPC; bounded, with
+per-request deadlines and a drain (how it batches and fails: docs/architecture.md, "service").
 """
 
 from __future__ import annotations

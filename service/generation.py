@@ -1,18 +1,6 @@
-"""Generation in the server: text + modality -> images and mask -> image, behind their own batching queue.
+"""``GenerationRuntime``: text + modality -> images and mask -> image, behind a batching queue of their own.
 
-``GenerationRuntime`` holds the generator pipelines loaded from a generator artifact directory
-(``inference.generator_artifacts.load_generators``: ONNX graphs driven by the same ``inference.generation``
-pipelines as offline use) and an ``AdaptiveBatcher`` of its own. REST (``/generate``, ``/synthesize``),
-OIP-HTTP and gRPC (models ``generate``, ``synthesize``) all call it, so they share one queue.
-
-Why a second queue and inference thread instead of the segmentation one: a generation request runs
-tens of denoising steps and can hold the thread for seconds, which would stall every segmentation
-request queued behind it. Each queue has its own limits (``MEDREFINE_GENERATION_MAX_QUEUE``).
-
-Batching: ``generate`` requests with equal ``steps`` share one denoising loop (each image keeps its own
-seed and guidance weight: ``Text2ImagePipeline.sample_many``); ``synthesize`` masks of any sizes share
-one pix2pix call (``Pix2PixPipeline.sample_many``). A batch that fails is retried request by request,
-so one bad request cannot fail its neighbours.
+Why a second queue, and how requests batch: docs/architecture.md ("service").
 """
 
 from __future__ import annotations
@@ -86,7 +74,8 @@ class _QueueObserver:
 
 
 class GenerationRuntime:
-    """See the module docstring.
+    """The generator pipelines of a generator artifact directory behind an ``AdaptiveBatcher`` of their own;
+    REST (``/generate``, ``/synthesize``), OIP-HTTP and gRPC (models ``generate``, ``synthesize``) share it.
 
     Args:
         generators: a ``inference.generator_artifacts.Generators`` (``text2image`` and ``pix2pix`` pipelines,

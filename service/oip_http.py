@@ -15,7 +15,8 @@ Errors are ``{"error": "..."}`` with 400 (invalid request, naming the input/fiel
 415 (unknown Content-Encoding), 503 (+ Retry-After: queue full or not ready), 504 (timeout).
 The body is read in chunks and refused as soon as it passes ``settings.max_upload_bytes`` (also after
 gzip/deflate decompression). The API key (``Authorization: Bearer <key>`` or ``X-API-Key``) is checked
-on every route except the health probes (server live/ready, model ready). Every answer is counted with protocol ``"oip-http"``.
+on every route except the health probes (server live/ready, model ready). Every answer is counted with
+protocol ``"oip-http"``.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ class _OipHttp:
         if json_length is None:
             return Response(payload, media_type="application/json")
         return Response(
-            payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
         )
 
 
@@ -245,7 +248,11 @@ def create_oip_app(
     versioned = "/models/{model}/versions/{version}"
     routes = [
         Route(prefix or "/", oip.endpoint("/v2", oip.server_metadata), methods=["GET"]),
-        Route(prefix + "/health/live", oip.endpoint("/v2/health/live", oip.live, auth=False, needs_runtime=False), methods=["GET"]),
+        Route(
+            prefix + "/health/live",
+            oip.endpoint("/v2/health/live", oip.live, auth=False, needs_runtime=False),
+            methods=["GET"],
+        ),
         Route(prefix + "/health/ready", oip.endpoint("/v2/health/ready", oip.ready, auth=False), methods=["GET"]),
     ]
     if prefix:

@@ -185,7 +185,12 @@ class OipModel(abc.ABC):
 
     @abc.abstractmethod
     async def run(
-        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self,
+        runtime: FrontEndRuntime,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, float],
+        *,
+        protocol: str,
     ) -> Mapping[str, np.ndarray]:
         """Run the model.
 
@@ -229,7 +234,12 @@ class SegmentModel(OipModel):
         return selected.oip_version if selected is not None else super().served_version(runtime, selected)
 
     async def run(
-        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str,
+        self,
+        runtime: FrontEndRuntime,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, float],
+        *,
+        protocol: str,
         selected: LoadedVersion | None = None,
     ) -> Mapping[str, np.ndarray]:
         image = inputs["IMAGE"]
@@ -287,7 +297,12 @@ class GenerateModel(_GenerationModel):
         return runtime.generation is not None and runtime.generation.generators.text2image is not None
 
     async def run(
-        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self,
+        runtime: FrontEndRuntime,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, float],
+        *,
+        protocol: str,
     ) -> Mapping[str, np.ndarray]:
         prompts = _strings(inputs["PROMPT"], "PROMPT")
         count = len(prompts)
@@ -327,7 +342,12 @@ class SynthesizeModel(_GenerationModel):
         return runtime.generation is not None and runtime.generation.generators.pix2pix is not None
 
     async def run(
-        self, runtime: FrontEndRuntime, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, float], *, protocol: str
+        self,
+        runtime: FrontEndRuntime,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, float],
+        *,
+        protocol: str,
     ) -> Mapping[str, np.ndarray]:
         mask = inputs["MASK"]
         if min(mask.shape) < 1:

@@ -1,13 +1,6 @@
 """``ServiceRuntime``: the one object every front end (REST, OIP-HTTP, gRPC) calls in a server process.
 
-It owns the segmentation pipeline (built once from the verified artifact directory), the shared
-adaptive batcher in front of it, the metrics facade and the process state (``live``, ``ready``,
-``draining``). Front ends pass decoded numpy images and get the pipeline's results back; they never
-touch the pipeline or the batcher directly, so all protocols share one queue and one inference thread.
-
-Lifecycle: ``ServiceRuntime.load(settings)`` (blocking: loads and hash-verifies artifacts, builds the
-engine) -> ``await start()`` on the serving event loop (ready) -> ``begin_drain()`` (signal-safe:
-readiness false) -> ``await stop()`` (completes accepted requests, stops the worker thread).
+It owns the pipeline, the shared batching queue, the metrics and the process state (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -59,7 +52,12 @@ class RefineRequest:
 
 
 class ServiceRuntime:
-    """See the module docstring.
+    """The pipeline (built once from the verified artifact directory), the adaptive batcher in front of it,
+    the metrics facade and the process state (``live``, ``ready``, ``draining``).
+
+    Lifecycle: ``ServiceRuntime.load(settings)`` (blocking: loads and hash-verifies artifacts, builds the
+    engine) -> ``await start()`` on the serving event loop (ready) -> ``begin_drain()`` (signal-safe:
+    readiness false) -> ``await stop()`` (completes accepted requests, stops the worker thread).
 
     Args:
         settings: the process settings.
@@ -372,7 +370,9 @@ class ServiceRuntime:
     def _segment_batch(self, items: list[SegmentRequest]) -> list[SegmentResult | Exception]:
         images = [item.image for item in items]
         try:
-            results = (items[0].pipeline or self.pipeline).segment(images, items[0].options, spacings=[item.spacing for item in items])
+            results = (items[0].pipeline or self.pipeline).segment(
+                images, items[0].options, spacings=[item.spacing for item in items]
+            )
         except Exception as exc:
             if len(items) == 1:
                 return [self._client_error(exc)]

@@ -42,7 +42,9 @@ def _inputs(artifacts, rng: np.random.Generator) -> dict[str, dict[str, np.ndarr
     grid = p.refiner_size // 16
     channels = next(s["shape"][1] for s in artifacts.graph("mask_decoder").inputs if s["name"] == "image_embeddings")
     return {
-        "transunet": {"image": rng.random((2, p.transunet_in_channels, p.transunet_size, p.transunet_size), np.float32)},
+        "transunet": {
+            "image": rng.random((2, p.transunet_in_channels, p.transunet_size, p.transunet_size), np.float32)
+        },
         "image_encoder": {"image": rng.random((1, 3, p.refiner_size, p.refiner_size), np.float32) * 255.0},
         "mask_decoder": {
             "image_embeddings": rng.standard_normal((2, channels, grid, grid), np.float32),

@@ -271,7 +271,9 @@ def test_best_of_n_picks_the_same_candidate(onnx_gen, torch_t2i):
     assert np.abs(scores - want_scores).max() < 1e-4
     # the selector graph is at 32 px: other sizes are resized as Selector.forward does
     big = torch.nn.functional.interpolate(candidates[:4], size=(48, 48), mode="bilinear", align_corners=False)
-    assert (onnx_gen.text2image.selector.score(big, ids[:4]) - torch_t2i.selector.score(big, ids[:4])).abs().max() < 1e-4
+    assert (
+        onnx_gen.text2image.selector.score(big, ids[:4]) - torch_t2i.selector.score(big, ids[:4])
+    ).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])

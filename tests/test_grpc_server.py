@@ -141,11 +141,15 @@ def test_health_and_metadata_with_stock_client(server):
 
 def test_infer_raw_contents_with_stock_client_matches_pipeline(server, pipeline, phantom):
     client = grpcclient.InferenceServerClient(server.url)
-    result = client.infer("segment", [_image_input(phantom)], request_id="g-1", model_version=server.runtime.model_version)
+    result = client.infer(
+        "segment", [_image_input(phantom)], request_id="g-1", model_version=server.runtime.model_version
+    )
     response = result.get_response()
     assert response.id == "g-1" and response.model_name == "segment"
     assert len(response.raw_output_contents) == 6
-    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")}
+    outputs = {
+        name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")
+    }
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 

@@ -51,7 +51,11 @@ class LoopServer:
         self.runtime = ServiceRuntime(settings, pipeline)
         self.call(self.runtime.start())
         config = uvicorn.Config(
-            create_oip_app(self.runtime, registry=registry, prefix="/v2"), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+            create_oip_app(self.runtime, registry=registry, prefix="/v2"),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
         )
         self.server = uvicorn.Server(config)
         self.serving = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
@@ -181,7 +185,9 @@ def test_infer_binary_with_stock_client_matches_pipeline(server, pipeline, phant
     result = _client(server).infer("segment", [_image_input(phantom)], request_id="req-7")
     assert result.get_response()["id"] == "req-7"
     assert result.get_response()["model_version"] == server.runtime.model_version
-    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")}
+    outputs = {
+        name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")
+    }
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 
@@ -273,7 +279,11 @@ def test_a_new_model_is_served_without_transport_changes(pipeline):
     served = LoopServer(ServiceSettings(artifacts=pipeline.artifacts.root), pipeline, registry)
     try:
         client = _client(served)
-        assert client.get_model_metadata("caption")["inputs"][0] == {"name": "PROMPT", "datatype": "BYTES", "shape": [1]}
+        assert client.get_model_metadata("caption")["inputs"][0] == {
+            "name": "PROMPT",
+            "datatype": "BYTES",
+            "shape": [1],
+        }
         inputs = [httpclient.InferInput("PROMPT", [1], "BYTES"), httpclient.InferInput("MODALITY", [1], "BYTES")]
         inputs[0].set_data_from_numpy(np.array([b"lesion\x00x"], dtype=object))  # binary, length-prefixed
         inputs[1].set_data_from_numpy(np.array(["us"], dtype=object), binary_data=False)  # JSON string
@@ -293,11 +303,18 @@ def test_a_new_model_is_served_without_transport_changes(pipeline):
     ("make_input", "parameters", "needle"),
     [
         (lambda img: _image_input(img, name="IMG"), None, "unknown input 'IMG' for model 'segment'; expected: IMAGE"),
-        (lambda img: _image_input(img.astype(np.float32), "FP32"), None,
-         "input 'IMAGE' has datatype FP32, model 'segment' expects UINT8"),
+        (
+            lambda img: _image_input(img.astype(np.float32), "FP32"),
+            None,
+            "input 'IMAGE' has datatype FP32, model 'segment' expects UINT8",
+        ),
         (lambda img: _image_input(img[None]), None, "input 'IMAGE' has shape [1, 48, 40]"),
         (lambda img: _image_input(np.stack([img] * 4, -1)), None, "expects [-1, -1, 3] or [-1, -1]"),
-        (lambda img: _image_input(img), {"threshold": 1.5}, "parameter 'threshold' must be a finite number in (0.0, 1.0)"),
+        (
+            lambda img: _image_input(img),
+            {"threshold": 1.5},
+            "parameter 'threshold' must be a finite number in (0.0, 1.0)",
+        ),
         (lambda img: _image_input(img), {"thresold": 0.5}, "unknown parameter 'thresold'"),
     ],
 )

@@ -56,7 +56,13 @@ class Driver:
         self._stderr = open(stderr_path, "wb")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--", sys.executable, "-m", "tests.ray_netns_driver"],
-            cwd=REPO, env={**env, "RAYNETNS_CFG": json.dumps(cfg)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+            cwd=REPO,
+            env={**env, "RAYNETNS_CFG": json.dumps(cfg)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
 
     def next_event(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

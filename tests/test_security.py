@@ -80,8 +80,10 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
 
 
 def test_scanner_finds_what_it_must():
-    bad = ("import torch, pickle\nfrom pickle import loads\nimport numpy as np\n"
-           "torch.load(p)\ntorch.load(p, weights_only=False)\npickle.load(f)\nloads(b)\nnp.load(p, allow_pickle=True)\n")
+    bad = (
+        "import torch, pickle\nfrom pickle import loads\nimport numpy as np\n"
+        "torch.load(p)\ntorch.load(p, weights_only=False)\npickle.load(f)\nloads(b)\nnp.load(p, allow_pickle=True)\n"
+    )
     assert len(unsafe_loads(bad, "bad.py")) == 5
     good = "import torch\nimport numpy as np\ntorch.load(p, map_location='cpu', weights_only=True)\nnp.load(p)\n"
     assert unsafe_loads(good, "good.py") == []
@@ -145,7 +147,9 @@ def _kwargs(spec: dict) -> dict:
 def test_every_published_path_is_classified(live_server):
     published = set(httpx.get(live_server.url + "/docs.json", timeout=30).json()["paths"])
     classified = {path for _, path, _ in PUBLIC_HTTP + PROTECTED_HTTP} | STATIC
-    assert published <= classified, f"unclassified endpoints (guard them or list them as public): {published - classified}"
+    assert published <= classified, (
+        f"unclassified endpoints (guard them or list them as public): {published - classified}"
+    )
 
 
 @pytest.mark.parametrize(("method", "path", "spec"), PROTECTED_HTTP, ids=[p for _, p, _ in PROTECTED_HTTP])

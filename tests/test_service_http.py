@@ -79,7 +79,8 @@ def test_settings_from_env_cli_and_round_trip():
     env = {"MEDREFINE_PORT": "3100", "MEDREFINE_MAX_BATCH_SIZE": "4", "MEDREFINE_MAX_LATENCY_MS": "2.5",
            "MEDREFINE_BACKEND": "torch", "MY_KEY": "secret-key-123", "MEDREFINE_API_KEY_ENV": "MY_KEY"}
     settings = ServiceSettings.from_env(env)
-    assert (settings.port, settings.max_batch_size, settings.max_latency_ms, settings.backend) == (3100, 4, 2.5, "torch")
+    parsed = (settings.port, settings.max_batch_size, settings.max_latency_ms, settings.backend)
+    assert parsed == (3100, 4, 2.5, "torch")
     assert settings.api_key == "secret-key-123" and settings.max_upload_bytes == 20 * 1024 * 1024
     assert ServiceSettings.from_env(settings.to_env()) == settings
     assert settings.public_dict()["api_key"] == "set" and "secret-key-123" not in json.dumps(settings.public_dict())
@@ -251,8 +252,11 @@ def test_segment_equals_offline_pipeline(live_server, service_artifacts):
     assert body["area_px"] == int(offline.mask.sum()) and body["shape"] == [128, 128]
     assert body["box"] == pytest.approx(offline.box.tolist(), abs=1e-4)
     assert body["iou"] == pytest.approx(offline.iou, abs=1e-5)
-    assert body["model"] == {"version": "default:1", "backend": "onnxruntime",  # registry name:version
-                             "precision": {"artifacts": "fp32", "graphs": {g: "fp32" for g in pipeline.engine.graph_names}}}
+    assert body["model"] == {
+        "version": "default:1",
+        "backend": "onnxruntime",  # registry name:version
+        "precision": {"artifacts": "fp32", "graphs": {g: "fp32" for g in pipeline.engine.graph_names}},
+    }
     assert {"decode", "transunet", "image_encoder", "mask_decoder", "total"} <= set(body["timings_ms"])
     assert body["area_mm2"] is None  # PNG has no pixel spacing
 
@@ -354,8 +358,13 @@ _PNG, _ = phantom_png(seed=5, size=64)
         ("/refine", {"file": ("p.png", _PNG)}, {}, 400, "box"),
         ("/refine", {"file": ("p.png", _PNG)}, {"box": "[10, 10, 500, 20]"}, 400, "box"),
         ("/refine", {"file": ("p.png", _PNG)}, {"box": "[30, 10, 20, 20]"}, 400, "box"),
-        ("/refine", {"file": ("p.png", _PNG)}, {"points": json.dumps([[5, 5]] * 17), "point_labels": json.dumps([1] * 17)},
-         400, "points"),
+        (
+            "/refine",
+            {"file": ("p.png", _PNG)},
+            {"points": json.dumps([[5, 5]] * 17), "point_labels": json.dumps([1] * 17)},
+            400,
+            "points",
+        ),
         ("/refine", {"file": ("p.png", _PNG)}, {"points": "[[5, 5]]", "point_labels": "[7]"}, 400, "point_labels"),
     ],
 )
@@ -412,8 +421,12 @@ def test_oversized_uploads_are_413_before_reading(live_server):
 def test_truncated_multipart_is_400(live_server):
     boundary = "cut-here"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n\r\n").encode()
-    response = httpx.post(live_server.url + "/segment", content=body + _PNG[:100], timeout=30,
-                          headers={**live_server.headers(), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = httpx.post(
+        live_server.url + "/segment",
+        content=body + _PNG[:100],
+        timeout=30,
+        headers={**live_server.headers(), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert_client_error(response, 400)
 
 

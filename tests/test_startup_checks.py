@@ -184,7 +184,10 @@ def test_the_worker_also_refuses_to_become_ready(service_artifacts, tmp_path):
 
     response = asyncio.run(probe())
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
-    assert response.json() == {"ready": False, "reason": "model artifacts failed to load or verify (see the server log)"}
+    assert response.json() == {
+        "ready": False,
+        "reason": "model artifacts failed to load or verify (see the server log)",
+    }
 
 
 def test_explicit_generator_directory_must_load(service_artifacts, generator_artifacts, tmp_path):

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-
     parser.add_argument("--augmentor-preset", default="default")
     parser.add_argument("--max-steps", type=int, help="cap every phase's optimiser steps (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep the intermediate runs and data")
     parser.add_argument("--reuse", action="store_true",
                         help="keep data and phase runs in --work made by the same command (implies --keep-work)")

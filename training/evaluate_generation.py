@@ -185,9 +185,11 @@ def _judge_transunet(transunet: str | None, size: int, seed: int, judge_steps: i
         model, metrics = train_baseline(pairs, work / "judge_transunet", config=GenSegConfig(hflip=True),
                                         steps=judge_steps, batch_size=8, seed=seed,
                                         transunet=transunet_config(size))
-    return model.eval(), (f"TransUNet 'default' preset trained here for {judge_steps} steps on {judge_pairs} ultrasound "
-                          f"phantoms (no committed checkpoints/default found); train val_dice "
-                          f"{metrics.get('val_dice', float('nan')):.3f}")
+    return model.eval(), (
+        f"TransUNet 'default' preset trained here for {judge_steps} steps on {judge_pairs} ultrasound "
+        f"phantoms (no committed checkpoints/default found); train val_dice "
+        f"{metrics.get('val_dice', float('nan')):.3f}"
+    )
 
 
 @torch.no_grad()
@@ -206,7 +208,9 @@ def pix2pix_consistency(generators_dir: str | Path, *, transunet: str | None = "
     work = Path(work) if work else root.parent / f".{root.name}-data" / "judge"  # never inside the committed dir
     judge, source = _judge_transunet(transunet, size, seed, judge_steps, work, judge_pairs)
     if judge.config.img_size != size:
-        raise ValueError(f"TransUNet ({source}) takes {judge.config.img_size} px; the pix2pix generator makes {size} px")
+        raise ValueError(
+            f"TransUNet ({source}) takes {judge.config.img_size} px; the pix2pix generator makes {size} px"
+        )
     pairs = phantom_pairs(n_masks, seed + 9000, size)
     images, masks = pairs.tensors()
     fake = generator(masks)
@@ -215,10 +219,16 @@ def pix2pix_consistency(generators_dir: str | Path, *, transunet: str | None = "
     gt = masks.numpy()[:, 0] > 0.5
     d_fake = [dice(p, g) for p, g in zip(pred_fake, gt, strict=True)]
     d_real = [dice(p, g) for p, g in zip(pred_real, gt, strict=True)]
-    return {"dice": float(np.mean(d_fake)), "dice_std": float(np.std(d_fake)),
-            "real_image_dice": float(np.mean(d_real)), "n_masks": n_masks,
-            "masks": pairs.source, "transunet": source,
-            "image_l1_to_real": float((fake - images).abs().mean()), "image_ssim_to_real": float(ssim(fake, images).mean())}
+    return {
+        "dice": float(np.mean(d_fake)),
+        "dice_std": float(np.std(d_fake)),
+        "real_image_dice": float(np.mean(d_real)),
+        "n_masks": n_masks,
+        "masks": pairs.source,
+        "transunet": source,
+        "image_l1_to_real": float((fake - images).abs().mean()),
+        "image_ssim_to_real": float(ssim(fake, images).mean()),
+    }
 
 
 @torch.no_grad()

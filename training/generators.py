@@ -419,9 +419,15 @@ def _train_default(args: argparse.Namespace, data_dir: Path) -> int:
     t0 = time.time()
     r = recipe["pix2pix"]
     size = PIX2PIX_PRESETS["default"].image_size
-    generator, _ = train_pix2pix(phantom_pairs(r["n_train"], seed, size), phantom_pairs(r["n_val"], seed + 1000, size),
-                                 out / "pix2pix", epochs=r["epochs"], steps_per_epoch=_steps(r["steps_per_epoch"], scale),
-                                 batch_size=r["batch_size"], seed=seed)
+    generator, _ = train_pix2pix(
+        phantom_pairs(r["n_train"], seed, size),
+        phantom_pairs(r["n_val"], seed + 1000, size),
+        out / "pix2pix",
+        epochs=r["epochs"],
+        steps_per_epoch=_steps(r["steps_per_epoch"], scale),
+        batch_size=r["batch_size"],
+        seed=seed,
+    )
     _store_half(out / "pix2pix", generator)
     times["pix2pix_s"] = time.time() - t0
 

@@ -1,19 +1,6 @@
-"""The one shared trainer. Phases plug in through ``TrainHooks``; nothing here knows about models.
+"""The one shared trainer: ``Trainer(LoopConfig(...)).fit(model, hooks, train_loader, val_loader, run_dir)``.
 
-``Trainer(LoopConfig(...)).fit(model, hooks, train_loader, val_loader, run_dir)`` runs
-epochs of optimiser steps (AdamW over the hook's parameter groups, each with its own LR, cosine
-decay, gradient-norm clipping), validates after every epoch, writes ``run_dir/log.csv`` (one row
-per epoch) and ``run_dir/curves.png``, keeps the best weights by the monitored validation metric
-and loads them back into the model at the end. Optional, off by default: early stopping on the monitored
-metric and ReduceLROnPlateau (an extra LR multiplier on top of the schedule).
-
-Hook order per epoch::
-
-    model.train(); hooks.on_epoch_start(epoch, model)
-    for batch: out = hooks.training_step(model, batch); hooks.backward(out, model);
-               clip; optimiser.step(); hooks.after_step(model)
-    model.eval(); metrics = hooks.validate(model, val_loader)      (under torch.no_grad)
-    hooks.on_epoch_end(epoch, model, row)
+Phases plug in through ``TrainHooks``; nothing here knows about models (hook order: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -361,7 +348,11 @@ class Trainer:
                 break
             stopping.update(score)
             last_epoch = epoch + 1 == cfg.epochs
-            if cfg.early_stop_patience is not None and stopping.bad_epochs >= cfg.early_stop_patience and not last_epoch:
+            if (
+                cfg.early_stop_patience is not None
+                and stopping.bad_epochs >= cfg.early_stop_patience
+                and not last_epoch
+            ):
                 log.info("%s: early stop after epoch %d: %s has not improved by more than %g for %d epochs",
                          title or "train", epoch + 1, cfg.monitor, cfg.min_delta, stopping.bad_epochs)
                 early_stopped = True

@@ -99,7 +99,9 @@ class Text2ImageTrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"Text2ImageTrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not self.lr > 0 or self.batch_size < 1:
-            raise ValueError(f"Text2ImageTrainConfig: lr = {self.lr!r} and batch_size = {self.batch_size!r} must be > 0")
+            raise ValueError(
+                f"Text2ImageTrainConfig: lr = {self.lr!r} and batch_size = {self.batch_size!r} must be > 0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +125,9 @@ def load_captions(csv_path: str | Path, model: Text2ImageModel) -> CaptionTensor
     known = set(model.config.modalities)
     bad = [f"line {r.line} ({r.modal!r})" for r in dataset.records if r.modal not in known]
     if bad:
-        raise DatasetError(str(csv_path), [f"modalities not in the model config {sorted(known)}: {', '.join(bad[:20])}"])
+        raise DatasetError(
+            str(csv_path), [f"modalities not in the model config {sorted(known)}: {', '.join(bad[:20])}"]
+        )
     captions = sorted({r.text for r in dataset.records})
     index = {c: i for i, c in enumerate(captions)}
     images = torch.from_numpy(np.stack([s.image for s in dataset]).astype(np.float32))[:, None]

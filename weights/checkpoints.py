@@ -1,28 +1,5 @@
-"""Run directories: the one on-disk format shared by training, export and the service.
-
-A run directory holds::
-
-    RUN_DIR/run.json            {"format": "medrefine-run/1", "kind": ..., "config": {...}, "threshold": 0.5,
-                                 "metrics": {...}, "data_fingerprint": ..., "phase": ..., "seed": ...,
-                                 "created": ISO time, "code_version": git sha | "unknown",
-                                 "weights": "weights.safetensors", "weights_sha256": hex, ...}
-    RUN_DIR/weights.safetensors state dict of the model
-    RUN_DIR/log.csv, RUN_DIR/curves.png   (written by the trainer)
-
-Kinds:
-    ``"transunet"``     phase 1: a TransUNet; config ``{"transunet": {...}}``; plain TransUNet keys.
-    ``"refiner"``       phase 2: the refinement half of an UltraRefiner; config has ``refiner``, ``gate``,
-                        ``ultrarefiner`` (and ``transunet`` when one was used); weights are the UltraRefiner
-                        keys under ``refiner.`` and ``gate.`` only. ``run.json["sources"]["transunet"]``
-                        names the phase-1 run it was paired with, if any.
-    ``"ultrarefiner"``  phase 3 (and the default model): the whole UltraRefiner; keys prefixed
-                        ``transunet.``, ``refiner.``, ``gate.``.
-
-Other model families (GenSeg, pix2pix, selector, text2image) store their own kinds in the same format: any
-lowercase identifier is accepted as a kind; ``build_model_from_run`` builds the three segmentation kinds above,
-other kinds are read with ``load_run`` by their own loaders.
-
-Weights are only ever read with safetensors or ``torch.load(weights_only=True)``.
+"""Run directories (``run.json`` + ``weights.safetensors``): the one on-disk format shared by training, export
+and the service; the format and its kinds are in docs/architecture.md ("weights").
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
         return dict(obj)
-    raise ValueError(f"{path}: unsupported checkpoint suffix {suffix!r} (expected .pth, .pt, .bin, .ckpt or .safetensors)")
+    raise ValueError(
+        f"{path}: unsupported checkpoint suffix {suffix!r} (expected .pth, .pt, .bin, .ckpt or .safetensors)"
+    )
 
 
 def _listing(items: list[str]) -> str:

@@ -153,8 +153,9 @@ def load_transunet_npz(model: TransUNet, path: str | Path) -> NpzLoadReport:
     """Set ``model``'s encoder (ResNet stem, patch embedding, positions, transformer) from an official npz.
 
     Every key the official ``VisionTransformer.load_from`` reads must be present with its official shape, and
-    no other key but the ImageNet classifier's; nothing is set unless all is well. The position table is copied, stripped of its class token, or (for
-    another ``img_size``) bilinearly zoomed from the checkpoint's grid, as upstream does.
+    no other key but the ImageNet classifier's; nothing is set unless all is well. The position table is copied,
+    stripped of its class token, or (for another ``img_size``) bilinearly zoomed from the checkpoint's grid, as
+    upstream does.
 
     Args:
         model: a TransUNet whose config matches the checkpoint (``"r50-vit-b16"`` for ``R50+ViT-B_16.npz``).

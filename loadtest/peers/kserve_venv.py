@@ -56,7 +56,9 @@ def ensure_kserve_venv(*, log=None) -> Path:
                 [str(python), "-m", "pip", "install", "--quiet", *requirements()]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}"
+            )
     marker.write_text(wanted)
     if log is not None:
         log(f"  created in {time.perf_counter() - started:.0f} s")

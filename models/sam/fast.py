@@ -294,7 +294,8 @@ class FastSam:
         d, grid = self.config.prompt_embed_dim, self.config.embedding_size
         if image_embeddings.ndim != 4 or tuple(image_embeddings.shape[1:]) != (d, grid, grid):
             raise ValueError(
-                f"FastSam.decode: image_embeddings must be (B, {d}, {grid}, {grid}), got {tuple(image_embeddings.shape)}"
+                f"FastSam.decode: image_embeddings must be (B, {d}, {grid}, {grid}), "
+                f"got {tuple(image_embeddings.shape)}"
             )
         coords, labels = prompts["point_coords"], prompts["point_labels"]
         boxes, masks = prompts["boxes"], prompts["mask_input"]
