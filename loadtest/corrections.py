@@ -31,7 +31,7 @@ from core.imageio import encode_mask_png, encode_png
 from loadtest.annotator import AnnotatorConfig, Correction, correct, decode_mask, dice
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SEEDS = {"pool": 110_000, "test": 120_000, "in_domain_test": 130_000}  # apart from GenSeg's 50k-90k sets
+SEEDS = {"pool": 110_000, "test": 120_000, "in_domain_test": 130_000, "replay": 140_000}  # not GenSeg's 50k-90k
 JOB_TIMEOUT_S = 3600.0
 
 
@@ -139,6 +139,23 @@ def prompt_summary(sessions: Sequence[Correction]) -> dict[str, Any]:
             "api_seconds_per_image": float(np.mean([s.seconds for s in sessions]))}
 
 
+def upload_replay(client: httpx.Client, admin: dict[str, str], n: int, size: int) -> str:
+    """``n`` original-domain phantoms uploaded as a dataset (POST /datasets): the fine-tunes' replay set."""
+    import io
+    import zipfile
+
+    images, masks = phantom_set(n, SEEDS["replay"], size, "in")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            zf.writestr(f"images/{i:04d}.png", encode_png(image))
+            zf.writestr(f"masks/{i:04d}.png", encode_mask_png(mask))
+    response = client.post("/datasets", headers=admin, files={"file": ("replay.zip", buffer.getvalue())},
+                           data={"name": "original-domain replay"})
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
 def wait_job(client: httpx.Client, job_id: str, admin: dict[str, str]) -> dict[str, Any]:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -184,6 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sessions.append(session)
             annotation = prompt_summary(sessions)
             print(json.dumps({"annotation": annotation}), flush=True)
+            replay = upload_replay(client, admin, args.replay, args.size) if args.replay else None
             jobs = []
             for n in steps:
                 snap = client.post("/feedback/segmentation/snapshot", headers=admin,
@@ -192,6 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 hp = {"init": base, "epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}
                 if args.learning_rate:
                     hp["learning_rate"] = args.learning_rate
+                if replay:
+                    hp["replay_dataset"] = replay
                 submitted = client.post("/jobs", headers=admin, json={
                     "kind": "train", "dataset": snap.json()["id"], "recipe": args.model, "hyperparameters": hp})
                 submitted.raise_for_status()
@@ -220,10 +240,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "weights_sha256": (base_info.get("artifact_hashes") or {}).get("weights_sha256"),
                          "metrics": base_info.get("metrics")},
         "fine_tunes": jobs,
+        "replay_dataset": replay,
         "settings": {"domain": args.domain, "domain_doc": phantom_set.__doc__,
                      "size": args.size, "seeds": SEEDS, "n_test": args.n_test, "steps": steps,
                      "annotator": vars(config), "epochs": args.epochs, "batch_size": args.batch_size,
                      "learning_rate": args.learning_rate, "threads": args.threads, "nice": 10,
+                     "replay_original_domain_cases": args.replay,
                      "fine_tune": "e2e phase from default:1, the job's 60/20/20 split of the N cases"},
         "seconds": time.time() - started,
         "machine": machine,
@@ -239,8 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--domain", default="ood+shape", choices=DOMAINS, help="the shifted domain (see phantom_set)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the preset's e2e value")
+    parser.add_argument("--replay", type=int, default=0,
+                        help="original-domain phantoms uploaded as replay_dataset (its 60 %% train split is added)")
     parser.add_argument("--target-dice", type=float, default=0.9)
     parser.add_argument("--max-prompts", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
