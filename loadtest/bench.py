@@ -44,7 +44,7 @@ is copied into the same document, its keys null while no such file exists.
 Writes ``loadtest/results/<machine>-<date>.json`` (schema ``medrefine-loadtest/1``, top-level
 ``served_over_offline``, ``served_over_naive`` and the keys above), a PNG of latency vs offered load
 beside it, ``<name>-servers.png`` (throughput and p99 against offered load for every server), and copies
-the JSON to ``loadtest/results/latest.json``.
+the JSON to ``loadtest/results/latest.json`` (not for ``--peers-only`` runs, which lack steps 1 and 2).
 """
 
 from __future__ import annotations
@@ -763,7 +763,7 @@ def write_results(data: dict[str, Any], out: str | Path) -> Path:
     validate_results(data)
     text = json.dumps(data, indent=2, default=_json_default)
     out.write_text(text)
-    if out.parent.resolve() == RESULTS_DIR.resolve():
+    if out.parent.resolve() == RESULTS_DIR.resolve() and not data["config"].get("peers_only"):
         (RESULTS_DIR / "latest.json").write_text(text)
         shutil.copyfile(plot, RESULTS_DIR / "latest.png")
         shutil.copyfile(servers_plot, RESULTS_DIR / "latest-servers.png")
