@@ -128,7 +128,9 @@ def measure(client: httpx.Client, model: str, test: tuple[np.ndarray, np.ndarray
     sessions = [correct(client, image, truth, model=model, config=config, rng=rng) for image, truth in zip(*test,
                                                                                                            strict=True)]
     return {"model": model, "dice": float(np.mean(shifted)), "dice_std": float(np.std(shifted)),
-            "in_domain_dice": float(np.mean(original)), **prompt_summary(sessions)}
+            "in_domain_dice": float(np.mean(original)), **prompt_summary(sessions),
+            "per_image_dice": [round(v, 5) for v in shifted],  # paired comparisons between versions
+            "per_image_prompts": [s.prompts for s in sessions]}
 
 
 def prompt_summary(sessions: Sequence[Correction]) -> dict[str, Any]:
