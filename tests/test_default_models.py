@@ -1,4 +1,4 @@
-"""``default-models`` without phase 3 (``--e2e-epochs 0``, the default recipe): phases 1 + 2 packaged as the model."""
+"""``default-models --e2e-epochs 0``: phases 1 + 2 packaged as the final model, with CPU time and load recorded."""
 
 from __future__ import annotations
 

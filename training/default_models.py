@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "default-
     parser.add_argument("--config", default="default", help="run preset of all three phases")
     parser.add_argument("--kind", default=DATA_KIND, help="phantom kind of all three splits (core.phantoms.KINDS)")
     parser.add_argument("--transunet-epochs", type=int, default=24)
-    parser.add_argument("--refiner-epochs", type=int, default=18)
-    parser.add_argument("--e2e-epochs", type=int, default=0,
-                        help="phase 3 epochs; 0 = package phases 1 + 2 (phase 3 did not gain on validation)")
+    parser.add_argument("--refiner-epochs", type=int, default=16)
+    parser.add_argument("--e2e-epochs", type=int, default=3,
+                        help="phase 3 epochs; 0 = package phases 1 + 2 as the final model (no phase 3)")
     parser.add_argument("--real-ratio", type=float, default=0.5)
     parser.add_argument("--augmentor-preset", default="default")
     parser.add_argument("--max-steps", type=int, help="cap every phase's optimiser steps (smoke tests)")

@@ -100,7 +100,10 @@ class Service:
         if url is None:
             port, grpc = _free_port(), _free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("MEDREFINE_")}
-            env.update({"BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+            # A fresh platform data directory: the server registers --artifacts as the production version there,
+            # so a registry left by other runs (its production alias on an older model) cannot answer instead.
+            env.update({"MEDREFINE_DATA_DIR": str(work / "platform"),
+                        "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
                         "OMP_NUM_THREADS": "1", "MEDREFINE_INTRA_OP_THREADS": "1", "QUALITY_KEY": API_KEY})
             self.log_path = work / "server.log"
             with open(self.log_path, "wb") as out:
