@@ -1,7 +1,7 @@
 """The corrections loop end to end on a real server with one job worker, on a tiny model: train tinyseg v1,
 save corrections made against it (POST /feedback/segmentation), snapshot them, fine-tune (a train job with
 ``init``) -> tinyseg v2 registered from v1's weights, and /segment serves v2. The server log stays free of the
-feedback dataset's name and the uploaded file names."""
+feedback dataset's name, the uploaded file names and a DICOM's patient name (not stored either)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,24 @@ def test_corrections_fine_tune_a_new_version_that_serves(server, tmp_path):
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["mask_png_base64"]))))
         assert served.shape == (64, 64) and set(np.unique(served)) <= {0, 255}
 
+        # 6. a DICOM correction (another feedback dataset): its patient name reaches neither the store nor the log
+        import pydicom
+        from pydicom.data import get_testdata_file
+
+        source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        source.PatientName = "Doe^Jane^Feedback"
+        dicom = io.BytesIO()
+        source.save_as(dicom)
+        mask = np.zeros((source.Rows, source.Columns), np.uint8)
+        mask[40:60, 30:50] = 1
+        saved = client.post("/feedback/segmentation", headers=admin, data={
+            "model_version": f"{MODEL}:2", "seconds": "5", "prompts": "0", "dataset": "dicom-check"},
+            files={"image": ("ct.dcm", dicom.getvalue(), "application/dicom"),
+                   "mask": ("mask.png", encode_mask_png(mask), "image/png")})
+        assert saved.status_code == 201, saved.text
+        stored = client.get(f"/feedback/segmentation/{saved.json()['id']}/image", headers=admin).content
+        assert b"Doe^Jane" not in stored and pydicom.dcmread(io.BytesIO(stored)).PatientIdentityRemoved == "YES"
+
     # v2's run was initialised from v1's (the e2e phase records its source)
     from medplatform.context import open_platform
     from medplatform.registry import run_prefix
@@ -128,3 +146,4 @@ def test_corrections_fine_tune_a_new_version_that_serves(server, tmp_path):
     assert list(run["sources"]) == ["ultrarefiner"] and run["phase"] == "e2e"
     text = server.log()
     assert SECRET_DATASET not in text and SECRET_FILE not in text and "Doe_John" not in text
+    assert "Doe^Jane" not in text and "Jane" not in text
