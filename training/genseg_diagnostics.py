@@ -131,7 +131,7 @@ def hypergradient_probe(segmenter: nn.Module, generator: nn.Module, hooks: GenSe
     (autograd through K unrolled steps), ``cos(h1, hK)``, and the central finite difference of
     ``L_val(theta_K)`` along ``h1/|h1|`` against ``<hK, h1/|h1|>`` at each step size of ``eps`` (the smallest
     checks the gradient; the larger ones ask whether it still predicts the loss at the scale of an actual
-    generator update: an Adam step of lr 2e-4 moves the ~1M parameters by ~0.2 in norm)."""
+    generator update: an Adam step of lr 2e-4 moves the 648k parameters at 64 px by up to ~0.16 in norm)."""
     seg = copy.deepcopy(segmenter).double().train()
     gen = copy.deepcopy(generator).double().eval()
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits  # float64 end to end
