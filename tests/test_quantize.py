@@ -1,4 +1,4 @@
-"""`python -m export onnx --optimize`: int8 TransUNet and the fused encoder, checked against fp32 and torch."""
+"""`python -m export onnx --int8 --fuse-rel-pos`: int8 TransUNet and the fused encoder, against fp32 and torch."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from weights.checkpoints import build_model_from_run, load_run
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    """``--optimize`` artifacts of the committed default models (their trained TransUNet is the one int8 is for)."""
-    out = tmp_path_factory.mktemp("quantize") / "optimized"
-    assert main(["onnx", "--model", "default", "--out", str(out), "--optimize"]) == 0
+    """``--int8 --fuse-rel-pos`` artifacts of the committed default models (a trained TransUNet: int8 is for it)."""
+    out = tmp_path_factory.mktemp("quantize") / "int8"
+    assert main(["onnx", "--model", "default", "--out", str(out), "--int8", "--fuse-rel-pos"]) == 0
     return out
 
 
