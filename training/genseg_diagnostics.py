@@ -1,10 +1,6 @@
-"""Why GenSeg's synthetic pairs help or hurt: measurements on one (tuning) seed of the benchmark.
-
-``python -m training genseg-diagnostics``: generated images beside real in-domain and out-of-domain ones (a
-figure), their statistics and diversity, pix2pix consistency Dice under an independent judge, synthetic pairs
-per real pair and their weight, the one-step hypergradient against a K-step unroll (finite differences), and
-how the upper-level batch is drawn from the 9 labels -> JSON.
-"""
+"""``python -m training genseg-diagnostics``: why GenSeg's synthetic pairs help or hurt, measured on one seed
+(generated vs real images, diversity, consistency Dice, pairs and weight, the hypergradient, the upper-level
+split) -> JSON and a figure; read in docs/genseg.md."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""What GenSeg's generator is asked to draw: new masks (geometric/elastic changes and the UltraRefiner
-augmentor's shape errors) and a random acquisition (gain curve, contrast, speckle) on each generated image.
-
-Masks are ``(H, W)`` binary numpy arrays; images ``(B, 1, S, S) float32 in [0, 1]`` torch tensors.
-"""
+"""What GenSeg's generator draws: masks (elastic/geometric changes, the augmentor's shape errors) and a random
+acquisition on each generated image. Masks ``(H, W)`` numpy in {0, 1}; images ``(B, 1, S, S) in [0, 1]``."""
 
 from __future__ import annotations
 
