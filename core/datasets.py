@@ -1,26 +1,5 @@
-"""Readers for a user's own data: a folder or ZIP of ``images/`` + ``masks/``, and the MINIM caption CSV.
-
-Segmentation layout (folder, ZIP file or ZIP bytes)::
-
-    ROOT/images/NAME.EXT        an image in any format core.imageio decodes
-    ROOT/masks/NAME.EXT         its binary mask, or
-    ROOT/masks/NAME_mask.EXT    (BUSI-style suffix); the mask's extension may differ from the image's
-
-``NAME`` is the file name without its extension (``.nii.gz`` counts as one extension). In a ZIP, ``ROOT`` may
-be the archive root or one folder inside it (zipping a folder gives ``data/images/...``); files beside
-``images/`` and ``masks/`` (a README, a CSV) are not part of the data set. Image extensions
-recognised: ``.png .jpg .jpeg .tif .tiff .dcm .dicom .nii .nii.gz`` (any case). Hidden files (``.DS_Store``)
-and ``__MACOSX/`` entries are operating-system litter and ignored; everything else must fit the layout.
-Nothing is ever skipped silently: a missing mask, a mask without an image, an unsupported or unreadable file,
-nested folders, two files with the same name, an empty ``images/`` and a mask whose size differs from its
-image all raise :class:`DatasetError`, whose message lists every file at fault. Masks are binarised by the
-rule of :func:`core.imageio.decode_mask`.
-
-MINIM caption CSV: a header ``path,text,modal`` (extra columns allowed), one row per image; ``path`` is
-relative to the CSV's folder (absolute paths are allowed); ``text`` is the caption and ``modal`` the
-modality (e.g. ``chest_xray``). No masks.
-
-Splits are deterministic functions of the set of names and the seed (the input order does not matter).
+"""Readers for a user's own data: a folder or ZIP of ``images/`` + ``masks/``, and the MINIM caption CSV
+(layouts and checks: docs/architecture.md, "core").
 """
 
 from __future__ import annotations

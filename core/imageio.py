@@ -1,39 +1,5 @@
-"""Decode PNG, JPEG, TIFF, DICOM and NIfTI images, from a path or from bytes, into one in-memory form.
-
-Every image becomes a :class:`DecodedImage` whose ``pixels`` are ``(H, W) float32 in [0, 1]``. The format is
-found from the magic bytes, never from a file name, so uploads decode the same way as files on disk.
-
-Intensity mapping to ``[0, 1]``:
-    * PNG, JPEG, TIFF: unsigned 8-bit data is divided by 255, unsigned 16-bit data by 65535, boolean data is
-      0/1; any other dtype (signed or 32-bit integers, floats) is min-max scaled. Colour is converted to
-      luminance ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601, as Pillow's ``L`` mode); alpha is dropped;
-      palette images are expanded first. TIFF ``MINISWHITE`` data is inverted. EXIF orientation is ignored.
-    * DICOM: the modality LUT (Rescale Slope/Intercept) is applied, then the first Window Center/Width
-      (``VOILUTFunction`` LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2.1.2) when present, otherwise a
-      min-max scaling; ``MONOCHROME1`` is inverted so that high values are bright. Colour DICOM is divided by
-      ``2**BitsStored - 1`` and converted to luminance.
-    * NIfTI: scl_slope/scl_inter applied by nibabel, then min-max scaling.
-    * Non-finite values become the minimum. Constant images never raise: a min-max scaled constant image
-      becomes all zeros, a fixed-scale one keeps its value (an all-255 PNG is all ones).
-
-Volumes (3-D NIfTI, multi-frame DICOM, multi-page TIFF) give one plane: ``slice_index`` or the middle one
-(``n // 2``). NIfTI planes are ``data[:, :, k]`` with array axis 0 as rows and axis 1 as columns (no
-reorientation), so an array written with ``nibabel.Nifti1Image(array, affine)`` decodes to itself.
-
-Limits for untrusted input: ``max_bytes`` bounds the encoded size (checked before reading a file),
-``max_pixels`` bounds ``H * W`` of the plane and is checked from the header BEFORE any pixel data is decoded
-(Pillow lazy open for PNG/JPEG, page shape for TIFF, Rows x Columns for DICOM, header shape for NIfTI);
-a whole volume may hold at most ``max_pixels * VOLUME_SLICE_LIMIT`` voxels. Pillow's own
-decompression-bomb guard stays on and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed.
-Compressed containers (Deflated Explicit VR Little Endian DICOM, ``.nii.gz``) may inflate to at most
-:func:`inflate_budget` bytes, counted while streaming with a bounded ``zlib`` inflater, never by inflating
-first: a deflated DICOM is refused once it passes its declared pixel data plus headroom (Rows, Columns,
-NumberOfFrames, SamplesPerPixel, BitsAllocated are read from its first inflated MiB), a ``.nii.gz`` when the
-chosen slice ends past the budget; only the bytes up to that slice are inflated and only the slice is kept.
-
-Every failure raises :class:`ImageDecodeError` (a ``core.errors.InputError``) whose message starts with the
-file name (or ``"upload"``) and says what was wrong; a size limit raises its subclass :class:`ImageTooLargeError`
-(an ``InputTooLarge``), an unknown format :class:`UnsupportedImageFormat` (an ``UnsupportedInput``).
+"""Decode PNG, JPEG, TIFF, DICOM and NIfTI images, from a path or bytes, into ``DecodedImage`` (``pixels``
+``(H, W) float32 in [0, 1]``); formats, limits and errors in docs/architecture.md ("core").
 """
 
 from __future__ import annotations

@@ -1,22 +1,5 @@
-"""Segmentation losses: soft Dice, BCE, weighted BCE, focal, Tversky, and weighted sums built from a spec.
-
-Every loss takes ``input`` and ``target`` of the same shape, ``(B, 1, H, W)`` (any ``(B, ...)`` works), and
-returns a scalar tensor (mean over the batch):
-
-* ``input`` holds logits by default (``from_logits=True``); with ``from_logits=False`` it holds probabilities
-  in [0, 1], e.g. UltraRefiner's gated refined mask. Probabilities are clamped to ``[eps, 1 - eps]`` before
-  logarithms so gradients stay finite.
-* ``target`` is float in [0, 1] (binary masks or soft labels).
-
-Region losses (Dice, Tversky) are computed per sample over all non-batch axes with additive smoothing
-``smooth`` (default 1, so an empty target with an empty prediction costs 0) and then averaged over the batch.
-
-Spec strings for :func:`build_loss` (also what training CLIs take)::
-
-    "dice+bce"                       the default: soft Dice + BCE, weights 1
-    "dice:0.5+bce:1.0"               weights by term
-    "focal", "tversky", "wbce"       single terms
-    "tversky(alpha=0.3,beta=0.7)+wbce(pos_weight=50):0.5"   keyword parameters per term
+"""Segmentation losses (soft Dice, BCE, weighted BCE, focal, Tversky) and weighted sums from a spec string such
+as ``"dice+bce"`` (conventions and the spec grammar: docs/architecture.md, "core").
 """
 
 from __future__ import annotations

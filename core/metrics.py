@@ -1,22 +1,5 @@
-"""Segmentation metrics on binary masks: Dice, IoU, precision, recall and HD95, per case and accumulated.
-
-Masks are ``(H, W)`` arrays of ``bool`` or integers in ``{0, 1}`` (torch tensors are accepted and moved to
-numpy). With ``P`` the predicted and ``G`` the ground-truth foreground and ``TP = |P & G|``::
-
-    dice = 2 TP / (|P| + |G|)      iou = TP / |P | G|      precision = TP / |P|      recall = TP / |G|
-
-Empty-mask conventions (every metric is always a finite number, never NaN):
-    * both empty: dice = iou = precision = recall = 1 and hd95 = 0 (a correct "nothing here").
-    * exactly one empty: dice = iou = precision = recall = 0 and hd95 = the image diagonal,
-      ``sqrt(H**2 + W**2)`` pixels, or ``sqrt((H * row_mm)**2 + (W * col_mm)**2)`` in mm; this is longer
-      than any distance inside the image, so a missed or hallucinated lesion gets the worst score.
-    * both non-empty: the formulas above (precision and recall are then always defined).
-
-HD95: surface pixels are foreground pixels with at least one 4-neighbour in the background (the image border
-counts as background). For each surface pixel of one mask, the Euclidean distance to the nearest surface
-pixel of the other is taken (``scipy.ndimage.distance_transform_edt`` with the pixel spacing), in both
-directions; HD95 is the 95th percentile (numpy's linear interpolation) of all these distances pooled
-together (the medpy definition). Units are pixels, or mm when ``spacing = (row_mm, col_mm)`` is given.
+"""Segmentation metrics on binary ``(H, W)`` masks: Dice, IoU, precision, recall and HD95, per case and
+accumulated (definitions and empty-mask rules: docs/architecture.md, "core").
 """
 
 from __future__ import annotations

@@ -1,20 +1,5 @@
-"""Synthetic phantoms, deterministic by seed: breast ultrasound, chest X-ray, and five captioned modalities.
-
-They stand in for real data in tests, demos and the committed default models; nothing here claims clinical
-realism, only the structures a segmenter or a conditional generator must learn:
-
-* :func:`breast_ultrasound` — tissue layers (skin, fat, glandular tissue, pectoral muscle), correlated
-  Rayleigh speckle, depth attenuation, log compression, hypoechoic fat lobules as distractors, and one
-  hypoechoic lesion (the mask) with circumscribed, lobulated, spiculated or indistinct margins, varied size,
-  position and contrast, and posterior acoustic shadowing or enhancement.
-* :func:`chest_xray` — PA radiograph: torso, both lung fields (the mask), mediastinum, heart shadow, spine,
-  ribs, clavicles, vascular markings, optional nodule.
-* :func:`modality_image` — one image of ``"oct"``, ``"fundus"``, ``"chest_xray"``, ``"chest_ct"`` or
-  ``"brain_mri"`` with a finding and a caption such as ``"chest x-ray, left lower lobe nodule"``.
-
-Every function takes a non-negative integer ``seed``; the same ``(seed, size, options)`` gives the same array
-(numpy ``default_rng`` plus scipy filters and PIL drawing, all deterministic), so :func:`write_dataset`
-produces byte-identical files. Images are ``(H, W) uint8``; masks ``(H, W) uint8 in {0, 1}``.
+"""Synthetic phantoms, deterministic by seed: breast ultrasound, chest X-ray, and five captioned modalities
+(what they model and claim: docs/architecture.md, "core").
 """
 
 from __future__ import annotations

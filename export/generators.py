@@ -1,26 +1,5 @@
-"""Export the generator runs (``checkpoints/generators/{text2image,pix2pix,selector}``) to parity-checked ONNX.
-
-``export_generator_artifacts(generators_dir, out_dir)`` writes an artifact directory in the segmentation
-format (inference/manifest.py) whose graphs serve inference.generation's pipelines on ONNX Runtime
-(inference/generator_artifacts.py); B is a dynamic ``batch`` axis everywhere, T the text encoder's
-``max_tokens``, D its width, S a generator's image size:
-
-- ``pix2pix`` (run ``pix2pix``): ``mask`` (B, 1, S, S) float32 {0, 1} -> ``image`` (B, 1, S, S) in [0, 1]
-  (``Pix2PixGenerator.forward``, eval mode: no dropout).
-- ``text_encoder`` (run ``text2image``): the frozen Hugging Face encoder its config names (MiniLM by
-  default): ``input_ids``, ``attention_mask`` (B, T) int64 -> ``text_hidden`` (B, T, D) float32
-  (``last_hidden_state``, token types all 0). Its ``tokenizer.json`` is copied to
-  ``tokenizer/tokenizer.json`` as the hashed asset ``tokenizer``.
-- ``denoiser`` (run ``text2image``): ``noisy`` (B, 1, S, S), ``timestep`` (B,) int64, ``text_hidden``
-  (B, T, D), ``text_mask`` (B, T) float32 {0, 1}, ``modality_ids`` (B,) int64 in [0, M] (M = null) ->
-  ``prediction`` (B, 1, S, S) (``Text2ImageModel.forward``).
-- ``selector`` (run ``selector``): ``image`` (B, 1, S, S) in [0, 1] at the selector's size,
-  ``modality_ids`` (B,) int64 -> ``score`` (B,) (``Selector.score``).
-
-A run directory that is absent is skipped with its graphs (no selector: no ``selector`` graph). Parity
-cases are phantom-like inputs (core.phantoms images and masks, real prompts) and seeded random ones;
-the bounds are in export.parity.BOUNDS. ``python -m export verify`` re-runs parity from the source runs
-(``reverify_parity``) while they exist with the exported weights.
+"""Export the generator runs (``checkpoints/generators/{text2image,pix2pix,selector}``) to parity-checked ONNX
+(graphs, bounds and the tokenizer asset: docs/architecture.md, "export").
 """
 
 from __future__ import annotations

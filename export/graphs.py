@@ -1,22 +1,5 @@
-"""Parity specs, one per served graph (the wrappers are ``weights.graphs``).
-
-Graphs (docs/architecture.md, "Artifact directory"); B is a dynamic ``batch`` axis everywhere:
-
-- ``transunet``: ``image`` (B, C, S, S) float32 in [0, 1] -> ``probability`` (B, 1, S, S) in [0, 1]
-  (``TransUNetGraph``: the sigmoid is inside the graph).
-- ``image_encoder``: ``image`` (B, 3, R, R) float32 in [0, 255] (the ROI crop, gray repeated) ->
-  ``image_embeddings`` (B, D, R/16, R/16) (``ImageEncoderGraph``: the refiner's own preprocessing —
-  SAM mean/std or MedSAM min-max — is inside the graph).
-- ``mask_decoder``: ``weights.sam_onnx.SamOnnxDecoder`` (single mask), inputs image_embeddings,
-  point_coords (B, N, 2) in the R x R frame, point_labels (B, N), mask_input (B, 1, 4h, 4w),
-  has_mask_input (B,), orig_im_size (2,) -> masks (B, 1, H0, W0) logits, iou_predictions (B, 1),
-  low_res_masks (B, 1, 4h, 4w); N is the dynamic ``num_points`` axis, H0 / W0 follow orig_im_size.
-- ``gate`` (learned / hybrid gates only): ``coarse``, ``sam`` (B, 1, H, W) in [0, 1] [, ``image``
-  (B, 1, H, W) in [0, 1]] -> ``gate`` (B, 1, H, W) in [gate_min, gate_max]; H, W dynamic.
-
-Each ``GraphSpec`` carries the wrapper to trace, example inputs, the torch reference the ONNX graph
-must reproduce (the model's own API where it exists, so a wrapper bug fails parity), the parity cases
-(phantom images from core.phantoms and seeded random inputs) and the bounds from export.parity.
+"""Parity specs, one per served graph (the wrappers are ``weights.graphs``; graphs, shapes and bounds:
+docs/architecture.md, "export").
 """
 
 from __future__ import annotations
@@ -251,7 +234,7 @@ def pipeline_block(model: nn.Module, info: Any) -> dict[str, Any]:
                      transunet_in_channels=int(transunet.config.in_channels))
     if sam is not None:
         cfg = sam.config
-        ur = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(info.config.get("ultrarefiner", {}))
+        ur = model.config.to_dict()  # sam is not None: an UltraRefiner
         block.update(refiner_size=int(cfg.img_size), refiner_preprocess=cfg.preprocess,
                      pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std),
                      gate=gate.config.to_dict() if gate is not None else None, ultrarefiner=ur)

@@ -1,21 +1,5 @@
-"""Export a run directory to an artifact directory of ONNX graphs, parity-checked, with a manifest.
-
-Steps of ``export_artifacts(run_dir, out_dir)``:
-
-1. load the run (weights.checkpoints) and build its model in eval mode;
-2. build the served graphs' specs (export/graphs.py);
-3. per graph, into a temporary sibling directory: ``torch.onnx.export`` (TorchScript exporter, fp32,
-   dynamic batch axis), ``onnx.checker``, parity vs torch (export/parity.py); with ``fp16`` the fp32
-   graph is converted (onnxconverter-common's float16 if installed, else ONNX Runtime's copy of it;
-   graph inputs/outputs stay float32) and parity is checked again against the fp32 torch reference
-   with the looser fp16 bound;
-4. write manifest.json (inference/manifest.py) and move the directory into place.
-
-``export_specs`` (steps 3) and ``write_artifact_manifest`` (step 4) are shared with the generator
-exporter (export/generators.py).
-
-A graph that fails parity raises ``ParityError``; the temporary directory is deleted, so neither the
-graph nor a manifest is left behind, and an existing ``out_dir`` is untouched.
+"""Export a run directory to an artifact directory of parity-checked ONNX graphs with a manifest
+(``export_artifacts``; its steps: docs/architecture.md, "export").
 """
 
 from __future__ import annotations

@@ -1,49 +1,5 @@
-"""ONNX Runtime vs torch parity: the check that decides whether an exported graph is valid.
-
-``check_parity`` runs every ``ParityCase`` (named inputs, labelled "phantom" or "random") through the
-torch reference and an ONNX Runtime CPU session and reports the largest absolute difference over all
-outputs and cases, and the smallest Dice between binarised masks (outputs listed in ``mask_outputs``).
-A graph passes when ``max_abs_err <= bound`` and every Dice >= ``min_dice`` (0.99), with identical
-output shapes. Failure raises ``ParityError`` from ``ParityResult.raise_if_failed`` so that the caller
-never writes the graph as valid.
-
-Bounds (absolute, in the graph's own output units) in ``BOUNDS``: 15x or more above the largest error
-measured on CPU (ONNX Runtime 1.32, torch 2.13) for the tiny test models and the paper sizes (R50-ViT-B/16
-TransUNet at 224, SAM ViT-B at 1024, random weights), so numerical noise passes while a real bug — a
-missing sigmoid or normalisation, a half-pixel point shift (1.9e-3 on the tiny decoder), an ignored
-mask prompt (1e-1), an fp16 conversion slipping into the fp32 encoder or decoder — fails:
-
-============== ============================= ========= ============================= =========
-graph          compared outputs              fp32      measured fp32 (tiny / paper)  fp16
-============== ============================= ========= ============================= =========
-transunet      probability in [0, 1]         1e-5      6.0e-8 / 6.0e-8               1e-2
-image_encoder  image_embeddings              2e-4      3.5e-6 / 4.4e-6               5e-2
-mask_decoder   masks, low_res_masks (logits) 2e-4      8.7e-7 / 6.9e-6               2e-2
-               and iou_predictions
-gate           gate weights in [0, 1]        1e-6      6.0e-8 / (no learned gate)    2e-3
-============== ============================= ========= ============================= =========
-
-fp16 (graphs converted after fp32 export, compared with the fp32 torch model) measured: transunet
-5.6e-6 / 6.3e-6, image_encoder 4.5e-3 (tiny), mask_decoder 2.7e-4 / 5.4e-4, gate 1.4e-4 (tiny); its
-bounds also allow for trained models whose probabilities are less saturated. Binary masks must agree
-at Dice >= 0.99 in both precisions.
-
-Generator graphs (export/generators.py), measured on the committed default generators
-(checkpoints/generators: pix2pix 128 px, MiniLM-L6 text encoder at 24 tokens, denoiser 32 px, selector 32 px):
-
-============== ============================= ========= ============ ========= ============
-graph          compared outputs              fp32      measured     fp16      measured
-============== ============================= ========= ============ ========= ============
-pix2pix        image in [0, 1]               1e-4      4.2e-6       1e-2      4.2e-6
-text_encoder   text_hidden (|x| <= ~6.3)     1e-3      5.3e-5       5e-1      1.3e-1
-denoiser       prediction (v, |x| ~ 1)       5e-5      1.4e-6       2e-2      1.9e-3
-selector       score (log-probabilities)     5e-5      1.9e-6       2e-2      1.8e-3
-============== ============================= ========= ============ ========= ============
-
-The text encoder's largest errors sit on padded positions, which the denoiser's cross-attention masks
-out (valid tokens: 3.8e-3 in fp16); the bugs its bound must catch are an order larger (token types 1
-instead of 0: 5.7, attention mask ignored: 6.0, on the prompt case). The selector's binary check is the
-best-of-N decision: the arg-max over each case's candidates must be the same (Dice of the one-hot picks).
+"""ONNX Runtime vs torch parity: the check that decides whether an exported graph is valid (``check_parity``;
+bounds and cases in docs/architecture.md, "export").
 """
 
 from __future__ import annotations

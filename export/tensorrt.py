@@ -1,24 +1,5 @@
-"""TensorRT engines from an artifact directory: profile logic (pure), ONNX preparation, engine build.
-
-Everything above ``build_engines`` is pure Python + onnx and is tested without TensorRT:
-
-- ``profile_spec(model, ranges)``: one optimisation-profile entry for EVERY graph input with a dynamic
-  dimension (``batch``, ``num_points``, or a name given in ``ProfileRanges.extra``), plus a value range
-  for every *shape input* — an input whose values become tensor shapes. SAM's decoder has one:
-  ``orig_im_size`` (2,) sets the size of the ``masks`` output, so TensorRT needs
-  ``profile.set_shape_input(name, min, opt, max)`` for it, and shape tensors must be int32.
-- ``prepare_for_tensorrt(model)``: rewrites each float shape input to int32 followed by a Cast back to
-  float, so the rest of the graph is unchanged.
-- ``check_engine_compatible(record, gpu, trt_version)`` (``inference.tensorrt_runtime``, with ``query_gpu`` and
-  ``import_tensorrt``): a serialized engine only runs on the GPU model (compute capability) and TensorRT
-  version it was built with; the service calls this before loading.
-
-``build_engines`` imports ``tensorrt`` lazily. Without it, or without an NVIDIA GPU, it raises
-``MissingDependencyError`` whose one-line message says what is missing and how to install it.
-
-``ART_DIR/trt/manifest.json`` (format "medrefine-trt/1") records the GPU name, compute capability,
-TensorRT version, precision, the source artifact version and one entry per engine (file, sha256,
-source ONNX sha256, profiles).
+"""TensorRT engines from an artifact directory: profile logic (pure), ONNX preparation, engine build
+(profiles and precision: docs/architecture.md, "export").
 """
 
 from __future__ import annotations

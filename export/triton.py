@@ -1,28 +1,5 @@
-"""A Triton Inference Server model repository from an artifact directory.
-
-Layout written by ``write_triton_repository(art_dir, repo)``::
-
-    REPO/<graph>/config.pbtxt          platform "onnxruntime_onnx", dtypes, dims (-1 = dynamic)
-    REPO/<graph>/1/model.onnx          a copy of ART_DIR/<graph>.onnx
-    REPO/refiner/config.pbtxt          ensemble: image_encoder -> mask_decoder (when both graphs exist)
-    REPO/refiner/1/                    empty version folder (Triton requires one for ensembles)
-    REPO/medrefine_manifest.json       the artifact manifest (pipeline block + version) for clients;
-                                       Triton only loads sub-directories, so it ignores this file.
-
-Batching: a graph whose every input and output has the ``batch`` axis first is served with
-``max_batch_size`` > 0 (dims listed without the batch axis) and ``dynamic_batching``. SAM's decoder is
-not batchable by Triton: ``orig_im_size`` is a (2,) tensor without a batch axis, so it gets
-``max_batch_size: 0`` and full dims with -1 for the batch.
-
-What the ensemble covers, and what it cannot: an ensemble only chains models by tensor name; it cannot
-run Python. The UltraRefiner's glue between graphs — prompt extraction from the coarse mask, ROI crop
-and resize, paste-back into the full frame, the uncertainty gate and the threshold — is torch code
-(models/prompts.py, models/roi.py, models/gate.py) that the client runs. So the ensemble ``refiner``
-covers the SAM half only: ROI image + prompts -> image_encoder -> image_embeddings -> mask_decoder ->
-masks / iou_predictions / low_res_masks. A client (service/ with its Triton backend) calls
-``transunet``, runs the glue, calls ``refiner``, runs the glue again (and ``gate`` for learned gates).
-A Triton ``python``-backend model for the glue would need this package inside the Triton image; it is
-deliberately not generated (it could not be tested here without a Triton server).
+"""A Triton Inference Server model repository from an artifact directory (one folder per graph plus the
+ensemble; layout and limits in docs/architecture.md, "export").
 """
 
 from __future__ import annotations

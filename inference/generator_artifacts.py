@@ -1,19 +1,5 @@
-"""Load a generator artifact directory (``python -m export generators``) for serving on ONNX Runtime.
-
-``load_generators(art_dir)`` verifies the manifest (every graph's and the tokenizer's sha256, the version)
-and returns inference.generation's own pipelines — :class:`~inference.generation.Text2ImagePipeline` and
-:class:`~inference.generation.Pix2PixPipeline`, unchanged — fed ONNX-backed stand-ins for the torch modules
-they normally drive:
-
-- :class:`OnnxDenoiser` for ``Text2ImageModel`` (graph ``denoiser``),
-- :class:`OnnxTextEncoder` for ``core.text_encoders.HFTextEncoder`` (graph ``text_encoder`` + the
-  ``tokenizers`` library on the exported ``tokenizer/tokenizer.json``: the same ids as the Hugging Face
-  tokenizer),
-- :class:`OnnxPix2Pix` for ``Pix2PixGenerator`` (graph ``pix2pix``),
-- :class:`OnnxSelector` for ``Selector`` (graph ``selector``).
-
-Sessions follow inference.engines' conventions (``ort_providers``, ``ort_session_options``: CPU or CUDA,
-``intra_op_threads`` or the physical cores). Every failure is an ``ArtifactError`` naming the file.
+"""Load a generator artifact directory (``python -m export generators``) for serving on ONNX Runtime: the
+``inference.generation`` pipelines fed ONNX-backed stand-ins for their torch modules (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,42 +1,7 @@
-"""The UltraRefiner chain over exported graphs: numpy in, numpy out, no web framework.
+"""``SegmentationPipeline``: the UltraRefiner chain over exported graphs, numpy in, numpy out, no web framework.
 
-``SegmentationPipeline.segment`` reproduces ``models.UltraRefiner.forward`` on each image at its own
-size, with the heavy parts run as graphs on an :class:`~inference.engines.Engine` over the WHOLE batch:
-
-1. resize every image to the TransUNet size and run the ``transunet`` graph on the batch;
-2. per group of images of one size: the coarse probability at that size (the TransUNet logits
-   resized back, as ``UltraRefiner.coarse`` does), then ``models.ultrarefiner.roi_prompts``:
-   differentiable prompts, the square ROI, its S x S crop and the mask prompt;
-3. ``image_encoder`` on the stacked crops, then ``mask_decoder`` (SAM ONNX signature: the two points
-   plus the box corners as labels 2 and 3, the mask prompt with ``has_mask_input``);
-4. per group: ``models.ultrarefiner.paste_refiner_logits`` (refiner logits upsampled over the ROI,
-   pasted back into the image), gated against the coarse probability (``models.gate``; learned gates
-   via the ``gate`` graph), thresholded.
-
-The glue between graphs runs in torch on CPU with the functions ``UltraRefiner`` itself calls, so
-the numbers equal the torch forward within the graphs' export parity bounds (tests/test_pipeline.py).
-
-``refine`` is the interactive (MedSAM-style) path: user prompts in the original image frame, the
-refiner sees the WHOLE image as one square ROI ``[0, 0, L, L]`` (L = max(H, W); zero padded
-bottom/right, aspect ratio kept — SAM's resize-longest-side + pad framing, which is also the model's
-``use_roi=False`` path). The refiner is trained for exactly this framing and these prompts
-(``training.interactive``: jittered boxes, clicks, a prior mask with clicks in its errors), as MedSAM
-is. Cropping around the user's box would add resolution for small lesions, but then every box edit
-would need a new encoder pass; with the whole image the embedding depends only on the pixels, so it
-is cached (:class:`~inference.embedding_cache.EmbeddingCache`, keyed by image digest and model version)
-and a prompt edit runs the decoder alone.
-
-Prompts reach the exported decoder in the de-facto SAM ONNX format: points, then the box corners
-(labels 2, 3). The automatic path gives 2 points + box (4 tokens); ``refine`` pads its tokens with
-"not a point" tokens (label -1) to at least 3 (``models.interactive.pack_tokens``), so SAM's ONNX rule
-(single-mask token for more than 2.5 tokens) always returns the trained single-mask output, never an
-untrained multimask one.
-
-Every answer carries the IoU head's prediction (trained as SAM's, MSE against the actual IoU),
-``needs_review`` (predicted IoU below the manifest's validated ``review.iou_threshold``) and
-``lesion_found``: ``segment`` answers "no lesion" with an empty mask when its mask covers less than the
-manifest's validated ``no_finding.min_area_fraction`` of the image, or when the image is flat (all
-pixels within one 8-bit gray level: a blank frame shows nothing, and no model saw one in training).
+``segment`` (automatic) and ``refine`` (interactive prompts); the stages, the framing and the answer's
+flags are described in docs/architecture.md ("inference").
 """
 
 from __future__ import annotations

@@ -1,21 +1,5 @@
-"""Differentiable SAM prompts from a soft mask.
-
-Every function here is pure tensor arithmetic on a probability map ``prob`` (B, 1, H, W) in [0, 1], so gradients
-reach whatever produced ``prob`` (TransUNet in UltraRefiner).
-
-Coordinate frame ("pixel frame"): x is the column index and y the row index of the given map, so pixel
-(row i, column j) has its centre at (x=j, y=i) and the map spans [-0.5, W-0.5] x [-0.5, H-0.5]. This is SAM's
-convention (its prompt encoder adds 0.5 to move to the pixel centre). Points are (B, N, 2) xy; boxes (B, 4) xyxy.
-
-Empty masks. Every weighted statistic carries a prior of ``prior_mass`` pixels placed at a fallback, i.e.
-``stat = (sum(P * f) + prior_mass * f_fallback) / (sum(P) + prior_mass)``. For a mask with real mass the prior is
-negligible; as the mass goes to 0 the result slides smoothly to the fallback, and the gradient stays bounded
-(at most ~ size / prior_mass) instead of dividing by ~0. For an all-zero mask the prompts are therefore:
-
-- positive point: the image centre ((W-1)/2, (H-1)/2);
-- box: the whole image [0, 0, W-1, H-1];
-- negative point: the box's top-left corner, i.e. (0, 0) (see ``negative_point`` for both styles);
-- mask prompt: -10 everywhere (``direct``) — "background".
+"""Differentiable SAM prompts (points, box, mask prompt) from a soft mask (the construction:
+docs/architecture.md, "models").
 """
 
 from __future__ import annotations

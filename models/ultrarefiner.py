@@ -1,25 +1,5 @@
-"""UltraRefiner: TransUNet coarse mask -> differentiable prompts + ROI -> SAM refiner -> gated paste-back.
-
-Every step is differentiable, so a loss on the refined mask reaches TransUNet through the prompts (points, box,
-mask prompt) and through the ROI's crop/paste coordinates.
-
-Stages (``forward`` composes them; the service can run them one by one, e.g. with exported graphs):
-
-1. ``coarse(image)`` -> coarse logits at image resolution.
-2. ``prepare_refiner_inputs(image, coarse_prob)`` -> ``RefinerInputs``: ROI, the preprocessed refiner image
-   (B, 3, S, S) and the prompts in the ROI frame (plus the image-frame point/box for display).
-3. ``refiner.encode(refiner_image)`` -> embeddings; ``decode(embeddings, prompts)`` -> low-res logits and IoU.
-4. ``finish(coarse_prob, low_res_logits, roi, image)`` -> sam / refined masks and the gate at image resolution.
-
-The framework-free parts of steps 2 and 4 are the module functions ``roi_prompts`` (prompts, ROI and crop,
-before the refiner's preprocessing) and ``paste_refiner_logits`` (refiner logits -> probability in the image);
-the service pipeline (``inference.pipeline``) calls the same two around its exported graphs, whose image encoder
-holds the preprocessing.
-
-Frames: image pixel frame (points, boxes) and continuous frame (ROIs) as in ``models.roi``; the refiner's
-S x S input frame is the ROI frame (a square ROI resized to S exactly, so ``Sam.preprocess`` neither resizes nor
-pads). Where a square ROI extends past a non-square image, the crop holds black pixels (0 before the refiner's
-normalisation).
+"""UltraRefiner: TransUNet coarse mask -> differentiable prompts + ROI -> SAM refiner -> gated paste-back
+(the steps and their frames: docs/architecture.md, "models").
 """
 
 from __future__ import annotations

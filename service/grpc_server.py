@@ -1,22 +1,5 @@
-"""Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService`` on ``grpc.aio``.
-
-Uses the message and service definitions shipped with ``tritonclient.grpc`` (``service_pb2``,
-``service_pb2_grpc``), so the stock ``tritonclient.grpc`` client talks to it unmodified. Implemented
-RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the others
-answer UNIMPLEMENTED.
-
-ModelInfer accepts inputs in ``raw_input_contents`` (what ``tritonclient.grpc`` sends: little-endian,
-BYTES length-prefixed) or in the typed ``InferTensorContents`` fields, and always answers in
-``raw_output_contents``. Decoding, validation and the call into the runtime are shared with the HTTP
-front (``service.oip``, ``service.oip_models``).
-
-Errors map to status codes with the same message as over HTTP: INVALID_ARGUMENT (400: the message names
-the input/parameter at fault), UNAUTHENTICATED (401), NOT_FOUND (unknown model/version), RESOURCE_EXHAUSTED
-(413: image over ``max_pixels``; a message over ``max_upload_bytes`` is refused by gRPC itself with the
-same code), UNAVAILABLE (503: queue full or not ready; ``retry-after`` seconds in the trailing metadata),
-DEADLINE_EXCEEDED (504), INTERNAL (anything unexpected). The API key travels in the metadata as
-``authorization: Bearer <key>`` or ``x-api-key``; the health RPCs need none. Each answer is counted with
-protocol ``"grpc"`` and the HTTP-equivalent status code, so dashboards read the same across protocols.
+"""Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService`` on ``grpc.aio``
+(messages, limits and status codes: docs/architecture.md, "service").
 """
 
 from __future__ import annotations

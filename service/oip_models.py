@@ -1,39 +1,6 @@
-"""The models the Open Inference Protocol fronts serve, and the one place requests meet the runtime.
-
-``ModelRegistry.infer`` validates a decoded ``InferRequest`` against the model's declared tensors and
-parameters, calls the model, and packs its numpy results into output tensors. The HTTP and gRPC
-transports (``service.oip_http``, ``service.grpc_server``) both call it, so they cannot diverge.
-
-Models:
-
-``segment`` (``SegmentModel``)
-    input  ``IMAGE``        UINT8 ``[H, W]`` gray or ``[H, W, 3]`` RGB (RGB becomes luminance
-                            ``0.299 R + 0.587 G + 0.114 B``, as uploads are decoded by ``core.imageio``)
-    output ``MASK``         UINT8 ``[H, W]`` in {0, 1}
-    output ``PROBABILITY``  FP32 ``[H, W]`` in [0, 1]
-    output ``BOX``          FP32 ``[4]`` xyxy in input pixels
-    output ``IOU``          FP32 ``[1]`` predicted IoU of the refined mask (the trained IoU head)
-    output ``NEEDS_REVIEW`` BOOL ``[1]`` IOU below the model's validated review threshold
-    output ``LESION_FOUND`` BOOL ``[1]`` the mask is non-empty (false: "no finding", MASK all zero)
-    request parameter ``threshold`` (number in (0, 1), optional): mask threshold on PROBABILITY.
-
-``generate`` (``GenerateModel``; listed only when the server has a text2image generator)
-    input  ``PROMPT``           BYTES ``[N]`` UTF-8 prompts
-    input  ``MODALITY``         BYTES ``[N]`` one modality per prompt (or ``[1]``: the same for all)
-    input  ``NEGATIVE_PROMPT``  BYTES ``[N]`` or ``[1]``, optional
-    input  ``GUIDANCE_SCALE``   FP32 ``[1]``, optional (default 1.5)
-    input  ``STEPS``            INT32 ``[1]``, optional (default 25)
-    input  ``SEED``             INT64 ``[1]``, optional (default: drawn; returned in ``SEED``)
-    input  ``NUM_IMAGES``       INT32 ``[1]``, optional (default 1): images per prompt
-    output ``IMAGE``            UINT8 ``[N * NUM_IMAGES, S, S]`` prompt-major
-    output ``SEED``             INT64 ``[1]`` the seed used (same inputs + this seed = same images)
-
-``synthesize`` (``SynthesizeModel``; listed only when the server has a pix2pix generator)
-    input  ``MASK``   UINT8 ``[H, W]`` (nonzero = foreground)
-    output ``IMAGE``  UINT8 ``[H, W]``
-
-A new model is an ``OipModel`` subclass with its tensor specs and ``run``; add it to the registry and
-both transports serve it unchanged.
+"""The models the Open Inference Protocol fronts serve (``segment``, ``generate``, ``synthesize``; their tensors
+in docs/api.md) and ``ModelRegistry.infer``, where both transports meet the runtime. A new model is an
+``OipModel`` subclass (tensor specs and ``run``) added to the registry; both transports then serve it unchanged.
 """
 
 from __future__ import annotations

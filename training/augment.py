@@ -1,19 +1,5 @@
-"""Mask augmentor: turn a ground-truth mask into a plausible *coarse* prediction.
-
-Phase 2 fine-tunes the refiner on coarse masks that look like TransUNet's failures. The
-augmentor draws one of twelve primary error types (UltraRefiner seed, table "12 Primary Error
-Types"), optionally adds small secondary perturbations, and optionally converts the binary
-result to a soft probability map ``sigmoid(signed_distance / T)``.
-
-Everything is numpy/scipy and deterministic given a ``np.random.Generator``::
-
-    aug = build_augmentor("default")
-    coarse, info = aug(gt_mask, np.random.default_rng(0))
-    info == {"error_type": "over_segmentation", "secondary": ["dilate"], "soft": True,
-             "temperature": 3.1, "dice": 0.71}
-
-Sizes in the parameter ranges are relative to the lesion: ``R`` is the equivalent radius
-``sqrt(area / pi)`` of the ground-truth mask, ``A`` its area in pixels.
+"""Mask augmentor: a ground-truth mask -> a plausible *coarse* prediction, by error type and preset (the
+error types and their parameters: docs/architecture.md, "training").
 """
 
 from __future__ import annotations

@@ -1,22 +1,5 @@
-"""Image-similarity metrics for generators and ``python -m training evaluate-generation``.
-
-Metrics (all on ``(B, 1, H, W) float32 in [0, 1]`` tensors):
-
-* :func:`ssim` — Wang et al. SSIM with an 11 x 11 Gaussian window (sigma 1.5; 7 x 7 below 32 px), no
-  padding, ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, ``L = 1``; one value per image pair.
-* :func:`ms_ssim` — multi-scale SSIM with the standard weights renormalised to the scales the image size
-  allows (each scale must keep at least one full window); ``None`` below two scales.
-* :func:`frechet_distance` — FID's formula on any feature vectors. Here the features are the *selector's*
-  penultimate layer, not Inception (no Inception weights are available offline, and Inception features of
-  64 px gray phantoms would be meaningless anyway): the number is comparable only between runs that use the
-  same selector checkpoint.
-* diversity — mean pairwise ``1 - SSIM`` among generated images of one modality, and the mean pairwise
-  selector-feature distance.
-
-The evaluation command generates images per modality with the text-to-image pipeline (prompts from a MINIM
-CSV), scores them with the selector and compares them with the real images of that modality; it renders
-pix2pix images from real ultrasound phantom masks and segments them with a TransUNet to get the pix2pix
-consistency Dice.
+"""Image-similarity metrics for generators and ``python -m training evaluate-generation`` (the metrics and
+the judge: docs/architecture.md, "training").
 """
 
 from __future__ import annotations

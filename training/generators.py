@@ -1,19 +1,5 @@
-"""GenSeg stage 1 and the committed generators.
-
-``python -m training pix2pix``: train the pix2pix mask-to-image generator (U-Net ``models.pix2pix``) against a
-conditional PatchGAN (``models.patchgan``) on image/mask pairs with the pix2pix objective
-``L_G = GAN(D(mask, G(mask)), real) + lambda_L1 |G(mask) - image|_1`` (vanilla GAN, lambda_L1 = 100, Adam
-beta1 = 0.5, as the paper). One ``Trainer`` (training/loop.py) steps the generator; the discriminator and its
-optimiser live in :class:`Pix2PixHooks` and are stepped inside ``training_step`` before the generator loss
-is formed. Writes a run directory of kind ``"pix2pix"`` (the generator's weights; run.json config sections
-``pix2pix``, ``patchgan``, ``train``).
-
-``python -m training default-generators --out checkpoints/generators``: trains the three small committed
-generator models (pix2pix on ultrasound phantoms, the text + modality diffusion model and the selector on
-five-modality phantoms) into ``OUT/{pix2pix,text2image,selector}/`` and evaluates them into
-``OUT/recipe.json`` (recipe, wall times and the evaluation report). Weights are stored in float16.
-
-Shared here: phantom pair sets (in-domain and out-of-domain ultrasound), folder loading and loaders.
+"""GenSeg stage 1 (``python -m training pix2pix``) and the committed generators (``default-generators``);
+docs/architecture.md, "training".
 """
 
 from __future__ import annotations

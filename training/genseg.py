@@ -1,38 +1,5 @@
-"""GenSeg stage 2: the generator is trained end to end to make the segmenter better, not just realistic.
-
-Bilevel problem (GenSeg, Zhang et al.)::
-
-    lower:  theta*(phi) = argmin_theta  L_seg(S_theta(x), y) + lambda * L_seg(S_theta(G_phi(m)), m)
-    upper:  min_phi     L_seg(S_theta*(phi)(x_val), y_val)
-
-with ``x, y`` the labelled pairs, ``m`` real masks and masks perturbed by ``training.augment.MaskAugmentor``
-(shifted, grown, shrunk, chunked lesions: new shapes the labelled set lacks), ``G`` the stage-1 pix2pix
-generator and ``S`` the project's TransUNet.
-
-**How the upper gradient is computed.** The original code uses the Betty library. We use the one-step
-unrolled hypergradient of DARTS (Liu et al., 2019), which is what such bilevel methods use in practice:
-``theta' = theta - xi * grad_theta L_lower(theta, phi)`` with ``create_graph=True``, the validation loss is
-evaluated at ``theta'`` through ``torch.func.functional_call`` and differentiated with respect to ``phi``
-(an exact second-order term via double backward, not DARTS's finite-difference approximation). Only the
-synthetic part of ``L_lower`` depends on ``phi``, so the real part's gradient is taken without a graph.
-Reasons for not using Betty here: its PyPI package (``betty-ml`` 0.2.1, no release since 2023) is an extra
-heavy dependency (its own engine, problem/config classes and distributed code) for what is one
-``functional_call`` and two ``autograd.grad`` calls, and the offline machines this project targets cannot
-fetch it at run time; the one-step unroll is the approximation DARTS-style bilevel methods rely on, and
-it is checked against finite differences in tests/test_genseg.py.
-
-Everything runs through the ONE trainer (training/loop.py): the trainer steps the segmenter; the generator
-and its Adam optimiser live in :class:`GenSegHooks` and are stepped inside ``training_step`` every
-``hyper_every`` steps. An optional L1 anchor (the pix2pix reconstruction term on real pairs) keeps the
-generator's images close to the data while the hypergradient reshapes them. The upper-level ("validation")
-batches are drawn from the labelled pairs themselves (9 labels leave no separate validation set), and so is
-the trainer's model selection, identically for every arm of the benchmark.
-
-Commands:
-    ``python -m training genseg``: stage 2 from a stage-1 pix2pix run dir; writes a ``"genseg"`` run dir
-    (weights ``segmenter.*`` (a TransUNet) and ``generator.*``).
-    ``python -m training genseg-benchmark``: the miniature reproduction (9 labelled phantoms; baseline vs
-    frozen-generator augmentation vs GenSeg, same steps; in-domain and out-of-domain Dice/IoU) -> JSON.
+"""GenSeg stage 2: the generator trained end to end to make the segmenter better, not just realistic
+(the bilevel problem and its approximations: docs/architecture.md, "training").
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
-"""The three UltraRefiner training phases as small hooks over the one trainer (``training.loop``).
-
-    python -m training transunet --out runs/p1                      phase 1: coarse TransUNet
-    python -m training refiner   --out runs/p2 --transunet runs/p1  phase 2: refiner on augmented coarse masks
-    python -m training e2e       --out runs/p3 --init runs/p1 runs/p2   phase 3: joint fine-tuning
-
-Data: ``--data DIR|ZIP`` (``images/`` + ``masks/``, see ``core.datasets``), resized to the run preset's
-image size and held in memory. Validation is fold ``--fold`` of a seeded 5-fold split of ``--data``, or
-all of ``--val-data`` when given. Without ``--data`` a phantom ultrasound set (``core.phantoms``,
-``--phantom-count`` cases, seed ``--split-seed``) is written once into the cache directory
-``$MEDREFINE_CACHE_DIR`` (default ``~/.cache/medrefine``) under ``phantoms/`` and reused.
-
-Run presets (``--config NAME`` or a JSON file with the same fields): ``default`` (small CPU models, 256 px
-images, TransUNet at 128 px inside), ``paper`` (TransUNet R50-ViT-B/16 at 224 + SAM ViT-B), ``tiny``
-(seconds-long test runs). Every flag left unset takes the preset's value for the phase, then
-the phase's settings dataclass (``PHASE_SETTINGS``).
-
-After phases 2 and 3 the parameter-free uncertainty gate is calibrated on validation like the threshold
-(``tune_gate``: gamma, gate_min, gate_max from ``GATE_GRID``; ``--no-tune-gate`` keeps the configured gate);
-the choice and every candidate's validation Dice go into ``run.json["training"]["gate_tuning"]``.
-
-Run directories (``weights.checkpoints``): phase 1 writes kind ``"transunet"`` (plain TransUNet keys); phase 2
-writes kind ``"refiner"``: the full model config, and only the ``refiner.*`` and ``gate.*`` weights, with
-``sources.transunet`` naming the ``--transunet`` run when one was given; phase 3 writes kind
-``"ultrarefiner"`` (the whole model). ``run.json`` also records ``thresholds`` (``coarse`` and ``refined``,
-each tuned on validation with ``core.metrics.threshold_sweep``; ``threshold`` is the final mask's),
-``training`` (the resolved settings) and ``split``.
+"""The three UltraRefiner training phases (``python -m training transunet | refiner | e2e``) as small hooks
+over the one trainer; data, run presets, gate calibration and what each run directory holds:
+docs/architecture.md ("training").
 """
 
 from __future__ import annotations

@@ -1,23 +1,5 @@
-"""``python -m training text2image``: train the text + modality diffusion model on a MINIM CSV.
-
-Data: a CSV ``path,text,modal`` (core.datasets.CaptionDataset), e.g. ``core.phantoms.write_dataset("modality",
-...)``'s ``captions.csv``; images are resized to the model's ``image_size``. Modalities come from the model
-config (phantom defaults: oct, fundus, chest_xray, chest_ct, brain_mri); a CSV row with another modality is
-an error naming it.
-
-Objective: MSE to the model's ``prediction_type`` target (epsilon, velocity or clean image) at uniform
-timesteps, noised with diffusers' ``DDPMScheduler.add_noise``, weighted per sample by Min-SNR-gamma
-(Hang et al., 2023; ``snr_gamma``, off when None) which speeds up convergence several-fold.
-Conditioning dropout for classifier-free guidance: with probability ``p_uncond`` a sample's text becomes the
-empty prompt and its modality the learned null modality.
-
-Prompt augmentation (:func:`prompt_variants`): a caption ``"<modality phrase>, <finding>"`` is replaced per
-step by one of its variants: modality synonyms ("chest x-ray" / "chest radiograph" / "frontal CXR"), the two
-orders and a "showing" template, and the finding dropped (modality phrase only). The variant set of a
-caption is finite, so every variant is encoded once by the frozen text encoder and cached.
-
-Runs on the one trainer (training/loop.py); writes a run dir of kind ``"text2image"`` with config sections
-``text2image``, ``text_encoder`` ``{"name": ...}`` and ``train``.
+"""``python -m training text2image``: train the text + modality diffusion model on a MINIM CSV (data, loss and
+what the run directory holds: docs/architecture.md, "training").
 """
 
 from __future__ import annotations

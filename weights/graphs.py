@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.gate import Gate
+from models.sam import Sam
+from models.transunet import TransUNet
+from models.ultrarefiner import UltraRefiner
 from weights.sam_onnx import INPUT_NAMES as DECODER_INPUTS
 from weights.sam_onnx import OUTPUT_NAMES as DECODER_OUTPUTS
 from weights.sam_onnx import SamOnnxDecoder
@@ -62,10 +66,10 @@ class ServedGraph:
     output_names: tuple[str, ...]
 
 
-def model_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
+def model_parts(model: UltraRefiner | TransUNet) -> tuple[TransUNet, Sam | None, Gate | None]:
     """(transunet, sam, gate) of an UltraRefiner, or (transunet, None, None) for a TransUNet run."""
-    if hasattr(model, "refiner"):
-        return getattr(model, "transunet", None), model.refiner, getattr(model, "gate", None)
+    if isinstance(model, UltraRefiner):
+        return model.transunet, model.refiner, model.gate
     return model, None, None
 
 

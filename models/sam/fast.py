@@ -1,20 +1,5 @@
-"""The fast inference path for SAM, beside the reference (segment-anything-fast style): a separate builder
-that wraps a reference :class:`~models.sam.sam.Sam` with the same weights.
-
-What it changes, all inference-only:
-
-* precision: the image encoder and mask decoder are cast to ``dtype`` (bfloat16 by default); preprocessing,
-  the prompt encoder (Fourier features of pixel coordinates lose whole pixels in bfloat16 at S = 1024) and
-  the dense positional encoding stay float32 and are cast at the decoder's input; outputs are float32.
-* attention: ``attn_impl`` "flex" (relative positions as a FlexAttention ``score_mod``) or "sdpa".
-* layout: channels-last convolution weights and input (the patch embedding's output is then already the
-  (B, H, W, C) token grid).
-* ``torch.compile`` of the encoder and of prompt encoding + mask decoding, mode "reduce-overhead" (CUDA
-  graphs) by default or "max-autotune", with static shapes: batches are padded up to the next bucket of
-  ``cuda_graph_buckets`` (a batch larger than the largest bucket runs as chunks of that bucket), so each
-  bucket compiles / records once and every later batch replays.
-
-On the CPU the same code runs with ``compile=False`` (tests); everything here is also correct there.
+"""SAM's fast inference path beside the reference (segment-anything-fast style): ``FastSam`` wraps a reference
+``Sam`` with the same weights (options and what they change: docs/architecture.md, "models").
 """
 
 from __future__ import annotations

@@ -1,22 +1,5 @@
-"""FlexAttention for SAM's image encoder: the decomposed relative-position term as a ``score_mod``.
-
-The reference adds ``rel_h[q, key_row] + rel_w[q, key_col]`` to every attention logit; ``"sdpa"``
-materialises that sum as a (B, heads, N, N) bias. Here only the two factors are kept, (B, heads, N, k_h) and
-(B, heads, N, k_w) side by side in one (B, heads, N, k_h + k_w) tensor, i.e. O(N * (k_h + k_w)) memory, and a
-``score_mod`` indexes them per (query, key) pair, so a fused kernel never stores an N x N tensor
-(N = 4096 tokens for vit_b's global blocks).
-
-Where it runs with torch 2.13:
-
-* CUDA: through ``torch.compile`` (a generated Triton kernel). Called outside a compiled region,
-  :func:`flex_attention_rel_pos` compiles its flex call once per process (as the PyTorch documentation
-  recommends for flex_attention); inside a compiled model (:mod:`models.sam.fast`) it is traced into that graph.
-* CPU, not compiled: PyTorch's unfused reference — dynamo traces the ``score_mod`` into the flex-attention
-  higher-order op and runs its dense math implementation with the "eager" backend. It materialises the
-  scores (like the reference attention) and has no backward on CPU ("FlexAttention does not support backward
-  on CPU"). The tests use it to prove the ``score_mod`` numerics against the reference.
-* CPU, compiled: inductor's C++ flex kernel (forward only); it works, but compiling takes minutes even for
-  the tiny config.
+"""FlexAttention for SAM's image encoder: the decomposed relative-position term as a ``score_mod`` (why and
+how it matches the reference: docs/architecture.md, "models").
 """
 
 from __future__ import annotations
