@@ -1,17 +1,5 @@
 """Write a predicted lesion mask as a DICOM Segmentation (SEG) object referencing its source image.
-
-The SEG is BINARY with one segment, "Lesion" (SCT 49755003 "Morphologically abnormal structure" /
-SCT 52988006 "Lesion"), AUTOMATIC, with the algorithm identified by name, family (DCM "Artificial
-Intelligence") and the served model version. It lives in the source's study (same StudyInstanceUID,
-same frame of reference when the source has one) in a new series, and references the source's
-series and SOP instance.
-
-highdicom copies the Patient and General Study modules from the source and reads their type 2
-attributes directly (PatientBirthDate, PatientSex, AccessionNumber, StudyID, StudyDate, StudyTime ...).
-Where the source lacks one, it is written empty (type 2 allows that); nothing is invented.
-With ``anonymize=True`` the patient identifiers are removed from the written object (the type 2 ones
-are left empty, the rest deleted) and PatientIdentityRemoved is set to YES; the study/series/instance
-UIDs are kept so the SEG still references its source.
+(Details: docs/architecture.md, "core".)
 """
 
 from __future__ import annotations

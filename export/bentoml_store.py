@@ -1,15 +1,5 @@
 """Register an artifact directory in the BentoML model store (BentoML 1.4 ``bentoml.models.create``).
-
-The stored model holds a copy of every file of the artifact directory (manifest.json and the .onnx
-graphs); its tag is ``NAME:<first 20 hex of the artifact version>``, so registering the same artifacts
-twice is a no-op and a new export gets a new tag. ``bentoml models list`` shows it with:
-
-- labels (strings): format, precision, opset, source kind, graphs, version (short);
-- metadata: the full version, the run's metrics, config and threshold, the pipeline block, and each
-  graph's sha256 and parity numbers.
-
-The store location follows BentoML: ``$BENTOML_HOME/models`` (default ``~/bentoml``). A service loads
-it with ``bentoml.models.get("medrefine:latest").path`` and reads ``manifest.json`` there.
+(Details: docs/architecture.md, "export".)
 """
 
 from __future__ import annotations

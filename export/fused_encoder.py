@@ -1,15 +1,5 @@
 """Export-only image encoder with the relative-position term folded into the attention matmul.
-
-SAM's attention adds the decomposed relative-position term as two broadcast additions over the whole
-(N, Q, K) logit tensor, which ONNX Runtime runs as separate full passes (the README profile: 14-24 % of
-the encoder's time in ``Add``). Here the term rides along in the q·k product instead:
-
-    logits = [scale * q | rel_h | rel_w] @ [k | onehot(key row) | onehot(key column)]^T
-
-with ``rel_h = q @ R_h[query row]`` and ``rel_w = q @ R_w[query column]`` computed as batched matmuls
-against tables gathered once at export (``get_rel_pos`` on the trained parameters). Same arithmetic,
-summed in another order: the exported graph passes the fp32 parity bound against the unmodified model.
-The model's modules are never changed: ``fused_sam`` works on a deep copy.
+(Details: docs/architecture.md, "export".)
 """
 
 from __future__ import annotations

@@ -1,20 +1,5 @@
 """Static int8 (QDQ) graphs, calibrated on phantoms through the real serving pipeline, with int8 parity.
-
-``quantize_artifacts(stage, specs, graphs, names)`` runs after the fp32 export of an artifact directory
-(``python -m export onnx --int8``):
-
-1. the fp32 artifacts in ``stage`` are served by ``inference.pipeline.SegmentationPipeline`` on
-   ``CALIBRATION_IMAGES`` breast-ultrasound phantoms (training seed ``CALIBRATION_SEED``); every graph
-   input the pipeline feeds is recorded, so calibration sees exactly what serving will send;
-2. each named graph goes through ONNX Runtime's ``quant_pre_process`` and ``quantize_static``: QDQ format,
-   uint8 activations (MinMax ranges), int8 weights per output channel;
-3. graph parity against the torch fp32 reference on the spec's cases plus the recorded inputs of
-   ``CHECK_IMAGES`` other phantoms (seed ``CHECK_SEED``): max abs error within ``INT8_BOUNDS`` and
-   binary masks at Dice >= ``INT8_MIN_DICE``;
-4. pipeline parity: the whole pipeline on the int8 graphs against the fp32 pipeline on the check
-   phantoms; every final mask at Dice >= ``INT8_MIN_DICE``.
-
-A failure raises ``ParityError`` (the caller drops the staging directory, nothing is written).
+(Details: docs/architecture.md, "export".)
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
 """Generation pipelines, framework-free (numpy in, numpy out), shared by training's evaluation and the service.
-
-* :class:`Text2ImagePipeline` — text + modality -> gray images with DDIM sampling, classifier-free guidance,
-  negative prompts and best-of-N selection by the selector.
-* :class:`Pix2PixPipeline` — binary masks -> gray images (GenSeg's generator).
-* ``load_*_pipeline`` — build them from run directories (``checkpoints/generators/{text2image,pix2pix,selector}``;
-  the torch models come from ``weights.generators``). Torch is imported here: the sampler runs torch modules
-  or the ONNX stand-ins of ``inference.generator_artifacts``.
-
-Determinism: image ``j`` of prompt ``i`` starts from Gaussian noise drawn by ``torch.Generator`` seeded with
-``seed + i * num_images + j`` and DDIM runs with ``eta = 0``, so the same arguments give the same pixels,
-and a prompt's images do not depend on the other prompts in the batch.
+(Details: docs/architecture.md, "inference".)
 """
 
 from __future__ import annotations

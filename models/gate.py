@@ -1,14 +1,5 @@
 """Gated residual refinement: ``refined = coarse + gate * (sam - coarse)``.
-
-Gate types (all maps (B, 1, H, W)):
-    ``"none"``: gate = 1 everywhere (plain refinement: refined = sam); gate_min / gate_max are ignored.
-    ``"uncertainty"``: u = 1 - |2c - 1|^gamma of the coarse probability c, clamped to [gate_min, gate_max]:
-        ~1 where the coarse mask is unsure (c ~ 0.5), ~0 where it is confident. No parameters.
-    ``"learned"``: a small CNN on (coarse, sam, image) with a sigmoid, mapped affinely into [gate_min, gate_max]
-        (``gate_min + (gate_max - gate_min) * sigmoid``), so it is always in range and never loses its gradient.
-    ``"hybrid"``: ``gate_min + (gate_max - gate_min) * u * sigmoid`` with the unclamped u above; the product is
-        kept in range by this scaling rather than a clamp, which would zero the learned branch's gradient
-        wherever ``u * sigmoid`` exceeded gate_max.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
 """pix2pix U-Net generator: a binary mask in, a gray image out (Isola et al., 2017; GenSeg's generator).
-
-Layout follows the official ``UnetGenerator`` of junyanz/pytorch-CycleGAN-and-pix2pix: ``num_downs`` nested
-``UnetSkipConnectionBlock`` s, each a stride-2 4x4 conv down, the inner block, a stride-2 4x4 transposed conv
-up and a skip concatenation; LeakyReLU(0.2) down, ReLU up, dropout(0.5) in the three blocks below the
-innermost one, no norm on the outermost down conv and the innermost block's down path. The ends are mapped to
-this project's ranges: the mask ``[0, 1]`` enters as ``[-1, 1]`` and the ``tanh`` output is mapped back
-to ``[0, 1]``.
-
-A ``(B, 1, S, S)`` input needs ``S`` divisible by ``2 ** num_downs`` (the innermost feature map is
-``S / 2 ** num_downs`` pixels).
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

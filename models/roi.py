@@ -1,15 +1,5 @@
 """Differentiable square region of interest: choose, crop (grid_sample), paste back, map coordinates.
-
-Frames:
-    pixel frame: points and boxes, x = column index (pixel centres at integers; SAM's convention), see
-        ``models.prompts``.
-    continuous frame: the image spans [0, W] x [0, H]; pixel (row i, column j) covers [j, j+1) x [i, i+1), so
-        pixel-frame x corresponds to continuous x + 0.5. ROIs are (B, 4) xyxy in this frame.
-    ROI frame: the pixel frame of the (S, S) crop of an ROI.
-
-Crop and paste use ``F.grid_sample(..., mode="bilinear", align_corners=False)`` with the same affine map, so
-``paste_roi(crop_roi(x, roi, S), roi, (H, W))`` reproduces ``x`` inside the ROI up to interpolation and is 0 outside.
-Both are differentiable in the data and in ``roi``.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

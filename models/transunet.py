@@ -1,14 +1,5 @@
 """TransUNet: hybrid CNN + ViT encoder with a cascaded upsampler (Chen et al., 2021).
-
-Layout and parameter names follow the official ``VisionTransformer`` of Beckschen/TransUNet
-(``transformer.embeddings.hybrid_model.*``, ``transformer.encoder.layer.N.attn.query``, ``decoder.conv_more``,
-``decoder.blocks.N.conv1``, ``segmentation_head.0``), so an official state dict maps key for key; only the
-segmentation head differs (one binary logit channel here).
-
-Data flow for an (B, C, S, S) image: ResNetV2 stem -> (B, 16w, S/16, S/16) + skips at 1/8, 1/4, 1/2 ->
-1x1 patch embedding to ``hidden_size`` tokens + learned positions -> pre-norm transformer ->
-``DecoderCup`` (3x3 conv to ``head_channels``, then four x2 bilinear upsampling blocks that concatenate the
-first ``n_skip`` skips) -> 3x3 segmentation head -> (B, 1, S, S) logits.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

@@ -1,18 +1,5 @@
 """``python -m service``: check the artifacts, then serve REST + OIP-HTTP (BentoML) and gRPC in one worker.
-
-    python -m service [--port 3000] [--grpc-port 8001] [--backend onnxruntime|torch|tensorrt]
-                      [--artifacts DIR] [--host 127.0.0.1] [--api-key-env VAR]
-
-The flags override the ``MEDREFINE_*`` environment variables (see ``service.settings``); the result is
-exported to the environment and BentoML's own ``bentoml serve service.app:MedRefine`` command runs in
-this process, so ``python -m service`` and ``bentoml serve`` behave the same. The artifact directory
-is loaded and hash-verified here first, so a bad directory is a clear one-line error and exit code 2
-instead of a worker that keeps restarting. SIGTERM (or Ctrl-C) drains: readiness turns false, accepted
-requests complete (up to ``MEDREFINE_DRAIN_TIMEOUT_S``), then the process exits.
-
-Each instance keeps its Prometheus multiprocess files in a private temporary directory, removed at exit:
-BentoML's default, ``$BENTOML_HOME/prometheus_multiproc_dir``, is emptied by every BentoML server that
-starts with the same ``BENTOML_HOME``, which would wipe a running neighbour's counters.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

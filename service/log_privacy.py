@@ -1,21 +1,5 @@
 """Keep client data out of the server log, and keep every log line one line that the server wrote.
-
-Our own modules log shapes, sizes, codes and model versions, never pixel values, file names or DICOM
-attributes. Third-party code is not so careful, so every log record of the process (ours, BentoML's,
-uvicorn's, gRPC's, and Python warnings routed into logging) passes through :func:`sanitise_record`:
-
-* a client's bad input that BentoML logs as "Exception on /segment [POST]" + traceback (a pydantic
-  ``ValidationError`` quotes the submitted values as ``input_value=...``) becomes one WARNING line with
-  the field locations and error types only;
-* any other traceback keeps its frames (code locations and source lines) but not the exception messages:
-  a message may quote client data (``OSError: File name too long: '/tmp/...<the upload's file name>'``);
-* a warning keeps its category and code location but not its text (highdicom's ``UserWarning`` about a
-  person name quotes the PatientName);
-* control characters (C0, DEL, C1, U+2028/U+2029) in the message and its arguments are escaped as
-  ``\\xNN`` / ``\\uNNNN``, so a request path such as ``/x%0A2099-01-01 [INFO] FORGED`` cannot start a line.
-
-The sanitiser is installed as the process's log record factory, so it applies whatever handlers,
-formatters or logging configuration BentoML sets up later.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

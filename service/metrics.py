@@ -1,15 +1,5 @@
 """Prometheus metrics of the service: module-level objects plus a small facade the runtime calls.
-
-All metrics live in :data:`REGISTRY`. Under BentoML the worker runs with ``PROMETHEUS_MULTIPROC_DIR``
-set before this module is imported, so prometheus_client stores every value in that directory and
-BentoML's own ``/metrics`` (a ``MultiProcessCollector`` over the directory) already lists ours next to
-``bentoml_service_*``. When the values are not multiprocess-backed (prometheus_client was imported
-without the variable, e.g. in tests or a custom launcher), :func:`exposition_if_separate` returns our
-exposition text so the service can append it to ``/metrics`` itself (``MedRefine.__metrics__``); it
-returns ``b""`` in multiprocess mode, so nothing is listed twice.
-
-Gauges use multiprocess modes that drop the per-pid label: ``livesum`` for counts of things in
-flight, ``livemax`` for the model-info marker.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

@@ -1,21 +1,5 @@
 """Open Inference Protocol (KServe v2, as Triton speaks it): a framework-free tensor codec.
-
-Turns the wire forms of an inference request into numpy arrays and numpy results back into wire
-forms. No HTTP or gRPC library is imported here; ``service.oip_http`` and ``service.grpc_server`` are
-thin transports over these functions and over ``service.oip_models`` (which knows the models).
-
-Wire forms handled:
-- JSON tensor data: ``"data"`` as a flat or nested JSON array in row-major order; BOOL as true/false,
-  BYTES as UTF-8 strings, every other datatype as JSON numbers.
-- Raw bytes (Triton's binary tensor data extension over HTTP, ``raw_input_contents`` /
-  ``raw_output_contents`` over gRPC): little-endian, row-major, no padding; BOOL one byte 0/1;
-  BYTES elements each prefixed by a 4-byte little-endian unsigned length.
-- Typed values (gRPC ``InferTensorContents``): one repeated field per datatype family, see
-  ``CONTENTS_FIELD``.
-
-Every decoder validates and raises ``OipError`` naming the tensor and what was expected: element
-count vs shape, byte count vs shape x datatype size, value ranges of integer types, and NaN/infinity
-in floating-point tensors.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

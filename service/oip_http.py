@@ -1,22 +1,5 @@
 """Open Inference Protocol (KServe v2) over HTTP/REST: a Starlette ASGI app.
-
-Routes (relative to ``prefix``; BentoML mounts the app, see ``create_oip_app``):
-
-=======  ============================================================  ==================================
-GET      ``/v2``                                                       server metadata
-GET      ``/v2/health/live``, ``/v2/health/ready``                     200 when live/ready, else 503
-GET      ``/v2/models/{model}[/versions/{version}]``                   model metadata
-GET      ``/v2/models/{model}[/versions/{version}]/ready``             200 when ready, else 503
-POST     ``/v2/models/{model}[/versions/{version}]/infer``             inference (JSON or binary tensors)
-=======  ============================================================  ==================================
-
-Errors are ``{"error": "..."}`` with 400 (invalid request, naming the input/field), 401 (API key),
-404 (unknown model/version), 413 (body over ``max_upload_bytes`` or image over ``max_pixels``),
-415 (unknown Content-Encoding), 503 (+ Retry-After: queue full or not ready), 504 (timeout).
-The body is read in chunks and refused as soon as it passes ``settings.max_upload_bytes`` (also after
-gzip/deflate decompression). The API key (``Authorization: Bearer <key>`` or ``X-API-Key``) is checked
-on every route except the health probes (server live/ready, model ready). Every answer is counted with
-protocol ``"oip-http"``.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

@@ -1,26 +1,5 @@
 """The REST endpoints' work, free of BentoML: decode an upload, call the runtime, encode the JSON answer.
-
-``service.app`` only declares the BentoML API (typed multipart fields) and calls :func:`segment` /
-:func:`refine` here; every client error comes back as a ``ServiceError`` and is answered by
-:func:`error_response` as ``{"error": ..., "field": ...}``.
-
-Response JSON of ``POST /segment`` (arrays as base64 PNGs in the image's pixel frame)::
-
-    {"mask_png_base64": "...",            # 0/255 refined mask            (outputs: mask)
-     "coarse_mask_png_base64": "...",     # 0/255 TransUNet mask          (outputs: coarse_mask)
-     "probability_png_base64": "...",     # 8-bit refined probability     (outputs: probability)
-     "coarse_probability_png_base64": "...", "gate_png_base64": "...",   # 8-bit, 255 = 1.0
-     "image_png_base64": "...",           # the decoded 8-bit gray image   (outputs: image)
-     "shape": [H, W], "box": [x0, y0, x1, y1], "points": [[x, y], [x, y]], "point_labels": [1, 0],
-     "iou": 0.91, "needs_review": false, "lesion_found": true,   # trained IoU head; validated thresholds
-     "uncertainty": 0.12, "area_px": 1234, "area_mm2": 55.3 | null, "threshold": 0.5,
-     "model": {"version": "default:1", "backend": "onnxruntime"},   # the registry's name:version
-     "timings_ms": {"decode": ..., "transunet": ..., ..., "total": ...},
-     "dicom_seg_base64": "..."}           # only with dicom_seg=true on a DICOM upload
-
-``POST /refine`` answers the same keys that apply (mask, probability, image, shape, box, points,
-point_labels, iou, needs_review, lesion_found, area_px, area_mm2, threshold, model, timings_ms) plus
-``cache_hit``.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

@@ -1,18 +1,5 @@
 """``python -m training evaluate --data DIR --model RUN_DIR --json OUT.json``: coarse vs refined metrics.
-
-Each image is segmented at its own resolution (the model resizes internally) and binarised with the run's
-validation-tuned thresholds (``run.json["thresholds"]``: ``coarse`` for the TransUNet mask, ``refined``
-= ``threshold`` for the final mask). Metrics per case and their means: Dice, IoU, precision, recall and
-HD95 in pixels (``core.metrics``). The JSON::
-
-    {"model": ..., "kind": ..., "data": ..., "n_cases": N, "thresholds": {"coarse": t, "refined": t},
-     "coarse":  {"mean": {dice, iou, precision, recall, hd95}, "std": {...}, "per_case": [{name, dice, ...}]},
-     "refined": {...} | null (TransUNet runs),
-     "hard_cases": {"criterion": "coarse dice < 0.8", "count", "names", "coarse": {mean}, "refined": {mean}},
-     "refined_vs_coarse": {"improved", "worsened", "unchanged", "mean_dice_delta"}}
-
-Without ``--data`` a held-out phantom ultrasound set is used (``--phantom-count`` cases, seed
-``--phantom-seed``, cached like the training phases' phantoms).
+(Details: docs/architecture.md, "training".)
 """
 
 from __future__ import annotations
