@@ -1,12 +1,6 @@
 """``verify_artifacts``: re-hash an artifact directory, then re-run parity from its source run or check it
 structurally.
-
-It re-hashes every file (a corrupted artifact fails with an error naming the file), re-computes the version,
-and then either re-runs parity from the source run directory (when it still exists and its weights hash
-matches) or, without it, runs a structural check: onnx.checker, graph input/output names and dtypes against
-the manifest, and an ONNX Runtime session on each graph. Generator artifact directories
-(``source.kind == "generators"``, ``python -m export generators``) re-run parity against their source runs
-through ``export.generators``.
+(Details: docs/architecture.md, "export".)
 """
 
 from __future__ import annotations

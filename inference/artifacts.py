@@ -1,11 +1,5 @@
 """Read and verify an exported artifact directory (``python -m export onnx`` writes it).
-
-``load_artifacts(art_dir)`` parses ``ART_DIR/manifest.json`` (format ``medrefine-artifacts/1``, see
-docs/architecture.md, "Artifact directory"), checks every graph file's sha256 against the manifest before
-anything runs it, and returns an :class:`Artifacts` record: the model version, the pipeline constants
-(sizes, ROI ratio, gate, validated threshold) and one :class:`GraphFile` per graph. Every failure is an
-:class:`ArtifactError` with one line naming the file and what is wrong with it (the same class and
-checks as ``python -m export verify``: ``inference.manifest``).
+(Details: docs/architecture.md, "inference".)
 """
 
 from __future__ import annotations

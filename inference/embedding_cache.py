@@ -1,9 +1,5 @@
 """A thread-safe LRU cache of SAM image embeddings, bounded in bytes.
-
-The interactive refine path encodes an image once and then answers many prompt edits with the
-decoder alone. Entries are keyed by ``(image digest, model version)`` so a new model never serves
-stale embeddings. The cache is bounded by the total ``nbytes`` of the arrays it holds, not by a count:
-a 1024-pixel ViT-B embedding is 4 MiB, a tiny one a few KiB.
+(Details: docs/architecture.md, "inference".)
 """
 
 from __future__ import annotations

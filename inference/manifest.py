@@ -1,13 +1,6 @@
 """The artifact directory's ``manifest.json``, the contract between export and serving: hashing, the model
 version, loading. Layout in docs/architecture.md, "Artifact directory"; verification is ``export.verify``.
-
-    ART_DIR/manifest.json            format "medrefine-artifacts/1"
-    ART_DIR/<graph>.onnx             one file per served graph, sha256 in the manifest
-    ART_DIR/<asset file>             optional ``assets`` (e.g. the generators' tokenizer/tokenizer.json), hashed too
-
-The model version reported by the service is ``compute_version(graph sha256s, pipeline block, asset
-sha256s)``: any changed byte of any graph or asset, or any changed pipeline setting (threshold, ROI ratio,
-gate, ...), changes it.
+(Details: docs/architecture.md, "inference".)
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """``SegmentationPipeline``: the UltraRefiner chain over exported graphs, numpy in, numpy out, no web framework.
-
 ``segment`` (automatic) and ``refine`` (interactive prompts); the stages, the framing and the answer's
 flags are described in docs/architecture.md ("inference").
 """

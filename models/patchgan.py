@@ -1,10 +1,5 @@
 """PatchGAN discriminator (pix2pix's ``NLayerDiscriminator``): real/fake logits per overlapping patch.
-
-The conditional discriminator sees the condition and the image concatenated on the channel axis
-(mask + image: ``input_nc = 2``). ``n_layers = 3`` gives the paper's 70 x 70 receptive field
-(:func:`receptive_field`). Layout and layer order follow junyanz/pytorch-CycleGAN-and-pix2pix: 4x4 convs,
-stride 2 for the first ``n_layers``, then one stride-1 conv and a stride-1 conv to one channel;
-LeakyReLU(0.2); no norm on the first conv.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

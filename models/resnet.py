@@ -1,10 +1,5 @@
 """Pre-activation ResNet (v2) stem of the TransUNet hybrid encoder.
-
-Weight-standardised convolutions (``StdConv2d``) with GroupNorm, as in BiT / the R50 half of
-"R50+ViT-B/16". Module names follow the official TransUNet ``ResNetV2`` (``root.conv``,
-``body.block1.unit1.conv1`` ...), so its state dicts map one to one.
-
-Output strides: ``root`` 1/2, max-pool 1/4, ``block1`` 1/4, ``block2`` 1/8, ``block3`` 1/16.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
 """Selector: a small CNN that names an image's modality and scores how real it looks (MINIM's selector).
-
-``forward(images (B, 1, H, W) float32 in [0, 1]) -> SelectorOutput(modality_logits (B, M),
-real_logit (B,), features (B, F))``; inputs of another size are resized (bilinear) to ``config.image_size``.
-The features (after global average pooling) are also the embedding used for the Frechet distance and
-feature diversity in the generation evaluation.
-
-:meth:`Selector.score` ranks candidates for "best of N": ``log p(modality = requested) + log p(real)``.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

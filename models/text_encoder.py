@@ -1,17 +1,6 @@
 """Condition fusion for the text + modality generator: text tokens and a learned modality embedding in, the
 UNet's cross-attention context out.
-
-The text encoder itself (a frozen Hugging Face transformer, MiniLM by default) is loaded from disk by
-``core.text_encoders``; this module only holds the trainable nn parts and pure tensor functions.
-
-Fusion (MINIM seed: "explicitly embed the imaging modality ... not string concatenation")::
-
-    m = E_mod[modality]                                    (B, C)     learned, one row per modality + "null"
-    t = LayerNorm(W_text h_text + m)                       (B, T, C)  the modality added to every text token
-    context = [LayerNorm(m); t]                            (B, 1 + T, C)  ... and prepended as its own token
-    context_mask = [1; text_mask]                          (B, 1 + T)
-
-The last row of ``E_mod`` is the *null* modality used for classifier-free guidance's unconditional branch.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
 """BentoML's own pages, tamed: no Swagger page at ``/`` (it loads Google Tag Manager), ``/schema.json`` behind the key.
-
-A medical service must not make a browser contact anyone else, so ``/`` redirects to our own web UI
-(``/ui/``, no external URL) and BentoML's Swagger assets under ``/static_content/`` are not served. The
-OpenAPI description stays at ``/docs.json`` (static, no data); BentoML's service schema ``/schema.json``
-(what ``bentoml.SyncHTTPClient`` reads, sending the key as ``Authorization: Bearer``) needs the API key
-when one is set, like every API route.
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """The REST generation endpoints' work, free of BentoML: check the arguments, call the generation runtime,
 encode the JSON answer (images as base64 PNGs).
-
-``POST /generate`` (JSON body)::
-
-    {"prompt": "chest x-ray, left lower lobe nodule", "modality": "chest_xray",
-     "negative_prompt": "blurry", "guidance_scale": 1.5, "steps": 25, "seed": 7, "num_images": 2}
-    -> {"images_png_base64": ["...", "..."], "seed": 7, "width": 32, "height": 32,
-        "prompt": ..., "modality": ..., "scores": null,
-        "model": {"version": "...", "backend": "onnxruntime"}, "timings_ms": {"generate": ..., "total": ...}}
-
-``best_of: N`` (instead of ``num_images``) generates N candidates and returns the selector's best, with its
-score in ``scores``. Without ``seed`` the server draws one and returns it: sending it back gives the same
-images.
-
-``POST /synthesize`` (multipart, ``file`` = a mask image, nonzero = foreground)::
-
-    -> {"image_png_base64": "...", "shape": [H, W], "model": {...}, "timings_ms": {...}}
+(Details: docs/architecture.md, "service".)
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
 """``python -m training selector``: train the selector (modality classifier + realness score) on real images.
-
-Data: a MINIM CSV (``path,text,modal``) of real images. The modality head learns cross-entropy over the
-config's modalities. The realness head learns real (1) vs corrupted (0) images, the corruptions being the
-failure modes of a small generator: heavy Gaussian noise, heavy blur, shuffled 4 x 4 tiles, smooth noise
-fields, and blends of two images of different modalities. Each step trains on a real batch plus an equal
-batch of corruptions (the corrupted copies carry no modality loss).
-
-Runs on the one trainer; writes a run dir of kind ``"selector"`` (config section ``selector``).
+(Details: docs/architecture.md, "training".)
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
 """`python -m training synth`: write a synthetic phantom data set, and/or the phantom sample grid.
-
-Examples::
-
-    python -m training synth --kind ultrasound --n 200 --out data/us --seed 0
-    python -m training synth --kind modality --n 500 --out data/minim --size 64
-    python -m training synth --grid docs/phantom_grid.png
+(Details: docs/architecture.md, "training".)
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """SamOnnxDecoder: the prompt-encoder + mask-decoder half of SAM behind the de-facto SAM ONNX signature.
-
-Boolean indexing and data-dependent control flow of the model are rewritten as arithmetic (label masks,
-``has_mask_input`` blending, score reweighting, ``gather``) so the graph traces and exports cleanly, with
-dynamic batch and number of points. Unlike the official wrapper, image_embeddings may carry a batch of B
-images with one prompt set each (B = 1 reproduces the official numbers).
+(Details: docs/architecture.md, "weights".)
 """
 
 from __future__ import annotations

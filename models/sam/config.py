@@ -1,12 +1,5 @@
 """SamConfig: the sizes of one SAM model plus its preprocessing style, with named presets.
-
-Presets:
-    "tiny"          the reference-fixture config (tests/fixtures/sam/tiny_config.json), image 256.
-    "default"       our small CPU refiner: image 256 (16 x 16 tokens), ViT width 128, depth 4, 4 heads, window 8
-                    (4 windows per image), global blocks [1, 3], embeddings / prompts 64 wide, decoder MLP 256,
-                    about 1.17 M parameters: hundreds of training steps run on 2 CPU cores in minutes.
-    "vit_b" / "vit_l" / "vit_h"   official SAM sizes (image 1024, width 768 / 1024 / 1280, depth 12 / 24 / 32).
-    "medsam_vit_b"  vit_b with MedSAM preprocessing (resize to 1024 x 1024, per-image min-max to [0, 1]).
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

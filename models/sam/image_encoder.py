@@ -1,11 +1,6 @@
 """SAM's image encoder: a plain ViT with windowed and global attention, decomposed relative positions and a
 convolutional neck (ViTDet style).
-
-Tokens are kept as (B, H, W, C) grids between blocks. Three attention implementations share one set of
-parameters: ``"reference"`` (explicit softmax, the official numerics), ``"sdpa"``
-(``torch.nn.functional.scaled_dot_product_attention`` with the relative-position term as an additive bias,
-the fast path for GPUs) and ``"flex"`` (FlexAttention with the relative-position term as a ``score_mod``, no
-(N, N) bias tensor; see :mod:`.flex_attention`).
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations

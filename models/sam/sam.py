@@ -1,9 +1,5 @@
 """Sam: image encoder + prompt encoder + mask decoder, with preprocessing and mask postprocessing.
-
-Frames: the *original* frame is the caller's image (H, W); the *input* frame is the S x S square the encoder
-sees (see :mod:`.transforms`); low-res masks live on a (4h, 4w) = (S/4, S/4) grid over the input frame.
-Inference (``preprocess`` -> ``encode`` -> ``decode`` -> ``postprocess_masks``) and training (``forward``)
-are plain methods; nothing is wrapped in ``no_grad``.
+(Details: docs/architecture.md, "models".)
 """
 
 from __future__ import annotations
