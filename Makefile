@@ -51,7 +51,7 @@ test: install browser
 
 # Refresh the committed docs/ui.png from the UI test (a deliberate step, never part of `make test`).
 screenshots: install browser
-	MEDREFINE_TREE_CHECK=off MEDREFINE_SCREENSHOT_OUT=$(CURDIR)/docs/ui.png $(PY) -m pytest -q tests/test_ui.py \
+	MEDREFINE_TREE_CHECK=off MEDREFINE_SCREENSHOT_OUT=$(CURDIR)/docs/ui.png $(PY) -m pytest -q tests/ui/test_ui.py \
 		-k test_upload_shows_overlay_and_box_refines
 
 serve: export
@@ -75,7 +75,7 @@ clean:
 	rm -rf $(VENV) artifacts .pytest_cache
 
 # The container image from nothing: rootful Podman, a debootstrap base, the Dockerfile unchanged
-# (deploy/container/build.sh; root only). tests/test_container.py runs it inside `make test` and then runs
+# (deploy/container/build.sh; root only). tests/deploy/test_container.py runs it inside `make test` and then runs
 # the image; the base image and the dependency layers are cached, so a rebuild redoes the code layer only.
 IMAGE_TAG ?= localhost/medrefine:latest
 .PHONY: image

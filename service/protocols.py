@@ -1,6 +1,6 @@
 """``FrontEndRuntime``: what REST, OIP-HTTP and gRPC call on the runtime (``service.runtime.ServiceRuntime``).
 
-Test doubles implement it in full (tests/runtime_doubles.py), so the front ends need no ``hasattr`` checks.
+Test doubles implement it in full (tests/support/runtime_doubles.py), so the front ends need no ``hasattr`` checks.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Session-wide checks shared by every test module: a test run leaves the git tree as it found it.
-
-Session fixtures stay in tests/service_fixtures.py (``pytest_plugins = ["service_fixtures"]``) for now.
-"""
+"""What every test module shares: the check that a run leaves the git tree as it found it, and the fixtures
+used across modules (one live server per session, its artifacts, a browser, an S3 endpoint). Helpers are
+imported from ``tests.support``; fixtures are never imported, pytest finds them here."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -112,3 +112,89 @@ def single_thread_torch():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- fixtures shared across modules (helpers live in tests/support/ and are imported from there) -------------
+# Imports are deferred into the fixtures: a session that needs none of them loads none of their packages.
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def service_artifacts(tmp_path_factory: pytest.TempPathFactory):
+    """``TinyArtifacts`` exported once per session (see tests/support/artifact_factory.py)."""
+    from tests.support.artifact_factory import make_tiny_artifacts
+
+    return make_tiny_artifacts(tmp_path_factory.mktemp("service_artifacts"))
+
+
+@pytest.fixture(scope="session")
+def generator_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed default generators (checkpoints/generators) exported once per session."""
+    from export.generators import export_generator_artifacts
+
+    out = tmp_path_factory.mktemp("generator_artifacts") / "generators"
+    export_generator_artifacts("default", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def live_server(service_artifacts, generator_artifacts, tmp_path_factory: pytest.TempPathFactory):
+    """One real ``python -m service`` for the session on loopback, generators included (API key on: use
+    ``server.client()`` or ``server.headers()``); stopped (SIGTERM, drain) when the session ends."""
+    from tests.support.service_fixtures import start_server
+
+    server = start_server(service_artifacts.art_dir, tmp_path_factory.mktemp("live_server"),
+                          env={"MEDREFINE_GENERATORS": str(generator_artifacts)})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """Headless Debian Chromium driven by Selenium, for the /ui tests (``make browser`` installs both)."""
+    from selenium import webdriver
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager go online
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """``http://127.0.0.1:<port>`` of moto's ThreadedMotoServer (the real HTTP protocol boto3 speaks to AWS)."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.support.service_fixtures import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Test credentials in the environment (boto3 reads them there) and the MEDREFINE_S3_* settings."""
+    from tests.support.platform_s3 import S3_ENV
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return {**S3_ENV, "MEDREFINE_S3_BUCKET": "medrefine-test", "MEDREFINE_S3_ENDPOINT_URL": moto_endpoint}

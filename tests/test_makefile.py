@@ -43,4 +43,4 @@ def test_make_test_fails_a_run_that_writes_into_the_tree():
 
 def test_make_screenshots_is_the_step_that_writes_docs_ui_png():
     lines = _dry_run("-o", ".venv/.installed", "-o", "browser", "screenshots")
-    assert f"MEDREFINE_SCREENSHOT_OUT={REPO_ROOT}/docs/ui.png" in lines[0] and "tests/test_ui.py" in lines[0]
+    assert f"MEDREFINE_SCREENSHOT_OUT={REPO_ROOT}/docs/ui.png" in lines[0] and "tests/ui/test_ui.py" in lines[0]

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TREE_CHECK_ENV
+
+from tests.conftest import TREE_CHECK_ENV
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent

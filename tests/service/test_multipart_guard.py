@@ -1,0 +1,73 @@
+"""The multipart guard sees the parts the app will see (python-multipart, Starlette's parser): an upload
+field sent as text (quoted or not), with only ``filename*``, a second ``name`` parameter, or twice, never
+reaches BentoML (which would fetch a text value as a URL, or keep one of two files) — 400 naming the field
+(issue 15, item 10)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.middleware.multipart import MultipartGuard
+
+pytestmark = pytest.mark.timeout(300)
+
+BOUNDARY = "guardboundary"
+PNG_PART = b'form-data; name="file"; filename="a.png"'
+
+
+def _part(disposition: bytes, data: bytes) -> bytes:
+    return (b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: " + disposition
+            + b"\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
+
+
+def _body(*parts: bytes, close: bool = True) -> bytes:
+    return b"".join(parts) + (b"--" + BOUNDARY.encode() + b"--\r\n" if close else b"")
+
+
+def _guard_verdict(body: bytes, chunk: int = 7):
+    guard = MultipartGuard(BOUNDARY.encode())
+    for start in range(0, len(body), chunk):  # header lines split across chunks, as on the wire
+        problem = guard.feed(body[start:start + chunk], start + chunk < len(body))
+        if problem is not None:
+            return problem
+    return None
+
+
+BYPASSES = {
+    "unquoted name": _body(_part(b"form-data; name=file", b"http://127.0.0.1:9/x.png")),
+    "filename* only": _body(_part(b"form-data; name=\"file\"; filename*=UTF-8''a.png", b"http://127.0.0.1:9/")),
+    "second name parameter": _body(_part(b'form-data; name="x"; name="file"', b"http://127.0.0.1:9/")),
+    "upper-case NAME": _body(_part(b'form-data; NAME="file"', b"http://127.0.0.1:9/")),
+    "file twice": _body(_part(PNG_PART, b"one"), _part(b'form-data; name="file"; filename="b.png"', b"two")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BYPASSES))
+def test_guard_refuses_each_bypass_naming_file(case):
+    problem = _guard_verdict(BYPASSES[case])
+    assert problem is not None and problem.code == 400
+    assert problem.field == "file"
+
+
+def test_guard_passes_well_formed_bodies_and_reads_no_headers_inside_file_data():
+    embedded = b"x\r\nContent-Disposition: form-data; name=file\r\n\r\n--notours--"
+    assert _guard_verdict(_body(_part(PNG_PART, embedded))) is None
+    assert _guard_verdict(_body(_part(b'form-data; name="threshold"', b"0.4"), _part(PNG_PART, b"img"))) is None
+
+
+def test_guard_refuses_unnamed_parts_and_truncated_or_foreign_bodies():
+    for body in (_body(_part(b"form-data; name*=UTF-8''file", b"x")), _body(_part(PNG_PART, b"img"), close=False),
+                 b"not multipart at all"):
+        problem = _guard_verdict(body)
+        assert problem is not None and problem.code == 400
+        assert "malformed multipart/form-data" in problem.message
+
+
+@pytest.mark.parametrize("case", sorted(BYPASSES))
+def test_live_server_answers_400_naming_file_for_each_bypass(live_server, case):
+    body = BYPASSES[case]
+    headers = {**live_server.headers(), "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    with live_server.client(timeout=60) as client:
+        response = client.post("/segment", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "file"
