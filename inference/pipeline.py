@@ -23,7 +23,7 @@ from inference.engines import Engine, build_engine
 from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
 from models.interactive import pack_tokens
 from models.prompts import mask_prompt
-from models.roi import crop_roi, full_image_roi, to_roi_frame
+from models.roi import crop_roi, full_image_roi, roi_from_box, to_roi_frame
 from models.ultrarefiner import RoiPrompts, UltraRefinerConfig, paste_refiner_logits, resize, roi_prompts
 
 __all__ = [
@@ -42,6 +42,10 @@ DEFAULT_MAX_POINTS = 16
 DEFAULT_REVIEW_IOU = 0.7 / 1.3
 FLAT_IMAGE_RANGE = 1.5 / 255.0  # max - min below this (one 8-bit gray level): a blank image, "no finding"
 _PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit (|logit| <= 16.1)
+# A box prompt's crop window is snapped (side up to a multiple of 8 px, centre to a multiple of 4 px) so that the
+# same box, or a box nudged by a pixel or two, gives the same window and so the same cached embedding.
+WINDOW_SIDE_STEP = 8.0
+WINDOW_CENTRE_STEP = 4.0
 
 
 class PromptError(InputError):
@@ -241,6 +245,15 @@ def _area_mm2(area_pixels: int, spacing: Sequence[float] | None) -> float | None
         return None
     row, col = (float(v) for v in spacing)
     return float(area_pixels) * row * col
+
+
+def box_ellipse(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 {0, 1}: the ellipse inscribed in an xyxy pixel-frame box (a box prompt's mask prompt)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    rx, ry = max((x1 - x0) / 2.0, 1.0), max((y1 - y0) / 2.0, 1.0)
+    ys, xs = np.ogrid[: shape[0], : shape[1]]
+    return ((((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2) <= 1.0).astype(np.float32)
 
 
 class SegmentationPipeline:
@@ -725,6 +738,29 @@ class SegmentationPipeline:
                 raise PromptError(f"prior_mask is {which}; it carries no shape to refine", "prior_mask")
         return box_arr, pts, labels, prior
 
+    def _refine_window(self, box: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+        """The square window /refine encodes, (1, 4) xyxy continuous frame.
+
+        With a box: the ROI ``segment`` would cut around a coarse mask with that box (the framing the refiner
+        was trained in), snapped (``WINDOW_SIDE_STEP`` / ``WINDOW_CENTRE_STEP``) and kept inside the image
+        where it fits. Without one (points / prior only): the whole image.
+        """
+        h, w = shape
+        if box is None:
+            return full_image_roi(1, (h, w))
+        cfg = self.config
+        roi = roi_from_box(torch.from_numpy(box).float()[None], (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)
+        x0, y0, x1, y1 = (float(v) for v in roi[0])
+        side = min(float(max(h, w)), float(np.ceil((x1 - x0) / WINDOW_SIDE_STEP - 1e-6) * WINDOW_SIDE_STEP))
+        half = side / 2.0
+        centre = []
+        for c, extent in (((x0 + x1) / 2.0, float(w)), ((y0 + y1) / 2.0, float(h))):
+            c = float(np.round(c / WINDOW_CENTRE_STEP) * WINDOW_CENTRE_STEP)
+            lo, hi = min(half, extent / 2.0), max(extent - half, extent / 2.0)
+            centre.append(min(max(c, lo), hi))
+        cx, cy = centre
+        return torch.tensor([[cx - half, cy - half, cx + half, cy + half]], dtype=torch.float32)
+
     def _refine(
         self,
         image: np.ndarray,
@@ -746,11 +782,11 @@ class SegmentationPipeline:
         s, m = self.refiner_size, self.mask_prompt_size
         with torch.inference_mode():
             tensor = torch.from_numpy(image)[None, None]
-            roi = full_image_roi(1, (h, w), dtype=tensor.dtype)
-            # 2. Image embedding: cached by (image digest, model version)
+            roi = self._refine_window(box_arr, (h, w))
+            # 2. Image embedding: cached by (image digest, model version, size, crop window)
             with timer.stage("cache_lookup"):
                 key_image = image_key if image_key is not None else pixels_digest(image)
-                key = (key_image, self.artifacts.version, (h, w))
+                key = (key_image, self.artifacts.version, (h, w), tuple(round(float(v), 3) for v in roi[0]))
                 embeddings = self.embedding_cache.get(key) if use_cache else None
             cache_hit = embeddings is not None
             if not cache_hit:
@@ -766,6 +802,12 @@ class SegmentationPipeline:
                 labels_t = torch.from_numpy(labels).float()[None] if labels is not None else None
                 box_t = to_roi_frame(torch.from_numpy(box_arr).float()[None], roi, s) if box_arr is not None else None
                 coords, codes = pack_tokens(pts_t, labels_t, box_t, batch=1)
+                if box_arr is not None:
+                    # The ROI-trained refiner always saw a mask prompt: a box gets its inscribed ellipse, averaged
+                    # with the prior mask when there is one (validation phantoms, 120 cases: box 0.927 with the
+                    # ellipse, 0.920 without; box + prior 0.931 averaged, 0.927 prior alone; /segment 0.923).
+                    ellipse = box_ellipse(box_arr, (h, w))
+                    prior = ellipse if prior is None else 0.5 * (prior + ellipse)
                 if prior is not None:
                     mask_input = mask_prompt(crop_roi(torch.from_numpy(prior)[None, None], roi, m), None, "direct")
                     has_mask = torch.ones(1)

@@ -194,8 +194,9 @@ def _torch_refine(model, image, roi, box=None, points=None, labels=None):
     return prob[0, 0].numpy(), float(iou[0, 0])
 
 
-def _torch_refine_tokens(model, image, roi, box):
-    """A box alone through the training path (models.interactive): padded tokens, single mask, ellipse prompt."""
+def _torch_refine_tokens(model, image, roi, box=None, points=None, labels=None):
+    """Fewer than 3 tokens through the training path (models.interactive): padded, single mask, a box's ellipse as
+    the mask prompt."""
     from models.interactive import decode_tokens, pack_tokens
 
     sam, s = model.refiner, model.refiner_size
@@ -203,8 +204,14 @@ def _torch_refine_tokens(model, image, roi, box):
     with torch.no_grad():
         emb = sam.encode(sam.preprocess(crop_roi(torch.from_numpy(image)[None, None], roi, s).expand(-1, 3, -1, -1)
                                         * 255.0))
-        coords, labels = pack_tokens(None, None, to_roi_frame(torch.tensor(box)[None], roi, s), batch=1)
-        low, iou = decode_tokens(sam, emb, coords, labels, _ellipse_logits(box, (h, w), roi, s // 4), torch.ones(1))
+        pts = to_roi_frame(torch.tensor(points, dtype=torch.float32)[None], roi, s) if points is not None else None
+        lbl = torch.tensor(labels, dtype=torch.float32)[None] if labels is not None else None
+        bx = to_roi_frame(torch.tensor(box)[None], roi, s) if box is not None else None
+        coords, codes = pack_tokens(pts, lbl, bx, batch=1)
+        if box is None:
+            low, iou = decode_tokens(sam, emb, coords, codes)
+        else:
+            low, iou = decode_tokens(sam, emb, coords, codes, _ellipse_logits(box, (h, w), roi, s // 4), torch.ones(1))
         prob = paste_roi(torch.sigmoid(F.interpolate(low, (s, s), mode="bilinear", align_corners=False)), roi, (h, w))
     return prob[0, 0].numpy(), float(iou[0, 0])
 
@@ -251,7 +258,7 @@ def test_refine_with_a_box_encodes_a_snapped_window_and_caches_it(tiny, model, i
     assert pipeline.refine(image, box=[80.0, 5.0, 130.0, 50.0]).cache_hit is False
     clicks = pipeline.refine(image, points=points, point_labels=labels)
     assert clicks.cache_hit is False
-    ref_prob, _ = _torch_refine(model, image, full_image_roi(1, image.shape), None, points, labels)
+    ref_prob, _ = _torch_refine_tokens(model, image, full_image_roi(1, image.shape), None, points, labels)
     np.testing.assert_allclose(clicks.probability, ref_prob, atol=1e-4)
     assert pipeline.refine(image, points=[[10.0, 10.0]], point_labels=[0]).cache_hit is True
 

@@ -24,13 +24,14 @@ SEED = 9100  # held out: default-models trains on data seeds 1000-1002, quality-
 N_CASES = 20
 SIZE = 256
 
-# Measured on these 20 cases with the committed default model: /segment 0.889, box 0.870, one click 0.869,
-# box + prior 0.890, Spearman over the 80 answers 0.547. Each threshold sits a little below.
-MIN_BOX_DICE = 0.85
-BOX_BELOW_SEGMENT = 0.03  # the box answer trails /segment by 0.019 here (by 0.013 on the quality report's 40)
-MIN_POINT_DICE = 0.82
-BOX_PRIOR_MARGIN = 0.02
-MIN_SPEARMAN = 0.5
+# Measured on these 20 cases with the committed default model (/refine with a box in the crop framing):
+# /segment 0.889, box 0.916, one click 0.869, box + prior 0.918, box + click 0.918, Spearman over the 80 answers
+# 0.719. Each threshold sits a little below.
+MIN_BOX_DICE = 0.90
+MIN_POINT_DICE = 0.85
+MIN_BOX_CLICK_DICE = 0.90
+BOX_PRIOR_MARGIN = 0.01
+MIN_SPEARMAN = 0.65
 
 
 def _mask(answer: dict) -> np.ndarray:
@@ -63,11 +64,15 @@ def answers(live_server):
             refine_point = _post(client, "/refine", image, {"points": json.dumps([one_click(truth, rng)]),
                                                             "point_labels": "[1]"})
             refine_prior = _post(client, "/refine", image, {"box": json.dumps(box)}, prior=_mask(seg))
-            rows.append({name: {"dice": dice(_mask(a), truth), **{k: a[k] for k in
+            refine_click = _post(client, "/refine", image, {"box": json.dumps(box), "point_labels": "[1]",
+                                                            "points": json.dumps([one_click(truth, rng)])})
+            box_again = _post(client, "/refine", image, {"box": json.dumps(box)})
+            rows.append({name: {"dice": dice(_mask(a), truth), "mask": _mask(a), **{k: a[k] for k in
                                 ("iou", "needs_review", "lesion_found") if k in a},
                                 "cache_hit": a.get("cache_hit")}
                          for name, a in (("segment", seg), ("box", refine_box), ("point", refine_point),
-                                         ("box_prior", refine_prior))})
+                                         ("box_prior", refine_prior), ("box_click", refine_click),
+                                         ("box_again", box_again))})
     return rows
 
 
@@ -83,7 +88,7 @@ def _mean(rows, kind: str) -> float:
 def test_refine_with_a_jittered_box_matches_segment(answers):
     box, segment = _mean(answers, "box"), _mean(answers, "segment")
     assert box >= MIN_BOX_DICE, f"/refine box Dice {box:.3f} (segment {segment:.3f})"
-    assert box >= segment - BOX_BELOW_SEGMENT, f"/refine box Dice {box:.3f} fell below /segment's {segment:.3f}"
+    assert box >= segment, f"/refine box Dice {box:.3f} fell below /segment's {segment:.3f}"
 
 
 def test_refine_with_one_click_finds_the_lesion(answers):
@@ -96,9 +101,15 @@ def test_box_plus_prior_mask_is_not_worse_than_the_box(answers):
     assert prior >= box - BOX_PRIOR_MARGIN, f"box + prior {prior:.3f} < box {box:.3f}"
 
 
-def test_later_prompts_on_an_image_hit_the_embedding_cache(answers):
-    # The box is the first prompt on each image (a miss); the click and box + prior reuse its embedding.
-    assert all(r["point"]["cache_hit"] and r["box_prior"]["cache_hit"] for r in answers)
+def test_later_prompts_with_the_box_hit_the_embedding_cache_and_answer_the_same_pixels(answers):
+    # The box is the first prompt on its window (a miss); box + prior, box + click and the box again reuse the
+    # embedding of the same snapped window. The click alone is in the whole-image framing, another entry.
+    assert not any(r["box"]["cache_hit"] for r in answers)
+    assert all(r[k]["cache_hit"] for r in answers for k in ("box_prior", "box_click", "box_again"))
+    for r in answers:  # the cached embedding answers the mask the encoder pass answered
+        np.testing.assert_array_equal(r["box_again"]["mask"], r["box"]["mask"])
+    click = _mean(answers, "box_click")
+    assert click >= MIN_BOX_CLICK_DICE, f"/refine box + click Dice {click:.3f} (from the cache)"
 
 
 def test_predicted_iou_ranks_answers_by_their_dice(answers):
