@@ -126,6 +126,8 @@ def test_verdict_compares_ours_with_the_best_peer_per_protocol_family(tmp_path):
     assert result["p99_ms_at_70pct_rest"] == 100.0 and result["p99_ms_at_70pct_grpc"] == 90.0
     assert result["goal"]["rest"]["met"] is False  # 1.36 x, but p99 100 ms against the peer's 80 ms
     assert result["goal"]["grpc"]["met"] is True  # 1.35 x and 90 ms <= 120 ms
+    # every synthetic server used one core at its peak, so per CPU-second equals the peak ratio
+    assert result["goal"]["rest"]["ours_over_best_peer_per_server_cpu_s"] == pytest.approx(60.0 / 44.0)
     assert verdict(_document(ours_rest=50.0, ours_grpc=62.0))["goal"]["grpc"]["met"] is True
     assert {(r["server"], r["protocol"]) for r in result["servers"]} == {
         ("ours", "rest"), ("ours", "grpc"), ("naive-torch", "rest"), ("bentoml-idiomatic", "rest"),
