@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.machine import cpu_model
+from core.metrics import dice  # the project's one Dice; re-exported for tests/service/test_quality.py
 
 log = logging.getLogger("training.quality")
 
@@ -57,13 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "quality-
 
 
 # ------------------------------------------------------------------ statistics
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of binary masks; 1 when both are empty."""
-    p, g = pred > 0, gt > 0
-    denom = p.sum() + g.sum()
-    return 1.0 if denom == 0 else float(2 * (p & g).sum() / denom)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
