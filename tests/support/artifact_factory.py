@@ -17,17 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.phases import RUN_PRESETS
 from weights.checkpoints import DEFAULT_RUN_DIR, save_run
+
+
+def tiny_refiner(**changes: object) -> dict:
+    """A copy of the ``tiny`` run preset's SAM refiner config (``training.phases``) with ``changes``."""
+    return {**RUN_PRESETS["tiny"].model["refiner"], **changes}
+
 
 TINY_CONFIG = {
     "transunet": "tiny",
-    "refiner": {
-        "img_size": 128, "patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
-        "encoder_global_attn_indexes": [1], "window_size": 4, "mlp_ratio": 2.0, "out_chans": 32,
-        "prompt_embed_dim": 32, "mask_in_chans": 8, "decoder_depth": 1, "decoder_mlp_dim": 64,
-        "decoder_num_heads": 2, "iou_head_depth": 2, "iou_head_hidden_dim": 32, "num_multimask_outputs": 3,
-        "preprocess": "sam",
-    },
+    # windowed attention and 128 px: the exported graphs' windowing and resize paths are exercised
+    "refiner": tiny_refiner(img_size=128, encoder_depth=2, encoder_global_attn_indexes=[1], window_size=4,
+                            preprocess="sam"),
     "gate": {"type": "learned", "gate_gamma": 1.0, "gate_min": 0.0, "gate_max": 0.8, "hidden_channels": 4,
              "use_image": True},
     "ultrarefiner": {"use_roi": True, "roi_expand_ratio": 0.2},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.build import build_transunet, build_ultrarefiner, config_to_dict
+from tests.support.artifact_factory import tiny_refiner
 from weights.checkpoints import (
     DEFAULT_RUN_DIR,
     RUN_FORMAT,
@@ -22,13 +23,7 @@ from weights.checkpoints import (
     save_run,
 )
 
-TINY_REFINER = {
-    "img_size": 64, "patch_size": 16, "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": [0], "window_size": 0, "mlp_ratio": 2.0, "out_chans": 32,
-    "prompt_embed_dim": 32, "mask_in_chans": 8, "decoder_depth": 1, "decoder_mlp_dim": 64,
-    "decoder_num_heads": 2, "iou_head_depth": 2, "iou_head_hidden_dim": 32, "num_multimask_outputs": 3,
-}
-CONFIG = config_to_dict({"transunet": "tiny", "refiner": TINY_REFINER, "gate": "learned"})
+CONFIG = config_to_dict({"transunet": "tiny", "refiner": tiny_refiner(), "gate": "learned"})
 
 
 class NotWeights:
