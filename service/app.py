@@ -55,6 +55,7 @@ from service.platform_api import (
     start_platform,
     stop_platform,
 )
+from service.protocols import FrontEndRuntime
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("service.app")
@@ -70,7 +71,7 @@ _MODEL_FIELD = "registry model: name, name:VERSION or name@ALIAS; default: the d
 class _Process:
     """This worker process's runtime (None until built, or if the artifacts failed to load)."""
 
-    runtime: t.Any = None
+    runtime: FrontEndRuntime | None = None
     load_failed: bool = False
 
     def not_ready_reason(self) -> str:
@@ -338,7 +339,7 @@ MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")
 MedRefine.mount_asgi_app(create_platform_app(PLATFORM, settings=_settings,
-                                             stopping=lambda: getattr(PROCESS.runtime, "draining", False) is True),
+                                             stopping=lambda: PROCESS.runtime is not None and PROCESS.runtime.draining),
                          path="/", name="platform")
 # BentoML's bentoml_service_* series are labelled by route, not by raw path: made-up paths add no series.
 bound_bentoml_metric_paths([api.route for api in MedRefine.apis.values()])

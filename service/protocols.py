@@ -52,6 +52,10 @@ class FrontEndRuntime(Protocol):
     def model_info(self) -> dict[str, Any]:
         ...
 
+    def readiness(self) -> dict[str, Any]:
+        """The ``/readyz`` body: ``ready`` (bool) and what it depends on."""
+        ...
+
     def check_api_key(self, presented: str | None) -> bool:
         ...
 

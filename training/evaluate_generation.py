@@ -154,11 +154,13 @@ def _judge_transunet(transunet: str | None, size: int, seed: int, judge_steps: i
                      work: Path, judge_pairs: int = 200) -> tuple[torch.nn.Module, str]:
     """The TransUNet that segments pix2pix images: a run dir (UltraRefiner or TransUNet), else a judge trained
     here on ultrasound phantoms."""
+    from models.ultrarefiner import UltraRefiner
     from weights.checkpoints import RUN_JSON, build_model_from_run, resolve_run_dir
 
     if transunet is not None and (resolve_run_dir(transunet) / RUN_JSON).is_file():
         model = build_model_from_run(transunet)
-        model = getattr(model, "transunet", model)
+        if isinstance(model, UltraRefiner):  # the judge is its TransUNet stage
+            model = model.transunet
         return model.eval(), f"run dir {resolve_run_dir(transunet)}"
     from training.generators import phantom_pairs
     from training.genseg import GenSegConfig, train_baseline, transunet_config

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from service.middleware.exchange import Send, send_json
+
+if TYPE_CHECKING:
+    from service.protocols import FrontEndRuntime
 
 __all__ = ["answer_probe"]
 
 
-async def answer_probe(method: str, path: str, send: Send, runtime: Any, not_ready_reason: Callable[[], str]) -> bool:
+async def answer_probe(method: str, path: str, send: Send, runtime: FrontEndRuntime | None,
+                       not_ready_reason: Callable[[], str]) -> bool:
     """Answer ``method path`` if it is one of ours; False when it is not (the guard goes on)."""
     if method in ("GET", "HEAD") and path in ("/livez", "/healthz"):
         live = True if runtime is None else bool(runtime.live)

@@ -68,6 +68,10 @@ class FailingRuntime:
     def model_info(self) -> dict[str, Any]:
         return {"version": self.model_version, "backend": self.backend}
 
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready, "live": self.live, "draining": self.draining, "backend": self.backend,
+                "model_version": self.model_version}
+
     def check_api_key(self, presented: str | None) -> bool:
         return True
 
