@@ -1,9 +1,4 @@
-"""Client-input errors, by type: every layer raises these for bad input and the service maps the type.
-
-``InputError`` (a ``ValueError``) carries ``field``, the request field at fault; its subclasses say which
-HTTP answer fits (``InputTooLarge`` 413, ``UnsupportedInput`` 415, the root 400). Any other exception is a
-server fault (500), whatever its type: the mapping in ``service.errors`` never reads messages.
-"""
+"""Client-input errors, by type: every layer raises these for bad input and the service maps the type."""
 
 from __future__ import annotations
 

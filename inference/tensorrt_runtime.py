@@ -1,7 +1,5 @@
 """What serving needs from TensorRT without building engines: the GPU here, ``import tensorrt`` with an install
 hint, and whether engines built elsewhere run here (``check_engine_compatible``). ``export.tensorrt`` builds them.
-
-``tensorrt`` and torch (the ``query_gpu`` fallback) are imported lazily, inside the functions.
 """
 
 from __future__ import annotations

@@ -1,16 +1,4 @@
-"""``python -m loadtest COMMAND``: the benchmark, the soak test, and single load steps.
-
-    python -m loadtest bench [--duration-s 15] [--out loadtest/results/NAME.json]
-    python -m loadtest soak --minutes 10 --out loadtest/results/soak.json
-    python -m loadtest offline --artifacts DIR [--batch-sizes 1,4,8,16] [--threads 2]
-    python -m loadtest http --url http://127.0.0.1:3000 [--protocol rest|oip-http] --mode closed|open ...
-    python -m loadtest grpc --url 127.0.0.1:8001 --mode closed|open ...
-    python -m loadtest client-overhead --out loadtest/results/NAME.json
-    python -m loadtest optimize [--rounds 5] [--round-s 3] [--work DIR]   (fp32 vs CPU optimisations, offline)
-
-``http`` and ``grpc`` run one bounded load step and print its summary as JSON. Exit codes: 0 success,
-1 a soak limit was exceeded or a step had errors with ``--fail-on-errors``, 2 usage error.
-"""
+"""``python -m loadtest COMMAND``: the benchmark, the soak test, and single load steps."""
 
 from __future__ import annotations
 

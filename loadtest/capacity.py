@@ -1,11 +1,5 @@
 """A queueing model of medrefine replicas, checked against loadtest/scaleout.py's measurements, then used
 to size a fleet: replicas needed for 100, 1,000 and 10,000 images/s at p99 < 200 ms.
-
-    python -m loadtest.capacity loadtest/results/scaleout-throughput-<machine>.json
-
-Model: a request spends D (HTTP, decode, encode: overlaps other requests) and then S in its replica's one
-inference queue (FIFO, one server; batching adds no throughput on CPU). Both are the measured one-client
-latencies split in the ratio of the layout's peak: S = replicas / peak throughput, D = the rest.
 """
 
 from __future__ import annotations

@@ -1,11 +1,4 @@
-"""What the HTTP load generator itself costs per request, by client library and requests in flight.
-
-    python -m loadtest client-overhead [--requests 1000] [--inflight 16,256] --out loadtest/results/NAME.json
-
-A stand-in server (a subprocess on loopback) reads each upload whole and answers 200 after a fixed delay,
-so requests stay in flight without any inference; the client's CPU seconds per request are then the
-generator's own cost. httpx (httpcore's pool) against aiohttp, the REST multipart upload the soak sends.
-"""
+"""What the HTTP load generator itself costs per request, by client library and requests in flight."""
 
 from __future__ import annotations
 

@@ -1,16 +1,4 @@
-"""Closed-loop and open-loop load over any async ``send(i)``, bounded in time and in request count.
-
-* Closed loop: ``concurrency`` workers, each sends its next request as soon as the previous one is
-  answered (the offered load adapts to the server: use it to find peak throughput).
-* Open loop: requests start on a fixed schedule at ``rate_rps`` whatever the server does, with
-  exponential (``"poisson"``) or constant (``"fixed"``) gaps; latency then includes queueing. The
-  schedule is absolute (no drift); when the generator falls behind it sends at once. In-flight
-  requests are capped at ``max_inflight``; arrivals beyond it are counted as ``dropped``, never sent.
-
-Both stop issuing at ``duration_s`` or after ``max_requests`` sends, whichever is first, then wait for
-the requests in flight (each sender bounds its own request time). ``send`` raises on failure; a
-:class:`RequestFailed` carries a short error kind, any other exception is recorded by class name.
-"""
+"""Closed-loop and open-loop load over any async ``send(i)``, bounded in time and in request count."""
 
 from __future__ import annotations
 

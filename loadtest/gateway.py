@@ -1,8 +1,4 @@
-"""Run deploy/gateway/nginx.conf on loopback in front of medrefine replicas (tests and loadtest.scaleout).
-
-``policy="hash"`` is the file as committed (consistent hashing on ``X-Medrefine-Image``);
-``policy="round_robin"`` drops its ``hash`` line, nginx's default balancing, for comparison.
-"""
+"""Run deploy/gateway/nginx.conf on loopback in front of medrefine replicas (tests and loadtest.scaleout)."""
 
 from __future__ import annotations
 

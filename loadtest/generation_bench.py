@@ -1,20 +1,4 @@
-"""``python -m loadtest.generation_bench``: text-to-image throughput offline and served, side by side.
-
-    python -m loadtest.generation_bench [--concurrency 1,4,8,16] [--steps 25] [--duration-s 20]
-                                        [--threads 1] [--out loadtest/results/generation-MACHINE.json]
-
-In one run on one machine, with the default generators exported to ONNX (``python -m export generators``):
-
-1. **offline**: ``Text2ImagePipeline.sample_many`` on ONNX Runtime for ``k`` one-image requests at once
-   (what the server's batcher hands the pipeline when ``k`` requests wait), images/s for each ``k``;
-2. **served, one at a time**: ``python -m service`` with ``MEDREFINE_MAX_BATCH_SIZE=1`` (no batching)
-   under ``k`` closed-loop ``POST /generate`` clients;
-3. **served, batched**: the same server with adaptive batching (``MEDREFINE_MAX_BATCH_SIZE=16``).
-
-Each request asks for one image with its own seed, ``steps`` DDIM steps and guidance 1.5 (so two UNet
-passes per step). The JSON holds images/s, latency percentiles, errors and the generation batch-size
-distribution read from ``/metrics``, with a description of the machine.
-"""
+"""``python -m loadtest.generation_bench``: text-to-image throughput offline and served, side by side."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""OIP gRPC load on one asyncio loop with the stock client, ``tritonclient.grpc.aio``.
-
-Closed loop: N concurrent requests in flight over one channel (HTTP/2 multiplexes them); open loop: a
-fixed arrival rate (Poisson or fixed gaps) — both from :mod:`loadtest.driver`. Each request sends
-``IMAGE`` UINT8 ``[H, W]`` to model ``segment`` and checks that ``MASK`` comes back ``[H, W]``.
-
-    python -m loadtest grpc --url 127.0.0.1:8001 --mode open --rate 20 --duration-s 30
-"""
+"""OIP gRPC load on one asyncio loop with the stock client, ``tritonclient.grpc.aio``."""
 
 from __future__ import annotations
 

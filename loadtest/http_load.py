@@ -1,15 +1,4 @@
-"""HTTP load on one asyncio loop (aiohttp): REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``.
-
-The REST request is a multipart upload of a PNG (field ``file``, what the web UI sends). The OIP request
-uses Triton's binary tensor data extension: a JSON header (``Inference-Header-Content-Length`` bytes)
-followed by the raw ``IMAGE`` UINT8 ``[H, W]`` bytes, and asks for ``MASK`` back as binary data.
-
-    python -m loadtest http --url http://127.0.0.1:3000 --protocol rest --mode closed --concurrency 8
-
-Only loopback URLs are accepted (:func:`require_loopback`). aiohttp, not httpx: httpcore's pool scans
-every connection for every queued request, so with hundreds in flight the generator itself became the
-bottleneck and sent bodies seconds late (docs/reliability.md, "The soak stall").
-"""
+"""HTTP load on one asyncio loop (aiohttp): REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``."""
 
 from __future__ import annotations
 

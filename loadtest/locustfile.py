@@ -1,20 +1,4 @@
-"""Locust users for the medrefine service: REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``.
-
-Closed loop — N users, each sends its next request when the previous one is answered::
-
-    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:3000 -u 16 -r 16 --run-time 60s RestUser
-
-Open loop — a total arrival rate over all users, each user on its own absolute schedule (it does not
-wait for its previous answer's latency to add up; give it enough users, e.g. rate x p99 latency)::
-
-    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:3000 -u 64 -r 64 --run-time 60s \\
-        --medrefine-rate 20 --medrefine-arrival poisson OipHttpUser
-
-Bounds: ``--run-time`` bounds time; ``--medrefine-max-requests N`` (env ``MEDREFINE_LOAD_MAX_REQUESTS``) stops
-the run after exactly N requests were sent. Only loopback hosts are accepted: any other ``--host`` stops
-the run at start with exit code 2. Options also read ``MEDREFINE_LOAD_RATE``, ``MEDREFINE_LOAD_ARRIVAL``,
-``MEDREFINE_LOAD_IMAGE_SIZE``. Every request uses a distinct phantom image (``loadtest.workload``).
-"""
+"""Locust users for the medrefine service: REST ``POST /segment`` and OIP ``POST /v2/models/segment/infer``."""
 
 from __future__ import annotations
 

@@ -1,16 +1,4 @@
-"""The naive baseline: research-style serving of the torch checkpoint, one request at a time.
-
-What a typical research repository ships: the eager ``UltraRefiner`` from the run directory, loaded
-once, and an HTTP handler that decodes the upload, runs ``model(image)`` on that single image, thresholds
-the refined mask and answers. No batching, no exported graphs, no concurrency: the handler runs the model
-on the event loop thread, so requests are served strictly one after another.
-
-    python -m loadtest.naive_server --model default --port 3100 [--threads 2]
-
-Endpoints: ``POST /segment`` (multipart field ``file``: PNG/JPEG/TIFF/DICOM/NIfTI) ->
-``{"mask_png_base64", "height", "width", "foreground_fraction", "threshold"}``; ``GET /healthz``.
-Binds to 127.0.0.1 only.
-"""
+"""The naive baseline: research-style serving of the torch checkpoint, one request at a time."""
 
 from __future__ import annotations
 

@@ -1,21 +1,4 @@
-"""``python -m loadtest optimize``: fp32 against each CPU optimisation, offline, A/B in interleaved rounds.
-
-Variants are artifact directories of the same run (``python -m export onnx`` with ``--int8``,
-``--fuse-rel-pos`` = ``--optimize``, and both), built in ``--work`` unless they are there already. Measured:
-
-1. **graphs**: each graph alone in one ONNX Runtime session (one thread) on inputs recorded from the
-   pipeline: graph optimisation level (ALL / EXTENDED), a saved pre-optimised model, int8 operator sets,
-   the fused relative-position encoder;
-2. **pipeline**: ``SegmentationPipeline.segment`` images per second at batch 1 and 16 for every variant in
-   worker processes: one process with one thread (today's configuration), one process with two threads,
-   two processes with one thread each (throughputs summed);
-3. **held-out Dice**: every variant's served masks on ``--heldout`` breast-ultrasound phantoms (seed 7000,
-   the quality report's, which no model trained or calibrated on) against the truth, and against fp32.
-
-Each round runs every cell once, in a rotated order, so slow drifts of a shared machine hit all
-variants alike; the figures are medians over rounds, ratios the median of per-round ratios. The load
-average and the CPU other processes took are recorded per round.
-"""
+"""``python -m loadtest optimize``: fp32 against each CPU optimisation, offline, A/B in interleaved rounds."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Sampling profiles with py-spy (optional dependency) and where-the-time-goes summaries.
-
-``py-spy record --format raw`` writes collapsed stacks, one line per distinct stack:
-``frame;frame;...;leaf COUNT`` with frames like ``segment (inference/pipeline.py:470)``. The summary
-gives each function's share of samples as the leaf (self time) and anywhere on the stack (inclusive).
-"""
+"""Sampling profiles with py-spy (optional dependency) and where-the-time-goes summaries."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Read Prometheus histograms from a ``/metrics`` text exposition and turn them into distributions.
-
-A histogram exposes cumulative ``<name>_bucket{le="..."}`` counts plus ``_sum`` and ``_count``; the
-distribution of one load step is the difference between two scrapes (after minus before), bucket by
-bucket, summed over every label set (e.g. BentoML workers).
-"""
+"""Read Prometheus histograms from a ``/metrics`` text exposition and turn them into distributions."""
 
 from __future__ import annotations
 

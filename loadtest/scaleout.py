@@ -1,11 +1,4 @@
-"""Scale-out on one machine (issue #18), through the real service behind deploy/gateway/nginx.conf.
-
-    python -m loadtest.scaleout throughput   # 1 and 2 single-threaded replicas vs 1 two-threaded replica
-    python -m loadtest.scaleout cache        # embedding-cache hit rate: 1 vs 2 replicas, round robin vs hash
-
-Each part writes ``loadtest/results/scaleout-<part>-<machine>.json`` with the machine, the CPU used by the
-replicas, the gateway, this load generator and everything else (``other_cores``: other jobs).
-"""
+"""Scale-out on one machine (issue #18), through the real service behind deploy/gateway/nginx.conf."""
 
 from __future__ import annotations
 

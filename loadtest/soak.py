@@ -1,17 +1,4 @@
-"""Soak test: the service at a fraction of its peak for N minutes; errors and server memory over time.
-
-    python -m loadtest soak --minutes 10 --out loadtest/results/soak.json [--fraction 0.5 | --rate R]
-    python -m loadtest soak --minutes 1 --max-errors 0 --max-growth-mb 64      (the CI target)
-
-Starts ``python -m service`` (or attaches with ``--url URL --server-pid PID``), finds peak throughput with
-a short closed-loop probe unless ``--rate`` is given, and offers ``--fraction`` of it open loop (Poisson)
-for ``--minutes``, sampling the server tree's RSS. It judges what a soak exists to judge: faults (any
-answer but success or documented shedding; a transport error is a fault), lost or hung requests (every
-request answered, none later than ``--hung-after-s``), and RSS growth after warm-up. Arrivals the generator
-could not send (all its slots busy) are reported as ``dropped``. Shedding
-(429/503 with ``Retry-After``) is reported beside faults and allowed up to ``--max-shed-fraction`` of the
-requests sent. Exit code 1 when any limit is passed.
-"""
+"""Soak test: the service at a fraction of its peak for N minutes; errors and server memory over time."""
 
 from __future__ import annotations
 

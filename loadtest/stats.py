@@ -1,9 +1,4 @@
-"""Per-request records and the latency/throughput summary of one load step.
-
-Times are seconds on ``time.perf_counter`` relative to the start of the step; summaries report
-latencies in milliseconds. Percentiles use linear interpolation between closest ranks (numpy's
-default ``"linear"`` method), so ``percentile([1, 2, 3, 4], 50) == 2.5``.
-"""
+"""Per-request records and the latency/throughput summary of one load step."""
 
 from __future__ import annotations
 

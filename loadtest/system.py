@@ -1,11 +1,4 @@
-"""Processes and the machine: start/stop servers under test, CPU and RSS accounting, machine description.
-
-:class:`ServerProcess` starts a server command in its own process group, waits until a readiness URL
-answers 200 and stops it with SIGTERM (SIGKILL after a grace period) — only the group it started.
-:class:`CpuAccount` measures, between two snapshots, the CPU seconds of the server's process tree, of
-this (load generator) process and of everything else on the machine, so each result says how much CPU
-the generator and other tenants took from the server.
-"""
+"""Processes and the machine: start/stop servers under test, CPU and RSS accounting, machine description."""
 
 from __future__ import annotations
 

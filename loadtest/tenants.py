@@ -1,11 +1,4 @@
-"""Who else uses the machine during a benchmark: the busiest other processes, and the CPU's instruction sets.
-
-A result from a shared machine must say how shared it was; the per-step ``other_cores`` say how much,
-:func:`busiest_processes` says who, at which nice level and in which scheduler autogroup: with
-``kernel.sched_autogroup_enabled`` on, every session shares the CPU equally with every other session
-and a process's own nice level only ranks it inside its session, so ``nice -n 10`` does not yield
-the CPU to a benchmark started in another session.
-"""
+"""Who else uses the machine during a benchmark: the busiest other processes, and the CPU's instruction sets."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""Request images for load tests: breast-ultrasound phantoms, each request's pixels distinct.
-
-Every image is a phantom (``core.phantoms.breast_ultrasound``) with the request's pool index written
-into its first 8 pixels, so no two pool entries share a content digest (a cache keyed by image
-content cannot serve them). PNGs are encoded once up front: encoding costs milliseconds of the load
-generator's CPU, which on a small machine would be taken from the server under test.
-"""
+"""Request images for load tests: breast-ultrasound phantoms, each request's pixels distinct."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Blob storage for dataset archives, run directories and artifacts: a ``BlobStore`` protocol and its backends.
-
-``LocalBlobStore`` (a directory, the default) here; ``S3BlobStore`` (any S3-compatible store) in
-``medplatform.s3``; ``blob_store_from_env()`` picks one from MEDREFINE_S3_BUCKET / MEDREFINE_DATA_DIR.
-"""
+"""Blob storage for dataset archives, run directories and artifacts: a ``BlobStore`` protocol and its backends."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Strip patient identifiers from a DICOM file at dataset ingest (pydicom); pixels, geometry and UIDs stay.
-
-The attribute list extends the one ``core/dicom_seg.py`` blanks in the SEG it writes (a test keeps this a
-superset); medplatform does not import ``service``, so the list lives here too.
-"""
+"""Strip patient identifiers from a DICOM file at dataset ingest (pydicom); pixels, geometry and UIDs stay."""
 
 from __future__ import annotations
 

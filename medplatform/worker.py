@@ -1,8 +1,4 @@
-"""The job worker process: claims queued jobs from the database, runs them with a heartbeat, captures their log.
-
-``python -m medplatform worker [--concurrency N]`` runs ``serve``; ``start_local_workers(n)`` spawns such
-processes for the server; ``run_one`` runs one named job (``python -m medplatform run-job ID``, the Ray path).
-"""
+"""The job worker process: claims queued jobs from the database, runs them with a heartbeat, captures their log."""
 
 from __future__ import annotations
 

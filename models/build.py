@@ -1,9 +1,4 @@
-"""Builders and registries for every model family, and the run.json ``"config"`` round trip.
-
-A run's ``"config"`` is ``{"transunet": ..., "refiner": ..., "gate": ..., "ultrarefiner": ...}`` where each value is a
-preset name or a ``to_dict()`` dict; missing parts take the ``"default"`` preset. ``resolve_config`` turns it into
-config objects, ``config_to_dict`` back into plain JSON, ``build_ultrarefiner`` into a model.
-"""
+"""Builders and registries for every model family, and the run.json ``"config"`` round trip."""
 
 from __future__ import annotations
 

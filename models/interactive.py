@@ -1,9 +1,4 @@
-"""Interactive (MedSAM-style) refinement: user prompts packed as SAM ONNX tokens, decoded to one mask.
-
-Training (``training.interactive``) and serving (``inference.pipeline.SegmentationPipeline.refine``) build the
-tokens with the same ``pack_tokens`` and decode them with the same single-mask arithmetic, so the refiner
-sees in training exactly the token set ``/refine`` gives the exported decoder.
-"""
+"""Interactive (MedSAM-style) refinement: user prompts packed as SAM ONNX tokens, decoded to one mask."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
 """Text + modality conditioned diffusion model (MINIM-style): diffusers' ``UNet2DConditionModel`` denoising
 gray images, conditioned through cross-attention on fused text + modality tokens (``models.text_encoder``)
 and, globally, on a modality class embedding added to the timestep embedding.
-
-Pixel space, no VAE: images are ``(B, 1, S, S)`` in ``[-1, 1]`` inside the model (``2 x - 1`` of the
-``[0, 1]`` convention). With ``patch_size = p > 1`` the UNet runs on the ``p x p`` pixel-unshuffled image
-(``(B, p^2, S/p, S/p)``, a lossless space-to-depth "latent" that makes every level ``p^2`` times cheaper) and
-its output is shuffled back. The model predicts ``prediction_type``: the noise (``"epsilon"``), the velocity
-``v = sqrt(a) eps - sqrt(1 - a) x0`` (``"v_prediction"``, the default: converges faster at this size and leaves
-no residual noise with few DDIM steps) or the clean image (``"sample"``). Schedulers are diffusers' ``DDPMScheduler``
-(training) and ``DDIMScheduler`` (sampling), built from the same config so their betas agree.
 """
 
 from __future__ import annotations

@@ -1,33 +1,4 @@
-"""The BentoML 1.4 service: REST (/segment, /refine), KServe v2 over HTTP (/v2) and gRPC, /ui, probes, /metrics.
-
-Serve it with ``python -m service`` or ``bentoml serve service.app:MedRefine`` (settings come from the
-``MEDREFINE_*`` environment, see ``service.settings``). The class is deliberately thin: it builds the
-``ServiceRuntime`` once per process and hands each request to ``service.rest``; everything else lives in
-framework-free modules that the tests and benchmarks use directly.
-
-Why our own batcher (``service.batcher``) instead of BentoML's ``@bentoml.api(batchable=True)``:
-
-* BentoML's adaptive batching concatenates inputs along a batch dimension, so every item must have the
-  same shape; our images come in any (H, W) and the pipeline batches them itself (each is resized to the
-  graphs' fixed input sizes and pasted back at its own size).
-* REST, OIP-HTTP and gRPC must share ONE queue, ONE inference thread and ONE back-pressure limit
-  (``max_queue`` -> 503 + Retry-After); BentoML's dispatcher only serves its own ``@bentoml.api`` methods.
-* gRPC is ours: BentoML 1.4 cannot serve gRPC for new-style ``@bentoml.service`` classes, so
-  ``service.grpc_server`` runs ``grpc.aio`` on this worker's event loop, calling the same runtime.
-
-Hence exactly one worker per server (``workers=1``); scale with more containers, each with its own queue.
-
-Around BentoML: ``service.middleware.GuardMiddleware`` answers ``/livez`` and ``/readyz`` in JSON
-(ready only once every artifact is loaded and hash-verified against the manifest and the batcher runs),
-checks the API key, enforces ``max_upload_bytes`` before bodies are read (413), refuses non-multipart
-uploads (415) and keeps client errors in our ``{"error", "field"}`` shape. Our Prometheus metrics
-(``service.metrics``) appear on BentoML's ``/metrics`` next to its own ``bentoml_service_*`` series.
-
-Shutdown (SIGTERM) has one deadline, ``drain_timeout_s`` after the signal: readiness turns false at once
-and new requests are answered 503 (HTTP and gRPC) while the accepted ones finish; what has not finished
-shortly before the deadline is answered a clean 503; then uvicorn and gRPC stop within the time left and
-the process exits inside the deadline (see ``_chain_drain_on_signals``).
-"""
+"""The BentoML 1.4 service: REST (/segment, /refine), KServe v2 over HTTP (/v2) and gRPC, /ui, probes, /metrics."""
 
 from __future__ import annotations
 

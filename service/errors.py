@@ -1,9 +1,4 @@
-"""Errors every front end (REST, OIP-HTTP, gRPC) maps to a status code and a JSON body.
-
-Each error carries an HTTP ``code``, a one-line ``message`` meant for the client (it names the field or
-value at fault and what was expected, never a server path or a stack trace) and the offending ``field``
-(None when no single field is at fault). ``to_dict()`` is the REST body: ``{"error": ..., "field": ...}``.
-"""
+"""Errors every front end (REST, OIP-HTTP, gRPC) maps to a status code and a JSON body."""
 
 from __future__ import annotations
 

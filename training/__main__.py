@@ -1,8 +1,4 @@
-"""`python -m training COMMAND ...`: one entry point, one module per command.
-
-Each command module exposes ``add_arguments(parser, command_name)`` and ``run(args) -> int``;
-modules are imported only when their command runs, so ``--help`` stays fast.
-"""
+"""`python -m training COMMAND ...`: one entry point, one module per command."""
 
 from __future__ import annotations
 

@@ -1,14 +1,4 @@
-"""Validation choices behind an answer's ``lesion_found`` and ``needs_review``, stored in run.json.
-
-``no_finding``: a final mask smaller than ``min_area_fraction`` of the image is answered as "no lesion"
-(emptied); the fraction maximises validation Dice over lesion and normal cases alike.
-``review``: ``needs_review = predicted IoU < iou_threshold``; the threshold maximises Youden's J
-(sensitivity + specificity - 1) for catching validation cases with Dice < ``REVIEW_DICE``.
-
-The phases make both choices on their validation split; ``python -m training calibrate --run DIR --data DIR``
-remakes them on a larger calibration split (normal cases, and /refine-style box and click answers beside the
-automatic ones, so that enough answers fall below Dice 0.7) and writes them into the run's run.json.
-"""
+"""Validation choices behind an answer's ``lesion_found`` and ``needs_review``, stored in run.json."""
 
 from __future__ import annotations
 

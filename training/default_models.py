@@ -1,24 +1,4 @@
-"""``python -m training default-models --out checkpoints/default``: the committed default UltraRefiner.
-
-Recipe (all seeded, CPU, 2 cores):
-
-1. Phantom breast-ultrasound data (``core.phantoms``, kind ``ultrasound_mixed``: about 1 case in 6 without a
-   lesion, like BUSI's normal class) at 256 px: train / val / test sets written with distinct seeds (default
-   240 / 40 / 60 cases) under ``--work``. The TransUNet works at 128 px inside the
-   model; the refiner crops its ROI from the 256 px image (run preset ``default``).
-2. Phase 1 ``transunet`` on train, validated on val.
-3. Phase 2 ``refiner`` with ``--transunet`` (hybrid: real TransUNet predictions at ``--real-ratio``, the rest
-   augmented ground truth), validated on the TransUNet's real val predictions.
-4. Phase 3 ``e2e`` from both runs, with the TransUNet protections (anchor, gradient scale, frozen first epoch).
-5. ``calibrate`` (``training.calibration``) on a fourth split (``--n-calib`` cases, seed +3): the minimum
-   finding area behind ``lesion_found`` and the predicted-IoU threshold behind ``needs_review``, chosen on
-   automatic, box and click answers and written into the final run.json.
-6. The final run directory is copied to ``--out`` together with ``eval_test.json`` (``training.evaluate``
-   on the held-out test set) and ``recipe.json`` (the exact commands, per-phase wall times and metrics).
-
-Every phase goes through the same CLI a user would run (``training.__main__.main``). With ``--reuse`` a phase
-whose run directory in ``--work`` was written by the same command (``command.json``) is kept, not retrained.
-"""
+"""``python -m training default-models --out checkpoints/default``: the committed default UltraRefiner."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""User-like prompts for training the refiner in ``/refine``'s framing (MedSAM-style), and SAM's IoU loss.
-
-``/refine`` shows the refiner the WHOLE image (one square ROI ``[0, 0, L, L]``, so the image embedding can be
-cached per image) with the prompts a user gives. ``sample_prompts`` draws such prompts from the ground truth:
-a box with each edge jittered by up to ``box_jitter`` of its side, clicks inside / outside the lesion, a
-prior mask (a coarse prediction) with clicks in its error regions. ``interactive_step`` runs the refiner on
-them through ``models.interactive`` (the tokens the exported decoder gets) and returns the losses.
-"""
+"""User-like prompts for training the refiner in ``/refine``'s framing (MedSAM-style), and SAM's IoU loss."""
 
 from __future__ import annotations
 

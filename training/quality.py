@@ -1,20 +1,4 @@
-"""``python -m training quality-report``: every quality figure of an answer, measured THROUGH the service's API.
-
-Starts ``python -m service`` on loopback over ``--artifacts`` (or uses ``--url``), sends held-out phantoms
-(seeds no model trained on: lesion cases of kind ``ultrasound``, lesion-free cases of ``ultrasound_normal``,
-and an all-black image) and measures:
-
-* Dice of ``/segment`` and of ``/refine`` with a jittered truth box (each edge moved by up to 10 % of the
-  side), one positive click, and the box plus ``/segment``'s mask as ``prior_mask``;
-* the embedding cache: how many later prompts on an image answer ``cache_hit: true`` (box + prior reuses the
-  box's window; a click alone is the whole-image window), and the server-side time with and without a hit;
-* confidence: Spearman(predicted ``iou``, actual Dice) and the AUROC of ``1 - iou`` for catching Dice < 0.7,
-  with ``needs_review``'s sensitivity / specificity at the served threshold;
-* "no finding": the share of normal (and blank) images answered with a non-empty mask / ``lesion_found``;
-* the gate map's spread (is the "uncertainty" heat map informative?).
-
-Writes ``--out`` (docs/quality.json) with the CPU name and prints the README table.
-"""
+"""``python -m training quality-report``: every quality figure of an answer, measured THROUGH the service's API."""
 
 from __future__ import annotations
 

@@ -1,21 +1,4 @@
-"""BentoML the way its documentation shows: a batchable model Service behind a thin API Service (REST only).
-
-    MEDREFINE_PEER_ARTIFACTS=artifacts/default \\
-        bentoml serve loadtest.peers.bentoml_idiomatic:Segmenter --host 127.0.0.1 --port 3200
-
-``Segmenter.segment`` takes the upload (multipart field ``file``, decoded by BentoML into a PIL image),
-resizes it to the model's input (S x S, S = the refiner's side from the manifest: BentoML's adaptive
-batching concatenates inputs along dimension 0, so every item must have one shape) and awaits
-``SegmentModel.segment_batch`` through ``bentoml.depends``. That method is
-``@bentoml.api(batchable=True)``: BentoML's dispatcher, in the model Service's own process, gathers
-concurrent calls into one ``(B, S, S)`` batch of up to ``max_batch_size``. The mask comes back
-``(S, S)``, is resized (nearest) to the upload's size and answered as a PNG in JSON, as the naive
-server answers. BentoML 1.4 serves no gRPC for new-style services, so this peer is REST only.
-
-Settings come from the environment at import (BentoML's decorators read them then):
-``MEDREFINE_PEER_ARTIFACTS`` (required), ``MEDREFINE_PEER_THREADS`` (ONNX Runtime and torch threads,
-default 1), ``MEDREFINE_PEER_MAX_BATCH_SIZE`` (default 16). ``max_latency_ms`` is BentoML's default.
-"""
+"""BentoML the way its documentation shows: a batchable model Service behind a thin API Service (REST only)."""
 
 from __future__ import annotations
 

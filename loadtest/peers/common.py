@@ -1,8 +1,4 @@
-"""What every peer server shares: the pipeline built from an artifact directory, and uint8 masks out of it.
-
-Peers run the same framework-free pipeline as our service (``inference.pipeline``), with the same
-thread settings, so the benchmark compares serving, not models.
-"""
+"""What every peer server shares: the pipeline built from an artifact directory, and uint8 masks out of it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Ours against the peers: the per-server table, the verdict keys and the all-servers plot.
-
-A *curve* is what ``loadtest.bench.load_curve`` returns for one server and protocol (closed-loop peak
-search, then open-loop steps at fractions of that server's own peak). HTTP protocols (``rest``,
-``oip-http``) are compared with each other, gRPC with gRPC.
-"""
+"""Ours against the peers: the per-server table, the verdict keys and the all-servers plot."""
 
 from __future__ import annotations
 

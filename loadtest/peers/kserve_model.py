@@ -1,15 +1,4 @@
-"""KServe's Python model server over our pipeline: a ``kserve.Model`` served by ``kserve.ModelServer``.
-
-Runs in the KServe peer's own virtual environment (``loadtest.peers.kserve_venv``), with our repository on
-``PYTHONPATH``; it serves the Open Inference Protocol (v2) over REST and gRPC as KServe users deploy a
-custom model: ``ModelServer().start([model])`` with the stock flags, one process, ``predict`` synchronous.
-
-    PYTHONPATH=. ~/.cache/medrefine/peer-venvs/kserve-0.21.0/bin/python -m loadtest.peers.kserve_model \\
-        --artifacts artifacts/default --model_name segment --http_port 8080 --grpc_port 8081 [--threads 1]
-
-Tensors, as our service's OIP model: ``IMAGE`` UINT8 ``[H, W]`` in, ``MASK`` UINT8 ``[H, W]`` {0, 1} out.
-KServe has no request batching inside its Python server, so every request is its own pipeline call.
-"""
+"""KServe's Python model server over our pipeline: a ``kserve.Model`` served by ``kserve.ModelServer``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""The KServe peer's own virtual environment: kserve's pins clash with ours, so it never enters our venv.
-
-Created on first use under ``$MEDREFINE_PEER_VENVS`` (default ``~/.cache/medrefine/peer-venvs``) as
-``kserve-<version>``, with ``python -m venv`` and pip: ``kserve`` plus the numeric libraries pinned to the
-versions in THIS environment (so the peer computes what our service computes). Our own code reaches it
-through ``PYTHONPATH`` (:func:`peer_env`), never installed. A marker file holds the requirement list;
-a venv whose marker differs is rebuilt.
-"""
+"""The KServe peer's own virtual environment: kserve's pins clash with ours, so it never enters our venv."""
 
 from __future__ import annotations
 

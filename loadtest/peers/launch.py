@@ -1,9 +1,4 @@
-"""Start a peer server on 127.0.0.1 for the benchmark: which command, which environment, which URLs.
-
-``PEERS`` names each peer and the protocols it serves, using the load generator's protocol names:
-``rest`` (multipart PNG upload to ``/segment``), ``oip-http`` (OIP v2 binary tensors over HTTP) and
-``grpc`` (OIP v2 over gRPC).
-"""
+"""Start a peer server on 127.0.0.1 for the benchmark: which command, which environment, which URLs."""
 
 from __future__ import annotations
 

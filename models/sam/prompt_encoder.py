@@ -1,7 +1,5 @@
 """SAM's prompt encoder: points and box corners become sparse tokens (random Fourier positions plus a learned
 embedding per label), a low-resolution mask becomes a dense embedding.
-
-All coordinates are pixels of the S x S input frame (after resize and padding), xy order.
 """
 
 from __future__ import annotations

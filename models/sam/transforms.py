@@ -1,9 +1,4 @@
-"""Frame transforms between an original image (H, W) and SAM's square S x S input frame.
-
-"sam" style (official ResizeLongestSide): the longest side is resized to S, keeping the aspect ratio, and the
-result sits in the top-left corner of the input frame (padded bottom-right). "medsam" style: the image is
-resized straight to S x S (aspect ratio not kept), so x scales by S / W and y by S / H.
-"""
+"""Frame transforms between an original image (H, W) and SAM's square S x S input frame."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Admission: draining refusals, ``max_receiving`` bodies arriving and ``max_concurrency`` open requests.
-
-A request holds a slot only once its body has arrived whole (:class:`SlotOnArrival`), so clients that send
-slowly cannot lock others out; until then it holds a receiving place (429 past ``max_receiving``).
-"""
+"""Admission: draining refusals, ``max_receiving`` bodies arriving and ``max_concurrency`` open requests."""
 
 from __future__ import annotations
 

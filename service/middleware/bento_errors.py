@@ -1,11 +1,4 @@
-"""BentoML's own error answers on the REST routes, in our ``{"error", "field"}`` shape.
-
-BentoML answers a pydantic validation failure 400 with ``{"error", "detail"}``, and a form it cannot parse
-with a bare 500 before any handler runs. Every REST API is declared with :func:`rest_api`, which marks the
-request as handled by us the moment BentoML calls it; :class:`BentoErrorShape` rewrites the 400s and turns
-a 500 answered before that mark into a 400 (the client's unparsable body). Errors after the mark are our
-handler's own answers, passed as they are.
-"""
+"""BentoML's own error answers on the REST routes, in our ``{"error", "field"}`` shape."""
 
 from __future__ import annotations
 

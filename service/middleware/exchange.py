@@ -1,9 +1,4 @@
-"""One request's passage through the guard: its policy, settings and what the guard decided about it.
-
-The guard's middlewares share this one typed record instead of closures over a string-keyed dict: a
-middleware that refuses a body mid-stream sets ``refusal`` and raises :class:`Refused` out of the app's
-``receive``; :class:`~service.middleware.guard.Responder` then answers it (or 499 for a client gone).
-"""
+"""One request's passage through the guard: its policy, settings and what the guard decided about it."""
 
 from __future__ import annotations
 

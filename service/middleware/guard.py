@@ -1,12 +1,4 @@
-"""``GuardMiddleware``: the ASGI guard in front of every HTTP route, composed of single-purpose middlewares.
-
-Probes are answered first (:mod:`.probes`); every other request gets its :class:`~.policy.RoutePolicy` and
-passes, in order: request metrics, admission (draining 503, ``max_receiving``/``max_concurrency`` 429), the
-responder (answers a refusal made mid-stream, or 499 for a client gone), API key (401), method and
-content type (405/415), declared length (413), upload pace (408/499), streamed size (413), multipart
-structure (400), the slot taken when the body is whole, BentoML's errors in our shape, and the handler
-watch (499 on disconnect, 504 past the deadline). See docs/reliability.md for why each exists.
-"""
+"""``GuardMiddleware``: the ASGI guard in front of every HTTP route, composed of single-purpose middlewares."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The per-route policy table: what the guard checks on each route (key, method, content type, body limit).
-
-One frozen :class:`RoutePolicy` per route; :func:`policy_for` finds a request's. The guard's middlewares read
-only the policy, never the path, so a new route is one entry here.
-"""
+"""The per-route policy table: what the guard checks on each route (key, method, content type, body limit)."""
 
 from __future__ import annotations
 
