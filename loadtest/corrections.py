@@ -1,12 +1,5 @@
-"""The corrections loop measured end to end through the service API: a simulated annotator corrects N images of
-a shifted phantom domain, its corrections are saved (/feedback/segmentation), snapshot and fine-tuned (a train job
-with ``init``), and each new version's Dice on a fixed test split of that domain is measured.
-
-    python -m loadtest.corrections [--domain ood+shape] [--steps 20,50,100] [--n-test 40] [--epochs 10]
-                                   [--out loadtest/results/X.json]
-
-Starts its own server (artifacts/default as default v1, one job worker, one thread each, ``nice -n 10``) over a
-temporary data directory, and stops it at the end.
+"""The corrections loop measured end to end through the service API: simulated corrections of a shifted
+phantom domain, fine-tuned into new versions whose Dice is measured (``--help`` for the steps).
 """
 
 from __future__ import annotations
@@ -29,6 +22,17 @@ import numpy as np
 
 from core.imageio import encode_mask_png, encode_png
 from loadtest.annotator import AnnotatorConfig, Correction, correct, decode_mask, dice
+
+_HELP = """The corrections loop measured end to end through the service API: a simulated annotator corrects N images of
+a shifted phantom domain, its corrections are saved (/feedback/segmentation), snapshot and fine-tuned (a train job
+with ``init``), and each new version's Dice on a fixed test split of that domain is measured.
+
+    python -m loadtest.corrections [--domain ood+shape] [--steps 20,50,100] [--n-test 40] [--epochs 10]
+                                   [--out loadtest/results/X.json]
+
+Starts its own server (artifacts/default as default v1, one job worker, one thread each, ``nice -n 10``) over a
+temporary data directory, and stops it at the end.
+"""  # the --help text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEEDS = {"pool": 110_000, "test": 120_000, "in_domain_test": 130_000, "replay": 140_000}  # not GenSeg's 50k-90k
@@ -257,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.corrections", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loadtest.corrections", description=_HELP)
     parser.add_argument("--artifacts", default=str(REPO_ROOT / "artifacts" / "default"))
     parser.add_argument("--model", default="default", help="the registry name (its v1 is --artifacts)")
     parser.add_argument("--steps", default="20,50,100", help="corrected images before each fine-tune")

@@ -1,4 +1,32 @@
-"""GPU benchmark of SAM's fast path (``models.sam.fast``) against the float32 reference, one command:
+"""GPU benchmark of SAM's fast path (``models.sam.fast``) against the float32 reference (``--help``: what it
+measures, what it writes, its exit codes).
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.metrics import dice_per_case
+from models.sam import SAM_PRESETS, Sam, build_sam
+from models.sam.fast import FastSam, FastSamOptions
+
+_HELP = """GPU benchmark of SAM's fast path (``models.sam.fast``) against the float32 reference, one command:
 
     python -m loadtest.gpu_bench --out loadtest/results/gpu-<name>.json
         [--model vit_b] [--checkpoint sam_vit_b_01ec64.pth]
@@ -31,31 +59,7 @@ Writes JSON (schema ``medrefine-gpu-bench/1``) with top-level ``gpu``, ``encoder
 GPU machine), ``peak_memory_bytes``, ``agreement``, per-variant ``encoder`` / ``decoder`` details and
 ``environment``. Exit codes: 0 all measured and every agreement check passed, 1 a variant failed or an
 agreement check failed (the JSON is still written), 2 usage error, 3 no CUDA.
-"""
-
-
-from __future__ import annotations
-
-import argparse
-import copy
-import datetime as _dt
-import gc
-import json
-import platform
-import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-
-from core.metrics import dice_per_case
-from models.sam import SAM_PRESETS, Sam, build_sam
-from models.sam.fast import FastSam, FastSamOptions
+"""  # the --help text
 
 SCHEMA = "medrefine-gpu-bench/1"
 ENCODER_VARIANTS = ("fp32_eager_reference", "bf16_eager_reference", "bf16_sdpa_compile", "bf16_flex_compile")
@@ -104,7 +108,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.gpu_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m loadtest.gpu_bench", description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON to write (default loadtest/results/gpu-<device name>.json)")
