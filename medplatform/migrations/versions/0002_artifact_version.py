@@ -1,8 +1,5 @@
 """model_versions.artifact_version: the artifact manifest's version as an indexed column.
 
-The registry finds "is this export already registered?" by it (``ensure_default_registered``); rows written
-at 0001 get it from ``artifact_hashes["artifact_version"]``, where it was already recorded.
-
 Revision ID: 0002_artifact_version
 Revises: 0001_initial
 """
