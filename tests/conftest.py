@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def _mode() -> str:
     if mode not in TREE_CHECK_MODES:
         raise pytest.UsageError(f"{TREE_CHECK_ENV}: expected one of {', '.join(TREE_CHECK_MODES)}, got {mode!r}")
     return mode
+
+
+# A run keeps platform data and BentoML's model store in a directory of its own, never in var/ of the work
+# tree or the user's ~/bentoml: a registry left there by another run would answer in place of the artifacts a
+# test started its server with. Tests that need their own set these again (monkeypatch, a subprocess env).
+PRIVATE_HOMES = {"MEDREFINE_DATA_DIR": "data", "BENTOML_HOME": "bentoml"}
+_HOMES = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    base = Path(tempfile.mkdtemp(prefix="medrefine-tests-"))
+    config.stash[_HOMES] = base
+    for variable, folder in PRIVATE_HOMES.items():
+        os.environ[variable] = str(base / folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_HOMES, None)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
