@@ -368,13 +368,10 @@ def half_precision(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _store_half(run_dir: Path, model: torch.nn.Module) -> None:
     """Rewrite a run dir's weights in float16 and update run.json's hash and metadata."""
-    from safetensors.torch import save_file
+    from weights.checkpoints import RUN_JSON, WEIGHTS_FILE, file_sha256, save_safetensors
 
-    from weights.checkpoints import RUN_JSON, WEIGHTS_FILE, file_sha256
-
-    save_file({k: v.contiguous() for k, v in half_precision(model).items()}, str(run_dir / WEIGHTS_FILE),
-              metadata={"format": "pt", "dtype": "float16"})
-    (run_dir / WEIGHTS_FILE).chmod(0o644)
+    # "format" first: the order the committed generators' headers have.
+    save_safetensors(half_precision(model), run_dir / WEIGHTS_FILE, {"format": "pt", "dtype": "float16"})
     record = json.loads((run_dir / RUN_JSON).read_text())
     record["weights_sha256"] = file_sha256(run_dir / WEIGHTS_FILE)
     record["weights_dtype"] = "float16"

@@ -9,13 +9,16 @@ import hashlib
 import json
 import math
 import re
+import struct
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 
 RUN_FORMAT = "medrefine-run/1"
 RUN_KINDS = ("transunet", "refiner", "ultrarefiner")  # the segmentation kinds build_model_from_run builds
@@ -123,6 +126,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Write ``tensors`` as a safetensors file (mode 0644, replaced atomically) whose bytes depend only on the
+    tensors and ``metadata``: the library writes the metadata in hash-map order, which changes from process to
+    process (and so did the file's sha256), so the header is rewritten with the keys in the order given."""
+    blob = _safetensors_bytes({name: tensor.contiguous() for name, tensor in tensors.items()},
+                              metadata=dict(metadata))
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + length])
+    header["__metadata__"] = dict(metadata)  # same key, same place in the header; only its keys' order changes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:
+        raise RuntimeError(f"save_safetensors: header grew from {length} to {len(text)} bytes")
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob[:8] + text.ljust(length, b" ") + blob[8 + length:])
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
+
+
 def save_run(
     run_dir: str | Path,
     model: torch.nn.Module | dict[str, torch.Tensor],
@@ -157,10 +180,8 @@ def save_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     weights_path = run_dir / WEIGHTS_FILE
-    tmp = weights_path.with_suffix(".tmp")
-    save_file(_state_dict_of(model), str(tmp), metadata={"format": "pt", "kind": kind})
-    tmp.chmod(0o644)
-    tmp.replace(weights_path)
+    # "kind" first: the order the committed default checkpoint's header has.
+    save_safetensors(_state_dict_of(model), weights_path, {"kind": kind, "format": "pt"})
     record: dict[str, Any] = {
         "format": RUN_FORMAT,
         "kind": kind,

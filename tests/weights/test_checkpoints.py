@@ -175,3 +175,23 @@ def test_save_run_validates_and_resolves_default(tmp_path, model):
     assert DEFAULT_RUN_DIR.parts[-2:] == ("checkpoints", "default")
     assert (DEFAULT_RUN_DIR.parent.parent / "weights" / "checkpoints.py").is_file()
     assert resolve_run_dir(tmp_path) == tmp_path
+
+
+def test_a_saved_checkpoint_has_the_same_bytes_every_time(tmp_path):
+    """safetensors writes its metadata in hash-map order, different from process to process and from one map to
+    the next; save_safetensors pins the order, so a rerun of the recipe gives the committed file's sha256."""
+    import json
+    import struct
+
+    import safetensors.torch
+
+    from weights.checkpoints import file_sha256, save_safetensors
+
+    tensors = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(3)}
+    metadata = {"kind": "ultrarefiner", "format": "pt", "dtype": "float32", "zeta": "1", "alpha": "2", "mid": "3"}
+    hashes = {file_sha256(save_safetensors(tensors, tmp_path / f"w{i}.safetensors", metadata)) for i in range(20)}
+    assert len(hashes) == 1
+    blob = (tmp_path / "w0.safetensors").read_bytes()
+    header = json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]])
+    assert list(header["__metadata__"]) == list(metadata)
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "w0.safetensors")["b.weight"], tensors["b.weight"])
