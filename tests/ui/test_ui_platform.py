@@ -22,6 +22,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("headless UI test needs apt packages chromium and chromium-driver", allow_module_level=True)
 
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -70,6 +71,10 @@ def _drop(driver, zone_id: str, path: Path) -> None:
 
 def _body(driver, name: str) -> str | None:
     return driver.find_element(By.TAG_NAME, "body").get_attribute("data-" + name)
+
+
+# The tables re-render on every refresh: an element found a moment ago may be gone; look it up again.
+RERENDERED = (NoSuchElementException, StaleElementReferenceException)
 
 
 def _wait_upload(driver, wanted: str, timeout: float = 60.0) -> None:
@@ -173,7 +178,7 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
     long_id = long_row.get_attribute("data-id")
     WebDriverWait(browser, 30).until(lambda d: d.find_element(
         By.CSS_SELECTOR, f"#job-table tr[data-id='{long_id}'] button.cancel")).click()
-    WebDriverWait(browser, 120, poll_frequency=0.2).until(lambda d: d.find_element(
+    WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=RERENDERED).until(lambda d: d.find_element(
         By.CSS_SELECTOR, f"#job-table tr[data-id='{long_id}']").get_attribute("data-status") == "cancelled")
     assert reader.get(f"/jobs/{long_id}").json()["status"] == "cancelled"
 
@@ -186,7 +191,7 @@ def test_dataset_to_promoted_version_to_segment(browser, server: ServerProcess, 
     assert version_row.find_element(By.CLASS_NAME, "aliases").text == ""
     browser.find_element(By.CSS_SELECTOR, ".model[data-name='default'] tr[data-version='1']")  # the start-up model
     version_row.find_element(By.CLASS_NAME, "promote").click()
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(
+    WebDriverWait(browser, 30, ignored_exceptions=RERENDERED).until(lambda d: d.find_element(
         By.CSS_SELECTOR, f".model[data-name='{MODEL}'] tr[data-version='1'] .aliases").text == "production")
     assert {m["name"]: m["aliases"] for m in reader.get("/models").json()}[MODEL] == {"production": 1}
     _shot(browser, tmp_path / "models.png")
