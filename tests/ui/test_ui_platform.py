@@ -17,10 +17,7 @@ import pytest
 from tests.support.platform_fixtures import folder_members, phantom_folder, zip_bytes
 from tests.support.service_fixtures import TEST_API_KEY, ServerProcess, start_server
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # as tests/conftest.py
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("headless UI test needs apt packages chromium and chromium-driver", allow_module_level=True)
+pytest.importorskip("selenium.webdriver")  # without Chromium, the `browser` fixture skips (tests/conftest.py)
 
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
