@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,7 +25,7 @@ from service.metrics import REGISTRY
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
-from tests.support.artifact_factory import make_tiny_artifacts, phantom_images
+from tests.support.artifact_factory import phantom_images, shared_tiny_artifacts
 from tests.support.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
@@ -57,15 +56,6 @@ class LoopGrpc:
             self.call(self.runtime.stop(10))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def shared_tiny_artifacts(tmp_path_factory) -> Path:
-    """Tiny exported artifacts, exported once per test session (shared with the other OIP test module)."""
-    root = tmp_path_factory.getbasetemp() / "oip_tiny_artifacts"
-    art_dir = root / "artifacts"
-    if not (art_dir / "manifest.json").is_file():
-        art_dir = make_tiny_artifacts(root, use_default_checkpoint=False).art_dir
-    return art_dir
 
 
 @pytest.fixture(scope="module")

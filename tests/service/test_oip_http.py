@@ -13,7 +13,6 @@ import gzip
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,7 +29,7 @@ from service.oip_http import create_oip_app
 from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
-from tests.support.artifact_factory import make_tiny_artifacts, phantom_images
+from tests.support.artifact_factory import phantom_images, shared_tiny_artifacts
 from tests.support.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,15 +74,6 @@ class LoopServer:
         self.call(self.runtime.stop(10))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def shared_tiny_artifacts(tmp_path_factory) -> Path:
-    """Tiny exported artifacts, exported once per test session (shared with the other OIP test module)."""
-    root = tmp_path_factory.getbasetemp() / "oip_tiny_artifacts"
-    art_dir = root / "artifacts"
-    if not (art_dir / "manifest.json").is_file():
-        art_dir = make_tiny_artifacts(root, use_default_checkpoint=False).art_dir
-    return art_dir
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,16 @@ def make_tiny_artifacts(tmp_dir: str | Path, *, use_default_checkpoint: bool = T
     return TinyArtifacts(run_dir=Path(run_dir), art_dir=art_dir, from_default_checkpoint=from_default)
 
 
+def shared_tiny_artifacts(tmp_path_factory) -> Path:
+    """Tiny exported artifacts (random tiny model), exported once per test session and shared by the OIP
+    HTTP and gRPC test modules: the artifacts directory."""
+    root = tmp_path_factory.getbasetemp() / "oip_tiny_artifacts"
+    art_dir = root / "artifacts"
+    if not (art_dir / "manifest.json").is_file():
+        art_dir = make_tiny_artifacts(root, use_default_checkpoint=False).art_dir
+    return art_dir
+
+
 def phantom_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
     """Breast-ultrasound phantoms cropped to each (H, W): float32 (H, W) in [0, 1]."""
     from core.phantoms import breast_ultrasound
