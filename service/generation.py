@@ -5,7 +5,6 @@ Why a second queue, and how requests batch: docs/architecture.md ("service").
 
 from __future__ import annotations
 
-import logging
 import secrets
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.batcher import AdaptiveBatcher, BatcherConfig
-from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError, as_service_error
+from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError, client_error
 from service.metrics import GENERATION_BATCH_SIZE, GENERATION_QUEUE_DEPTH, GENERATION_STEPS, STAGE_LATENCY
 from service.settings import ServiceSettings
 
@@ -26,7 +25,6 @@ if TYPE_CHECKING:  # both import torch; the runtime loads them only when generat
 
 __all__ = ["GenerateResult", "GenerationRuntime", "SynthesizeResult"]
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -255,8 +253,4 @@ class GenerationRuntime:
 
 
 def _client_error(exc: BaseException) -> ServiceError:
-    mapped = as_service_error(exc)
-    if mapped is not None:
-        return mapped
-    logger.error("generation failed", exc_info=exc)
-    return ServiceError("generation failed; see the server log", code=500)
+    return client_error(exc, generic="generation failed; see the server log")

@@ -18,7 +18,7 @@ import numpy as np
 
 from inference.protocols import Segmenter
 from service.batcher import AdaptiveBatcher, BatcherConfig
-from service.errors import BadRequest, NotReady, PayloadTooLarge, ServiceError, as_service_error
+from service.errors import BadRequest, NotReady, PayloadTooLarge, client_error
 from service.metrics import ServiceMetrics
 from service.model_versions import DEFAULT_MODEL, LoadedVersion, ModelVersions, precision_report
 from service.settings import ServiceSettings
@@ -404,12 +404,7 @@ class ServiceRuntime:
 
     @staticmethod
     def _client_error(exc: Exception) -> Exception:
-        """A ``ServiceError`` for input problems; unexpected errors are logged and passed on as they are."""
-        mapped = as_service_error(exc)
-        if mapped is not None:
-            return mapped
-        logger.exception("inference failed", exc_info=exc)
-        return ServiceError("inference failed; see the server log", code=500)
+        return client_error(exc, generic="inference failed; see the server log")
 
 
 def _spacing(spacing: Sequence[float] | None) -> tuple[float, float] | None:
