@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # both import torch; the runtime loads them only when generat
 __all__ = ["GenerateResult", "GenerationRuntime", "SynthesizeResult"]
 
 
-
 @dataclass(frozen=True)
 class GenerateResult:
     """``images (N, S, S) uint8`` prompt-major, the ``seed`` used, selector ``scores (N,)`` for best-of."""
