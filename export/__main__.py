@@ -54,6 +54,17 @@ def _add_generators(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the parity check")
 
 
+def _add_genseg(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("genseg", help="export the generator of a GenSeg run (python -m training genseg) as a "
+                                      "generator artifact /synthesize can serve")
+    p.add_argument("run_dir", help="a 'genseg' run directory")
+    p.add_argument("--out", default="artifacts/synthesizer", help="artifact directory to write (replaced only on "
+                                                                  "success)")
+    p.add_argument("--fp16", action="store_true", help="convert the graph to fp16 after fp32 export")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for the parity check")
+
+
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-check hashes and parity (or structure) of an artifact directory")
     p.add_argument("art_dir")
@@ -136,6 +147,16 @@ def cmd_generators(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_genseg(args: argparse.Namespace) -> int:
+    from export.genseg_export import export_genseg_generator
+
+    manifest = export_genseg_generator(args.run_dir, args.out, fp16=args.fp16, opset=args.opset,
+                                       threads=args.threads, log=_log)
+    print(f"wrote {args.out}: version {manifest['version'][:16]}, GenSeg generator of {args.run_dir}, "
+          f"consistency Dice {manifest['source']['consistency']['dice']:.3f}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from export.verify import verify_artifacts
 
@@ -181,6 +202,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 COMMANDS = {
     "onnx": cmd_onnx,
     "generators": cmd_generators,
+    "genseg": cmd_genseg,
     "verify": cmd_verify,
     "tensorrt": cmd_tensorrt,
     "bentoml": cmd_bentoml,
@@ -191,7 +213,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_onnx, _add_generators, _add_verify, _add_tensorrt, _add_bentoml, _add_triton):
+    for add in (_add_onnx, _add_generators, _add_genseg, _add_verify, _add_tensorrt, _add_bentoml, _add_triton):
         add(sub)
     args = parser.parse_args(argv)
 

@@ -92,6 +92,8 @@ def verify_artifacts(art_dir: str | os.PathLike[str], *, rerun_parity: bool = Tr
     # 3. Behaviour
     if manifest["source"].get("kind") == "generators":
         from export.generators import reverify_parity, source_runs_usable
+    elif manifest["source"].get("kind") == "genseg":
+        from export.genseg_export import reverify_parity, source_runs_usable
     else:
         from export.onnx_export import reverify_parity
 
