@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -58,9 +59,18 @@ def _offline(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands with their own argument parser: ``python -m loadtest NAME ARGS`` runs ``NAME``'s ``main(ARGS)``.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "corrections": ("loadtest.corrections", "the corrections loop through the service API -> results JSON"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from loadtest import bench, client_overhead, optimize, soak
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench.add_arguments(sub.add_parser("bench", help="offline vs naive vs served benchmark -> results JSON + PNG"))
@@ -79,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_step_arguments(http, "http://127.0.0.1:3000")
     http.add_argument("--protocol", default="rest", choices=("rest", "oip-http"))
     _add_step_arguments(sub.add_parser("grpc", help="one load step over OIP gRPC"), "127.0.0.1:8001")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_text} (its own flags: python -m loadtest {name} --help)", add_help=False)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.run(args)
