@@ -302,6 +302,10 @@ def _settings() -> ServiceSettings:
     return SETTINGS
 
 
+def _generation() -> t.Any:
+    return None if PROCESS.runtime is None else PROCESS.runtime.generation
+
+
 MedRefine.add_asgi_middleware(GuardMiddleware, runtime=_runtime, settings=_settings,
                               not_ready_reason=PROCESS.not_ready_reason, open_requests=OPEN_REQUESTS,
                               upload_limits={"/datasets": dataset_upload_limit})
@@ -310,7 +314,8 @@ MedRefine.add_asgi_middleware(BentoPagesMiddleware, api_key=lambda: SETTINGS.api
 # while BentoML's own routes ("/", "/metrics", ...) still match first.
 MedRefine.mount_asgi_app(create_oip_app(_runtime, prefix="/v2"), path="/", name="oip")
 MedRefine.mount_asgi_app(create_platform_app(PLATFORM, settings=_settings,
-                                             stopping=lambda: PROCESS.runtime is not None and PROCESS.runtime.draining),
+                                             stopping=lambda: PROCESS.runtime is not None and PROCESS.runtime.draining,
+                                             generation=_generation),
                          path="/", name="platform")
 # BentoML's bentoml_service_* series are labelled by route, not by raw path: made-up paths add no series.
 bound_bentoml_metric_paths([api.route for api in MedRefine.apis.values()])

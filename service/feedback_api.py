@@ -1,6 +1,6 @@
-"""The feedback routes (/feedback/segmentation...) over ``medplatform.feedback``: multipart parsing and field
-names; keys and error mapping are the platform routes' (``service.platform_api``). 404 while MEDREFINE_FEEDBACK=off.
-"""
+"""The feedback routes (/feedback/segmentation..., /feedback/generation) over ``medplatform.feedback``: body parsing
+and field names; keys and error mapping are the platform routes' (``service.platform_api``). 404 while
+MEDREFINE_FEEDBACK=off."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from service.errors import BadRequest, NotFound, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from medplatform.context import Platform
+    from service.generation import GenerationRuntime
 
 __all__ = ["feedback_routes"]
 
@@ -26,10 +27,12 @@ Endpoint = Callable[..., Callable[[Request], Awaitable[Response]]]  # _PlatformA
 MAX_PART_BYTES = 64 * 1024 * 1024  # one image or mask part; the guard's max_upload_bytes bounds the body first
 
 
-def feedback_routes(endpoint: Endpoint) -> list[Route]:
+def feedback_routes(endpoint: Endpoint,
+                    generation: Callable[[], GenerationRuntime | None] = lambda: None) -> list[Route]:
     """The routes, each behind ``endpoint`` (the platform's key check, 503 before start-up, errors by type).
 
     Saving and snapshots change the platform (admin key when one is set); reads take the API key.
+    ``generation``: the served generator; ratings are checked against its modalities and limits.
     """
     def route(path: str, handler: Handler, method: str, *, admin: bool = False) -> Route:
         return Route(path, _when_enabled(endpoint(handler, admin=admin)), methods=[method])
@@ -41,6 +44,8 @@ def feedback_routes(endpoint: Endpoint) -> list[Route]:
         route("/feedback/segmentation/{id}", get_case, "GET"),
         route("/feedback/segmentation/{id}/mask", lambda p, r: case_part(p, r, "mask"), "GET"),
         route("/feedback/segmentation/{id}/image", lambda p, r: case_part(p, r, "image"), "GET"),
+        route("/feedback/generation", lambda p, r: save_generation(p, r, generation()), "POST", admin=True),
+        route("/feedback/generation", list_generation, "GET"),
     ]
 
 
@@ -87,15 +92,52 @@ async def save_segmentation(platform: Platform, request: Request) -> Response:
 
 
 async def list_segmentation(platform: Platform, request: Request) -> Response:
-    """``?dataset=NAME&limit=N``: cases oldest first."""
+    """``?dataset=NAME&limit=N&offset=K``: cases oldest first."""
     from medplatform import feedback
 
-    raw = request.query_params.get("limit", "100")
-    if not raw.isdigit():
-        raise BadRequest(f"expected an integer in [1, {feedback.MAX_LIST}], got {raw!r}", "limit")
-    rows = await run_in_threadpool(lambda: feedback.list_cases(platform, dataset=request.query_params.get("dataset"),
-                                                               limit=int(raw)))
+    rows = await _list(platform, request, "segmentation")
     return JSONResponse([feedback.describe(row) for row in rows])
+
+
+async def save_generation(platform: Platform, request: Request, generation: GenerationRuntime | None) -> Response:
+    """JSON ``{"image": {...}, "rating": 1..5}`` or ``{"image": {...}, "other": {...}, "preferred": "image" |
+    "other"}``, optional ``"dataset"`` (``medplatform.feedback.GenerationRating``). 201 with the stored rating.
+
+    Checked against the served generator's modalities and limits (steps, guidance, prompt length, images); a
+    server without one checks the pipeline's default limits and takes any modality name."""
+    from medplatform import feedback
+    from service.platform_api import _json_object
+
+    body = await _json_object(request, ("image", "rating", "other", "preferred", "dataset"))
+    rating = feedback.rating_from_json(body)
+    pipeline = generation.generators.text2image if generation is not None else None
+    modalities = None if pipeline is None else pipeline.modalities
+    limits = None if pipeline is None else pipeline.limits
+    row = await run_in_threadpool(lambda: feedback.save_generation_rating(platform, rating, modalities=modalities,
+                                                                          limits=limits))
+    return JSONResponse(feedback.describe_rating(row), status_code=201)
+
+
+async def list_generation(platform: Platform, request: Request) -> Response:
+    """``?dataset=NAME&limit=N&offset=K``: ratings oldest first (every dataset when ``dataset`` is absent)."""
+    from medplatform import feedback
+
+    rows = await _list(platform, request, "generation")
+    return JSONResponse([feedback.describe_rating(row) for row in rows])
+
+
+async def _list(platform: Platform, request: Request, kind: str) -> list[Any]:
+    from medplatform import feedback
+
+    params = request.query_params
+    numbers = {}
+    for name, default, bound in (("limit", "100", f"[1, {feedback.MAX_LIST}]"), ("offset", "0", ">= 0")):
+        raw = params.get(name, default)
+        if not raw.isdigit():
+            raise BadRequest(f"expected an integer {bound}, got {raw[:40]!r}", name)
+        numbers[name] = int(raw)
+    return await run_in_threadpool(lambda: feedback.list_cases(platform, kind=kind, dataset=params.get("dataset"),
+                                                               **numbers))
 
 
 async def get_case(platform: Platform, request: Request) -> Response:

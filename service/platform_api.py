@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from medplatform.context import Platform
     from medplatform.ray_runner import RayRunner
+    from service.generation import GenerationRuntime
     from service.settings import ServiceSettings
 
 __all__ = ["PlatformState", "ServedVersions", "create_platform_app", "dataset_upload_limit", "start_platform",
@@ -149,13 +150,15 @@ def stop_platform(state: PlatformState, timeout_s: float = WORKER_STOP_S) -> Non
 
 
 def create_platform_app(state: PlatformState, *, settings: Callable[[], ServiceSettings],
-                        stopping: Callable[[], bool] = lambda: False) -> Starlette:
+                        stopping: Callable[[], bool] = lambda: False,
+                        generation: Callable[[], GenerationRuntime | None] = lambda: None) -> Starlette:
     """The routes; mount with ``MedRefine.mount_asgi_app(app, path="/")`` (BentoML's PassiveMount).
 
     Args:
         state: filled at start-up; routes answer 503 until ``state.platform`` is set.
         settings: the server's settings (keys: ``api_key`` for reads, ``admin_key`` for changes).
         stopping: True once the server drains: event streams end so the drain is not held open.
+        generation: the served generator (None: none), whose modalities and limits ratings are checked against.
     """
     api = _PlatformApi(state, settings, stopping)
     routes = [
@@ -176,7 +179,7 @@ def create_platform_app(state: PlatformState, *, settings: Callable[[], ServiceS
               methods=["DELETE"]),
         Route("/models/{name}/aliases/{alias}", api.endpoint(api.set_alias, admin=True), methods=["PUT"]),
         Route("/models/{name}/aliases/{alias}", api.endpoint(api.remove_alias, admin=True), methods=["DELETE"]),
-        *feedback_routes(api.endpoint),  # /feedback/... (service.feedback_api), same keys and errors
+        *feedback_routes(api.endpoint, generation),  # /feedback/... (service.feedback_api), same keys and errors
     ]
     return Starlette(routes=routes)
 
