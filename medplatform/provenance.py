@@ -35,6 +35,13 @@ class CheckedSources:
     def artifact_version(self) -> str:
         return str(self.manifest["version"])
 
+    @property
+    def family(self) -> str:
+        """``"generators"`` for generator artifacts (``pipeline.kind``), else ``"segmentation"``."""
+        pipeline = self.manifest.get("pipeline")
+        return "generators" if isinstance(pipeline, Mapping) and pipeline.get("kind") == "generators" \
+            else "segmentation"
+
     def hashes(self) -> dict[str, Any]:
         """The ``ModelVersion.artifact_hashes`` record."""
         return {"artifact_version": self.artifact_version, "weights_sha256": self.weights_sha256,
@@ -74,10 +81,14 @@ def check_sources(run_dir: str | os.PathLike[str], art_dir: str | os.PathLike[st
         check_hashes(art_dir, manifest)
     except ArtifactError as exc:
         raise IntegrityFailure("art_dir", str(art_dir), str(exc)) from exc
-    exported_from = manifest.get("source", {}).get("weights_sha256")
-    if exported_from != weights_sha:
+    source = manifest.get("source", {})
+    exported_from = source.get("weights_sha256")
+    # generator artifacts (python -m export generators) name one weights sha256 per run in source.runs
+    run_shas = [str(r.get("weights_sha256")) for r in (source.get("runs") or {}).values() if isinstance(r, Mapping)]
+    if exported_from != weights_sha and (exported_from is not None or weights_sha not in run_shas):
+        exported = str(exported_from)[:16] if exported_from is not None else " or ".join(s[:16] for s in run_shas)
         raise Conflict("art_dir", str(art_dir), f"{MANIFEST_NAME} says it was exported from weights "
-                       f"{str(exported_from)[:16]}..., but {weights} is {weights_sha[:16]}...")
+                       f"{exported}..., but {weights} is {weights_sha[:16]}...")
     return CheckedSources(run_dir=run_dir, art_dir=art_dir, run=run, manifest=manifest, weights_sha256=weights_sha,
                           run_files=_files(run_dir), artifact_files=_files(art_dir))
 
@@ -105,4 +116,17 @@ def version_metrics(run: Mapping[str, Any], evaluation: Mapping[str, Any] | None
         raise InvalidValue("evaluation", sorted(evaluation), "expected a 'refined' or 'coarse' block with 'mean'")
     metrics.update({k: block["mean"].get(k) for k in METRIC_NAMES})
     metrics.update(source="evaluation", data=evaluation.get("data"), n_cases=evaluation.get("n_cases"))
+    return metrics
+
+
+def generator_metrics(run: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A generator version's metrics (``pipeline.kind == "generators"``): the consistency Dice its export
+    measured (``python -m export genseg``; None for stage one, which records none) and what its run recorded.
+    The segmentation metrics are None: a generator segments nothing."""
+    source = manifest.get("source") or {}
+    consistency = dict(source.get("consistency") or {})
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
+    metrics.update(consistency_dice=consistency.get("dice"), consistency=consistency or None,
+                   trained_by="genseg" if source.get("kind") == "genseg" else "pix2pix",
+                   run_metrics=dict(run.get("metrics") or {}), source="export manifest")
     return metrics

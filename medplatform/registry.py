@@ -24,7 +24,7 @@ from medplatform.bento import BentoModels
 from medplatform.blobs import BlobStore
 from medplatform.db import Alias, ModelVersion, utcnow, write_session
 from medplatform.errors import AliasInUse, IntegrityFailure, InvalidValue, NotFound
-from medplatform.provenance import CheckedSources, check_sources, version_metrics
+from medplatform.provenance import CheckedSources, check_sources, generator_metrics, version_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN_DIR = REPO_ROOT / "checkpoints" / "default"  # as weights.checkpoints, without importing torch
@@ -146,20 +146,26 @@ class ModelRegistry:
         it, a ``RUN_DIR/eval_test.json`` is used when present, else run.json's validation Dice.
         ``hyperparameters`` default to run.json's training settings and preset. ``reuse_existing``: when these
         exact artifacts already are a live version of ``name``, return it instead (decided under the lock).
+        Generator artifacts (``python -m export genseg`` / ``generators``; ``run_dir`` is the run they name)
+        take no evaluation: their metrics are the export's consistency Dice (``generator_metrics``).
 
         Raises:
             InvalidValue, IntegrityFailure, Conflict: from ``check_sources`` and ``BentoModels.save``.
         """
         check_name(name)
         sources = check_sources(run_dir, art_dir)
-        if evaluation is None and (sources.run_dir / "eval_test.json").is_file():
+        if sources.family == "generators" and evaluation is not None:
+            raise InvalidValue("evaluation", "given", "a generator version records the consistency Dice of its "
+                               "export; segmentation evaluations are for segmentation models")
+        if sources.family == "segmentation" and evaluation is None and (sources.run_dir / "eval_test.json").is_file():
             from inference.manifest import read_json_object
 
             try:
                 evaluation = read_json_object(sources.run_dir / "eval_test.json")
             except ArtifactError as exc:
                 raise InvalidValue("evaluation", str(sources.run_dir / "eval_test.json"), str(exc)) from exc
-        metrics = version_metrics(sources.run, evaluation)
+        metrics = (generator_metrics(sources.run, sources.manifest) if sources.family == "generators"
+                   else version_metrics(sources.run, evaluation))
         if hyperparameters is None:
             training = sources.run.get("training") or {}
             hyperparameters = {**(training.get("settings") or {}), "preset": training.get("preset"),
