@@ -56,6 +56,19 @@ def preflight(settings: ServiceSettings) -> str:
     return artifacts.version
 
 
+def preflight_synthesizer(settings: ServiceSettings) -> str:
+    """Resolve and hash-check what /synthesize will serve (``medplatform.synthesizer.choose_synthesizer``);
+    returns the worker's MEDREFINE_SYNTHESIZER: ``name:version``, the directory, or ``off`` (stage one).
+
+    Raises:
+        inference.artifacts.ArtifactError: naming MEDREFINE_SYNTHESIZER and what is wrong with it.
+    """
+    from medplatform.synthesizer import choose_synthesizer
+
+    choice = choose_synthesizer(settings.synthesizer)
+    return choice.reference if choice is not None else "off"
+
+
 def _startup_errors() -> tuple[type[BaseException], ...]:
     """What a failed preflight raises: each is answered with one line on stderr and exit code 2."""
     from inference.artifacts import ArtifactError
@@ -87,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         version = preflight(settings)
+        synthesizer = preflight_synthesizer(settings)
     except _startup_errors() as exc:
         reason = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"python -m service: cannot serve: {reason}", file=sys.stderr)
@@ -95,12 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"medrefine: model {version[:12]} on {settings.backend}; HTTP http://{settings.host}:{settings.port} "
         f"(REST, /v2, /ui, /metrics), gRPC "
         + (f"{settings.host}:{settings.grpc_port}" if settings.grpc_port else "off")
-        + f", generators {settings.generators_dir or 'off'}"
+        + f", generators {settings.generators_dir or 'off'}, synthesizer {synthesizer}"
         + f", API key {'on' if settings.api_key else 'off'}",
         file=sys.stderr,
         flush=True,
     )
     os.environ.update(settings.to_env())
+    os.environ["MEDREFINE_SYNTHESIZER"] = synthesizer  # the worker serves what was checked, never "auto" again
     os.environ["MEDREFINE_ARTIFACTS"] = str(Path(settings.artifacts).resolve())
     # Resolved here, so the worker serves what preflight checked whatever its working directory.
     os.environ["MEDREFINE_GENERATORS"] = (

@@ -422,15 +422,15 @@ def load_generation(settings: ServiceSettings) -> GenerationRuntime | None:
     Raises:
         inference.artifacts.ArtifactError: the directory is missing, malformed or does not match its manifest.
     """
-    directory = settings.generators_dir
-    if directory is None:
-        return None
-    from inference.generator_artifacts import load_generators
+    from inference.synthesizer import load_served_generators
+    from medplatform.synthesizer import choose_synthesizer
     from service.generation import GenerationRuntime
 
     options = engine_options(dataclasses.replace(settings, backend="onnxruntime",
                                                  device="cpu" if settings.device == "tensorrt" else settings.device))
-    return GenerationRuntime(load_generators(directory, **options), settings)
+    # /synthesize serves the generator MEDREFINE_SYNTHESIZER chooses (a GenSeg export), else stage one's
+    generators = load_served_generators(settings.generators_dir, choose_synthesizer(settings.synthesizer), **options)
+    return None if generators is None else GenerationRuntime(generators, settings)
 
 
 def engine_options(settings: ServiceSettings) -> dict[str, Any]:

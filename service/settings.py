@@ -54,6 +54,7 @@ class ServiceSettings:
     embedding_cache_bytes: int = 256 * MIB
     intra_op_threads: int = 0
     generators: str = "auto"
+    synthesizer: str = "auto"  # what /synthesize serves: medplatform.synthesizer.choose_synthesizer
     generation_max_images: int = 16
     generation_max_steps: int = 100
     generation_max_queue: int = 32
@@ -161,6 +162,7 @@ class ServiceSettings:
             "host": args.host,
             "api_key_env": args.api_key_env,
             "generators": args.generators,
+            "synthesizer": args.synthesizer,
         }
         return cls.from_env(environ, **overrides)
 
@@ -202,6 +204,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", default=None,
                         help="generator artifact directory, 'auto' (default: artifacts/generators beside "
                              "--artifacts when present) or 'off' (MEDREFINE_GENERATORS)")
+    parser.add_argument("--synthesizer", default=None,
+                        help="generator /synthesize serves: a generator artifact directory (python -m export genseg), "
+                             "a registry version name[:VERSION|@ALIAS], 'auto' (default: synthesizer@production "
+                             "when registered, else the stage-one pix2pix) or 'off' (MEDREFINE_SYNTHESIZER)")
     parser.add_argument("--api-key-env", default=None,
                         help="name of the environment variable holding the API key (default MEDREFINE_API_KEY); "
                              "auth is off when that variable is unset")
