@@ -308,6 +308,16 @@ class SynthesizeModel(_GenerationModel):
     def available(self, runtime: FrontEndRuntime) -> bool:
         return runtime.generation is not None and runtime.generation.generators.pix2pix is not None
 
+    # The version of the generator /synthesize serves: its registry number (``synthesizer:2`` -> "2") when
+    # MEDREFINE_SYNTHESIZER chose a registry version, else its artifact version.
+    def versions(self, runtime: FrontEndRuntime) -> tuple[str, ...]:
+        from inference.synthesizer import served_synthesizer
+
+        if runtime.generation is None:
+            return ()
+        served = served_synthesizer(runtime.generation.generators)
+        return (str(served["registry"]).rpartition(":")[2] if served["registry"] else served["version"],)
+
     async def run(
         self,
         runtime: FrontEndRuntime,

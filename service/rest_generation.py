@@ -54,6 +54,14 @@ def _model(generation: GenerationRuntime) -> dict[str, str]:
     return {"version": generation.version, "backend": "onnxruntime"}
 
 
+def _synthesizer(generation: GenerationRuntime) -> dict[str, Any]:
+    """The generator /synthesize served: its artifact ``version``, ``trained_by`` (``genseg`` or ``pix2pix``),
+    ``registry`` (``name:version`` or None) and ``consistency_dice``."""
+    from inference.synthesizer import served_synthesizer
+
+    return {**served_synthesizer(generation.generators), "backend": "onnxruntime"}
+
+
 def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
 
@@ -120,7 +128,7 @@ async def synthesize(runtime: FrontEndRuntime, file: Path) -> dict[str, Any]:
     return {
         "image_png_base64": image,
         "shape": [int(d) for d in result.image.shape],
-        "model": _model(generation),
+        "model": _synthesizer(generation),
         "timings_ms": {"decode": _ms(decode_s), "synthesize": _ms(result.seconds),
                        "encode": _ms(time.perf_counter() - encode_started),
                        "total": _ms(time.perf_counter() - started)},
