@@ -242,7 +242,7 @@ def pipeline_block(model: nn.Module, info: Any) -> dict[str, Any]:
             if key in ur:
                 block[key] = ur[key]
     # Validation choices behind an answer's lesion_found / needs_review (training.calibration), when trained.
-    for key in ("no_finding", "review"):
+    for key in ("no_finding", "review", "segment"):
         if isinstance(info.raw.get(key), dict):
             block[key] = info.raw[key]
     return block
