@@ -1,7 +1,8 @@
 // medrefine UI: upload an image, show coarse vs refined contours and the gate heat map, drag a box to refine.
 // Plain browser JavaScript, no build step. Talks to POST /segment and POST /refine (multipart), POST /generate
-// (JSON; the panel shows only when the server serves generators) and GET /readyz. Accepting, correcting (clicks,
-// brush, eraser) and saving a mask for training: feedback.js.
+// (JSON; the panel shows only when the server serves generators; each image rated 1-5 through POST
+// /feedback/generation) and GET /readyz. Accepting, correcting (clicks, brush, eraser) and saving a mask for
+// training: feedback.js.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -272,11 +273,13 @@ async function generate(event) {
                       (result.field ? " (field " + result.field + ")" : ""));
     }
     const gallery = $("gen-gallery");
-    gallery.replaceChildren(...result.images_png_base64.map((b64) => {
+    gallery.replaceChildren(...result.images_png_base64.map((b64, index) => {
+      const figure = document.createElement("figure");
       const img = document.createElement("img");
       img.src = "data:image/png;base64," + b64;
       img.alt = result.modality + ": " + result.prompt;
-      return img;
+      figure.append(img, ratingControl(generatedImage(body, result, index)));
+      return figure;
     }));
     $("gen-seed").placeholder = "random (last: " + result.seed + ")";
     $("gen-status").textContent = result.images_png_base64.length + " image(s), seed " + result.seed + ", " +
@@ -285,6 +288,70 @@ async function generate(event) {
   } catch (err) {
     $("gen-status").textContent = err.message;
     document.body.dataset.generate = "error";
+  }
+}
+
+// What regenerates image `index` of a /generate answer (medplatform.feedback.GeneratedImage): the request as
+// sent, the seed and generator version the server answered.
+function generatedImage(request, result, index) {
+  const image = {
+    prompt: result.prompt, modality: result.modality, seed: result.seed, steps: request.steps,
+    guidance_scale: request.guidance_scale, generator_version: result.model.version, index,
+    num_images: request.num_images,
+  };
+  if (request.negative_prompt !== undefined) image.negative_prompt = request.negative_prompt;
+  return image;
+}
+
+// Five buttons under a generated image; a click posts the rating and marks the saved one (aria-pressed).
+function ratingControl(image) {
+  const control = document.createElement("div");
+  control.className = "rating";
+  control.setAttribute("role", "group");
+  control.setAttribute("aria-label", "rate image " + (image.index + 1) + " (1 = poor, 5 = good)");
+  const note = document.createElement("span");
+  note.className = "rating-note muted";
+  const buttons = [1, 2, 3, 4, 5].map((value) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = String(value);
+    button.dataset.rating = String(value);
+    button.title = "rate " + value + " of 5";
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("click", () => rate(image, value, control, buttons, note));
+    return button;
+  });
+  control.append(...buttons, note);
+  return control;
+}
+
+async function rate(image, value, control, buttons, note) {
+  const adminKey = $("gen-adminkey").value.trim();
+  if (adminKey) sessionStorage.setItem("medrefine-admin-key", adminKey);
+  const headers = { "Content-Type": "application/json",
+                    ...(adminKey ? { Authorization: "Bearer " + adminKey } : authHeaders()) };
+  const body = { image, rating: value };
+  if ($("gen-rating-dataset").value.trim()) body.dataset = $("gen-rating-dataset").value.trim();
+  note.textContent = "saving…";
+  document.body.dataset.rating = "busy";
+  try {
+    const response = await fetch("/feedback/generation", { method: "POST", body: JSON.stringify(body), headers });
+    let result = null;
+    try { result = await response.json(); } catch (e) { result = { error: response.statusText }; }
+    if (!response.ok) {
+      throw new Error(response.status + ": " + (result.error || "request failed") +
+                      (result.field ? " (field " + result.field + ")" : ""));
+    }
+    for (const button of buttons) button.setAttribute("aria-pressed", String(button === buttons[value - 1]));
+    control.dataset.saved = result.id;
+    control.dataset.rating = String(value);
+    note.textContent = "saved: " + value + "/5";
+    note.classList.remove("error");
+    document.body.dataset.rating = "saved";
+  } catch (err) {
+    note.textContent = err.message;
+    note.classList.add("error");
+    document.body.dataset.rating = "error";
   }
 }
 
@@ -344,6 +411,7 @@ function wire() {
   });
   for (const id of ["show-coarse", "show-refined", "show-gate", "show-box"]) $(id).addEventListener("change", render);
   $("generate-form").addEventListener("submit", generate);
+  $("gen-adminkey").value = sessionStorage.getItem("medrefine-admin-key") || "";
   const overlay = $("overlay-layer");
   overlay.addEventListener("mousedown", (event) => {
     if (!state.size || !state.file || state.tool !== "box") return;  // other tools: feedback.js
