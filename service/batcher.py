@@ -37,13 +37,15 @@ class BatcherConfig:
     """Batching limits (see ``service.settings`` for the documented defaults).
 
     ``max_latency_ms`` bounds how long the oldest queued item waits for company; ``max_queue`` bounds
-    waiting items (the running batch is not counted); ``timeout_s`` is the default per-request deadline.
+    waiting items (running batches are not counted); ``timeout_s`` is the default per-request deadline;
+    ``lanes`` is how many batches run at once, each on its own worker thread.
     """
 
     max_batch_size: int = 16
     max_latency_ms: float = 10.0
     max_queue: int = 64
     timeout_s: float = 30.0
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -54,6 +56,8 @@ class BatcherConfig:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {self.lanes}")
 
 
 # repr=False: a failed deque.remove formats the entry, and its repr would print the whole image.
@@ -68,7 +72,7 @@ class _Entry:
 
 
 class AdaptiveBatcher(Generic[ItemT, ResultT]):
-    """Queue items, run them in batches on one worker thread, hand each caller its own result.
+    """Queue items, run them in batches on ``config.lanes`` worker threads, hand each caller its own result.
 
     Args:
         run_batch: ``run_batch(key, items) -> results`` runs in the worker thread; ``len(results)`` must
@@ -99,7 +103,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
-        self._running_batch = 0
+        self._running: set[asyncio.Task[None]] = set()  # one task per running batch
         self._batch_seconds = 0.0  # moving average of a batch's run time (for Retry-After)
         self.batches_run = 0
 
@@ -112,7 +116,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.lanes,
+                                                               thread_name_prefix=self._name)
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"{self._name}-dispatch")
 
@@ -128,7 +133,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
     @property
     def busy(self) -> bool:
         """True while a batch runs or items wait."""
-        return bool(self._queue) or self._running_batch > 0
+        return bool(self._queue) or bool(self._running)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop admissions, finish every accepted request, then stop the worker.
@@ -162,6 +167,10 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        for task in list(self._running):  # only when the drain ran out of time
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=completed)
             self._executor = None
@@ -218,8 +227,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
     def _retry_after(self) -> float:
         """Seconds until the queue has likely drained: queued batches (plus the running one) x the average
         batch time; at least 1 s, at most the request timeout."""
-        batches = -(-len(self._queue) // self.config.max_batch_size) + (1 if self._running_batch else 0)
-        estimate = batches * self._batch_seconds + self.config.max_latency_ms / 1000.0
+        batches = -(-len(self._queue) // self.config.max_batch_size) + len(self._running)
+        estimate = batches * self._batch_seconds / self.config.lanes + self.config.max_latency_ms / 1000.0
         return min(max(1.0, estimate), max(1.0, self.config.timeout_s))
 
     def _remove(self, entry: _Entry) -> None:
@@ -247,7 +256,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         while True:
             self._prune()
             if not self._queue:
-                self._idle.set()
+                if not self._running:
+                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -278,46 +288,54 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             return batch
 
     async def _dispatch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
         while True:
+            while len(self._running) >= self.config.lanes:  # every lane busy: wait for one to finish
+                self._wakeup.clear()
+                await self._wakeup.wait()
             batch = await self._next_batch()
-            now = time.monotonic()
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        """Run ``batch`` on a worker thread and answer its callers (one loop wake-up for the whole batch)."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for entry in batch:
+            entry.started = True
+        if self._observer is not None:
+            self._observer.observe_batch(len(batch), [now - e.enqueued for e in batch])
+        items = [e.item for e in batch]
+        try:
+            assert self._executor is not None
+            started = time.monotonic()
+            results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key, items)
+            elapsed = time.monotonic() - started
+            self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:
             for entry in batch:
-                entry.started = True
-            self._running_batch = len(batch)
-            if self._observer is not None:
-                self._observer.observe_batch(len(batch), [now - e.enqueued for e in batch])
-            items = [e.item for e in batch]
-            try:
-                assert self._executor is not None
-                started = time.monotonic()
-                results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key, items)
-                elapsed = time.monotonic() - started
-                self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            except asyncio.CancelledError:
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(NotReady("server shutting down"))
-                self._running_batch = 0
-                raise
-            except BaseException as exc:  # delivered to every caller of the batch
-                logger.exception("batch of %d failed", len(batch))
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-            else:
-                for entry, result in zip(batch, results, strict=True):
-                    if entry.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        entry.future.set_exception(result)
-                    else:
-                        entry.future.set_result(result)
-            finally:
-                self._running_batch = 0
+                if not entry.future.done():
+                    entry.future.set_exception(NotReady("server shutting down"))
+            raise
+        except BaseException as exc:  # delivered to every caller of the batch
+            logger.exception("batch of %d failed", len(batch))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            for entry, result in zip(batch, results, strict=True):
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
+        finally:
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             self.batches_run += 1
-            if not self._queue:
-                assert self._idle is not None
+            assert self._idle is not None and self._wakeup is not None
+            if not self._queue and not self._running:
                 self._idle.set()
+            self._wakeup.set()  # a lane is free

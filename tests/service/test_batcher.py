@@ -216,3 +216,45 @@ def test_config_rejects_bad_limits():
         BatcherConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
         BatcherConfig(max_queue=0)
+
+
+def test_two_lanes_run_two_batches_at_once_each_caller_gets_its_result():
+    both_running = threading.Barrier(2, timeout=10)  # broken (BrokenBarrierError) unless two batches overlap
+    threads: set[str] = set()
+
+    def run_batch(key, items):
+        both_running.wait()
+        threads.add(threading.current_thread().name)
+        return [x * 10 for x in items]
+
+    async def main():
+        b = AdaptiveBatcher(run_batch, BatcherConfig(max_batch_size=1, max_latency_ms=0, lanes=2))
+        await b.start()
+        results = await asyncio.gather(b.submit(1), b.submit(2), b.submit(3), b.submit(4))
+        drained = await b.drain(timeout_s=10)
+        return results, drained
+
+    results, drained = run(main())
+    assert results == [10, 20, 30, 40]
+    assert drained is True
+    assert len(threads) == 2
+
+
+def test_drain_waits_for_batches_running_on_every_lane():
+    async def main():
+        rec = Recorder(delay_s=0.05)
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=2, max_latency_ms=0, lanes=2))
+        await b.start()
+        pending = [asyncio.ensure_future(b.submit(i)) for i in range(7)]
+        await asyncio.sleep(0)
+        ok = await b.drain(timeout_s=10)
+        return ok, [p.result() for p in pending], b.busy
+
+    ok, results, busy = run(main())
+    assert ok is True and busy is False
+    assert results == [i * 10 for i in range(7)]
+
+
+def test_config_rejects_zero_lanes():
+    with pytest.raises(ValueError, match="lanes"):
+        BatcherConfig(lanes=0)
