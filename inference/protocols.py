@@ -61,8 +61,8 @@ class TextEncoder(Protocol):
 
 
 class Denoiser(Protocol):
-    """``models.text2image.Text2ImageModel`` or ``OnnxDenoiser``: ``(noisy (B, 1, S, S), timesteps (B,),
-    text_hidden (B, T, D), text_mask (B, T), modality_ids (B,)) -> prediction (B, 1, S, S)``."""
+    """``models.text2image.Text2ImageModel`` or ``OnnxDenoiser``: ``(noisy (B, *sample_shape), timesteps (B,),
+    text_hidden (B, T, D), text_mask (B, T), modality_ids (B,)) -> prediction (B, *sample_shape)``."""
 
     config: Text2ImageConfig
 
@@ -71,6 +71,10 @@ class Denoiser(Protocol):
         ...
 
     def modality_ids(self, modalities: list[str]) -> torch.Tensor:
+        ...
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Model space ``(B, *config.sample_shape)`` -> images ``(B, 1, S, S)`` in [0, 1]."""
         ...
 
     def eval(self) -> Denoiser:
