@@ -45,7 +45,7 @@ class CheckedSources:
     def hashes(self) -> dict[str, Any]:
         """The ``ModelVersion.artifact_hashes`` record."""
         return {"artifact_version": self.artifact_version, "weights_sha256": self.weights_sha256,
-                "files": dict(self.artifact_files), "run_files": dict(self.run_files)}
+                "files": dict(self.artifact_files), "run_files": dict(self.run_files), "family": self.family}
 
 
 def _files(directory: Path) -> dict[str, str]:

@@ -80,6 +80,12 @@ class VersionInfo:
     job_id: str | None = None
     aliases: tuple[str, ...] = ()
 
+    @property
+    def family(self) -> str:
+        """``"generators"`` (a generator artifact) or ``"segmentation"`` (also every version registered
+        before generators could be)."""
+        return str(self.artifact_hashes.get("family", "segmentation"))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what ``GET /models/{name}/versions`` answers per version."""
         return {"name": self.name, "version": self.version, "metrics": self.metrics,

@@ -42,6 +42,9 @@ def _version(registry: ModelRegistry, name: str, ref: int | str | None, value: s
     """Resolve and materialize (every file re-hashed) a registry version; ArtifactError naming the setting."""
     try:
         info = registry.resolve(name, ref)
+        if info.family != "generators":
+            raise ArtifactError(f"{name}:{info.version} is a {info.family} model; a synthesizer is a generator "
+                                "version (python -m export genseg, then python -m medplatform register)")
         art_dir = registry.materialize(name, info.version)
         check_synthesizer_dir(art_dir)
     except (PlatformError, ArtifactError) as exc:

@@ -102,6 +102,7 @@ def test_registered_generator_versions_carry_the_consistency_dice(genseg_run, tm
     assert info.version == 1 and info.artifact_version == manifest["version"]
     assert info.metrics["consistency_dice"] == manifest["source"]["consistency"]["dice"]
     assert info.metrics["trained_by"] == "genseg" and info.metrics["dice"] is None  # not a segmenter's Dice
+    assert registry.resolve("synthesizer", 1).family == "generators"
     assert (registry.materialize("synthesizer", 1) / "manifest.json").is_file()
     with pytest.raises(Conflict) as conflict:  # artifacts of other weights than this run's
         registry.register(resolve_generators_dir("default") / "pix2pix", tmp_path / "art", name="synthesizer")

@@ -206,8 +206,15 @@ def test_auto_serves_stage_one_until_a_production_alias_exists(genseg, tmp_path)
     assert choose_synthesizer("auto", env).reference == "synthesizer:1"
 
 
-def test_a_segmentation_artifact_is_not_a_synthesizer(service_artifacts, tmp_path):
+def test_a_segmentation_model_is_not_a_synthesizer(service_artifacts, tmp_path):
+    from medplatform.context import open_platform
     from medplatform.synthesizer import choose_synthesizer
 
+    env = {"MEDREFINE_DATA_DIR": str(tmp_path / "var"), "BENTOML_HOME": str(tmp_path / "bentoml")}
     with pytest.raises(ArtifactError, match=r"MEDREFINE_SYNTHESIZER .*pix2pix block"):
-        choose_synthesizer(str(service_artifacts.art_dir), env={"MEDREFINE_DATA_DIR": str(tmp_path)})
+        choose_synthesizer(str(service_artifacts.art_dir), env=env)
+    registry = open_platform(env).registry
+    registry.register(service_artifacts.run_dir, service_artifacts.art_dir, name="tiny")
+    assert registry.resolve("tiny", 1).family == "segmentation"
+    with pytest.raises(ArtifactError, match=r"MEDREFINE_SYNTHESIZER .*tiny:1 is a segmentation model"):
+        choose_synthesizer("tiny:1", env=env)
