@@ -15,7 +15,7 @@ __all__ = ["KSERVE_VERSION", "ensure_kserve_venv", "peer_env", "requirements", "
 
 KSERVE_VERSION = "0.21.0"
 # the libraries the pipeline computes with, pinned to ours; kserve brings its own server stack
-SHARED_LIBRARIES = ("onnxruntime", "numpy", "pillow", "torch")
+SHARED_LIBRARIES = ("onnxruntime", "numpy", "pillow", "scipy", "torch")
 MARKER = ".medrefine-requirements"
 
 
