@@ -22,6 +22,7 @@ from inference.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCa
 from inference.engines import Engine, build_engine
 from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
 from models.interactive import pack_tokens
+from models.postprocess import flip_average, keep_largest_component
 from models.prompts import mask_prompt
 from models.roi import crop_roi, full_image_roi, roi_from_box, to_roi_frame
 from models.ultrarefiner import RoiPrompts, UltraRefinerConfig, paste_refiner_logits, resize, roi_prompts
@@ -125,7 +126,8 @@ class SegmentResult:
     """One image's segmentation, everything in the image's original (H, W) pixel frame.
 
     Attributes:
-        mask: (H, W) uint8 {0, 1}: probability > threshold.
+        mask: (H, W) uint8 {0, 1}: probability > threshold; only its largest connected component when the
+            manifest's ``segment.largest_component`` says so.
         probability: (H, W) float32 in [0, 1]: the gated refined probability.
         coarse_probability: (H, W) float32 in [0, 1]: TransUNet's.
         coarse_mask: (H, W) uint8 {0, 1}: coarse_probability > threshold.
@@ -301,6 +303,8 @@ class SegmentationPipeline:
         block = artifacts.manifest.get("pipeline") or {}
         self.review = dict(block.get("review") or {"iou_threshold": DEFAULT_REVIEW_IOU, "method": "default"})
         self.no_finding = dict(block.get("no_finding") or {"min_area_fraction": 0.0})
+        # The automatic answer's calibrated rules (training.calibration.choose_segment_rules); off when absent.
+        self.segment_rules = {"coarse_flip": False, "largest_component": False, **dict(block.get("segment") or {})}
         self.review_threshold = float(self.review["iou_threshold"])
         self.min_area_fraction = float(self.no_finding["min_area_fraction"])
         if self.gate_config.type in ("learned", "hybrid") and "gate" not in engine.graph_names:
@@ -372,6 +376,7 @@ class SegmentationPipeline:
             "max_points": self.max_points,
             "review": self.review,
             "no_finding": self.no_finding,
+            "segment": self.segment_rules,
             "metrics": dict(self.artifacts.source.get("metrics") or {}),
             "data_fingerprint": self.artifacts.source.get("data_fingerprint"),
         }
@@ -477,11 +482,17 @@ class SegmentationPipeline:
                 batch = batch.expand(-1, self.transunet_channels, -1, -1)
             with timer.stage("transunet"):
                 probability = self.engine.run("transunet", {"image": batch.numpy()})["probability"]
+                if self.segment_rules["coarse_flip"]:  # a second pass on the mirrored batch (its own call: the
+                    # batch stays within an engine's batch range)
+                    mirrored = self.engine.run("transunet", {"image": batch.flip(-1).numpy()})["probability"]
             # 3. Coarse probability at each image's size, prompts, ROI, crops
             with timer.stage("prompts_roi"):
                 # logits back from the graph's probability (in float64, then float32 like the model's own
                 # logits: resizing and the sigmoid in float64 changed no value by more than 1 ulp)
-                logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS).float()
+                logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS)
+                if self.segment_rules["coarse_flip"]:
+                    logits = flip_average(logits, torch.logit(torch.from_numpy(mirrored).double(), eps=_PROB_EPS))
+                logits = logits.float()
                 groups, offset = [], 0
                 for indices, image in zip(sizes.values(), stacks, strict=True):
                     rows = logits[offset : offset + len(indices)]  # batch order = group order
@@ -626,6 +637,8 @@ class SegmentationPipeline:
         min_area = self.min_area_fraction * mask.shape[-1] * mask.shape[-2]
         flat = (g.image.amax(dim=(1, 2, 3)) - g.image.amin(dim=(1, 2, 3))).numpy() < FLAT_IMAGE_RANGE
         for j, spacing in enumerate(spacings):
+            if self.segment_rules["largest_component"]:
+                mask[j] = keep_largest_component(mask[j])
             area = int(mask[j].sum())
             if 0 < area and (area < min_area or flat[j]):  # no finding: an empty mask
                 mask[j] = 0

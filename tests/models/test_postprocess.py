@@ -1,0 +1,48 @@
+"""models.postprocess: the largest component and the flip average, checked on pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.postprocess import flip_average, keep_largest_component
+
+
+def test_largest_component_keeps_exactly_the_bigger_blob():
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:12, 2:12] = 1  # 100 px
+    mask[20:25, 20:25] = 1  # 25 px
+    kept = keep_largest_component(mask)
+    assert kept.dtype == np.uint8
+    expected = np.zeros_like(mask)
+    expected[2:12, 2:12] = 1
+    np.testing.assert_array_equal(kept, expected)
+
+
+def test_pixels_touching_at_a_corner_are_one_component_and_empty_stays_empty():
+    mask = np.zeros((8, 8), bool)
+    mask[1, 1] = mask[2, 2] = mask[3, 3] = True  # a diagonal line: one 8-connected component
+    mask[6, 0] = True
+    kept = keep_largest_component(mask)
+    assert kept.dtype == bool and kept.sum() == 3 and not kept[6, 0]
+    assert not keep_largest_component(np.zeros((8, 8), bool)).any()
+    with pytest.raises(ValueError, match="mask must be"):
+        keep_largest_component(np.zeros((1, 8, 8), bool))
+
+
+def test_equal_components_keep_the_first_in_raster_order():
+    mask = np.zeros((10, 10), np.uint8)
+    mask[0:2, 6:8] = 1
+    mask[5:7, 0:2] = 1
+    kept = keep_largest_component(mask)
+    assert kept[0:2, 6:8].all() and kept.sum() == 4
+
+
+def test_flip_average_of_a_mirror_symmetric_map_is_the_map():
+    x = torch.randn(2, 1, 5, 6)
+    assert torch.equal(flip_average(x, x.flip(-1)), x)
+    y = torch.randn(2, 1, 5, 6)
+    torch.testing.assert_close(flip_average(x, y), (x + y.flip(-1)) / 2)
+    with pytest.raises(ValueError, match="differ"):
+        flip_average(x, y[:, :, :4])
