@@ -317,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
         "held_out": {"lesion": f"ultrasound seed {LESION_SEED}, {args.n_lesion} cases, {args.size} px",
                      "normal": f"ultrasound_normal seed {NORMAL_SEED}, {args.n_normal} cases",
                      "prompts": f"seed {PROMPT_SEED}"},
-        "served_thresholds": {k: manifest.get("pipeline", {}).get(k) for k in ("threshold", "review", "no_finding")},
+        "served_thresholds": {k: manifest.get("pipeline", {}).get(k)
+                              for k in ("threshold", "review", "no_finding", "segment")},
         **report,
     }
     out = Path(args.out)
