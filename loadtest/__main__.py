@@ -62,6 +62,7 @@ def _offline(args: argparse.Namespace) -> int:
 # Subcommands with their own argument parser: ``python -m loadtest NAME ARGS`` runs ``NAME``'s ``main(ARGS)``.
 DELEGATED: dict[str, tuple[str, str]] = {
     "corrections": ("loadtest.corrections", "the corrections loop through the service API -> results JSON"),
+    "rlhf": ("loadtest.rlhf", "the ratings loop: simulated ratings -> reward model -> fine-tuned generator"),
 }
 
 

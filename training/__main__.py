@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selector": ("training.selector", "modality/realness classifier that picks the best of N"),
     "evaluate-generation": ("training.evaluate_generation", "modality accuracy, SSIM, diversity, pix2pix consistency"),
     "default-generators": ("training.generators", "train the small committed default generators"),
+    "rlhf": ("training.rlhf", "ratings -> reward model -> reward-weighted fine-tune of the text-to-image model"),
 }
 
 
