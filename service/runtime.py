@@ -91,6 +91,7 @@ class ServiceRuntime:
                 max_latency_ms=settings.max_latency_ms,
                 max_queue=settings.max_queue,
                 timeout_s=settings.request_timeout_s,
+                lanes=settings.inference_lanes,
             ),
             observer=self.metrics,
         )

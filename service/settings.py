@@ -39,6 +39,7 @@ class ServiceSettings:
     max_points: int = 16
     max_batch_size: int = 16
     max_latency_ms: float = 10.0
+    inference_lanes: int = 1  # segmentation batches run at once, one worker thread each
     max_queue: int = 64
     request_timeout_s: float = 30.0
     max_concurrency: int = 128
@@ -75,7 +76,7 @@ class ServiceSettings:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise SettingsError(f"{_env_name(name)}: expected a port in [0, 65535], got {value}")
-        positive = ("max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "max_queue",
+        positive = ("max_upload_bytes", "max_pixels", "max_points", "max_batch_size", "inference_lanes", "max_queue",
                     "request_timeout_s", "max_concurrency", "max_receiving", "keepalive_timeout_s",
                     "generation_max_images", "generation_max_steps",
                     "generation_max_queue")
