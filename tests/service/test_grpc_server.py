@@ -143,6 +143,15 @@ def test_infer_raw_contents_with_stock_client_matches_pipeline(server, pipeline,
     _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
 
 
+def test_infer_over_a_mebibyte_matches_pipeline(server, pipeline):
+    """An image and answer larger than what the server decodes and encodes on its event loop (1 MiB)."""
+    image = to_uint8(phantom_images([(800, 1400)], seed=7)[0])  # 1.12 MB raw; PROBABILITY answer 4.5 MB
+    client = grpcclient.InferenceServerClient(server.url, channel_args=[("grpc.max_receive_message_length", -1)])
+    result = client.infer("segment", [_image_input(image)])
+    outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW")}
+    _assert_matches(outputs, _expected(pipeline, image), image.shape)
+
+
 def test_infer_requested_outputs_and_threshold(server, pipeline, phantom):
     client = grpcclient.InferenceServerClient(server.url)
     outputs = [grpcclient.InferRequestedOutput("PROBABILITY"), grpcclient.InferRequestedOutput("MASK")]
