@@ -69,7 +69,8 @@ class Text2ImagePipeline:
     """Text + modality -> images.
 
     Args:
-        model: a ``models.text2image.Text2ImageModel`` (put in eval mode here).
+        model: a ``models.text2image.Text2ImageModel`` (put in eval mode here), pixel or latent diffusion:
+            the loop runs in ``model.config.sample_shape`` and ``model.decode`` makes the images.
         text_encoder: anything with ``encode(prompts) -> (hidden (B, T, D), mask (B, T))``, ``count_tokens``,
             ``dim`` and ``max_tokens`` (``core.text_encoders``); its ``dim`` must match the model's ``text_dim``.
         selector: optional ``models.selector.Selector`` for :meth:`generate_best_of`.
@@ -221,7 +222,7 @@ class Text2ImagePipeline:
                  wanted: Callable[[int], bool] | None = None) -> list[torch.Tensor | None]:
         """DDIM with classifier-free guidance over every image of ``requests`` (all with ``steps`` steps);
         per request its images, or None when ``wanted`` dropped it (see :meth:`sample_many`)."""
-        model, size = self.model, self.image_size
+        model, shape = self.model, tuple(self.model.config.sample_shape)
         # 1. Conditions per image (prompt-major within each request)
         prompts = [p for r in requests for p in r.prompts]
         repeats = torch.tensor([r.num_images for r in requests for _ in r.prompts])
@@ -239,8 +240,7 @@ class Text2ImagePipeline:
             hidden, mask, mod = torch.cat([u_hidden, hidden]), torch.cat([u_mask, mask]), torch.cat([u_mod, mod])
         # 3. Initial noise, one generator per image
         seeds = [int(r.seed) + k for r in requests for k in range(r.image_count)]
-        latents = torch.cat([torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(s))
-                             for s in seeds])
+        latents = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         # 4. Timesteps
         scheduler = self._build_sampler(model.config)
         scheduler.set_timesteps(int(steps))
@@ -265,8 +265,8 @@ class Text2ImagePipeline:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = torch.where(w == 1.0, eps_cond, eps_uncond + w * (eps_cond - eps_uncond))
             latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        # 6. Back to [0, 1], split per request
-        images = ((latents + 1.0) * 0.5).clamp(0.0, 1.0)
+        # 6. Back to images in [0, 1] (pixels rescaled, or latents decoded), split per request
+        images = model.decode(latents)
         chunks = dict(zip(live, images.split([requests[i].image_count for i in live]), strict=True))
         return [chunks.get(i) for i in range(len(requests))]
 
