@@ -237,6 +237,7 @@ def evaluate_generation(
     ``best_of``), SSIM / MS-SSIM to the nearest real image, diversity, selector-feature Frechet distance, and
     the pix2pix consistency Dice. Top-level ``modality_accuracy`` and ``pix2pix_consistency_dice``."""
     from inference.generation import load_text2image_pipeline
+    from models.text2image import Text2ImageModel
     from weights.generators import resolve_generators_dir
 
     root = resolve_generators_dir(generators_dir)
@@ -291,12 +292,21 @@ def evaluate_generation(
         "per_modality": per,
         "settings": {"generators_dir": str(root), "test_csv": str(csv_test), "per_modality": per_modality,
                      "guidance_scale": guidance_scale, "steps": steps, "seed": seed, "best_of": best_of,
-                     "image_size": size},
+                     "image_size": size, "selector_input": f"generated and real {size} px images alike, resized "
+                                                            f"to the selector's {selector.config.image_size} px "
+                                                            "(models.selector.fit_size)"},
         "notes": {"frechet": "FID formula on the selector's own penultimate features (64-d), not Inception; "
                              "comparable only between runs scored with the same selector checkpoint",
                   "ssim": "Gaussian 11x11 window; nearest = the most similar real test image of the same modality",
                   "ms_ssim": "standard weights renormalised to the scales the image size allows"},
     }
+    if isinstance(pipe.model, Text2ImageModel) and pipe.model.autoencoder is not None:
+        # latent diffusion: how well the autoencoder reproduces the held-out phantoms
+        from training.text2image import reconstruction_quality
+
+        test_images = torch.cat([images for images, _ in real.values()])
+        report["autoencoder"] = {**reconstruction_quality(pipe.model.autoencoder, test_images),
+                                 "images": f"the {len(test_images)} real test phantoms at {size} px (held out)"}
     if best_of > 1:
         report[f"modality_accuracy_best_of_{best_of}"] = float(
             np.mean([r[f"selector_accuracy_best_of_{best_of}"] for r in per.values()]))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -351,7 +352,8 @@ def _add_default_arguments(parser: argparse.ArgumentParser) -> None:
 DEFAULT_RECIPE: dict[str, Any] = {
     "pix2pix": {"n_train": 240, "n_val": 24, "epochs": 8, "steps_per_epoch": 150, "batch_size": 4},
     "selector": {"n_train": 600, "n_val": 100, "epochs": 5, "steps_per_epoch": 40, "batch_size": 32},
-    "text2image": {"epochs": 8, "steps_per_epoch": 100, "batch_size": 32},
+    "text2image": {"preset": "default", "epochs": 8, "steps_per_epoch": 100, "batch_size": 32,
+                   "autoencoder_steps": 500, "autoencoder_batch_size": 8},
     "evaluation": {"n_test": 100, "per_modality": 20, "best_of": 4, "steps": 25, "guidance_scale": 1.5,
                    "judge_steps": 300},
 }
@@ -378,8 +380,23 @@ def _store_half(run_dir: Path, model: torch.nn.Module) -> None:
     (run_dir / RUN_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _machine(load_start: tuple[float, float, float]) -> dict[str, Any]:
+    """CPU model, cores, torch build and the 1-minute load average at the start and the end of the run."""
+    import platform
+
+    model = platform.processor() or "unknown"
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "load_average_1min_start": round(load_start[0], 2), "load_average_1min_end": round(os.getloadavg()[0], 2)}
+
+
 def _run_default(args: argparse.Namespace) -> int:
-    """Train pix2pix, the selector and the diffusion model, then evaluate; records wall times per part."""
+    """Train pix2pix, the selector and the diffusion model, then evaluate; records wall and CPU times per part."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.work:
@@ -391,15 +408,22 @@ def _run_default(args: argparse.Namespace) -> int:
 def _train_default(args: argparse.Namespace, data_dir: Path) -> int:
     from training.evaluate_generation import evaluate_generation
     from training.selector import train_selector
-    from training.text2image import Text2ImageTrainConfig, train_text2image, write_modality_dataset
+    from training.text2image import (
+        AutoencoderTrainConfig,
+        Text2ImageTrainConfig,
+        train_text2image,
+        write_modality_dataset,
+    )
 
     recipe, scale, seed = DEFAULT_RECIPE, args.scale, args.seed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    start = time.time()
+    cpu: dict[str, float] = {}
+    load_start = os.getloadavg()
+    start, cpu_start = time.time(), time.process_time()
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     r = recipe["pix2pix"]
     size = PIX2PIX_PRESETS["default"].image_size
     generator, _ = train_pix2pix(
@@ -412,39 +436,43 @@ def _train_default(args: argparse.Namespace, data_dir: Path) -> int:
         seed=seed,
     )
     _store_half(out / "pix2pix", generator)
-    times["pix2pix_s"] = time.time() - t0
+    times["pix2pix_s"], cpu["pix2pix_s"] = time.time() - t0, time.process_time() - c0
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     r = recipe["selector"]
     csv_train = write_modality_dataset(data_dir / "train", r["n_train"], seed)
     csv_val = write_modality_dataset(data_dir / "val", r["n_val"], seed + 1000)
     train_selector(csv_train, csv_val, out / "selector", epochs=r["epochs"],
                    steps_per_epoch=_steps(r["steps_per_epoch"], scale), batch_size=r["batch_size"], seed=seed)
-    times["selector_s"] = time.time() - t0
+    times["selector_s"], cpu["selector_s"] = time.time() - t0, time.process_time() - c0
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     r = recipe["text2image"]
-    model, _ = train_text2image(csv_train, csv_val, out / "text2image", epochs=r["epochs"],
+    model, _ = train_text2image(csv_train, csv_val, out / "text2image", preset=r["preset"], epochs=r["epochs"],
                                 steps_per_epoch=_steps(r["steps_per_epoch"], scale),
-                                config=Text2ImageTrainConfig(batch_size=r["batch_size"]), seed=seed)
+                                config=Text2ImageTrainConfig(batch_size=r["batch_size"]), seed=seed,
+                                autoencoder=AutoencoderTrainConfig(steps=_steps(r["autoencoder_steps"], scale),
+                                                                   batch_size=r["autoencoder_batch_size"]))
     _store_half(out / "text2image", model)
-    times["text2image_s"] = time.time() - t0
+    times["text2image_s"], cpu["text2image_s"] = time.time() - t0, time.process_time() - c0
 
     summary: dict[str, Any] = {"command": f"python -m training default-generators --out {args.out} --scale {scale} "
                                           f"--seed {seed}", "recipe": recipe, "threads": torch.get_num_threads()}
     if not args.skip_eval:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         r = recipe["evaluation"]
         csv_test = write_modality_dataset(data_dir / "test", r["n_test"], seed + 2000)
         report = evaluate_generation(out, csv_test, per_modality=r["per_modality"], best_of=r["best_of"],
                                      steps=r["steps"], guidance_scale=r["guidance_scale"], seed=seed,
                                      transunet=args.transunet, judge_steps=r["judge_steps"], work=data_dir / "judge")
-        times["evaluate_s"] = time.time() - t0
+        times["evaluate_s"], cpu["evaluate_s"] = time.time() - t0, time.process_time() - c0
         summary["evaluation"] = report
-    times["total_s"] = time.time() - start
+    times["total_s"], cpu["total_s"] = time.time() - start, time.process_time() - cpu_start
     summary["wall_times_s"] = {k: round(v, 1) for k, v in times.items()}
+    summary["cpu_times_s"] = {k: round(v, 1) for k, v in cpu.items()}
+    summary["machine"] = _machine(load_start)
     (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("wall_times_s",)} | (
+    print(json.dumps({k: summary[k] for k in ("wall_times_s", "cpu_times_s")} | (
         {"modality_accuracy": summary["evaluation"]["modality_accuracy"],
          "pix2pix_consistency_dice": summary["evaluation"]["pix2pix_consistency_dice"]}
         if "evaluation" in summary else {}), indent=2))
