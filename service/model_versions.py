@@ -248,6 +248,10 @@ class ModelVersions:
 
         assert self.registry is not None and self.loader is not None
         try:
+            family = self.registry.get_version(name, version).family
+            if family != "segmentation":  # e.g. a synthesizer registered beside the segmentation models
+                raise BadRequest(f"model {name}:{version} is a {family} version, not a segmentation model; "
+                                 "/synthesize serves registered generators", "model")
             return self.loader(self.registry.materialize(name, version))
         except RegistryNotFound as exc:  # deleted since it was resolved
             raise NotFound(f"model {name}:{version} is no longer registered", "model") from exc
@@ -255,6 +259,8 @@ class ModelVersions:
             logger.error("model %s:%d refused: %s", name, version, exc)
             raise ServiceError(f"model {name}:{version} cannot be served: its stored artifacts fail their "
                                "sha256 check (see the server log)", "model", code=500) from exc
+        except BadRequest:
+            raise
         except Exception as exc:
             logger.exception("model %s:%d failed to load", name, version)
             raise ServiceError(f"model {name}:{version} failed to load (see the server log)", "model",

@@ -97,6 +97,8 @@ def test_registered_genseg_generator_is_served_on_every_transport(genseg, offlin
             ready = client.get("/readyz").json()
             generate = client.post("/generate", json={"prompt": "brain mri", "modality": "brain_mri", "steps": 2,
                                                       "seed": 1})
+            segment_as_generator = client.post("/segment", data={"model": "synthesizer"}, files={
+                "file": ("p.png", encode_mask_png(mask), "image/png")})
         served = png_array(body["image_png_base64"])
         assert body["model"]["registry"] == f"synthesizer:{info.version}" == "synthesizer:1"
         assert body["model"]["trained_by"] == "genseg" and body["model"]["version"] == manifest["version"]
@@ -108,6 +110,9 @@ def test_registered_genseg_generator_is_served_on_every_transport(genseg, offlin
         assert np.abs(served.astype(float) - stage_one).mean() > 20  # not the stage-one generator's image
         assert ready["generation"]["synthesizer"]["registry"] == "synthesizer:1"
         assert generate.status_code == 200, generate.text  # text-to-image still from the generator artifacts
+        assert segment_as_generator.status_code == 400, segment_as_generator.text  # a generator is no segmenter
+        assert segment_as_generator.json()["field"] == "model"
+        assert "synthesizer:1" in segment_as_generator.json()["error"]
 
         headers = server.headers()
         http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
