@@ -26,6 +26,8 @@ from export.onnx_export import (
 from export.parity import BOUNDS, ParityCase
 
 GENERATOR_RUNS = ("text2image", "pix2pix", "selector")
+# The latent decoder's output is an image in [0, 1], bounded like pix2pix's.
+VAE_DECODER_BOUNDS = {"fp32": 1e-4, "fp16": 1e-2}
 TOKENIZER_ASSET = "tokenizer/tokenizer.json"
 BATCH = {0: "batch"}
 
@@ -135,12 +137,12 @@ def denoiser_spec(model: nn.Module, encoder: Any) -> GraphSpec:
     from models.text2image import build_train_scheduler
 
     cfg = model.config
-    size, steps, dim, nulls = cfg.image_size, cfg.max_text_tokens, cfg.text_dim, cfg.null_modality
+    shape, steps, dim, nulls = cfg.sample_shape, cfg.max_text_tokens, cfg.text_dim, cfg.null_modality
 
     def random_inputs(batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
         return {
-            "noisy": torch.randn(batch, 1, size, size, generator=gen),
+            "noisy": torch.randn(batch, *shape, generator=gen),
             "timestep": torch.randint(0, cfg.num_train_timesteps, (batch,), generator=gen),
             "text_hidden": torch.randn(batch, steps, dim, generator=gen),
             "text_mask": (torch.arange(steps)[None, :] < lengths[:, None]).float(),
@@ -149,10 +151,11 @@ def denoiser_spec(model: nn.Module, encoder: Any) -> GraphSpec:
 
     def cases() -> list[ParityCase]:
         gen = torch.Generator().manual_seed(PARITY_SEED + 12)
-        images, _ = phantom_batch(2, size, seed=PARITY_SEED + 12)
+        images, _ = phantom_batch(2, cfg.image_size, seed=PARITY_SEED + 12)
         timestep = torch.tensor([100, 700])
-        noisy = build_train_scheduler(cfg).add_noise(images * 2.0 - 1.0, torch.randn(images.shape, generator=gen),
-                                                     timestep)
+        with torch.no_grad():
+            x0 = model.encode(images)  # pixels 2 x - 1, or latents
+        noisy = build_train_scheduler(cfg).add_noise(x0, torch.randn(x0.shape, generator=gen), timestep)
         hidden, mask = encoder.encode(["breast ultrasound, hypoechoic lesion", "chest x-ray, clear lungs"])
         phantom = {"noisy": noisy, "timestep": timestep, "text_hidden": hidden, "text_mask": mask.float(),
                    "modality_ids": torch.tensor([nulls, cfg.modalities.index("chest_xray")
@@ -168,6 +171,30 @@ def denoiser_spec(model: nn.Module, encoder: Any) -> GraphSpec:
         dynamic_axes={**{n: dict(BATCH) for n in DENOISER_INPUTS}, "prediction": dict(BATCH)},
         reference=_torch_reference(model, DENOISER_INPUTS, ("prediction",)),
         cases=cases, bounds=dict(BOUNDS["denoiser"]),
+    )
+
+
+def vae_decoder_spec(model: nn.Module) -> GraphSpec:
+    """A latent text2image model's decoder: ``latents (B, C, h, w)`` (scaled) -> ``image (B, 1, S, S)`` in
+    [0, 1]; cases: latents of phantoms (the autoencoder's encoder) and Gaussian latents (what sampling starts
+    from)."""
+    autoencoder = model.autoencoder.eval()
+    shape = model.config.sample_shape
+
+    def cases() -> list[ParityCase]:
+        gen = torch.Generator().manual_seed(PARITY_SEED + 14)
+        images, _ = phantom_batch(2, model.config.image_size, seed=PARITY_SEED + 14)
+        with torch.no_grad():
+            latents = autoencoder.encode(images)
+        return [ParityCase("phantom", {"latents": _np(latents)}),
+                ParityCase("random", {"latents": _np(torch.randn(3, *shape, generator=gen))})]
+
+    example = {"latents": torch.randn(2, *shape, generator=_example_generator())}
+    return GraphSpec(
+        name="vae_decoder", module=autoencoder, example=example, output_names=("image",),
+        dynamic_axes={"latents": dict(BATCH), "image": dict(BATCH)},
+        reference=_torch_reference(autoencoder.decode, ("latents",), ("image",)),
+        cases=cases, bounds=dict(VAE_DECODER_BOUNDS),
     )
 
 
@@ -275,6 +302,8 @@ def build_generator_specs(sources: GeneratorSources) -> list[GraphSpec]:
         specs.append(pix2pix_spec(sources.pix2pix))
     if sources.text2image is not None:
         specs += [text_encoder_spec(sources.text_encoder), denoiser_spec(sources.text2image, sources.text_encoder)]
+        if sources.text2image.config.latent is not None:
+            specs.append(vae_decoder_spec(sources.text2image))
     if sources.selector is not None:
         specs.append(selector_spec(sources.selector))
     return specs
@@ -387,4 +416,5 @@ __all__ = [
     "selector_spec",
     "source_runs_usable",
     "text_encoder_spec",
+    "vae_decoder_spec",
 ]

@@ -31,8 +31,9 @@ __all__ = [
     "load_generators",
 ]
 
-# graphs each pipeline block needs
+# graphs each pipeline block needs (a latent text2image block also needs LATENT_GRAPH)
 BLOCK_GRAPHS = {"text2image": ("text_encoder", "denoiser"), "pix2pix": ("pix2pix",), "selector": ("selector",)}
+LATENT_GRAPH = "vae_decoder"
 
 
 class _OnnxGraph:
@@ -58,12 +59,16 @@ class _OnnxGraph:
 class OnnxDenoiser:
     """Stands in for ``models.text2image.Text2ImageModel`` in :class:`~inference.generation.Text2ImagePipeline`.
 
-    ``__call__(noisy (B, 1, S, S) float32, timesteps (B,) int64, text_hidden (B, T, D) float32, text_mask
-    (B, T) bool/{0, 1}, modality_ids (B,) int64) -> prediction (B, 1, S, S) float32``.
+    ``__call__(noisy (B, *sample_shape) float32, timesteps (B,) int64, text_hidden (B, T, D) float32, text_mask
+    (B, T) bool/{0, 1}, modality_ids (B,) int64) -> prediction (B, *sample_shape) float32``; ``decode(samples)
+    -> images (B, 1, S, S)`` in [0, 1] through the ``vae_decoder`` graph (latent models) or a rescale (pixels).
     """
 
-    def __init__(self, graph: _OnnxGraph, config: Text2ImageConfig) -> None:
-        self.graph, self.config = graph, config
+    def __init__(self, graph: _OnnxGraph, config: Text2ImageConfig, decoder: _OnnxGraph | None = None) -> None:
+        if (config.latent is None) != (decoder is None):
+            raise ArtifactError(f"a {'latent' if config.latent else 'pixel'}-space denoiser "
+                                f"{'needs' if config.latent else 'takes no'} vae_decoder graph")
+        self.graph, self.config, self.decoder = graph, config, decoder
 
     @property
     def null_modality(self) -> int:
@@ -77,6 +82,11 @@ class OnnxDenoiser:
 
     def eval(self) -> OnnxDenoiser:
         return self
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            return ((samples + 1.0) * 0.5).clamp(0.0, 1.0)
+        return self.decoder(latents=samples)
 
     def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_hidden: torch.Tensor,
                  text_mask: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
@@ -238,6 +248,10 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
     if "text2image" in pipeline:
         block = pipeline["text2image"]
         config = _config(Text2ImageConfig, block, "text2image", where)
+        if config.latent is not None and LATENT_GRAPH not in graphs:
+            raise ArtifactError(f"{where}: pipeline.text2image is latent diffusion and needs graph "
+                                f"{LATENT_GRAPH!r}; the manifest has {sorted(manifest['graphs'])}")
+        decoder = graphs[LATENT_GRAPH] if config.latent is not None else None
         te = dict(block.get("text_encoder") or {})
         tokenizer = root / manifest["assets"]["tokenizer"]["file"]
         if not tokenizer.is_file():
@@ -250,11 +264,13 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
             selector = OnnxSelector(graphs["selector"], _config(SelectorConfig, pipeline["selector"], "selector",
                                                                 where))
         try:
-            text2image = Text2ImagePipeline(OnnxDenoiser(graphs["denoiser"], config), encoder, selector=selector)
+            text2image = Text2ImagePipeline(OnnxDenoiser(graphs["denoiser"], config, decoder), encoder,
+                                            selector=selector)
         except ValueError as exc:  # text encoder width / length != the denoiser's
             raise ArtifactError(f"{where}: pipeline.text2image: {exc}") from exc
         info.update(modalities=list(config.modalities), text_encoder=te, selector=selector is not None)
         info["image_sizes"]["text2image"] = config.image_size
+        info["text2image_space"] = "latent" if config.latent is not None else "pixel"
     if "pix2pix" in pipeline:
         config = _config(Pix2PixConfig, pipeline["pix2pix"], "pix2pix", where)
         pix2pix = Pix2PixPipeline(OnnxPix2Pix(graphs["pix2pix"], config))
