@@ -9,6 +9,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ ResultT = TypeVar("ResultT")
 
 
 class BatchObserver(Protocol):
-    """Receives batcher events (``service.metrics.ServiceMetrics`` implements it)."""
+    """Receives batcher events from the loop and from worker threads (``service.metrics.ServiceMetrics``)."""
 
     def observe_queue_depth(self, depth: int) -> None: ...
 
@@ -38,7 +39,11 @@ class BatcherConfig:
 
     ``max_latency_ms`` bounds how long the oldest queued item waits for company; ``max_queue`` bounds
     waiting items (running batches are not counted); ``timeout_s`` is the default per-request deadline;
-    ``lanes`` is how many batches run at once, each on its own worker thread.
+    ``lanes`` is how many batches run at once, each on its own worker thread; ``adaptive_window``: the head
+    waits for company only when the batch before it had company (a lone request after a lone request, or
+    the first one, goes at once: no load, nothing to wait for); ``prefetch``: one more batch than ``lanes``
+    is formed and handed to the worker threads while they run, so a worker starts it the moment it finishes
+    instead of waiting for the event loop to wake up and form it.
     """
 
     max_batch_size: int = 16
@@ -46,6 +51,8 @@ class BatcherConfig:
     max_queue: int = 64
     timeout_s: float = 30.0
     lanes: int = 1
+    adaptive_window: bool = False
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -69,6 +76,10 @@ class _Entry:
     enqueued: float
     batchable: bool = True
     started: bool = field(default=False)
+    # Prefetch bookkeeping, under AdaptiveBatcher._at_worker_lock: handed to a worker and not started yet;
+    # the caller left (the worker skips it).
+    at_worker: bool = field(default=False)
+    gone: bool = field(default=False)
 
 
 class AdaptiveBatcher(Generic[ItemT, ResultT]):
@@ -103,9 +114,12 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
-        self._running: set[asyncio.Task[None]] = set()  # one task per running batch
+        self._running: set[asyncio.Task[None]] = set()  # one task per batch handed to the workers
+        self._at_worker = 0  # items handed to the workers and not started yet (prefetch)
+        self._at_worker_lock = threading.Lock()
         self._batch_seconds = 0.0  # moving average of a batch's run time (for Retry-After)
         self.batches_run = 0
+        self._last_batch_size = 0  # size of the batch dispatched last (adaptive_window)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -127,8 +141,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting (not counting the batch that is running)."""
-        return len(self._queue)
+        """Items waiting (not counting running batches; counting a prefetched batch not started yet)."""
+        return len(self._queue) + self._at_worker
 
     @property
     def busy(self) -> bool:
@@ -181,9 +195,9 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
 
     def check_capacity(self) -> None:
         """Raise :class:`QueueFullError` if ``submit`` would refuse for a full queue right now."""
-        if len(self._queue) >= self.config.max_queue:
+        if self.queue_depth >= self.config.max_queue:
             raise QueueFullError(
-                f"server busy: {len(self._queue)} requests queued (max_queue={self.config.max_queue})",
+                f"server busy: {self.queue_depth} requests queued (max_queue={self.config.max_queue})",
                 retry_after=self._retry_after(),
             )
 
@@ -220,6 +234,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             # Timed out or cancelled (client gone): never run it, or drop its result if it is running.
             if not entry.future.done():
                 entry.future.cancel()
+                self._leave_worker(entry)
             self._remove(entry)
 
     # -- internals ------------------------------------------------------------------------------------
@@ -239,7 +254,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
 
     def _notify_depth(self) -> None:
         if self._observer is not None:
-            self._observer.observe_queue_depth(len(self._queue))
+            self._observer.observe_queue_depth(self.queue_depth)
 
     def _prune(self) -> None:
         """Drop entries whose caller has gone (future cancelled or already answered)."""
@@ -262,7 +277,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 await self._wakeup.wait()
                 continue
             head = self._queue[0]
-            if head.batchable and self._accepting:
+            wait = not self.config.adaptive_window or self._last_batch_size > 1
+            if head.batchable and self._accepting and wait:
                 deadline = head.enqueued + self.config.max_latency_ms / 1000.0
                 while self._count_key(head.key) < self.config.max_batch_size and not head.future.done():
                     remaining = deadline - time.monotonic()
@@ -282,6 +298,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                             break
             else:
                 batch.append(head)
+            self._last_batch_size = len(batch)
             taken = set(map(id, batch))
             self._queue = collections.deque(e for e in self._queue if id(e) not in taken)
             self._notify_depth()
@@ -290,28 +307,53 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
         while True:
-            while len(self._running) >= self.config.lanes:  # every lane busy: wait for one to finish
+            while len(self._running) >= self.config.lanes + self.config.prefetch:  # wait for a lane to free up
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = await self._next_batch()
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
 
+    def _leave_worker(self, entry: _Entry) -> None:
+        """The caller of ``entry`` left: a batch waiting at a worker no longer counts it, and skips it."""
+        with self._at_worker_lock:
+            entry.gone = True
+            if entry.at_worker:
+                entry.at_worker = False
+                self._at_worker -= 1
+                self._notify_depth()
+
+    def _start(self, batch: list[_Entry]) -> tuple[list[_Entry], Sequence[Any], float]:
+        """Worker thread: drop the items whose callers left while the batch waited here (prefetch), record
+        the batch, run it. Returns the items that ran, their results and the run time."""
+        with self._at_worker_lock:
+            for entry in batch:
+                if entry.at_worker:
+                    entry.at_worker = False
+                    self._at_worker -= 1
+            live = [e for e in batch if not e.gone]
+        self._notify_depth()
+        if not live:
+            return live, [], 0.0
+        started = time.monotonic()
+        if self._observer is not None:
+            self._observer.observe_batch(len(live), [started - e.enqueued for e in live])
+        results = self._run_batch(live[0].key, [e.item for e in live])
+        return live, results, time.monotonic() - started
+
     async def _run(self, batch: list[_Entry]) -> None:
         """Run ``batch`` on a worker thread and answer its callers (one loop wake-up for the whole batch)."""
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        for entry in batch:
-            entry.started = True
-        if self._observer is not None:
-            self._observer.observe_batch(len(batch), [now - e.enqueued for e in batch])
-        items = [e.item for e in batch]
+        with self._at_worker_lock:
+            for entry in batch:
+                entry.started = entry.at_worker = True
+            self._at_worker += len(batch)
         try:
             assert self._executor is not None
-            started = time.monotonic()
-            results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key, items)
-            elapsed = time.monotonic() - started
-            self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
+            batch, results, elapsed = await loop.run_in_executor(self._executor, self._start, batch)
+            if batch:
+                self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
+                self.batches_run += 1
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:
@@ -334,7 +376,6 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                     entry.future.set_result(result)
         finally:
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self.batches_run += 1
             assert self._idle is not None and self._wakeup is not None
             if not self._queue and not self._running:
                 self._idle.set()

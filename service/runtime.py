@@ -92,6 +92,10 @@ class ServiceRuntime:
                 max_queue=settings.max_queue,
                 timeout_s=settings.request_timeout_s,
                 lanes=settings.inference_lanes,
+                # A lone request goes at once, and the next batch waits at the worker while one runs: on a
+                # shared CPU each loop wake-up between batches cost a scheduler slot (A/Bs in the README).
+                adaptive_window=True,
+                prefetch=True,
             ),
             observer=self.metrics,
         )

@@ -258,3 +258,84 @@ def test_drain_waits_for_batches_running_on_every_lane():
 def test_config_rejects_zero_lanes():
     with pytest.raises(ValueError, match="lanes"):
         BatcherConfig(lanes=0)
+
+
+def test_adaptive_window_sends_a_lone_request_at_once_and_waits_after_a_batch_with_company():
+    async def main():
+        rec = Recorder()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=16, max_latency_ms=300, adaptive_window=True))
+        await b.start()
+        t0 = time.perf_counter()
+        await b.submit(1)  # no batch before it: nothing to wait for
+        lone = time.perf_counter() - t0
+        rec.gate.clear()  # hold the next batch so two more requests queue behind it
+        rec.started.clear()
+        first = asyncio.ensure_future(b.submit(2))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (3, 4)]
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        await asyncio.gather(first, *queued)  # [3, 4] ran as one batch: the next head waits for company
+        t1 = time.perf_counter()
+        await b.submit(5)
+        after_company = time.perf_counter() - t1
+        await b.drain()
+        return lone, after_company, [items for _, items in rec.batches]
+
+    lone, after_company, batches = run(main())
+    assert batches == [[1], [2], [3, 4], [5]]
+    assert lone < 0.25  # well under the 300 ms window
+    assert after_company >= 0.25
+
+
+def test_prefetch_hands_the_next_batch_to_the_worker_while_one_runs():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()  # the first batch is held in the worker
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=2, max_latency_ms=0, max_queue=8, prefetch=True))
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        rest = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0.05)
+        depth_while_held = b.queue_depth  # [1, 2] wait at the worker, [3, 4] in the queue: all four wait
+        rec.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await b.drain()
+        return depth_while_held, results, [items for _, items in rec.batches], rec.threads
+
+    depth, results, batches, threads = run(main())
+    assert depth == 4
+    assert results == [0, 10, 20, 30, 40]
+    assert batches == [[0], [1, 2], [3, 4]]
+    assert len(threads) == 1  # still one inference thread
+
+
+def test_prefetched_request_whose_caller_left_never_runs():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=1, max_latency_ms=0, prefetch=True))
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        gone = asyncio.ensure_future(b.submit(5))  # handed to the worker behind the held batch
+        kept = asyncio.ensure_future(b.submit(6))  # in the queue
+        await asyncio.sleep(0.05)
+        depth_before = b.queue_depth
+        gone.cancel()  # what a client disconnect does to the handler task
+        await asyncio.sleep(0.01)
+        depth_after = b.queue_depth  # no longer counted while the first batch still runs
+        rec.gate.set()
+        out = await asyncio.gather(first, kept)
+        await b.drain()
+        return out, gone, [items for _, items in rec.batches], (depth_before, depth_after, b.queue_depth)
+
+    out, gone, batches, depths = run(main())
+    assert gone.cancelled()
+    assert out == [0, 60]
+    assert batches == [[0], [6]]
+    assert depths == (2, 1, 0)
