@@ -15,10 +15,10 @@ from core.phantoms import breast_ultrasound, chest_xray
 from core.text_encoders import TextEncoderError, resolve_text_encoder
 from export import generators as generators_mod
 from export.__main__ import main
-from export.generators import export_generator_artifacts
+from export.generators import VAE_DECODER_BOUNDS, export_generator_artifacts
 from export.parity import BOUNDS, ParityError
 from inference.generation import load_pix2pix_pipeline, load_text2image_pipeline
-from inference.generator_artifacts import OnnxTextEncoder, load_generators
+from inference.generator_artifacts import OnnxDenoiser, OnnxTextEncoder, load_generators
 from inference.manifest import (
     FORMAT,
     ArtifactError,
@@ -29,7 +29,8 @@ from inference.manifest import (
 )
 from weights.generators import GENERATORS_DIR
 
-GRAPHS = {"pix2pix", "text_encoder", "denoiser", "selector"}
+GRAPHS = {"pix2pix", "text_encoder", "denoiser", "vae_decoder", "selector"}
+GRAPH_BOUNDS = {**BOUNDS, "vae_decoder": VAE_DECODER_BOUNDS}
 PROMPTS = ["chest x-ray, left lower lobe nodule", "Brain MRI (T2): GLIOMA, right frontal!", "fundus photograph",
            "oct retina; drusen?"]
 MODALITIES = ["chest_xray", "brain_mri", "fundus", "oct"]
@@ -116,10 +117,12 @@ def test_manifest_fields(art):
                              [("image", ["batch", 1, 128, 128], "float32")])
     assert io["text_encoder"] == ([("input_ids", ["batch", 24], "int64"), ("attention_mask", ["batch", 24], "int64")],
                                   [("text_hidden", ["batch", 24, 384], "float32")])
-    assert io["denoiser"] == ([("noisy", ["batch", 1, 32, 32], "float32"), ("timestep", ["batch"], "int64"),
+    assert io["denoiser"] == ([("noisy", ["batch", 4, 16, 16], "float32"), ("timestep", ["batch"], "int64"),
                                ("text_hidden", ["batch", 24, 384], "float32"), ("text_mask", ["batch", 24], "float32"),
                                ("modality_ids", ["batch"], "int64")],
-                              [("prediction", ["batch", 1, 32, 32], "float32")])
+                              [("prediction", ["batch", 4, 16, 16], "float32")])
+    assert io["vae_decoder"] == ([("latents", ["batch", 4, 16, 16], "float32")],
+                                 [("image", ["batch", 1, 128, 128], "float32")])
     assert io["selector"] == ([("image", ["batch", 1, 32, 32], "float32"), ("modality_ids", ["batch"], "int64")],
                               [("score", ["batch"], "float32")])
 
@@ -128,7 +131,7 @@ def test_parity_is_recorded_within_the_bounds(art):
     manifest = load_manifest(art)
     for name, graph in manifest["graphs"].items():
         parity = graph["parity"]
-        assert parity["passed"] is True and parity["bound"] == BOUNDS[name]["fp32"]
+        assert parity["passed"] is True and parity["bound"] == GRAPH_BOUNDS[name]["fp32"]
         assert 0.0 <= parity["max_abs_err"] <= parity["bound"], name
         assert parity["cases"] == 2 and "random" in parity["inputs"]
     assert manifest["graphs"]["selector"]["parity"]["mask_dice"] == 1.0  # same best-of-N pick
@@ -241,7 +244,28 @@ def test_onnx_denoiser_follows_the_model(onnx_gen, torch_t2i):
     with pytest.raises(ValueError, match="unknown modality 'xray'"):
         denoiser.modality_ids(["xray"])
     assert onnx_gen.info["modalities"] == list(torch_t2i.modalities)
-    assert onnx_gen.info["image_sizes"] == {"text2image": 32, "pix2pix": 128} and onnx_gen.info["selector"] is True
+    assert onnx_gen.info["image_sizes"] == {"text2image": 128, "pix2pix": 128} and onnx_gen.info["selector"] is True
+    assert onnx_gen.info["text2image_space"] == "latent"
+
+
+def test_a_latent_manifest_without_its_decoder_graph_is_refused(art_copy):
+    manifest = load_manifest(art_copy)
+    del manifest["graphs"]["vae_decoder"]
+    write_manifest(art_copy, manifest)
+    with pytest.raises(ArtifactError, match="latent diffusion and needs graph 'vae_decoder'"):
+        load_generators(art_copy, verify=False)
+
+
+def test_a_pixel_space_denoiser_decodes_without_a_decoder_graph(torch_t2i):
+    from models.text2image import TEXT2IMAGE_PRESETS
+
+    pixel, latent = TEXT2IMAGE_PRESETS["pixel32"], torch_t2i.model.config  # old artifacts hold pixel configs
+    samples = torch.tensor([[[[-1.5, -1.0], [0.0, 0.5]]]])
+    assert torch.equal(OnnxDenoiser(None, pixel).decode(samples), torch.tensor([[[[0.0, 0.0], [0.5, 0.75]]]]))
+    with pytest.raises(ArtifactError, match="latent-space denoiser needs vae_decoder"):
+        OnnxDenoiser(None, latent)
+    with pytest.raises(ArtifactError, match="pixel-space denoiser takes no vae_decoder"):
+        OnnxDenoiser(None, pixel, decoder=object())
 
 
 def test_text2image_on_onnx_matches_torch(onnx_gen, torch_t2i):
@@ -249,7 +273,7 @@ def test_text2image_on_onnx_matches_torch(onnx_gen, torch_t2i):
     kwargs = {"negative_prompts": NEGATIVES, "guidance_scale": 1.5, "steps": 10, "seed": 11, "num_images": 2}
     ours = onnx_gen.text2image.sample(PROMPTS, MODALITIES, **kwargs)
     theirs = torch_t2i.sample(PROMPTS, MODALITIES, **kwargs)
-    assert ours.shape == theirs.shape == (8, 1, 32, 32)
+    assert ours.shape == theirs.shape == (8, 1, 128, 128)
     assert (ours - theirs).abs().max().item() <= MAX_FLOAT_DIFF
     gray = onnx_gen.text2image.generate(PROMPTS, MODALITIES, **kwargs)
     assert _gray_diff(gray, torch_t2i.generate(PROMPTS, MODALITIES, **kwargs)) <= MAX_GRAY_DIFF

@@ -67,7 +67,7 @@ def test_served_images_match_the_offline_torch_pipeline(generators, torch_text2i
     served = run_async(_with_runtime(generators, body))
     offline = torch_text2image.generate(["brain mri, glioma"], ["brain_mri"], negative_prompts=["noise"],
                                         guidance_scale=2.0, steps=8, seed=11, num_images=2)
-    assert served.images.shape == offline.shape == (2, 32, 32) and served.images.dtype == np.uint8
+    assert served.images.shape == offline.shape == (2, 128, 128) and served.images.dtype == np.uint8
     assert served.seed == 11
     diff = np.abs(served.images.astype(int) - offline.astype(int))
     assert diff.max() <= 2, diff.max()  # ONNX Runtime vs torch over 8 DDIM steps
@@ -109,7 +109,7 @@ def test_best_of_returns_the_selector_choice(generators, torch_text2image):
 
     served = run_async(_with_runtime(generators, body))
     images, scores = torch_text2image.generate_best_of(["retinal oct, drusen"], ["oct"], candidates=4, steps=6, seed=2)
-    assert served.images.shape == (1, 32, 32) and served.scores.shape == (1,)
+    assert served.images.shape == (1, 128, 128) and served.scores.shape == (1,)
     assert np.abs(served.images.astype(int) - images.astype(int)).max() <= 2
     assert abs(float(served.scores[0]) - float(scores[0])) < 1e-2
 
@@ -175,9 +175,9 @@ def test_rest_generate_and_synthesize(live_server):
         response = client.post("/generate", json=PROMPT | {"num_images": 2, "steps": 6, "seed": 5})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["seed"] == 5 and (body["width"], body["height"]) == (32, 32)
+        assert body["seed"] == 5 and (body["width"], body["height"]) == (128, 128)
         images = [png_array(b) for b in body["images_png_base64"]]
-        assert len(images) == 2 and images[0].shape == (32, 32) and not np.array_equal(images[0], images[1])
+        assert len(images) == 2 and images[0].shape == (128, 128) and not np.array_equal(images[0], images[1])
         again = client.post("/generate", json=PROMPT | {"num_images": 2, "steps": 6, "seed": 5}).json()
         assert again["images_png_base64"] == body["images_png_base64"]  # same seed, same images
 
@@ -249,7 +249,7 @@ def test_oip_generate_and_synthesize_with_stock_clients(live_server):
     assert [i["name"] for i in meta["inputs"]][:2] == ["PROMPT", "MODALITY"]
     result = http.infer("generate", _generate_inputs(httpclient), headers=headers)
     images = result.as_numpy("IMAGE")
-    assert images.shape == (2, 32, 32) and images.dtype == np.uint8 and result.as_numpy("SEED").tolist() == [9]
+    assert images.shape == (2, 128, 128) and images.dtype == np.uint8 and result.as_numpy("SEED").tolist() == [9]
 
     grpc = grpcclient.InferenceServerClient(live_server.grpc_address)
     headers = {"authorization": f"Bearer {live_server.api_key}"}  # the http client added its own keys to the other

@@ -90,7 +90,29 @@ def test_evaluate_generation_report_has_the_top_level_keys(tmp_path):
                 "selector_accuracy_best_of_2"):
         assert key in row and (row[key] is None or math.isfinite(row[key]) or math.isnan(row[key]))
     assert "trained here" in report["pix2pix_consistency"]["transunet"]  # no TransUNet run dir was given
+    assert "autoencoder" not in report  # a pixel-space generator has none to report
     json.dumps(report)  # JSON-ready
+
+
+def test_a_latent_generator_reports_its_autoencoder_on_the_held_out_images(tmp_path):
+    from core.phantoms import write_dataset
+    from core.text_encoders import load_text_encoder
+    from training.evaluate_generation import evaluate_generation
+    from training.selector import train_selector
+    from training.text2image import AutoencoderTrainConfig, Text2ImageTrainConfig, train_text2image
+
+    root = tmp_path / "generators"
+    csv = write_dataset("modality", 10, tmp_path / "data", seed=0, size=32) / "captions.csv"
+    test_csv = write_dataset("modality", 10, tmp_path / "test", seed=2000, size=32) / "captions.csv"
+    encoder = load_text_encoder("minilm", max_tokens=16)
+    train_selector(csv, csv, root / "selector", preset="tiny", epochs=1, steps_per_epoch=2, batch_size=5)
+    train_text2image(csv, csv, root / "text2image", preset="tiny_latent", epochs=1, steps_per_epoch=1,
+                     encoder=encoder, config=Text2ImageTrainConfig(batch_size=4),
+                     autoencoder=AutoencoderTrainConfig(steps=2, batch_size=4))
+    report = evaluate_generation(root, test_csv, per_modality=2, best_of=1, steps=2, text_encoder=encoder)
+    auto = report["autoencoder"]
+    assert auto["n"] == 10 and math.isfinite(auto["psnr"]) and -1.0 <= auto["ssim"] <= 1.0
+    assert report["settings"]["image_size"] == 32 and "16 px" in report["settings"]["selector_input"]
 
 
 def test_committed_generators_make_recognisable_modalities():
@@ -104,6 +126,7 @@ def test_committed_generators_make_recognisable_modalities():
                "chest_xray": "chest x-ray, cardiomegaly", "chest_ct": "chest ct, right lung nodule",
                "brain_mri": "brain mri, glioma"}
     images = pipe.sample(list(prompts.values()), list(prompts), steps=25, seed=0)
+    assert images.shape == (5, 1, 128, 128)  # latent diffusion, decoded
     with torch.no_grad():
         predicted = pipe.selector(images).modality_logits.argmax(1).tolist()
     assert sum(p == i for i, p in enumerate(predicted)) >= 4, predicted
@@ -112,3 +135,11 @@ def test_committed_generators_make_recognisable_modalities():
     assert out.shape == (2, 128, 128)
     # The lesion (mask) is rendered darker than its surroundings, as in B-mode ultrasound.
     assert all(o[m > 0].mean() < o[m == 0].mean() for o, m in zip(out, masks, strict=True))
+
+
+def test_committed_generators_stay_within_their_size_budget():
+    """README, "MINIM-style text + modality -> image": the committed weights stay under 7 MiB."""
+    from weights.generators import GENERATORS_DIR
+
+    weights = sum(p.stat().st_size for p in GENERATORS_DIR.glob("*/weights.safetensors"))
+    assert weights < 7 * 2**20, f"{weights / 2**20:.2f} MiB"
