@@ -153,11 +153,16 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
         from export.generators import export_generator_artifacts
 
         t = time.perf_counter()
-        export_generator_artifacts(out_dir, args.export, threads=args.threads)
+        try:
+            manifest = export_generator_artifacts(out_dir, args.export, threads=args.threads)
+            exported: dict[str, Any] = {"dir": str(args.export), "graphs": sorted(manifest.get("graphs", {}))}
+        except Exception as exc:  # a failed export is a result of the run, not the end of it
+            exported = {"dir": str(args.export), "error": f"{type(exc).__name__}: {exc}"}
         timings["export_s"] = time.perf_counter() - t
     load.append(os.getloadavg())
     fid_base, fid_tuned = comparison["fid_base"], comparison["fid_finetuned"]
     result: dict[str, Any] = {
+        **({"export": exported} if args.export else {}),
         "rlhf_win_rate": comparison["win_rate_defect"],
         "rlhf_modality_accuracy": comparison["modality_accuracy_finetuned"],
         "fid_base": fid_base,

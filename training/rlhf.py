@@ -362,12 +362,12 @@ class RLHFConfig:
         sample_steps / guidance_scale: how the RWR samples are generated (the service's defaults).
     """
 
-    samples: int = 600
-    steps: int = 250
+    samples: int = 400
+    steps: int = 300
     batch_size: int = 16
     lr: float = 1e-4
-    temperature: float = 0.35
-    real_weight: float = 1.0
+    temperature: float = 0.05
+    real_weight: float = 2.0
     p_uncond: float = 0.1
     snr_gamma: float | None = 5.0
     sample_steps: int = 25
@@ -401,8 +401,10 @@ def denoising_losses(model: Text2ImageModel, scheduler: Any, text_encoder: Any, 
                      prompts: list[str], modality_ids: torch.Tensor, generator: torch.Generator, *,
                      p_uncond: float = 0.0, snr_gamma: float | None = 5.0) -> torch.Tensor:
     """Per-image ``(B,)`` denoising loss of ``images (B, 1, S, S)`` in [0, 1]: training.text2image's objective
-    (random t, the model's prediction type, min-SNR weighting, condition dropout ``p_uncond``) unreduced."""
-    x0 = images * 2.0 - 1.0
+    (random t, the model's prediction type, min-SNR weighting, condition dropout ``p_uncond``) unreduced, in the
+    model's space (pixels, or the frozen autoencoder's latents of a latent model)."""
+    with torch.no_grad():
+        x0 = model.encode(images)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
     noisy = scheduler.add_noise(x0, noise, t)
@@ -485,7 +487,9 @@ def weighted_finetune(base: Text2ImageModel, text_encoder: Any, pool: torch.Tens
     pool_ids = model.modality_ids(list(modalities))
     use_real = real is not None and config.real_weight > 0
     real_ids = model.modality_ids(real.modalities) if use_real else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    frozen = {id(p) for p in model.autoencoder.parameters()} if model.autoencoder is not None else set()
+    trainable = [p for p in model.parameters() if id(p) not in frozen]  # a latent model's autoencoder stays
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 17)
     totals = {"rwr_loss": 0.0, "real_loss": 0.0}
     for _ in range(config.steps):
@@ -504,7 +508,7 @@ def weighted_finetune(base: Text2ImageModel, text_encoder: Any, pool: torch.Tens
         totals["rwr_loss"] += float(loss_rwr.detach())
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
     model.eval()
     effective = float(weights.sum() ** 2 / (weights**2).sum())
