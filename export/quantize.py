@@ -38,8 +38,10 @@ INT8_MIN_DICE = 0.98
 # the binary masks (Dice >= 0.98, graph and whole pipeline) decide the rest.
 INT8_BOUNDS: dict[str, float] = {"transunet": 0.6, "image_encoder": 1.5, "mask_decoder": 2.0, "gate": 0.2}
 # Operators quantized per graph (None: every operator ONNX Runtime can quantize). TransUNet with every
-# operator in int8 gave a phantom mask at Dice 0.970 against torch; Conv + MatMul kept every one >= 0.989.
-INT8_OPS: dict[str, tuple[str, ...] | None] = {"transunet": ("Conv", "MatMul"), "image_encoder": ("MatMul",),
+# operator in int8 gave a phantom mask at Dice 0.970 against torch. Conv + MatMul kept its check phantoms >= 0.989
+# but, once the served answer averaged a mirrored pass (training.calibration's segment rules), an unseen phantom
+# (seed 4242) fell to 0.974; MatMul alone kept 32 unseen phantoms >= 0.996 at the same speed within noise.
+INT8_OPS: dict[str, tuple[str, ...] | None] = {"transunet": ("MatMul",), "image_encoder": ("MatMul",),
                                                "mask_decoder": ("MatMul",), "gate": ("Conv",)}
 
 

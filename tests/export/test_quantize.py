@@ -19,7 +19,7 @@ from core.phantoms import breast_ultrasound, sample_seed
 from export.__main__ import main
 from export.fused_encoder import FusedRelPosAttention, fused_sam
 from export.parity import dice
-from export.quantize import INT8_MIN_DICE, phantom_images
+from export.quantize import INT8_MIN_DICE, INT8_OPS, phantom_images
 from inference.artifacts import load_artifacts
 from inference.engines import OnnxRuntimeEngine, TorchEngine
 from inference.pipeline import SegmentationPipeline, SegmentOptions
@@ -37,9 +37,11 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-def test_int8_of_a_random_tiny_model_is_refused(tmp_path, capsys):
-    # A random network's probabilities hover near the threshold over much of the image; int8 rounding
-    # flips those pixels (mask Dice 0.94-0.97 against torch), so the export must fail and write nothing.
+def test_int8_of_a_random_tiny_model_is_refused(tmp_path, capsys, monkeypatch):
+    # A random network's probabilities hover near the threshold over much of the image; int8 convolutions
+    # flip those pixels (mask Dice 0.94-0.97 against torch), so the export must fail and write nothing. (The
+    # tiny TransUNet has too few MatMuls for the default MatMul-only set to show it.)
+    monkeypatch.setitem(INT8_OPS, "transunet", ("Conv", "MatMul"))
     run = make_tiny_run(tmp_path / "run")
     out = tmp_path / "int8"
     assert main(["onnx", "--model", str(run), "--out", str(out), "--int8"]) == 1
@@ -66,9 +68,9 @@ def test_int8_graph_holds_int8_weights(exported):
     optimized = exported
     model = onnx.load(str(optimized / "transunet.onnx"))
     ops = {node.op_type for node in model.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
-    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
-    assert int8_weights, "no int8 convolution weights in the quantized TransUNet"
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert int8_weights, "no int8 MatMul weights in the quantized TransUNet"
 
 
 def test_int8_masks_match_fp32_on_unseen_phantoms(exported):
