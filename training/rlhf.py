@@ -27,7 +27,7 @@ from weights.checkpoints import file_sha256, save_run
 
 log = logging.getLogger(__name__)
 
-PHANTOM_SIZE = 64  # the size the training phantoms are written at (training.text2image.write_modality_dataset)
+MIN_PHANTOM_SIZE = 64  # phantoms are drawn at max(size, 64) and resized, as the generators' training sets are
 SEEDS = {"reference": 210_000, "real": 220_000}  # phantom seeds: the rater's reference set, the replay set
 
 
@@ -47,15 +47,16 @@ class RealPhantoms:
 
 
 def real_phantoms(n: int, size: int, seed: int, modalities: Sequence[str] | None = None) -> RealPhantoms:
-    """``n`` captioned phantoms (written at 64 px as the training set, resized to ``size`` as the selector
-    resizes); ``modalities`` restricts and orders the cycle (default: all of core.phantoms.MODALITIES)."""
+    """``n`` captioned phantoms, drawn at ``max(size, 64)`` px and resized to ``size`` (as the selector resizes):
+    the generators' training sets are drawn at 64 (32 px models) or at their size (128 px); ``modalities``
+    restricts and orders the cycle (default: all of core.phantoms.MODALITIES)."""
     from core.phantoms import MODALITIES, modality_image, sample_seed
 
     names = list(modalities or MODALITIES)
     images, captions, mods = [], [], []
     for i in range(n):
         modality = names[i % len(names)]
-        image, caption = modality_image(modality, sample_seed(seed, i), PHANTOM_SIZE)
+        image, caption = modality_image(modality, sample_seed(seed, i), max(int(size), MIN_PHANTOM_SIZE))
         images.append(image)
         captions.append(caption)
         mods.append(modality)
