@@ -21,6 +21,7 @@ import numpy as np
 
 _HELP = """The ratings loop (docs/rlhf.md), in one process over a private platform data directory:
 
+  0. calibrate the simulated rater's 1-5 scale on --n-calibration base images (their own prompts and seeds);
   1. generate --n-ratings images from the base generators (training prompts, training seeds);
   2. rate each 1-5 with the simulated rater and store it with medplatform.feedback.save_generation_rating;
   3. read the ratings back (list_generation_ratings), regenerate each image from its stored identity, train
@@ -33,7 +34,7 @@ _HELP = """The ratings loop (docs/rlhf.md), in one process over a private platfo
 """
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SEEDS = {"ratings": 300_000, "eval": 400_000, "prompts": 7}  # disjoint noise-seed ranges
+SEEDS = {"ratings": 300_000, "eval": 400_000, "calibration": 500_000, "prompts": 7}  # disjoint noise-seed ranges
 GENERATION = {"steps": 25, "guidance_scale": 1.5}  # the service's defaults
 
 
@@ -56,6 +57,19 @@ def prompt_split(modalities: Sequence[str], count_tokens: Any, max_tokens: int, 
     shuffled = [items[i] for i in order]
     half = len(shuffled) // 2
     return shuffled[:half], shuffled[half:]
+
+
+def calibration_split(prompts: Sequence[tuple[str, str]], fraction: float
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(calibration prompts, the rest)``: the first ``fraction`` of each modality's prompts (at least one)
+    in ``prompts``' order; no prompt text is in both."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction}")
+    by_modality: dict[str, list[tuple[str, str]]] = {}
+    for pair in prompts:
+        by_modality.setdefault(pair[1], []).append(pair)
+    chosen = {p for rows in by_modality.values() for p in rows[:max(1, int(round(len(rows) * fraction)))]}
+    return [p for p in prompts if p in chosen], [p for p in prompts if p not in chosen]
 
 
 def _machine() -> dict[str, Any]:
@@ -111,7 +125,19 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     version = f"text2image@{file_sha256(base_dir / 'text2image' / 'weights.safetensors')[:12]}"
     train_prompts, eval_prompts = prompt_split(pipe.modalities, pipe.text_encoder.count_tokens,
                                                pipe.text_encoder.max_tokens)
-    rater = SimulatedRater.from_phantoms(pipe.selector, pipe.image_size, per_modality=args.reference_per_modality)
+    calibration_prompts, train_prompts = calibration_split(train_prompts, args.calibration_fraction)
+    model = pipe.model
+    rater = SimulatedRater.from_phantoms(pipe.selector, pipe.image_size, per_modality=args.reference_per_modality,
+                                         roundtrip=lambda x: model.decode(model.encode(x)))
+
+    # 0. The rater's scale, fixed on base images of prompts and seeds used nowhere else, before any fine-tuning
+    t = time.perf_counter()
+    cal_items = [(*calibration_prompts[i % len(calibration_prompts)], SEEDS["calibration"] + i)
+                 for i in range(args.n_calibration)]
+    cal_ids = rater.modality_ids([m for _, m, _ in cal_items])
+    calibration = rater.calibrate(generate(pipe, cal_items, **GENERATION), cal_ids)
+    calibration["n_prompts"] = len(calibration_prompts)
+    timings["calibrate_s"] = time.perf_counter() - t
 
     # 1. Base images for rating (one image per request: index 0 of seed s is the noise of seed s)
     t = time.perf_counter()
@@ -145,7 +171,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     # 4. Evaluation on new prompts and seeds, through the saved generators directory
     t = time.perf_counter()
     tuned = load_text2image_pipeline(out_dir, text_encoder=pipe.text_encoder)
-    eval_items = [(*eval_prompts[i % len(eval_prompts)], SEEDS["eval"] + i) for i in range(args.n_eval)]
+    eval_items = [(*eval_prompts[i % len(eval_prompts)], args.eval_seed + i) for i in range(args.n_eval)]
     real = real_phantoms(args.n_real_eval, pipe.image_size, TRAIN_SEEDS["reference"] + 5_000, list(pipe.modalities))
     comparison = compare_generators(pipe, tuned, rater, eval_items, real, **GENERATION)
     timings["evaluate_s"] = time.perf_counter() - t
@@ -171,6 +197,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
         "n_ratings": len(rated),
         "reward_spearman": report["reward"].get("spearman_val"),
         "goals": {"win_rate": 0.60, "modality_accuracy": 0.9, "fid_change_at_most": 0.10},
+        "rater_calibration": calibration,
         "rating_histogram_base_rated": {str(k): int((scores.rating == k).sum()) for k in range(1, 6)},
         "evaluation": comparison,
         "reward": report["reward"],
@@ -179,6 +206,10 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
                      "base_generator_version": version, "n_train_prompts": len(train_prompts),
                      "n_eval_prompts": len(eval_prompts), "generators_out": str(out_dir)},
         "notes": {
+            "rater": "the simulated rater is calibrated on base images of prompts and seeds disjoint from the rated "
+                     "and the evaluation ones (rater_calibration: per-term scales, per-modality quintile "
+                     "thresholds), then frozen for rating, fine-tuning and evaluation; no hyper-parameter was "
+                     "tuned on the evaluation pairs",
             "win_rate": "rlhf_win_rate compares the rater's fine defect score of the two images of each same-prompt "
                         "same-seed pair (a preference judgement; equal scores count half); "
                         "evaluation.win_rate_rating is the same by 1-5 rating (ties, most pairs, count half)",
@@ -223,7 +254,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary platform data")
     parser.add_argument("--dataset", default="generation-ratings", help="the platform's ratings dataset")
     parser.add_argument("--n-ratings", type=int, default=300)
+    parser.add_argument("--n-calibration", type=int, default=150,
+                        help="base images that fix the rater's 1-5 scale (prompts and seeds of their own)")
+    parser.add_argument("--calibration-fraction", type=float, default=0.25,
+                        help="share of each modality's training prompts reserved for the rater's calibration")
     parser.add_argument("--n-eval", type=int, default=200, help="same-prompt same-seed pairs on new prompts/seeds")
+    parser.add_argument("--eval-seed", type=int, default=SEEDS["eval"],
+                        help="first noise seed of the evaluation pairs; another range (e.g. 600000) gives validation "
+                             "pairs for tuning, disjoint from the reported ones")
     parser.add_argument("--n-real", type=int, default=600, help="real phantoms in the fine-tuning regulariser")
     parser.add_argument("--n-real-eval", type=int, default=200, help="real phantoms for the Frechet distance")
     parser.add_argument("--reference-per-modality", type=int, default=40, help="the rater's real phantoms")

@@ -95,13 +95,14 @@ class RaterConfig:
 @dataclass
 class RaterScores:
     """Per image ``(B,)``: ``rating`` int64 in 1..5, ``defect`` >= 0 (the rater's fine score, lower is better)
-    and its three measurements."""
+    and its measurements (``intensity``: see :class:`SimulatedRater`)."""
 
     rating: torch.Tensor
     defect: torch.Tensor
     p_modality: torch.Tensor
     noise_ratio: torch.Tensor
     typicality: torch.Tensor
+    intensity: torch.Tensor
 
 
 def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
@@ -111,24 +112,37 @@ def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
 
 
 class SimulatedRater:
-    """Rates generated images 1-5 from three measurable properties (docs/rlhf.md):
+    """Rates generated images 1-5 from measurable properties (docs/rlhf.md):
 
     - ``p_modality``: the selector's probability of the requested modality;
     - ``noise_ratio``: high-frequency energy over the mean of real phantoms of that modality (the base
       model's images carry residual sampling noise: ratios of 1.3-2 are common);
     - ``typicality``: distance of the selector's features to the real phantoms' feature mean of that
-      modality, over the real phantoms' own mean distance (1 = as typical as a real phantom).
+      modality, over the real phantoms' own mean distance (1 = as typical as a real phantom);
+    - ``intensity``: mean absolute z-score of the image's mean and standard deviation of intensity against
+      the real phantoms of that modality.
+
+    Uncalibrated, the defect and stars follow :class:`RaterConfig`. :meth:`calibrate` fits the rater to a
+    generator: the defect becomes a sum of the four measurements, each in units of its spread over a calibration
+    pool of that generator's images, and the stars are set at the pool's per-modality quintiles.
 
     Args:
         selector: the modality classifier (eval mode); its ``config.modalities`` fixes the modality ids.
         reference: real phantoms, at least two per modality.
+        roundtrip: optional ``(B, 1, S, S) -> (B, 1, S, S)`` in [0, 1] (a latent generator's frozen autoencoder,
+            encode then decode); when given, ``noise_ratio`` is against the round-tripped phantoms, so that the
+            autoencoder's own smoothing (which fine-tuning the denoiser cannot change) is not counted.
     """
 
-    def __init__(self, selector: Selector, reference: RealPhantoms, config: RaterConfig | None = None) -> None:
+    TERMS = ("noise", "typicality", "confidence", "intensity")
+
+    def __init__(self, selector: Selector, reference: RealPhantoms, config: RaterConfig | None = None,
+                 roundtrip: Any = None) -> None:
         self.selector = selector.eval()
         self.config = config or RaterConfig()
         self.modalities = tuple(selector.config.modalities)
-        hf, centre, spread = [], [], []
+        self.calibration: dict[str, Any] | None = None
+        hf, centre, spread, stats = [], [], [], []
         with torch.no_grad():
             for modality in self.modalities:
                 rows = [i for i, m in enumerate(reference.modalities) if m == modality]
@@ -137,19 +151,24 @@ class SimulatedRater:
                 images = reference.images[rows]
                 feats = self.selector(images).features
                 mean = feats.mean(0)
-                hf.append(high_frequency_energy(images).mean())
+                hf.append(high_frequency_energy(roundtrip(images) if roundtrip is not None else images).mean())
                 centre.append(mean)
                 spread.append((feats - mean).norm(dim=1).mean())
+                moments = _intensity_moments(images)  # (n, 2)
+                stats.append(torch.stack([moments.mean(0), moments.std(0).clamp(min=1e-4)]))
         self.hf_real = torch.stack(hf)  # (M,)
         self.feature_mean = torch.stack(centre)  # (M, F)
         self.feature_spread = torch.stack(spread)  # (M,)
+        self.intensity_stats = torch.stack(stats)  # (M, 2 [mean, std over phantoms], 2 [image mean, image std])
 
     @classmethod
     def from_phantoms(cls, selector: Selector, size: int, *, per_modality: int = 40,
-                      seed: int = SEEDS["reference"], config: RaterConfig | None = None) -> SimulatedRater:
+                      seed: int = SEEDS["reference"], config: RaterConfig | None = None,
+                      roundtrip: Any = None) -> SimulatedRater:
         """A rater whose reference is ``per_modality`` phantoms of each of the selector's modalities."""
         modalities = list(selector.config.modalities)
-        return cls(selector, real_phantoms(per_modality * len(modalities), size, seed, modalities), config)
+        return cls(selector, real_phantoms(per_modality * len(modalities), size, seed, modalities), config,
+                   roundtrip)
 
     def modality_ids(self, modalities: Sequence[str]) -> torch.Tensor:
         index = {m: i for i, m in enumerate(self.modalities)}
@@ -159,18 +178,76 @@ class SimulatedRater:
         return torch.tensor([index[m] for m in modalities], dtype=torch.long)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, modality_ids: torch.Tensor) -> RaterScores:
-        """``images (B, 1, H, W)`` in [0, 1], ``modality_ids (B,)`` -> :class:`RaterScores`."""
-        c = self.config
+    def measure(self, images: torch.Tensor, modality_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images (B, 1, H, W)`` in [0, 1] -> ``{"p_modality", "noise_ratio", "typicality", "intensity"}``,
+        each ``(B,)``."""
         out = self.selector(images)
         p_mod = F.softmax(out.modality_logits, dim=1).gather(1, modality_ids[:, None])[:, 0]
         noise_ratio = high_frequency_energy(images) / self.hf_real[modality_ids]
         typicality = (out.features - self.feature_mean[modality_ids]).norm(dim=1) / self.feature_spread[modality_ids]
-        defect = (c.noise_weight * torch.log2(noise_ratio.clamp(min=1e-6)).clamp(min=0.0)
-                  + c.typicality_weight * (typicality - 1.0).clamp(min=0.0)
-                  + c.confidence_weight * (c.min_confidence - p_mod).clamp(min=0.0))
-        stars = 5 - (defect[:, None] > torch.tensor(c.thresholds)[None]).sum(dim=1)
-        return RaterScores(stars.long(), defect, p_mod, noise_ratio, typicality)
+        stats = self.intensity_stats[modality_ids]  # (B, 2, 2)
+        intensity = ((_intensity_moments(images) - stats[:, 0]) / stats[:, 1]).abs().mean(dim=1)
+        return {"p_modality": p_mod, "noise_ratio": noise_ratio, "typicality": typicality, "intensity": intensity}
+
+    @staticmethod
+    def terms(measured: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, 4)``: the calibrated defect's raw terms (:attr:`TERMS`): ``|log2 noise_ratio|``, typicality,
+        ``1 - p_modality``, intensity z-score; each is larger for a worse image."""
+        return torch.stack([torch.log2(measured["noise_ratio"].clamp(min=1e-6)).abs(), measured["typicality"],
+                            1.0 - measured["p_modality"], measured["intensity"]], dim=1)
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, modality_ids: torch.Tensor, *,
+                  weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> dict[str, Any]:
+        """Fit the 1-5 scale to a generator from a calibration pool of its images ``(N, 1, S, S)`` in [0, 1]
+        (their own prompts and seeds, never rated nor evaluated): each term's scale is its standard deviation
+        within a modality over the pool, and each modality's four star thresholds are the pool's quintiles of
+        the defect, so that the pool's images spread evenly over 1-5.
+        Frozen afterwards; returns the calibration (JSON-ready)."""
+        terms = self.terms(self.measure(images, modality_ids))
+        centred = terms.clone()
+        for m in modality_ids.unique():
+            centred[modality_ids == m] -= terms[modality_ids == m].mean(0)
+        scales = centred.std(0).clamp(min=1e-6)  # the spread within a modality
+        w = torch.tensor([float(v) for v in weights])
+        if len(w) != len(self.TERMS) or bool((w < 0).any()):
+            raise ValueError(f"calibrate: weights must be {len(self.TERMS)} numbers >= 0, got {list(weights)}")
+        defect = (terms / scales * w).sum(1)
+        thresholds = torch.zeros(len(self.modalities), 4)
+        for m in range(len(self.modalities)):
+            rows = modality_ids == m
+            if int(rows.sum()) < 5:
+                raise ValueError(f"calibrate: {int(rows.sum())} {self.modalities[m]!r} images; need >= 5")
+            thresholds[m] = torch.quantile(defect[rows], torch.tensor([0.2, 0.4, 0.6, 0.8]))
+        self.calibration = {"scales": scales, "weights": w, "thresholds": thresholds}
+        return {"n_images": len(images), "terms": list(self.TERMS),
+                "term_scales": [float(v) for v in scales], "term_weights": [float(v) for v in w],
+                "thresholds": {name: [float(v) for v in thresholds[m]] for m, name in enumerate(self.modalities)},
+                "per_modality": {name: int((modality_ids == m).sum()) for m, name in enumerate(self.modalities)}}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, modality_ids: torch.Tensor) -> RaterScores:
+        """``images (B, 1, H, W)`` in [0, 1], ``modality_ids (B,)`` -> :class:`RaterScores`."""
+        c = self.config
+        m = self.measure(images, modality_ids)
+        p_mod, noise_ratio, typicality = m["p_modality"], m["noise_ratio"], m["typicality"]
+        if self.calibration is not None:
+            cal = self.calibration
+            defect = (self.terms(m) / cal["scales"] * cal["weights"]).sum(1)
+            thresholds = cal["thresholds"][modality_ids]  # (B, 4)
+        else:
+            defect = (c.noise_weight * torch.log2(noise_ratio.clamp(min=1e-6)).clamp(min=0.0)
+                      + c.typicality_weight * (typicality - 1.0).clamp(min=0.0)
+                      + c.confidence_weight * (c.min_confidence - p_mod).clamp(min=0.0))
+            thresholds = torch.tensor(c.thresholds)[None].expand(len(images), 4)
+        stars = 5 - (defect[:, None] > thresholds).sum(dim=1)
+        return RaterScores(stars.long(), defect, p_mod, noise_ratio, typicality, m["intensity"])
+
+
+def _intensity_moments(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` -> ``(B, 2)``: each image's mean and standard deviation of intensity."""
+    flat = images.flatten(1)
+    return torch.stack([flat.mean(1), flat.std(1)], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -571,7 +648,7 @@ def compare_generators(base_pipe: Any, tuned_pipe: Any, rater: SimulatedRater, i
         out[f"modality_accuracy_{name}"] = float((sel.modality_logits.argmax(1) == ids).float().mean())
         out[f"rating_mean_{name}"] = float(scores[name].rating.float().mean())
         out[f"rating_histogram_{name}"] = {str(k): int((scores[name].rating == k).sum()) for k in range(1, 6)}
-        for key in ("noise_ratio", "typicality", "p_modality"):
+        for key in ("noise_ratio", "typicality", "p_modality", "intensity"):
             out[f"{key}_median_{name}"] = float(getattr(scores[name], key).median())
     b, t = scores["base"], scores["finetuned"]
     out["win_rate_defect"] = float(((t.defect < b.defect).float() + 0.5 * (t.defect == b.defect).float()).mean())

@@ -33,8 +33,9 @@ def test_rlhf_loop_end_to_end_on_tiny_generators(tiny_generators, tmp_path, sing
     out, results = tmp_path / "generators", tmp_path / "rlhf.json"
     code = main(["rlhf", "--generators", str(tiny_generators), "--generators-out", str(out), "--work",
                  str(tmp_path / "work"), "--out", str(results), "--n-ratings", "12", "--n-eval", "6",
-                 "--n-real", "10", "--n-real-eval", "10", "--reference-per-modality", "2", "--samples", "10",
-                 "--steps", "2", "--batch-size", "4", "--reward-steps", "5", "--reward-preset", "tiny"])
+                 "--n-calibration", "40", "--n-real", "10", "--n-real-eval", "10", "--reference-per-modality", "2",
+                 "--samples", "10", "--steps", "2", "--batch-size", "4", "--reward-steps", "5",
+                 "--reward-preset", "tiny"])
     assert code == 0
     report = json.loads(results.read_text())
     for key in ("rlhf_win_rate", "rlhf_modality_accuracy", "fid_base", "fid_finetuned", "n_ratings",
@@ -44,6 +45,10 @@ def test_rlhf_loop_end_to_end_on_tiny_generators(tiny_generators, tmp_path, sing
     assert 0.0 <= report["rlhf_modality_accuracy"] <= 1.0
     assert report["n_ratings"] == 12 and report["evaluation"]["n_pairs"] == 6
     assert sum(report["rating_histogram_base_rated"].values()) == 12
+    # the rater's scale was fixed on base images of its own prompts before the ratings: increasing thresholds
+    calibration = report["rater_calibration"]
+    assert calibration["n_images"] == 40 and sum(calibration["per_modality"].values()) == 40
+    assert all(t == sorted(t) for t in calibration["thresholds"].values())
     # the ratings went through the platform and name what regenerates each image
     platform = open_platform({"MEDREFINE_DATA_DIR": str(tmp_path / "work" / "platform")},
                              bentoml_home=tmp_path / "work" / "bentoml")

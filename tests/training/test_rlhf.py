@@ -168,3 +168,41 @@ def test_reward_model_ranks_best_of_n(committed_selector, single_thread_torch, t
     for k in range(2):
         want = np.round(candidates[3 * k + int(best[k]), 0].numpy() * 255.0).astype(np.uint8)
         assert np.array_equal(chosen[k], want)
+
+
+def _degraded_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """``n`` real phantoms with Gaussian noise of a per-image sigma in [0, 0.12] (a generator's varying quality)."""
+    real = real_phantoms(n, 32, seed=seed)
+    sigmas = torch.linspace(0.0, 0.12, n)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    noise = torch.randn(real.images.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return (real.images + sigmas[:, None, None, None] * noise).clamp(0.0, 1.0), real.modalities, sigmas
+
+
+def test_calibrated_rater_spreads_a_new_pool_over_the_whole_scale(committed_selector, single_thread_torch):
+    rater = SimulatedRater.from_phantoms(committed_selector, 32, per_modality=10)
+    images, modalities, _ = _degraded_pool(100, seed=30)
+    before = rater(images, rater.modality_ids(modalities)).rating
+    calibration = rater.calibrate(images, rater.modality_ids(modalities))
+    assert set(calibration["thresholds"]) == set(rater.modalities)
+    # a fresh pool of the same kind (other phantoms, other noise), rated by the frozen calibrated rater
+    fresh, fresh_modalities, sigmas = _degraded_pool(100, seed=31)
+    scores = rater(fresh, rater.modality_ids(fresh_modalities))
+    counts = torch.bincount(scores.rating, minlength=6)[1:]
+    assert int(counts.min()) >= 8 and int(counts.max()) <= 35, counts.tolist()  # every star used, none dominant
+    assert int(torch.bincount(before, minlength=6)[1:].max()) > int(counts.max())  # the fixed scale bunched up
+    order = sigmas.argsort()
+    assert float(scores.rating[order[:20]].float().mean()) > float(scores.rating[order[-20:]].float().mean()) + 1.5
+
+
+def test_rater_roundtrip_reference_discounts_the_autoencoders_smoothing(committed_selector, single_thread_torch):
+    """With a smoothing round trip as reference, smoothed phantoms have the reference's noise energy."""
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+
+    real = real_phantoms(20, 32, seed=7)
+    plain = SimulatedRater.from_phantoms(committed_selector, 32, per_modality=10)
+    smoothed = SimulatedRater.from_phantoms(committed_selector, 32, per_modality=10, roundtrip=blur)
+    ids = plain.modality_ids(real.modalities)
+    off = torch.log2(plain(blur(real.images), ids).noise_ratio).abs()
+    on = torch.log2(smoothed(blur(real.images), ids).noise_ratio).abs()
+    assert float(off.median()) > 1.0 and float(on.median()) < 0.5
