@@ -145,5 +145,5 @@ def test_generate_panel_shows_the_generated_images(browser, live_server):
     script = ("const imgs = [...document.querySelectorAll('#gen-gallery img')];"
               "return imgs.every(i => i.complete) ? imgs.map(i => [i.naturalWidth, i.naturalHeight]) : null;")
     sizes = WebDriverWait(browser, 10).until(lambda d: d.execute_script(script))
-    assert sizes == [[32, 32]] * 4  # four images (the panel's default) at the generator's size
+    assert sizes == [[128, 128]] * 4  # four images (the panel's default) at the generator's size
     assert "seed" in browser.find_element(By.ID, "gen-status").text
