@@ -121,12 +121,13 @@ def version_metrics(run: Mapping[str, Any], evaluation: Mapping[str, Any] | None
 
 def generator_metrics(run: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
     """A generator version's metrics (``pipeline.kind == "generators"``): the consistency Dice its export
-    measured (``python -m export genseg``; None for stage one, which records none) and what its run recorded.
+    measured (``python -m export genseg``; None for stage one, which records none), what its run recorded, and
+    ``trained_by``: ``genseg``, else the registered run's phase (``pix2pix``, ``text2image``, ``rlhf``...).
     The segmentation metrics are None: a generator segments nothing."""
     source = manifest.get("source") or {}
     consistency = dict(source.get("consistency") or {})
     metrics: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
     metrics.update(consistency_dice=consistency.get("dice"), consistency=consistency or None,
-                   trained_by="genseg" if source.get("kind") == "genseg" else "pix2pix",
+                   trained_by="genseg" if source.get("kind") == "genseg" else str(run.get("phase") or "pix2pix"),
                    run_metrics=dict(run.get("metrics") or {}), source="export manifest")
     return metrics

@@ -277,3 +277,14 @@ def _migrated(path: Path) -> str:
     url = f"sqlite:///{path}"
     db.upgrade(url)
     return url
+
+
+def test_generator_versions_say_how_they_were_trained():
+    from medplatform.provenance import generator_metrics
+
+    genseg = generator_metrics({"phase": "genseg"}, {"source": {"kind": "genseg", "consistency": {"dice": 0.8}}})
+    rlhf = generator_metrics({"phase": "rlhf", "metrics": {"steps": 300}}, {"source": {"kind": "generators"}})
+    stage_one = generator_metrics({}, {"source": {"kind": "generators"}})
+    assert (genseg["trained_by"], genseg["consistency_dice"], genseg["dice"]) == ("genseg", 0.8, None)
+    assert (rlhf["trained_by"], rlhf["run_metrics"]) == ("rlhf", {"steps": 300})
+    assert stage_one["trained_by"] == "pix2pix"
