@@ -18,14 +18,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from core.imageio import to_uint8
-from inference.pipeline import SegmentationPipeline, SegmentOptions
+from inference.pipeline import SegmentationPipeline
 from service.errors import NotReady, QueueFullError, RequestTimeoutError
 from service.grpc_server import start_grpc_server
 from service.metrics import REGISTRY
-from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
+from service.oip_models import ModelRegistry, SegmentModel
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.support.artifact_factory import phantom_images, shared_tiny_artifacts
+from tests.support.oip_checks import CaptionModel, assert_segment_outputs, expected_segment
 from tests.support.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
@@ -92,25 +93,6 @@ def _image_input(array: np.ndarray, datatype: str = "UINT8", name: str = "IMAGE"
     return tensor
 
 
-def _expected(pipeline: SegmentationPipeline, image_uint8: np.ndarray, threshold: float | None = None):
-    options = SegmentOptions(threshold=threshold) if threshold is not None else None
-    (result,) = pipeline.segment([image_uint8.astype(np.float32) / 255.0], options)
-    return result
-
-
-def _assert_matches(outputs: dict[str, np.ndarray], expected, shape: tuple[int, int]) -> None:
-    assert outputs["MASK"].dtype == np.uint8 and outputs["MASK"].shape == shape
-    assert outputs["PROBABILITY"].dtype == np.float32 and outputs["PROBABILITY"].shape == shape
-    assert outputs["BOX"].dtype == np.float32 and outputs["BOX"].shape == (4,)
-    assert outputs["IOU"].dtype == np.float32 and outputs["IOU"].shape == (1,)
-    np.testing.assert_array_equal(outputs["MASK"], expected.mask)
-    np.testing.assert_allclose(outputs["PROBABILITY"], expected.probability, atol=1e-6)
-    np.testing.assert_allclose(outputs["BOX"], expected.box, atol=1e-5)
-    np.testing.assert_allclose(outputs["IOU"][0], expected.iou, atol=1e-6)
-    for name, value in (("NEEDS_REVIEW", expected.needs_review), ("LESION_FOUND", expected.lesion_found)):
-        if name in outputs:  # the review flag and "no finding" travel as BOOL [1], as the pipeline decided them
-            assert outputs[name].dtype == np.bool_ and outputs[name].shape == (1,)
-            assert bool(outputs[name][0]) == value
 
 
 def test_health_and_metadata_with_stock_client(server):
@@ -140,7 +122,7 @@ def test_infer_raw_contents_with_stock_client_matches_pipeline(server, pipeline,
     outputs = {
         name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")
     }
-    _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
+    assert_segment_outputs(outputs, expected_segment(pipeline, phantom), phantom.shape)
 
 
 def test_infer_over_a_mebibyte_matches_pipeline(server, pipeline):
@@ -149,7 +131,7 @@ def test_infer_over_a_mebibyte_matches_pipeline(server, pipeline):
     client = grpcclient.InferenceServerClient(server.url, channel_args=[("grpc.max_receive_message_length", -1)])
     result = client.infer("segment", [_image_input(image)])
     outputs = {name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW")}
-    _assert_matches(outputs, _expected(pipeline, image), image.shape)
+    assert_segment_outputs(outputs, expected_segment(pipeline, image), image.shape)
 
 
 def test_infer_requested_outputs_and_threshold(server, pipeline, phantom):
@@ -157,7 +139,7 @@ def test_infer_requested_outputs_and_threshold(server, pipeline, phantom):
     outputs = [grpcclient.InferRequestedOutput("PROBABILITY"), grpcclient.InferRequestedOutput("MASK")]
     result = client.infer("segment", [_image_input(phantom)], outputs=outputs, parameters={"threshold": 0.25})
     assert [o.name for o in result.get_response().outputs] == ["PROBABILITY", "MASK"]
-    expected = _expected(pipeline, phantom, threshold=0.25)
+    expected = expected_segment(pipeline, phantom, threshold=0.25)
     np.testing.assert_allclose(result.as_numpy("PROBABILITY"), expected.probability, atol=1e-6)
     np.testing.assert_array_equal(result.as_numpy("MASK"), (result.as_numpy("PROBABILITY") > 0.25).astype(np.uint8))
 
@@ -170,26 +152,13 @@ def test_typed_contents_are_accepted(server, pipeline, phantom):
         reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     names = [o.name for o in reply.outputs]
     mask = np.frombuffer(reply.raw_output_contents[names.index("MASK")], dtype=np.uint8).reshape(phantom.shape)
-    np.testing.assert_array_equal(mask, _expected(pipeline, phantom).mask)
+    np.testing.assert_array_equal(mask, expected_segment(pipeline, phantom).mask)
 
-
-class _CaptionModel(OipModel):
-    """A generate-shaped test model (BYTES in, image + BYTES out) served next to ``segment``."""
-
-    name = "caption"
-    platform = "test"
-    inputs = (TensorSpec("PROMPT", "BYTES", ((1,),)), TensorSpec("MODALITY", "BYTES", ((1,),)))
-    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1),)), TensorSpec("CAPTION", "BYTES", ((1,),)))
-
-    async def run(self, runtime, inputs, parameters, *, protocol):
-        prompt, modality = bytes(inputs["PROMPT"][0]), bytes(inputs["MODALITY"][0])
-        image = np.full((len(prompt), len(modality)), len(prompt), dtype=np.uint8)
-        return {"IMAGE": image, "CAPTION": np.array([modality + b":" + prompt.upper()], dtype=object)}
 
 
 def test_a_new_model_is_served_without_transport_changes(pipeline):
     runtime = ServiceRuntime(ServiceSettings(artifacts=pipeline.artifacts.root), pipeline)
-    served = LoopGrpc(runtime, registry=ModelRegistry([SegmentModel(), _CaptionModel()]))
+    served = LoopGrpc(runtime, registry=ModelRegistry([SegmentModel(), CaptionModel()]))
     try:
         client = grpcclient.InferenceServerClient(served.url)
         inputs = [grpcclient.InferInput("PROMPT", [1], "BYTES"), grpcclient.InferInput("MODALITY", [1], "BYTES")]

@@ -26,10 +26,11 @@ from inference.pipeline import SegmentationPipeline
 from service.errors import QueueFullError, RequestTimeoutError
 from service.metrics import REGISTRY
 from service.oip_http import create_oip_app
-from service.oip_models import ModelRegistry, OipModel, SegmentModel, TensorSpec
+from service.oip_models import ModelRegistry, SegmentModel
 from service.runtime import ServiceRuntime
 from service.settings import ServiceSettings
 from tests.support.artifact_factory import phantom_images, shared_tiny_artifacts
+from tests.support.oip_checks import CaptionModel, assert_segment_outputs, expected_segment
 from tests.support.runtime_doubles import FailingRuntime
 
 pytestmark = pytest.mark.timeout(180)
@@ -114,29 +115,6 @@ def _image_input(array: np.ndarray, datatype: str = "UINT8", name: str = "IMAGE"
     return tensor
 
 
-def _expected(pipeline: SegmentationPipeline, gray_uint8: np.ndarray, threshold: float | None = None):
-    from inference.pipeline import SegmentOptions
-
-    options = SegmentOptions(threshold=threshold) if threshold is not None else None
-    (result,) = pipeline.segment([gray_uint8.astype(np.float32) / 255.0], options)
-    return result
-
-
-def _assert_matches(outputs: dict[str, np.ndarray], expected, shape: tuple[int, int]) -> None:
-    assert outputs["MASK"].dtype == np.uint8 and outputs["MASK"].shape == shape
-    assert outputs["PROBABILITY"].dtype == np.float32 and outputs["PROBABILITY"].shape == shape
-    assert outputs["BOX"].dtype == np.float32 and outputs["BOX"].shape == (4,)
-    assert outputs["IOU"].dtype == np.float32 and outputs["IOU"].shape == (1,)
-    assert set(np.unique(outputs["MASK"])) <= {0, 1}
-    assert 0.0 <= outputs["PROBABILITY"].min() and outputs["PROBABILITY"].max() <= 1.0
-    np.testing.assert_array_equal(outputs["MASK"], expected.mask)
-    np.testing.assert_allclose(outputs["PROBABILITY"], expected.probability, atol=1e-6)
-    np.testing.assert_allclose(outputs["BOX"], expected.box, atol=1e-5)
-    np.testing.assert_allclose(outputs["IOU"][0], expected.iou, atol=1e-6)
-    for name, value in (("NEEDS_REVIEW", expected.needs_review), ("LESION_FOUND", expected.lesion_found)):
-        if name in outputs:  # the review flag and "no finding" travel as BOOL [1], as the pipeline decided them
-            assert outputs[name].dtype == np.bool_ and outputs[name].shape == (1,)
-            assert bool(outputs[name][0]) == value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,7 +156,7 @@ def test_infer_binary_with_stock_client_matches_pipeline(server, pipeline, phant
     outputs = {
         name: result.as_numpy(name) for name in ("MASK", "PROBABILITY", "BOX", "IOU", "NEEDS_REVIEW", "LESION_FOUND")
     }
-    _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
+    assert_segment_outputs(outputs, expected_segment(pipeline, phantom), phantom.shape)
 
 
 def test_infer_rgb_json_input_threshold_and_json_outputs(server, pipeline, phantom):
@@ -220,7 +198,7 @@ def test_plain_json_request_over_httpx(server, pipeline, phantom):
         "MASK": "UINT8", "PROBABILITY": "FP32", "BOX": "FP32", "IOU": "FP32", "NEEDS_REVIEW": "BOOL",
         "LESION_FOUND": "BOOL"}
     assert all(isinstance(by_name[n]["data"][0], bool) for n in ("NEEDS_REVIEW", "LESION_FOUND"))  # JSON true/false
-    _assert_matches(outputs, _expected(pipeline, phantom), phantom.shape)
+    assert_segment_outputs(outputs, expected_segment(pipeline, phantom), phantom.shape)
 
 
 def test_in_process_asgi_app_on_the_real_runtime(pipeline, phantom):
@@ -245,27 +223,14 @@ def test_in_process_asgi_app_on_the_real_runtime(pipeline, phantom):
     assert infer.status_code == 200, infer.text
     header_length = int(infer.headers["inference-header-content-length"])
     result = httpclient.InferResult.from_response_body(infer.content, header_length=header_length)
-    expected = _expected(pipeline, phantom)
+    expected = expected_segment(pipeline, phantom)
     np.testing.assert_array_equal(result.as_numpy("MASK"), expected.mask)
     np.testing.assert_allclose(result.as_numpy("IOU"), [expected.iou], atol=1e-6)
 
 
-class _CaptionModel(OipModel):
-    """A generate-shaped test model (BYTES in, image + BYTES out) served next to ``segment``."""
-
-    name = "caption"
-    platform = "test"
-    inputs = (TensorSpec("PROMPT", "BYTES", ((1,),)), TensorSpec("MODALITY", "BYTES", ((1,),)))
-    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1),)), TensorSpec("CAPTION", "BYTES", ((1,),)))
-
-    async def run(self, runtime, inputs, parameters, *, protocol):
-        prompt, modality = bytes(inputs["PROMPT"][0]), bytes(inputs["MODALITY"][0])
-        image = np.full((len(prompt), len(modality)), len(prompt), dtype=np.uint8)
-        return {"IMAGE": image, "CAPTION": np.array([modality + b":" + prompt.upper()], dtype=object)}
-
 
 def test_a_new_model_is_served_without_transport_changes(pipeline):
-    registry = ModelRegistry([SegmentModel(), _CaptionModel()])
+    registry = ModelRegistry([SegmentModel(), CaptionModel()])
     served = LoopServer(ServiceSettings(artifacts=pipeline.artifacts.root), pipeline, registry)
     try:
         client = _client(served)
