@@ -162,14 +162,22 @@ def upload_replay(client: httpx.Client, admin: dict[str, str], n: int, size: int
     return str(response.json()["id"])
 
 
-def wait_job(client: httpx.Client, job_id: str, admin: dict[str, str]) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
+def wait_job(client: httpx.Client, job_id: str, headers: dict[str, str], *, timeout_s: float = JOB_TIMEOUT_S,
+             poll_s: float = 5.0) -> dict[str, Any]:
+    """``GET /jobs/{job_id}`` every ``poll_s`` until the job has finished; its last answer.
+
+    Raises:
+        RuntimeError: still running after ``timeout_s``.
+    """
+    from medplatform.jobs import FINISHED
+
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}", headers=admin).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        job = client.get(f"/jobs/{job_id}", headers=headers).json()
+        if job["status"] in FINISHED:
             return job
-        time.sleep(5.0)
-    raise RuntimeError(f"job {job_id} still running after {JOB_TIMEOUT_S:.0f} s")
+        time.sleep(poll_s)
+    raise RuntimeError(f"job {job_id} still running after {timeout_s:.0f} s")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

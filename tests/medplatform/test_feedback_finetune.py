@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from core.imageio import encode_mask_png, encode_png
 from core.phantoms import breast_ultrasound
+from loadtest.corrections import wait_job
 from tests.support.platform_fixtures import folder_members, phantom_folder
 from tests.support.service_fixtures import start_server
 
@@ -42,13 +42,7 @@ def _admin(server) -> dict[str, str]:
 
 
 def _wait_job(client, job_id: str, headers) -> dict:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}", headers=headers).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(1.0)
-    raise AssertionError(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s")
+    return wait_job(client, job_id, headers, timeout_s=JOB_TIMEOUT_S, poll_s=1.0)
 
 
 def test_corrections_fine_tune_a_new_version_that_serves(server, tmp_path):
