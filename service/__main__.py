@@ -42,7 +42,8 @@ def preflight(settings: ServiceSettings) -> str:
     Raises:
         inference.artifacts.ArtifactError: naming the file at fault.
         inference.tensorrt_runtime.EngineCompatibilityError: TensorRT engines built for another GPU or TensorRT version.
-        inference.tensorrt_runtime.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU.
+        inference.tensorrt_runtime.MissingDependencyError: ``--backend tensorrt`` without TensorRT or a GPU,
+            ``--backend openvino`` without openvino.
     """
     from inference.artifacts import check_tensorrt_engines, load_artifacts
     from inference.manifest import check_hashes, load_manifest
@@ -50,6 +51,14 @@ def preflight(settings: ServiceSettings) -> str:
     artifacts = load_artifacts(settings.artifacts)
     if settings.backend == "tensorrt":
         check_tensorrt_engines(artifacts)
+    if settings.backend == "openvino":
+        import importlib.util
+
+        from inference.engines import OPENVINO_MISSING
+        from inference.tensorrt_runtime import MissingDependencyError
+
+        if importlib.util.find_spec("openvino") is None:
+            raise MissingDependencyError(OPENVINO_MISSING)
     generators = settings.generators_dir
     if generators is not None:
         check_hashes(generators, load_manifest(generators))
