@@ -112,8 +112,10 @@ def start_server(
     api_key: str | None = TEST_API_KEY,
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    backend: str = "onnxruntime",
 ) -> ServerProcess:
-    """Start ``python -m service`` on free loopback ports over ``art_dir``; logs go to ``work_dir/server.log``."""
+    """Start ``python -m service`` on free loopback ports over ``art_dir`` on ``backend``; logs go to
+    ``work_dir/server.log``."""
     work_dir.mkdir(parents=True, exist_ok=True)
     port, grpc_port = free_port(), free_port()
     while grpc_port == port:
@@ -132,7 +134,7 @@ def start_server(
         child_env[API_KEY_ENV] = api_key
     child_env.update(env or {})
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-               "--grpc-port", str(grpc_port), "--artifacts", str(art_dir), "--backend", "onnxruntime",
+               "--grpc-port", str(grpc_port), "--artifacts", str(art_dir), "--backend", backend,
                "--api-key-env", API_KEY_ENV]
     log_path = work_dir / "server.log"
     log = open(log_path, "wb")  # the child process keeps writing to it
