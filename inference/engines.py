@@ -1,6 +1,6 @@
-"""Inference engines: ``Engine.run(graph_name, {input: array}) -> {output: array}`` on ONNX Runtime, torch
-or TensorRT (:class:`OnnxRuntimeEngine`, :class:`TorchEngine`, :class:`TensorRTEngine`); ``build_engine``
-picks one by name.
+"""Inference engines: ``Engine.run(graph_name, {input: array}) -> {output: array}`` on ONNX Runtime, OpenVINO,
+torch or TensorRT (:class:`OnnxRuntimeEngine`, :class:`OpenVINOEngine`, :class:`TorchEngine`,
+:class:`TensorRTEngine`); ``build_engine`` picks one by name.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ from inference.artifacts import ArtifactError, Artifacts, check_tensorrt_engines
 __all__ = [
     "ENGINE_REGISTRY",
     "Engine",
+    "OPENVINO_PRECISIONS",
     "OnnxRuntimeEngine",
+    "OpenVINOEngine",
     "TensorRTEngine",
     "TorchEngine",
     "build_engine",
     "graph_precisions",
+    "openvino_precisions",
     "ort_providers",
     "ort_session_options",
     "physical_cores",
 ]
 
 TENSORRT_MISSING = "tensorrt is not installed: pip install 'medrefine[gpu]' on an NVIDIA GPU machine"
+OPENVINO_MISSING = "openvino is not installed: pip install 'medrefine[openvino]'"
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -238,6 +242,197 @@ class OnnxRuntimeEngine(Engine):
                 "allow_spinning": self._allow_spinning, "precision": dict(self._precision)}
 
 
+# OpenVINO's inference precision per graph: what a name asks for, and how a compiled model's hint reads back.
+OPENVINO_PRECISIONS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}
+_OV_READBACK = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+OPENVINO_DEFAULT_PRECISION = "bf16"
+# Graphs the OpenVINO engine leaves to ONNX Runtime by default: the SAM decoder ran 1.1 ms per call there
+# and 2.8-3.8 ms in OpenVINO (its two mask resizes alone took 1.3 ms), bf16 or not (docs/architecture.md).
+OPENVINO_ORT_GRAPHS = ("mask_decoder",)
+OPENVINO_STATIC_SHAPES = 16
+
+
+def openvino_precisions(precision: str | Mapping[str, str], names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """{graph: "fp32" | "bf16"} for ``names``: one precision for every graph, or a per-graph mapping (graphs it
+    leaves out run fp32).
+
+    Raises:
+        ValueError: an unknown precision (the message names it and the choices).
+    """
+    if isinstance(precision, str):
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"openvino precision {precision!r} is not one of {sorted(OPENVINO_PRECISIONS)} "
+                             "(or a mapping graph -> one of them)")
+        return {name: precision for name in names}
+    bad = {graph: value for graph, value in precision.items() if value not in OPENVINO_PRECISIONS}
+    if bad:
+        raise ValueError(f"openvino precision {bad} is not one of {sorted(OPENVINO_PRECISIONS)}")
+    return {name: precision.get(name, "fp32") for name in names}
+
+
+def _port_name(port: Any, declared: tuple[str, ...]) -> str:
+    """The manifest's name for an OpenVINO port (a port carries every tensor name an ONNX edge had)."""
+    names = port.get_names()
+    return next((name for name in declared if name in names), port.get_any_name())
+
+
+class OpenVINOEngine(Engine):
+    """ONNX graphs compiled by OpenVINO for the CPU, each at fp32 or bf16 inference precision.
+
+    bf16 runs on CPUs with AMX or AVX512-BF16; elsewhere OpenVINO runs fp32 whatever was asked, and
+    :meth:`describe` reports the precision each compiled graph actually runs at. Weights and I/O stay
+    float32. Each input shape a graph sees (up to ``static_shapes`` of them) gets a model compiled for
+    that shape on first use (about 0.3 s): static shapes ran the encoder 1.5-1.7x as fast as the dynamic
+    model; later shapes run on the dynamic one. The graphs in ``onnxruntime_graphs`` run on ONNX Runtime
+    fp32 (see ``OPENVINO_ORT_GRAPHS``). Each calling thread has its own infer requests, so threads run at
+    once without a lock. Design and measured figures: docs/architecture.md, "Engines".
+
+    Args:
+        artifacts: a loaded, verified artifact directory (its ONNX files are compiled, dynamic batch kept).
+        precision: ``"fp32"`` or ``"bf16"`` for every OpenVINO graph, or ``{graph: "fp32" | "bf16"}``
+            (graphs left out run fp32).
+        intra_op_threads: threads inside one inference (default: physical cores), as for ONNX Runtime.
+        onnxruntime_graphs: graphs run on ONNX Runtime instead (default ``OPENVINO_ORT_GRAPHS``).
+        static_shapes: how many input shapes per graph get a static-shape model (0: dynamic only).
+        graphs: restrict to these graph names (default: all in the manifest).
+
+    Raises:
+        inference.tensorrt_runtime.MissingDependencyError: openvino is not installed (names the extra).
+        ValueError: an unknown precision (named), or a negative ``static_shapes``.
+    """
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        artifacts: Artifacts,
+        *,
+        precision: str | Mapping[str, str] = OPENVINO_DEFAULT_PRECISION,
+        intra_op_threads: int | None = None,
+        onnxruntime_graphs: list[str] | tuple[str, ...] = OPENVINO_ORT_GRAPHS,
+        static_shapes: int = OPENVINO_STATIC_SHAPES,
+        graphs: list[str] | None = None,
+    ) -> None:
+        from inference.tensorrt_runtime import MissingDependencyError
+
+        names = list(graphs) if graphs is not None else list(artifacts.graphs)
+        requested = openvino_precisions(precision, names)
+        if static_shapes < 0:
+            raise ValueError(f"static_shapes must be >= 0, got {static_shapes}")
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise MissingDependencyError(OPENVINO_MISSING) from exc
+
+        self._intra_op_threads = int(intra_op_threads) if intra_op_threads else physical_cores()
+        self._static_shapes = int(static_shapes)
+        ort_names = [name for name in names if name in onnxruntime_graphs]
+        self._ort = (OnnxRuntimeEngine(artifacts, device="cpu", intra_op_threads=self._intra_op_threads,
+                                       graphs=ort_names) if ort_names else None)
+        self._core = ov.Core()
+        self._models: dict[str, Any] = {}
+        self._config: dict[str, dict[str, Any]] = {}
+        self._dynamic: dict[str, Any] = {}
+        for name in names:
+            if name in ort_names:
+                continue
+            self._config[name] = {
+                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[requested[name]],
+                "INFERENCE_NUM_THREADS": self._intra_op_threads,
+                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "LATENCY",
+                # the server shares its cores with the HTTP side; pinning would tie a thread to one core
+                "ENABLE_CPU_PINNING": False,
+            }
+            self._models[name] = self._core.read_model(str(artifacts.graph(name).path))
+            self._dynamic[name] = self._core.compile_model(self._models[name], "CPU", self._config[name])
+        self._static: dict[str, dict[tuple[tuple[int, ...], ...], Any]] = {name: {} for name in self._dynamic}
+        self._compile_lock = threading.Lock()
+        self._inputs, self._outputs, self._input_dtypes = {}, {}, {}
+        for name, compiled in self._dynamic.items():
+            spec = artifacts.graph(name)
+            self._inputs[name] = tuple(_port_name(port, spec.input_names) for port in compiled.inputs)
+            self._outputs[name] = tuple(_port_name(port, spec.output_names) for port in compiled.outputs)
+            self._input_dtypes[name] = {
+                _port_name(port, spec.input_names): port.get_element_type().to_dtype() for port in compiled.inputs
+            }
+        stored = graph_precisions(artifacts, names)
+        self._precision: dict[str, str] = {}
+        self._runtime: dict[str, str] = {}
+        for name in names:
+            if self._ort is not None and name in ort_names:
+                self._precision[name] = self._ort.describe()["precision"][name]
+                self._runtime[name] = "onnxruntime"
+                continue
+            hint = self._dynamic[name].get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            runs = _OV_READBACK.get(hint, hint)
+            # a quantized graph keeps its int8 operators; the hint covers the rest
+            self._precision[name] = runs if stored[name] == "fp32" else f"{stored[name]}+{runs}"
+            self._runtime[name] = "openvino"
+        self._version = ov.get_version()
+        self._local = threading.local()
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return tuple(self._runtime)
+
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        if graph_name in self._dynamic:
+            return self._inputs[graph_name]
+        return self._ort.input_names(graph_name)  # type: ignore[union-attr]
+
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        if graph_name in self._dynamic:
+            return self._outputs[graph_name]
+        return self._ort.output_names(graph_name)  # type: ignore[union-attr]
+
+    def _compiled_for(self, graph_name: str, key: tuple[tuple[int, ...], ...]) -> Any:
+        """The model compiled for input shapes ``key`` (compiled now if there is room), else the dynamic one."""
+        models = self._static[graph_name]
+        compiled = models.get(key)
+        if compiled is not None:
+            return compiled
+        if len(models) >= self._static_shapes:
+            return self._dynamic[graph_name]
+        with self._compile_lock:
+            if key not in models and len(models) < self._static_shapes:
+                model = self._models[graph_name].clone()
+                model.reshape({port: list(shape) for port, shape in zip(model.inputs, key, strict=True)})
+                models[key] = self._core.compile_model(model, "CPU", self._config[graph_name])
+            return models.get(key, self._dynamic[graph_name])
+
+    def _request(self, graph_name: str, key: tuple[tuple[int, ...], ...]) -> Any:
+        """This thread's infer request for ``graph_name`` at input shapes ``key`` (created on first use)."""
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get((graph_name, key))
+        if request is not None:
+            return request
+        compiled = self._compiled_for(graph_name, key)
+        if compiled is self._dynamic[graph_name]:  # one request of the dynamic model serves every other shape
+            key = ()
+            request = requests.get((graph_name, key))
+        if request is None:
+            request = requests[(graph_name, key)] = compiled.create_infer_request()
+        return request
+
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph_name not in self._dynamic:
+            return self._ort._run(graph_name, inputs)  # type: ignore[union-attr]
+        dtypes = self._input_dtypes[graph_name]
+        feed = [np.ascontiguousarray(inputs[name], dtype=dtypes[name]) for name in self._inputs[graph_name]]
+        request = self._request(graph_name, tuple(value.shape for value in feed))
+        # outputs are copied out of the request's buffers (share_outputs=False): the next call reuses them
+        result = request.infer(feed, share_inputs=True, share_outputs=False)
+        return {name: result[index] for index, name in enumerate(self._outputs[graph_name])}
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "device": "CPU", "openvino": self._version,
+                "intra_op_threads": self._intra_op_threads, "precision": dict(self._precision),
+                "runtime": dict(self._runtime), "static_shapes": self._static_shapes}
+
+
 class TorchEngine(Engine):
     """The source checkpoint run in torch behind the graph-level interface.
 
@@ -417,6 +612,7 @@ class TensorRTEngine(Engine):
 
 ENGINE_REGISTRY: dict[str, Callable[..., Engine]] = {
     "onnxruntime": OnnxRuntimeEngine,
+    "openvino": OpenVINOEngine,
     "torch": TorchEngine,
     "tensorrt": TensorRTEngine,
 }
@@ -426,7 +622,7 @@ def build_engine(backend: str, artifacts_dir: str | Path | Artifacts, **opts: An
     """Build the engine registered as ``backend`` over an artifact directory (verified on load).
 
     Args:
-        backend: one of ``ENGINE_REGISTRY`` ("onnxruntime", "torch", "tensorrt").
+        backend: one of ``ENGINE_REGISTRY`` ("onnxruntime", "openvino", "torch", "tensorrt").
         artifacts_dir: the artifact directory, or an already loaded :class:`Artifacts`.
         **opts: passed to the engine's constructor.
 
