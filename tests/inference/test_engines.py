@@ -59,9 +59,9 @@ def _inputs(artifacts, rng: np.random.Generator) -> dict[str, dict[str, np.ndarr
 
 
 def test_registry_rejects_unknown_backend_naming_the_choices(tiny):
-    with pytest.raises(ValueError, match=r"'openvino'.*\['onnxruntime', 'tensorrt', 'torch'\]"):
-        build_engine("openvino", tiny.art_dir)
-    assert set(ENGINE_REGISTRY) == {"onnxruntime", "torch", "tensorrt"}
+    with pytest.raises(ValueError, match=r"'tflite'.*\['onnxruntime', 'openvino', 'tensorrt', 'torch'\]"):
+        build_engine("tflite", tiny.art_dir)
+    assert set(ENGINE_REGISTRY) == {"onnxruntime", "openvino", "torch", "tensorrt"}
 
 
 def test_onnxruntime_engine_runs_every_graph(ort_engine, artifacts):
