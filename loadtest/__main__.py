@@ -50,7 +50,8 @@ def _offline(args: argparse.Namespace) -> int:
     from loadtest.bench import offline_throughput
 
     result = offline_throughput(args.artifacts, batch_sizes=args.batch_sizes, threads=args.threads,
-                                duration_s=args.duration_s, image_size=args.image_size, backend=args.backend)
+                                duration_s=args.duration_s, image_size=args.image_size, backend=args.backend,
+                                precision=args.precision)
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text)
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     offline = sub.add_parser("offline", help="offline pipeline throughput by batch size (no server)")
     offline.add_argument("--artifacts", required=True)
     offline.add_argument("--backend", default="onnxruntime")
+    offline.add_argument("--precision", default="auto", help="the openvino backend's inference precision")
     offline.add_argument("--threads", type=int, default=1)
     offline.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 8, 16])
     offline.add_argument("--duration-s", type=float, default=8.0)

@@ -76,6 +76,7 @@ class BenchConfig:
     model: str = "default"
     artifacts: str | None = None
     backend: str = "onnxruntime"
+    precision: str = "auto"  # the openvino backend's inference precision (service --precision)
     threads: int = 0  # 0: physical cores
     image_size: int = 256
     duration_s: float = 15.0
@@ -149,9 +150,11 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": value, "MKL_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value}
 
 
-def service_command(artifacts: str | Path, *, port: int, grpc_port: int, backend: str) -> list[str]:
+def service_command(artifacts: str | Path, *, port: int, grpc_port: int, backend: str,
+                    precision: str = "auto") -> list[str]:
     return [sys.executable, "-m", "service", "--port", str(port), "--grpc-port", str(grpc_port),
-            "--backend", backend, "--artifacts", str(artifacts)]
+            "--backend", backend, "--artifacts", str(artifacts),
+            *(["--precision", precision] if precision != "auto" else [])]
 
 
 def private_bentoml_home(work: str | Path) -> dict[str, str]:
@@ -255,7 +258,7 @@ def load_curve(target: Target, config: BenchConfig, workload: Workload, *, concu
 
 
 def offline_throughput(art_dir: str | Path, *, batch_sizes: Sequence[int], threads: int, duration_s: float,
-                       image_size: int, backend: str = "onnxruntime") -> dict[str, Any]:
+                       image_size: int, backend: str = "onnxruntime", precision: str = "auto") -> dict[str, Any]:
     """Images per second of ``SegmentationPipeline.segment`` at each batch size (no server, no decoding).
 
     Run it in a process whose ``OMP_NUM_THREADS`` is ``threads`` (``python -m loadtest offline``).
@@ -268,7 +271,8 @@ def offline_throughput(art_dir: str | Path, *, batch_sizes: Sequence[int], threa
     from loadtest.stats import percentile
 
     torch.set_num_threads(threads)
-    pipeline = SegmentationPipeline.from_artifacts(art_dir, backend=backend, intra_op_threads=threads)
+    engine_opts = {"precision": precision} if precision != "auto" else {}  # as service.runtime.engine_options
+    pipeline = SegmentationPipeline.from_artifacts(art_dir, backend=backend, intra_op_threads=threads, **engine_opts)
     workload = Workload(size=image_size, pool_size=max(64, 2 * max(batch_sizes)))
     pool = [workload.float_image(i) for i in range(workload.pool_size)]
     results: dict[str, Any] = {}
@@ -312,7 +316,8 @@ def _profile_offline(config: BenchConfig, art_dir: Path, raw_out: Path) -> dict[
     threads = config.resolved_threads()
     child = [sys.executable, "-m", "loadtest", "offline", "--artifacts", str(art_dir), "--threads", str(threads),
              "--batch-sizes", str(config.max_batch_size), "--duration-s", str(config.profile_s),
-             "--image-size", str(config.image_size), "--backend", config.backend, "--json-out", os.devnull]
+             "--image-size", str(config.image_size), "--backend", config.backend, "--precision", config.precision,
+             "--json-out", os.devnull]
     done = subprocess.run(record_command(raw_out, duration_s=config.profile_s, command=child), cwd=REPO_ROOT,
                           env={**os.environ, **thread_env(threads)}, capture_output=True, text=True)
     if done.returncode != 0 or not raw_out.is_file():
@@ -346,7 +351,8 @@ def _run_offline_child(config: BenchConfig, art_dir: Path, work: Path) -> dict[s
     out = work / "offline.json"
     cmd = [sys.executable, "-m", "loadtest", "offline", "--artifacts", str(art_dir), "--threads", str(threads),
            "--batch-sizes", ",".join(map(str, sizes)), "--duration-s", str(config.offline_duration_s),
-           "--image-size", str(config.image_size), "--backend", config.backend, "--json-out", str(out)]
+           "--image-size", str(config.image_size), "--backend", config.backend, "--precision", config.precision,
+             "--json-out", str(out)]
     cpu = CpuAccount(None)
     snap = cpu.snapshot()
     child = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **thread_env(threads)}, capture_output=True,
@@ -555,7 +561,8 @@ def run_bench(config: BenchConfig) -> tuple[dict[str, Any], Path]:
             "MEDREFINE_MAX_LATENCY_MS": str(config.max_latency_ms),
             "MEDREFINE_REQUEST_TIMEOUT_S": str(config.request_timeout_s),
         }
-        server = ServerProcess(service_command(art_dir, port=port, grpc_port=grpc_port, backend=config.backend),
+        server = ServerProcess(service_command(art_dir, port=port, grpc_port=grpc_port, backend=config.backend,
+                                                   precision=config.precision),
                                ready_url=f"http://127.0.0.1:{port}/readyz", env=settings_env,
                                log_path=work / "service.log", startup_timeout_s=config.startup_timeout_s,
                                name="service")
@@ -744,6 +751,7 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         model=args.model,
         artifacts=args.artifacts,
         backend=args.backend,
+        precision=args.precision,
         threads=args.threads,
         image_size=args.image_size,
         duration_s=args.duration_s
@@ -778,7 +786,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument("--model", default=d.model, help="run directory (naive baseline; exported when no --artifacts)")
     parser.add_argument("--artifacts", default=None, help="artifact directory to serve (default: export --model)")
-    parser.add_argument("--backend", default=d.backend, choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--backend", default=d.backend, choices=("onnxruntime", "openvino", "torch", "tensorrt"))
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
+                        help="the openvino backend's inference precision (auto: its default)")
     parser.add_argument("--threads", type=int, default=d.threads, help="threads per engine (0: physical cores)")
     parser.add_argument("--image-size", type=int, default=d.image_size)
     parser.add_argument(
