@@ -431,7 +431,7 @@ def load_generation(settings: ServiceSettings) -> GenerationRuntime | None:
     from medplatform.synthesizer import choose_synthesizer
     from service.generation import GenerationRuntime
 
-    options = engine_options(dataclasses.replace(settings, backend="onnxruntime",
+    options = engine_options(dataclasses.replace(settings, backend="onnxruntime", precision="auto",
                                                  device="cpu" if settings.device == "tensorrt" else settings.device))
     # /synthesize serves the generator MEDREFINE_SYNTHESIZER chooses (a GenSeg export), else stage one's
     generators = load_served_generators(settings.generators_dir, choose_synthesizer(settings.synthesizer), **options)
@@ -439,7 +439,7 @@ def load_generation(settings: ServiceSettings) -> GenerationRuntime | None:
 
 
 def engine_options(settings: ServiceSettings) -> dict[str, Any]:
-    """Engine keyword options for ``settings.backend`` from ``device`` and ``intra_op_threads``.
+    """Engine keyword options for ``settings.backend`` from ``device``, ``intra_op_threads`` and ``precision``.
 
     ``device="auto"`` picks CUDA when the backend can use it here (onnxruntime: the CUDA execution provider
     is installed; torch: a CUDA device is visible), else the CPU; TensorRT always runs on a GPU.
@@ -454,6 +454,11 @@ def engine_options(settings: ServiceSettings) -> dict[str, Any]:
         opts["device"] = "cuda" if device.startswith("cuda") else device
         if settings.intra_op_threads:
             opts["intra_op_threads"] = settings.intra_op_threads
+        return opts
+    if settings.backend == "openvino":  # the CPU only (settings refuse another device)
+        opts = {"intra_op_threads": settings.intra_op_threads} if settings.intra_op_threads else {}
+        if settings.precision != "auto":
+            opts["precision"] = settings.precision
         return opts
     if settings.backend == "torch":
         return {} if device == "auto" else {"device": device}

@@ -9,10 +9,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-__all__ = ["BACKENDS", "ENV_PREFIX", "ServiceSettings", "SettingsError", "add_cli_arguments"]
+__all__ = ["BACKENDS", "ENV_PREFIX", "PRECISIONS", "ServiceSettings", "SettingsError", "add_cli_arguments"]
 
 ENV_PREFIX = "MEDREFINE_"
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
+# auto: the backend's own (the artifacts' precision; openvino: bf16 where the CPU has it); fp32 / bf16: openvino only
+PRECISIONS = ("auto", "fp32", "bf16")
 MIB = 1024 * 1024
 
 
@@ -31,6 +33,7 @@ class ServiceSettings:
     artifacts: Path = Path("artifacts/default")
     backend: str = "onnxruntime"
     device: str = "auto"
+    precision: str = "auto"
     host: str = "127.0.0.1"
     port: int = 3000
     grpc_port: int = 8001
@@ -72,6 +75,14 @@ class ServiceSettings:
             raise SettingsError(
                 f"{ENV_PREFIX}DEVICE: expected auto, cpu, cuda, cuda:N or tensorrt, got {self.device!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"{ENV_PREFIX}PRECISION: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision != "auto" and self.backend != "openvino":
+            raise SettingsError(f"{ENV_PREFIX}PRECISION: {self.precision!r} chooses the openvino backend's inference "
+                                f"precision; backend {self.backend!r} runs the artifacts' own (set auto)")
+        if self.backend == "openvino" and self.device not in ("auto", "cpu"):
+            raise SettingsError(f"{ENV_PREFIX}DEVICE: the openvino backend runs on the CPU (auto or cpu), "
+                                f"got {self.device!r}")
         for name in ("port", "grpc_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
@@ -159,6 +170,7 @@ class ServiceSettings:
             "port": args.port,
             "grpc_port": args.grpc_port,
             "backend": args.backend,
+            "precision": args.precision,
             "artifacts": Path(args.artifacts) if args.artifacts is not None else None,
             "host": args.host,
             "api_key_env": args.api_key_env,
@@ -199,6 +211,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gRPC port (default 8001, MEDREFINE_GRPC_PORT; 0 turns gRPC off)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="inference engine (default onnxruntime, MEDREFINE_BACKEND)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="openvino inference precision: fp32, bf16 (on CPUs with AMX / AVX512-BF16) or auto "
+                             "(default: bf16 where supported; MEDREFINE_PRECISION)")
     parser.add_argument("--artifacts", default=None,
                         help="exported artifact directory (default artifacts/default, MEDREFINE_ARTIFACTS)")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1, MEDREFINE_HOST)")
