@@ -6,6 +6,7 @@ flags are described in docs/architecture.md ("inference").
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ from core.errors import InputError
 from inference.artifacts import Artifacts, load_artifacts
 from inference.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
 from inference.engines import Engine, build_engine
-from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
+from models.gate import GATE_TYPES, Gate, GateConfig
 from models.interactive import pack_tokens
 from models.postprocess import flip_average, keep_largest_component
 from models.prompts import mask_prompt
@@ -47,6 +48,10 @@ _PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before the logit
 # same box, or a box nudged by a pixel or two, gives the same window and so the same cached embedding.
 WINDOW_SIDE_STEP = 8.0
 WINDOW_CENTRE_STEP = 4.0
+# Most images one TransUNet call carries when the coarse_flip rule's mirrored copies ride with the originals
+# (2B images): on CPU, ONNX Runtime's time per image is flat to batch 16 and grows beyond it; OpenVINO's falls
+# to batch 16. A TensorRT engine's profile maximum lowers it (``_engine_max_batch``).
+MIRROR_MERGE_MAX_BATCH = 16
 
 
 class PromptError(InputError):
@@ -249,6 +254,21 @@ def _area_mm2(area_pixels: int, spacing: Sequence[float] | None) -> float | None
     return float(area_pixels) * row * col
 
 
+def _engine_max_batch(engine: Engine, artifacts: Artifacts, graph: str) -> int | None:
+    """The largest batch ``engine`` runs ``graph`` at; None = no limit (ONNX Runtime, OpenVINO, torch).
+
+    A TensorRT engine's is its optimisation profile's maximum, read from its record (``ART_DIR/trt/manifest.json``,
+    where the service builds it); 0 when that cannot be read (the pipeline then keeps its batches as asked).
+    """
+    if engine.backend != "tensorrt":
+        return None
+    try:
+        record = json.loads((artifacts.root / "trt" / "manifest.json").read_text(encoding="utf-8"))
+        return min(int(p["max"][0]) for p in record["engines"][graph]["profiles"] if not p.get("is_shape_input"))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 0
+
+
 def box_ellipse(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 {0, 1}: the ellipse inscribed in an xyxy pixel-frame box (a box prompt's mask prompt)."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -306,6 +326,8 @@ class SegmentationPipeline:
         # The automatic answer's calibrated rules (training.calibration.choose_segment_rules); off when absent.
         self.segment_rules = {"coarse_flip": False, "largest_component": False, **dict(block.get("segment") or {})}
         self.review_threshold = float(self.review["iou_threshold"])
+        limit = _engine_max_batch(engine, artifacts, "transunet")
+        self.mirror_merge_batch = MIRROR_MERGE_MAX_BATCH if limit is None else min(MIRROR_MERGE_MAX_BATCH, limit)
         self.min_area_fraction = float(self.no_finding["min_area_fraction"])
         if self.gate_config.type in ("learned", "hybrid") and "gate" not in engine.graph_names:
             raise ValueError(f"{where}: gate type {self.gate_config.type!r} needs a 'gate' graph; the engine has "
@@ -400,6 +422,11 @@ class SegmentationPipeline:
     # ------------------------------------------------------------------ input checks
     @staticmethod
     def _check_image(image: Any, where: str) -> np.ndarray:
+        return SegmentationPipeline._checked_image(image, where)[0]
+
+    @staticmethod
+    def _checked_image(image: Any, where: str) -> tuple[np.ndarray, bool]:
+        """The image as contiguous float32 and whether it is blank (max - min < ``FLAT_IMAGE_RANGE``)."""
         if not isinstance(image, np.ndarray):
             raise InputError(f"{where} must be a numpy array (H, W) float32 in [0, 1], got {type(image).__name__}",
                              "image")
@@ -409,12 +436,12 @@ class SegmentationPipeline:
             raise InputError(f"{where} must be float in [0, 1], got dtype {image.dtype} (scale integers first)",
                              "image")
         image = np.ascontiguousarray(image, dtype=np.float32)
-        if not np.isfinite(image).all():
+        low, high = float(image.min()), float(image.max())  # NaN anywhere makes both NaN, +-inf reaches one
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise InputError(f"{where} holds NaN or infinite values", "image")
-        low, high = float(image.min()), float(image.max())
         if low < 0.0 or high > 1.0:
             raise InputError(f"{where} values must be in [0, 1], got [{low:g}, {high:g}]", "image")
-        return image
+        return image, bool(np.float32(high) - np.float32(low) < FLAT_IMAGE_RANGE)  # float32, as the image
 
     def _effective_gate(self, options: SegmentOptions) -> tuple[GateConfig, bool]:
         """(gate config, use the gate graph) for these options."""
@@ -462,7 +489,8 @@ class SegmentationPipeline:
         options = options if options is not None else SegmentOptions()
         threshold = float(options.threshold) if options.threshold is not None else self.threshold
         gate_config, gate_graph = self._effective_gate(options)
-        arrays = [self._check_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        checked = [self._checked_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        arrays, flat = [a for a, _ in checked], [f for _, f in checked]
         if spacings is not None and len(spacings) != len(arrays):
             raise InputError(f"spacings has {len(spacings)} entries for {len(arrays)} images", "spacings")
         if not arrays:
@@ -481,16 +509,13 @@ class SegmentationPipeline:
                 batch = torch.cat([resize(t, (self.transunet_size, self.transunet_size)) for t in stacks])
                 batch = batch.expand(-1, self.transunet_channels, -1, -1)
             with timer.stage("transunet"):
-                probability = self.engine.run("transunet", {"image": batch.numpy()})["probability"]
-                if self.segment_rules["coarse_flip"]:  # a second pass on the mirrored batch (its own call: the
-                    # batch stays within an engine's batch range)
-                    mirrored = self.engine.run("transunet", {"image": batch.flip(-1).numpy()})["probability"]
+                probability, mirrored = self._coarse_passes(batch)
             # 3. Coarse probability at each image's size, prompts, ROI, crops
             with timer.stage("prompts_roi"):
                 # logits back from the graph's probability (in float64, then float32 like the model's own
                 # logits: resizing and the sigmoid in float64 changed no value by more than 1 ulp)
                 logits = torch.logit(torch.from_numpy(probability).double(), eps=_PROB_EPS)
-                if self.segment_rules["coarse_flip"]:
+                if mirrored is not None:
                     logits = flip_average(logits, torch.logit(torch.from_numpy(mirrored).double(), eps=_PROB_EPS))
                 logits = logits.float()
                 groups, offset = [], 0
@@ -499,7 +524,8 @@ class SegmentationPipeline:
                     offset += len(indices)
                     coarse = torch.sigmoid(resize(rows, tuple(image.shape[-2:])))
                     groups.append(self._prepare_group(indices, image, coarse))
-                refiner_image = (torch.cat([g.parts.crop for g in groups]).expand(-1, 3, -1, -1) * 255.0).contiguous()
+                crops = torch.cat([g.parts.crop for g in groups]) if len(groups) > 1 else groups[0].parts.crop
+                refiner_image = crops.expand(-1, 3, -1, -1) * 255.0  # (N, 3, S, S), contiguous
                 coords = torch.cat([g.coords for g in groups])
                 labels = torch.cat([g.labels for g in groups])
                 mask_input = torch.cat([g.parts.prompts.mask_logits for g in groups])
@@ -525,17 +551,34 @@ class SegmentationPipeline:
                 results: list[SegmentResult | None] = [None] * len(arrays)
                 offset = 0
                 for g, sam, gate in zip(groups, sams, gates, strict=True):
-                    refined = apply_gate(g.coarse, sam, gate)
+                    refined = (sam - g.coarse).mul_(gate).add_(g.coarse)  # apply_gate, in place
                     group_iou = iou[offset : offset + len(g.indices)]
                     offset += len(g.indices)
                     group_spacings = [spacings[i] if spacings is not None else None for i in g.indices]
+                    group_flat = [flat[i] for i in g.indices]
                     for i, result in zip(g.indices, self._group_results(
-                            g, refined, gate, group_iou, threshold, options.outputs, group_spacings), strict=True):
+                            g, refined, gate, group_iou, threshold, options.outputs, group_spacings, group_flat),
+                            strict=True):
                         results[i] = result
         timings = timer.total()
         for result in results:
             result.timings = dict(timings)
         return results  # type: ignore[return-value]
+
+    def _coarse_passes(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """TransUNet probability (B, 1, S, S) of ``batch`` and, under the coarse_flip rule, of its mirror (else None).
+
+        The mirrored copies ride in the originals' engine call (2B images) while 2B <= ``mirror_merge_batch``;
+        beyond it each pass gets its own call.
+        """
+        if not self.segment_rules["coarse_flip"]:
+            return self.engine.run("transunet", {"image": batch.numpy()})["probability"], None
+        n = batch.shape[0]
+        if 2 * n <= self.mirror_merge_batch:
+            both = self.engine.run("transunet", {"image": torch.cat([batch, batch.flip(-1)]).numpy()})["probability"]
+            return both[:n], both[n:]
+        return (self.engine.run("transunet", {"image": batch.numpy()})["probability"],
+                self.engine.run("transunet", {"image": batch.flip(-1).numpy()})["probability"])
 
     def _prepare_group(self, indices: list[int], image: torch.Tensor, coarse: torch.Tensor) -> _Group:
         """``models.ultrarefiner.roi_prompts`` for images of one size (the refiner's preprocessing is inside
@@ -614,20 +657,22 @@ class SegmentationPipeline:
         threshold: float,
         outputs: tuple[str, ...],
         spacings: list[Sequence[float] | None],
+        flat: list[bool],
     ) -> list[SegmentResult]:
-        """One ``SegmentResult`` per image of group ``g`` (``refined``, ``gate``: (G, 1, H, W); ``iou``: (G,)).
+        """One ``SegmentResult`` per image of group ``g`` (``refined``, ``gate``: (G, 1, H, W); ``iou``: (G,);
+        ``flat``: per image, blank).
 
         The arrays are computed once for the group; each result holds its image's slice (contiguous).
         """
-        probability = refined[:, 0].clamp(0.0, 1.0).numpy()  # (G, H, W) float32
+        probability = refined[:, 0].clamp_(0.0, 1.0).numpy()  # (G, H, W) float32
         coarse = g.coarse[:, 0].numpy()
-        mask = (probability > threshold).astype(np.uint8)
+        mask = np.greater(probability, threshold).view(np.uint8)  # {0, 1}: the bool's bytes, no copy
         gates = gate[:, 0].numpy()
         arrays = {
             "mask": mask,
             "probability": probability,
             "coarse_probability": coarse,
-            "coarse_mask": (coarse > threshold).astype(np.uint8) if "coarse_mask" in outputs else None,
+            "coarse_mask": np.greater(coarse, threshold).view(np.uint8) if "coarse_mask" in outputs else None,
             "gate": gates,
         }
         box = g.parts.image_box.numpy()
@@ -635,7 +680,6 @@ class SegmentationPipeline:
         roi = g.parts.roi.numpy()
         results = []
         min_area = self.min_area_fraction * mask.shape[-1] * mask.shape[-2]
-        flat = (g.image.amax(dim=(1, 2, 3)) - g.image.amin(dim=(1, 2, 3))).numpy() < FLAT_IMAGE_RANGE
         for j, spacing in enumerate(spacings):
             if self.segment_rules["largest_component"]:
                 mask[j] = keep_largest_component(mask[j])

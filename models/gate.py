@@ -79,9 +79,16 @@ GATE_PRESETS: dict[str, GateConfig] = {
 def uncertainty(coarse: torch.Tensor, gamma: float) -> torch.Tensor:
     """``1 - |2c - 1|^gamma`` in [0, 1] for c in [0, 1] (same shape as ``coarse``).
 
-    |x| is computed as sqrt(x^2 + 1e-12) so the gradient stays finite at c = 0.5 for any gamma > 0.
+    |x| is computed as sqrt(x^2 + 1e-12) so the gradient stays finite at c = 0.5 for any gamma > 0. Where no
+    gradient is recorded (inference) the same operations run in place on one buffer: the same values.
     """
-    return 1.0 - ((2.0 * coarse - 1.0).square() + 1e-12).pow(gamma / 2.0)
+    if _records_grad(coarse):
+        return 1.0 - ((2.0 * coarse - 1.0).square() + 1e-12).pow(gamma / 2.0)
+    return (2.0 * coarse - 1.0).square_().add_(1e-12).pow_(gamma / 2.0).neg_().add_(1.0)
+
+
+def _records_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def apply_gate(coarse: torch.Tensor, sam: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,10 @@ class Gate(nn.Module):
         if cfg.type == "none":
             return torch.ones_like(coarse)
         if cfg.type == "uncertainty":
-            return torch.clamp(uncertainty(coarse, cfg.gate_gamma), cfg.gate_min, cfg.gate_max)
+            gate = uncertainty(coarse, cfg.gate_gamma)
+            if _records_grad(coarse):
+                return torch.clamp(gate, cfg.gate_min, cfg.gate_max)
+            return gate.clamp_(cfg.gate_min, cfg.gate_max)  # a fresh buffer: clamped in place
         inputs = [coarse, sam]
         if cfg.use_image:
             if image is None:

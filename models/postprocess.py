@@ -22,11 +22,19 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    labels, count = ndimage.label(mask > 0, structure=_EIGHT)
+    foreground = mask > 0
+    rows, cols = np.flatnonzero(foreground.any(axis=1)), np.flatnonzero(foreground.any(axis=0))
+    if rows.size == 0:
+        return mask.copy()
+    # Labelled inside the foreground's bounding box only: the same components, numbered in the same raster order.
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels, count = ndimage.label(foreground[window], structure=_EIGHT)
     if count <= 1:
         return mask.copy()
     sizes = np.bincount(labels.ravel())[1:]  # pixels per label 1..count
-    return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
+    out = np.zeros_like(mask)
+    out[window] = labels == 1 + int(np.argmax(sizes))
+    return out
 
 
 def flip_average(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:

@@ -95,9 +95,10 @@ def crop_roi(images: torch.Tensor, roi: torch.Tensor, out_size: int) -> torch.Te
     roi = roi.to(images.dtype)
     gx = _axis(roi[:, 0], roi[:, 2] - roi[:, 0], out_size, float(w))  # (B, S)
     gy = _axis(roi[:, 1], roi[:, 3] - roi[:, 1], out_size, float(h))
-    grid = torch.stack(
-        [gx.unsqueeze(1).expand(b, out_size, out_size), gy.unsqueeze(2).expand(b, out_size, out_size)], dim=-1
-    )  # (B, S, S, 2) xy
+    grid = torch.cat(
+        [gx[:, None, :, None].expand(b, out_size, out_size, 1), gy[:, :, None, None].expand(b, out_size, out_size, 1)],
+        dim=-1,
+    )  # (B, S, S, 2) xy (cat of expanded views: the values of a stack, copied faster)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -123,7 +124,7 @@ def paste_roi(mask: torch.Tensor, roi: torch.Tensor, out_hw: tuple[int, int]) ->
     ys = (torch.arange(h, dtype=mask.dtype, device=mask.device) + 0.5).unsqueeze(0)
     gx = 2.0 * (xs - roi[:, :1]) / width.unsqueeze(1) - 1.0  # (B, W)
     gy = 2.0 * (ys - roi[:, 1:2]) / height.unsqueeze(1) - 1.0  # (B, H)
-    grid = torch.stack([gx.unsqueeze(1).expand(b, h, w), gy.unsqueeze(2).expand(b, h, w)], dim=-1)
+    grid = torch.cat([gx[:, None, :, None].expand(b, h, w, 1), gy[:, :, None, None].expand(b, h, w, 1)], dim=-1)
     return F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

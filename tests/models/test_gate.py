@@ -82,3 +82,20 @@ def test_config_round_trip_and_validation():
         GateConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="unknown gate preset"):
         build_gate("strict")
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.3])
+def test_inference_gate_in_place_equals_the_recorded_gradient_path(gamma):
+    # without autograd the uncertainty gate runs in place; the values must be the training path's, bit for bit
+    coarse, sam, _ = _maps(int(gamma * 10))
+    coarse[0, 0, 0, :3] = torch.tensor([0.0, 0.5, 1.0])
+    gate = build_gate(GateConfig(type="uncertainty", gate_gamma=gamma, gate_min=0.05, gate_max=0.8))
+    recorded = coarse.clone().requires_grad_(True)
+    expected = gate(recorded, sam)
+    assert expected.requires_grad
+    with torch.inference_mode():
+        served = gate(coarse, sam)
+        fast = uncertainty(coarse, gamma)
+    assert torch.equal(fast, uncertainty(recorded, gamma).detach())
+    assert torch.equal(served, expected.detach())
+    assert torch.equal(served, torch.clamp(1.0 - ((2.0 * coarse - 1.0).square() + 1e-12).pow(gamma / 2.0), 0.05, 0.8))

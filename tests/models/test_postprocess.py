@@ -46,3 +46,19 @@ def test_flip_average_of_a_mirror_symmetric_map_is_the_map():
     torch.testing.assert_close(flip_average(x, y), (x + y.flip(-1)) / 2)
     with pytest.raises(ValueError, match="differ"):
         flip_average(x, y[:, :, :4])
+
+
+def test_largest_component_equals_labelling_the_whole_image():
+    # the function labels only the foreground's bounding box; labelling the whole image must keep the same pixels
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        mask = np.zeros((40, 48), np.uint8)
+        for _ in range(rng.integers(1, 6)):
+            y, x = rng.integers(0, 36), rng.integers(0, 44)
+            mask[y : y + rng.integers(1, 5), x : x + rng.integers(1, 5)] = 1
+        labels, count = ndimage.label(mask, np.ones((3, 3), bool))
+        sizes = np.bincount(labels.ravel())[1:]
+        expected = (labels == 1 + int(np.argmax(sizes))).astype(np.uint8) if count > 1 else mask
+        np.testing.assert_array_equal(keep_largest_component(mask), expected, err_msg=f"trial {trial}")
