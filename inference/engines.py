@@ -249,7 +249,9 @@ OPENVINO_DEFAULT_PRECISION = "bf16"
 # Graphs the OpenVINO engine leaves to ONNX Runtime by default: the SAM decoder ran 1.1 ms per call there
 # and 2.8-3.8 ms in OpenVINO (its two mask resizes alone took 1.3 ms), bf16 or not (docs/architecture.md).
 OPENVINO_ORT_GRAPHS = ("mask_decoder",)
-OPENVINO_STATIC_SHAPES = 16
+# Batches are padded up to one of these sizes and run on a model compiled for that shape (see OpenVINOEngine).
+OPENVINO_BATCH_BUCKETS = (1, 2, 4, 8, 16)
+_MAX_STATIC_MODELS = 16  # per graph (other dynamic dimensions, e.g. prompt points, multiply the shapes)
 
 
 def openvino_precisions(precision: str | Mapping[str, str], names: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -276,16 +278,32 @@ def _port_name(port: Any, declared: tuple[str, ...]) -> str:
     return next((name for name in declared if name in names), port.get_any_name())
 
 
+def _batch_first(port: Any) -> bool:
+    """Whether a graph input or output's first dimension is dynamic (the batch)."""
+    shape = port.get_partial_shape()
+    return bool(shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_dynamic)
+
+
+def _pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
+    """``value`` with zero rows appended along axis 0 up to ``rows``."""
+    if value.shape[0] == rows:
+        return value
+    padded = np.zeros((rows, *value.shape[1:]), dtype=value.dtype)
+    padded[: value.shape[0]] = value
+    return padded
+
+
 class OpenVINOEngine(Engine):
     """ONNX graphs compiled by OpenVINO for the CPU, each at fp32 or bf16 inference precision.
 
     bf16 runs on CPUs with AMX or AVX512-BF16; elsewhere OpenVINO runs fp32 whatever was asked, and
     :meth:`describe` reports the precision each compiled graph actually runs at. Weights and I/O stay
-    float32. Each input shape a graph sees (up to ``static_shapes`` of them) gets a model compiled for
-    that shape on first use (about 0.3 s): static shapes ran the encoder 1.5-1.7x as fast as the dynamic
-    model; later shapes run on the dynamic one. The graphs in ``onnxruntime_graphs`` run on ONNX Runtime
-    fp32 (see ``OPENVINO_ORT_GRAPHS``). Each calling thread has its own infer requests, so threads run at
-    once without a lock. Design and measured figures: docs/architecture.md, "Engines".
+    float32. A batch is padded (zero rows) up to the smallest of ``batch_buckets`` that holds it and runs
+    on a model compiled for that shape on first use (about 0.3 s; up to 16 per graph): static shapes ran
+    the encoder 1.5-1.7x as fast as the dynamic model, and a model per batch size 1-16 held 1 GiB more.
+    Larger batches run on the dynamic model. The graphs in ``onnxruntime_graphs`` run on ONNX Runtime fp32
+    (see ``OPENVINO_ORT_GRAPHS``). Each calling thread has its own infer requests, so threads run at once
+    without a lock. Design and measured figures: docs/architecture.md, "inference".
 
     Args:
         artifacts: a loaded, verified artifact directory (its ONNX files are compiled, dynamic batch kept).
@@ -293,12 +311,12 @@ class OpenVINOEngine(Engine):
             (graphs left out run fp32).
         intra_op_threads: threads inside one inference (default: physical cores), as for ONNX Runtime.
         onnxruntime_graphs: graphs run on ONNX Runtime instead (default ``OPENVINO_ORT_GRAPHS``).
-        static_shapes: how many input shapes per graph get a static-shape model (0: dynamic only).
+        batch_buckets: batch sizes with a static-shape model, ascending (empty: the dynamic model only).
         graphs: restrict to these graph names (default: all in the manifest).
 
     Raises:
         inference.tensorrt_runtime.MissingDependencyError: openvino is not installed (names the extra).
-        ValueError: an unknown precision (named), or a negative ``static_shapes``.
+        ValueError: an unknown precision (named), or batch buckets that are not ascending positive sizes.
     """
 
     backend = "openvino"
@@ -310,22 +328,23 @@ class OpenVINOEngine(Engine):
         precision: str | Mapping[str, str] = OPENVINO_DEFAULT_PRECISION,
         intra_op_threads: int | None = None,
         onnxruntime_graphs: list[str] | tuple[str, ...] = OPENVINO_ORT_GRAPHS,
-        static_shapes: int = OPENVINO_STATIC_SHAPES,
+        batch_buckets: tuple[int, ...] | list[int] = OPENVINO_BATCH_BUCKETS,
         graphs: list[str] | None = None,
     ) -> None:
         from inference.tensorrt_runtime import MissingDependencyError
 
         names = list(graphs) if graphs is not None else list(artifacts.graphs)
         requested = openvino_precisions(precision, names)
-        if static_shapes < 0:
-            raise ValueError(f"static_shapes must be >= 0, got {static_shapes}")
+        buckets = tuple(int(b) for b in batch_buckets)
+        if any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"batch_buckets must be ascending positive batch sizes, got {list(batch_buckets)}")
         try:
             import openvino as ov
         except ImportError as exc:
             raise MissingDependencyError(OPENVINO_MISSING) from exc
 
         self._intra_op_threads = int(intra_op_threads) if intra_op_threads else physical_cores()
-        self._static_shapes = int(static_shapes)
+        self._buckets = buckets
         ort_names = [name for name in names if name in onnxruntime_graphs]
         self._ort = (OnnxRuntimeEngine(artifacts, device="cpu", intra_op_threads=self._intra_op_threads,
                                        graphs=ort_names) if ort_names else None)
@@ -349,6 +368,9 @@ class OpenVINOEngine(Engine):
         self._static: dict[str, dict[tuple[tuple[int, ...], ...], Any]] = {name: {} for name in self._dynamic}
         self._compile_lock = threading.Lock()
         self._inputs, self._outputs, self._input_dtypes = {}, {}, {}
+        # inputs and outputs whose first dimension is the batch (dynamic in the graph; orig_im_size's is not)
+        self._batched_in = {name: tuple(_batch_first(p) for p in c.inputs) for name, c in self._dynamic.items()}
+        self._batched_out = {name: tuple(_batch_first(p) for p in c.outputs) for name, c in self._dynamic.items()}
         for name, compiled in self._dynamic.items():
             spec = artifacts.graph(name)
             self._inputs[name] = tuple(_port_name(port, spec.input_names) for port in compiled.inputs)
@@ -387,15 +409,18 @@ class OpenVINOEngine(Engine):
         return self._ort.output_names(graph_name)  # type: ignore[union-attr]
 
     def _compiled_for(self, graph_name: str, key: tuple[tuple[int, ...], ...]) -> Any:
-        """The model compiled for input shapes ``key`` (compiled now if there is room), else the dynamic one."""
+        """The model compiled for input shapes ``key`` (compiled now if there is room), else (and for ``()``) the
+        dynamic one."""
         models = self._static[graph_name]
+        if not key:
+            return self._dynamic[graph_name]
         compiled = models.get(key)
         if compiled is not None:
             return compiled
-        if len(models) >= self._static_shapes:
+        if len(models) >= _MAX_STATIC_MODELS:
             return self._dynamic[graph_name]
         with self._compile_lock:
-            if key not in models and len(models) < self._static_shapes:
+            if key not in models and len(models) < _MAX_STATIC_MODELS:
                 model = self._models[graph_name].clone()
                 model.reshape({port: list(shape) for port, shape in zip(model.inputs, key, strict=True)})
                 models[key] = self._core.compile_model(model, "CPU", self._config[graph_name])
@@ -422,15 +447,24 @@ class OpenVINOEngine(Engine):
             return self._ort._run(graph_name, inputs)  # type: ignore[union-attr]
         dtypes = self._input_dtypes[graph_name]
         feed = [np.ascontiguousarray(inputs[name], dtype=dtypes[name]) for name in self._inputs[graph_name]]
-        request = self._request(graph_name, tuple(value.shape for value in feed))
+        batched = self._batched_in[graph_name]
+        rows = next((value.shape[0] for value, b in zip(feed, batched, strict=True) if b), 0)
+        bucket = next((b for b in self._buckets if b >= rows), None) if rows else None
+        if bucket is None:  # beyond the largest bucket: the dynamic model, as it comes
+            key: tuple[tuple[int, ...], ...] = ()
+        else:
+            feed = [_pad_rows(value, bucket) if b else value for value, b in zip(feed, batched, strict=True)]
+            key = tuple(value.shape for value in feed)
         # outputs are copied out of the request's buffers (share_outputs=False): the next call reuses them
-        result = request.infer(feed, share_inputs=True, share_outputs=False)
-        return {name: result[index] for index, name in enumerate(self._outputs[graph_name])}
+        result = self._request(graph_name, key).infer(feed, share_inputs=True, share_outputs=False)
+        return {name: result[index][:rows] if b and bucket is not None else result[index]
+                for index, (name, b) in enumerate(zip(self._outputs[graph_name], self._batched_out[graph_name],
+                                                      strict=True))}
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": "CPU", "openvino": self._version,
                 "intra_op_threads": self._intra_op_threads, "precision": dict(self._precision),
-                "runtime": dict(self._runtime), "static_shapes": self._static_shapes}
+                "runtime": dict(self._runtime), "batch_buckets": list(self._buckets)}
 
 
 class TorchEngine(Engine):

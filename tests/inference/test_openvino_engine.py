@@ -115,9 +115,10 @@ def _graph_inputs(artifacts, batch: int, size: tuple[float, float]) -> dict[str,
 
 def test_fp32_graphs_match_onnxruntime_at_any_batch_and_mask_size(artifacts):
     reference = OnnxRuntimeEngine(artifacts, intra_op_threads=1)
-    # static_shapes=1: the first shape gets its own compiled model, every later one the dynamic model
-    engine = OpenVINOEngine(artifacts, precision="fp32", intra_op_threads=1, onnxruntime_graphs=(), static_shapes=1)
-    for batch, size in ((1, (256.0, 256.0)), (3, (50.0, 70.0)), (2, (97.0, 31.0))):
+    # batches 1, 3 (padded to 4) on static-shape models, 6 beyond the largest bucket on the dynamic model
+    engine = OpenVINOEngine(artifacts, precision="fp32", intra_op_threads=1, onnxruntime_graphs=(),
+                            batch_buckets=(1, 4))
+    for batch, size in ((1, (256.0, 256.0)), (3, (50.0, 70.0)), (6, (97.0, 31.0))):
         for graph, feed in _graph_inputs(artifacts, batch, size).items():
             want, got = reference.run(graph, feed), engine.run(graph, feed)
             assert set(got) == set(want)
@@ -152,6 +153,8 @@ def test_threads_share_an_engine(artifacts):
 
 
 def test_unknown_precision_is_a_value_error_naming_it(artifacts):
+    with pytest.raises(ValueError, match=r"\[4, 2\]"):
+        OpenVINOEngine(artifacts, batch_buckets=(4, 2))
     with pytest.raises(ValueError, match="'int4'"):
         OpenVINOEngine(artifacts, precision="int4")
     with pytest.raises(ValueError, match="fp16"):
