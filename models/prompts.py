@@ -87,7 +87,13 @@ def positive_point(prob: torch.Tensor, prior_mass: float = 0.1) -> torch.Tensor:
     return _weighted_mean(prob, image_centre(prob), prior_mass)[0]
 
 
-def soft_box(prob: torch.Tensor, std_scale: float = 2.5, prior_mass: float = 0.1) -> torch.Tensor:
+def soft_box(
+    prob: torch.Tensor,
+    std_scale: float = 2.5,
+    prior_mass: float = 0.1,
+    *,
+    centroid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Box = weighted mean +- ``std_scale`` weighted std per axis, clamped into the image.
 
     The fallback (prior) is the whole image: centre ((W-1)/2, (H-1)/2) with a std of half the side / std_scale,
@@ -97,6 +103,7 @@ def soft_box(prob: torch.Tensor, std_scale: float = 2.5, prior_mass: float = 0.1
         prob: (B, 1, H, W) float in [0, 1].
         std_scale: half-width of the box in standard deviations.
         prior_mass: pixels of prior mass.
+        centroid: (``positive_point(prob, prior_mass)``, sum(P) (B,)) when the caller has them (``point_and_box``).
 
     Returns:
         (B, 4) xyxy in the pixel frame, 0 <= x0 <= x1 <= W-1, 0 <= y0 <= y1 <= H-1.
@@ -104,7 +111,7 @@ def soft_box(prob: torch.Tensor, std_scale: float = 2.5, prior_mass: float = 0.1
     _check_prob(prob)
     h, w = prob.shape[-2:]
     xs, ys = _grids(prob)
-    mean, mass = _weighted_mean(prob, image_centre(prob), prior_mass)
+    mean, mass = centroid if centroid is not None else _weighted_mean(prob, image_centre(prob), prior_mass)
     mx, my = mean[:, 0].view(-1, 1, 1, 1), mean[:, 1].view(-1, 1, 1, 1)
     denom = mass + prior_mass
     prior_var_x = ((w - 1) / 2.0 / std_scale) ** 2
@@ -146,6 +153,8 @@ def negative_point(
     style: str = "corner",
     box_temperature: float = 0.01,
     prior_mass: float = 0.1,
+    *,
+    fg_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Background point.
 
@@ -167,6 +176,7 @@ def negative_point(
         style: ``"corner"`` or ``"centroid"``.
         box_temperature: soft-box edge width as a fraction of max(H, W) (``"centroid"`` only).
         prior_mass: pixels of prior mass (``"centroid"`` only).
+        fg_mass: sum(P) (B,) when the caller has it.
 
     Returns:
         (B, 2) xy in the pixel frame.
@@ -186,9 +196,25 @@ def negative_point(
         point, _ = _weighted_mean(inverse, corner, prior_mass)
     else:
         raise ValueError(f"negative point style must be one of {NEGATIVE_POINT_STYLES}, got {style!r}")
-    fg_mass = prob.sum(dim=(1, 2, 3))
+    fg_mass = prob.sum(dim=(1, 2, 3)) if fg_mass is None else fg_mass
     fg_weight = (fg_mass / (fg_mass + prior_mass)).unsqueeze(1)
     return fg_weight * point + (1.0 - fg_weight) * corner
+
+
+def point_and_box(
+    prob: torch.Tensor, std_scale: float = 2.5, prior_mass: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``positive_point``, ``soft_box`` and sum(P) from one weighted mean (the values of the separate calls).
+
+    For inference: with autograd recording, the shared mean would sum the two branches' gradients in another
+    order than separate calls do, so training calls them separately.
+
+    Returns:
+        positive point (B, 2) xy, box (B, 4) xyxy (pixel frame), foreground mass (B,).
+    """
+    _check_prob(prob)
+    point, mass = _weighted_mean(prob, image_centre(prob), prior_mass)
+    return point, soft_box(prob, std_scale, prior_mass, centroid=(point, mass)), mass
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

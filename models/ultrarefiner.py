@@ -14,7 +14,7 @@ from torch import nn
 
 from core.config import ConfigMixin
 from models.gate import Gate, apply_gate
-from models.prompts import MASK_PROMPT_STYLES, NEGATIVE_POINT_STYLES, PromptSet, mask_prompt
+from models.prompts import MASK_PROMPT_STYLES, NEGATIVE_POINT_STYLES, PromptSet, mask_prompt, point_and_box
 from models.prompts import negative_point as _negative_point
 from models.prompts import positive_point as _positive_point
 from models.prompts import soft_box as _soft_box
@@ -164,9 +164,14 @@ def roi_prompts(
     """
     cfg, s, m = config, refiner_size, mask_prompt_size
     b, _, h, w = image.shape
-    pos = _positive_point(coarse_prob, cfg.prompt_prior_mass)
-    box = _soft_box(coarse_prob, cfg.box_std_scale, cfg.prompt_prior_mass)
-    neg = _negative_point(coarse_prob, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass)
+    if torch.is_grad_enabled() and coarse_prob.requires_grad:
+        pos = _positive_point(coarse_prob, cfg.prompt_prior_mass)
+        box = _soft_box(coarse_prob, cfg.box_std_scale, cfg.prompt_prior_mass)
+        mass = None
+    else:  # inference: one weighted mean for the point, the box and the negative point's mass (same values)
+        pos, box, mass = point_and_box(coarse_prob, cfg.box_std_scale, cfg.prompt_prior_mass)
+    neg = _negative_point(coarse_prob, box, pos, cfg.negative_point, cfg.box_temperature, cfg.prompt_prior_mass,
+                          fg_mass=mass)
     points = torch.stack([pos, neg], dim=1)  # (B, 2, 2) image pixel frame
     if cfg.use_roi:
         roi = roi_from_box(box, (h, w), cfg.roi_expand_ratio, cfg.roi_min_fraction)

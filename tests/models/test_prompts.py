@@ -6,6 +6,7 @@ from models.prompts import (
     gaussian_blur,
     mask_prompt,
     negative_point,
+    point_and_box,
     positive_point,
     soft_box,
 )
@@ -145,3 +146,16 @@ def test_gaussian_blur_keeps_constants_and_mass():
 def test_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         positive_point(torch.zeros(1, 2, 8, 8))
+
+
+def test_point_and_box_are_the_separate_calls_bit_for_bit():
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.cat([torch.rand(3, 1, H, W, generator=gen), _gaussian(30.0, 20.0, 6.0, 9.0), _disk(50.0, 40.0, 12.0),
+                       torch.zeros(1, 1, H, W), torch.ones(1, 1, H, W)])
+    point, box, mass = point_and_box(probs, 2.5, 0.1)
+    assert torch.equal(point, positive_point(probs, 0.1))
+    assert torch.equal(box, soft_box(probs, 2.5, 0.1))
+    assert torch.equal(mass, probs.sum(dim=(1, 2, 3)))
+    for style in ("corner", "centroid"):
+        shared = negative_point(probs, box, point, style, fg_mass=mass)
+        assert torch.equal(shared, negative_point(probs, box, point, style))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from models.build import build_ultrarefiner, config_to_dict, resolve_config
 from models.sam import SAM_PRESETS
-from models.ultrarefiner import OUTPUT_KEYS, UltraRefinerConfig
+from models.ultrarefiner import OUTPUT_KEYS, UltraRefinerConfig, roi_prompts
 
 H, W = 96, 112
 
@@ -173,3 +173,21 @@ def test_config_round_trip_and_errors():
         UltraRefinerConfig(use_points=False, use_box=False, use_mask_prompt=False)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         model(torch.rand(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("negative", ["corner", "centroid"])
+def test_roi_prompts_without_autograd_equal_the_training_path(negative):
+    # inference shares one weighted mean between the prompts; training computes them separately: same values
+    gen = torch.Generator().manual_seed(8)
+    image = torch.rand(3, 1, 48, 40, generator=gen)
+    coarse = torch.sigmoid(4.0 * torch.randn(3, 1, 48, 40, generator=gen))
+    cfg = UltraRefinerConfig(negative_point=negative)
+    trained = roi_prompts(image, coarse.clone().requires_grad_(True), cfg, refiner_size=32, mask_prompt_size=8)
+    with torch.inference_mode():
+        served = roi_prompts(image, coarse, cfg, refiner_size=32, mask_prompt_size=8)
+    pairs = [(served.roi, trained.roi), (served.crop, trained.crop), (served.image_points, trained.image_points),
+             (served.image_box, trained.image_box), (served.prompts.points, trained.prompts.points),
+             (served.prompts.box, trained.prompts.box), (served.prompts.mask_logits, trained.prompts.mask_logits)]
+    assert trained.image_box.requires_grad
+    for got, want in pairs:
+        assert torch.equal(got, want.detach())
