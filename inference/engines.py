@@ -313,6 +313,8 @@ class OpenVINOEngine(Engine):
         onnxruntime_graphs: graphs run on ONNX Runtime instead (default ``OPENVINO_ORT_GRAPHS``).
         batch_buckets: batch sizes with a static-shape model, ascending (empty: the dynamic model only).
         graphs: restrict to these graph names (default: all in the manifest).
+        precompile: compile every bucket now for the graphs whose inputs are fixed but for the batch
+            (transunet, image_encoder), so no served request waits for a compile; False: on first use.
 
     Raises:
         inference.tensorrt_runtime.MissingDependencyError: openvino is not installed (names the extra).
@@ -330,6 +332,7 @@ class OpenVINOEngine(Engine):
         onnxruntime_graphs: list[str] | tuple[str, ...] = OPENVINO_ORT_GRAPHS,
         batch_buckets: tuple[int, ...] | list[int] = OPENVINO_BATCH_BUCKETS,
         graphs: list[str] | None = None,
+        precompile: bool = True,
     ) -> None:
         from inference.tensorrt_runtime import MissingDependencyError
 
@@ -393,6 +396,19 @@ class OpenVINOEngine(Engine):
             self._runtime[name] = "openvino"
         self._version = ov.get_version()
         self._local = threading.local()
+        if precompile:
+            self._precompile()
+
+    def _precompile(self) -> None:
+        """Compile each bucket's model for the graphs whose inputs have a static shape but for the batch."""
+        for name, compiled in self._dynamic.items():
+            shapes = [port.get_partial_shape() for port in compiled.inputs]
+            if not all(b and all(d.is_static for d in list(shape)[1:])
+                       for shape, b in zip(shapes, self._batched_in[name], strict=True)):
+                continue  # e.g. the decoder's point count: its shapes are known only per request
+            for bucket in self._buckets:
+                self._compiled_for(name, tuple((bucket, *(d.get_length() for d in list(shape)[1:]))
+                                               for shape in shapes))
 
     @property
     def graph_names(self) -> tuple[str, ...]:
