@@ -429,9 +429,19 @@ def test_truncated_multipart_is_400(live_server):
 
 
 def test_client_errors_are_counted(live_server):
-    text = httpx.get(live_server.url + "/metrics").text
-    assert metric_value(text, "medrefine_requests_total", {"endpoint": "segment", "status": "400"}) >= 1
-    assert metric_value(text, "medrefine_request_latency_seconds_count", {"endpoint": "refine"}) >= 1
+    labels = {"endpoint": "segment", "status": "400"}
+    before = httpx.get(live_server.url + "/metrics").text
+    with live_server.client() as client:
+        bad = client.post("/segment", files={"file": ("p.png", _PNG)}, data={"threshold": "1.5"})
+        refused = client.post("/refine", files={"file": ("p.png", _PNG)}, data={})
+    assert bad.status_code == 400 and refused.status_code == 400
+    after = httpx.get(live_server.url + "/metrics").text
+    def grew(name: str, labels: dict[str, str]) -> float:  # a series is on /metrics from its first sample on
+        first = metric_value(before, name, labels) if f"{name}{{" in before else 0.0
+        return metric_value(after, name, labels) - first
+
+    assert grew("medrefine_requests_total", labels) == 1
+    assert grew("medrefine_request_latency_seconds_count", {"endpoint": "refine"}) == 1
 
 
 # ---------------------------------------------------------------------------------------------------
