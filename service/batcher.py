@@ -43,7 +43,10 @@ class BatcherConfig:
     waits for company only when the batch before it had company (a lone request after a lone request, or
     the first one, goes at once: no load, nothing to wait for); ``prefetch``: one more batch than ``lanes``
     is formed and handed to the worker threads while they run, so a worker starts it the moment it finishes
-    instead of waiting for the event loop to wake up and form it.
+    instead of waiting for the event loop to wake up and form it. While every lane is busy, the next batch
+    keeps gathering company until the running batch is about to end (its expected run time from the
+    measured time per item, or ``max_latency_ms``, whichever is later; at once when a lane frees up): its
+    items would wait for the lane anyway, and a fuller batch runs more images per CPU-second.
     """
 
     max_batch_size: int = 16
@@ -118,6 +121,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         self._at_worker = 0  # items handed to the workers and not started yet (prefetch)
         self._at_worker_lock = threading.Lock()
         self._batch_seconds = 0.0  # moving average of a batch's run time (for Retry-After)
+        self._item_seconds = 0.0  # moving average of a batch's run time per item
+        self._started_batch: tuple[float, int] | None = None  # (monotonic start, items) of the newest batch
         self.batches_run = 0
         self._last_batch_size = 0  # size of the batch dispatched last (adaptive_window)
 
@@ -278,9 +283,14 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                 continue
             head = self._queue[0]
             wait = not self.config.adaptive_window or self._last_batch_size > 1
-            if head.batchable and self._accepting and wait:
+            lanes_busy = len(self._running) >= self.config.lanes  # this batch would wait at a worker
+            if head.batchable and self._accepting and (wait or lanes_busy):
                 deadline = head.enqueued + self.config.max_latency_ms / 1000.0
+                if lanes_busy:
+                    deadline = max(deadline, self._expected_lane_free())
                 while self._count_key(head.key) < self.config.max_batch_size and not head.future.done():
+                    if lanes_busy and len(self._running) < self.config.lanes:
+                        break  # a lane is free: go now with the company gathered so far
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._accepting:
                         break
@@ -303,6 +313,14 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             self._queue = collections.deque(e for e in self._queue if id(e) not in taken)
             self._notify_depth()
             return batch
+
+    def _expected_lane_free(self) -> float:
+        """When the newest running batch should end (monotonic; 0 before the first batch), less a 10 % margin
+        so that the next batch is formed just before the lane frees up."""
+        started = self._started_batch
+        if started is None:
+            return 0.0
+        return started[0] + 0.9 * self._item_seconds * started[1]
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
@@ -336,6 +354,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
         if not live:
             return live, [], 0.0
         started = time.monotonic()
+        self._started_batch = (started, len(live))
         if self._observer is not None:
             self._observer.observe_batch(len(live), [started - e.enqueued for e in live])
         results = self._run_batch(live[0].key, [e.item for e in live])
@@ -353,6 +372,8 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             batch, results, elapsed = await loop.run_in_executor(self._executor, self._start, batch)
             if batch:
                 self._batch_seconds = elapsed if not self.batches_run else 0.8 * self._batch_seconds + 0.2 * elapsed
+                per_item = elapsed / len(batch)
+                self._item_seconds = per_item if self.batches_run == 0 else 0.8 * self._item_seconds + 0.2 * per_item
                 self.batches_run += 1
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")

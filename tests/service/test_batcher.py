@@ -339,3 +339,32 @@ def test_prefetched_request_whose_caller_left_never_runs():
     assert out == [0, 60]
     assert batches == [[0], [6]]
     assert depths == (2, 1, 0)
+
+
+def test_while_the_lane_is_busy_the_next_batch_gathers_every_request_that_arrives():
+    """The service's configuration (adaptive window, prefetch, one lane): requests arriving one by one while a
+    batch runs go to the engine together when it frees up, not the first alone as a prefetched batch."""
+
+    async def main():
+        rec = Recorder(delay_s=0.5)  # every batch takes 0.5 s: the batcher's estimate of the running one's end
+        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=16, max_latency_ms=5, adaptive_window=True,
+                                               prefetch=True))
+        await b.start()
+        await b.submit(0)  # a lone request: runs at once
+        rec.gate.clear()
+        rec.started.clear()
+        held = asyncio.ensure_future(b.submit(1))
+        while not rec.started.is_set():
+            await asyncio.sleep(0.005)
+        arrivals = []
+        for i in (2, 3, 4):  # spaced wider than max_latency_ms: each would have been a batch of its own
+            arrivals.append(asyncio.ensure_future(b.submit(i)))
+            await asyncio.sleep(0.03)
+        rec.gate.set()  # batch [1] ends 0.5 s after it started; the next one is formed at about 0.45 s
+        results = await asyncio.gather(held, *arrivals)
+        await b.drain()
+        return results, [items for _, items in rec.batches]
+
+    results, batches = run(main())
+    assert results == [10, 20, 30, 40]
+    assert batches == [[0], [1], [2, 3, 4]]
