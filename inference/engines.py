@@ -298,12 +298,14 @@ class OpenVINOEngine(Engine):
 
     bf16 runs on CPUs with AMX or AVX512-BF16; elsewhere OpenVINO runs fp32 whatever was asked, and
     :meth:`describe` reports the precision each compiled graph actually runs at. Weights and I/O stay
-    float32. A batch is padded (zero rows) up to the smallest of ``batch_buckets`` that holds it and runs
-    on a model compiled for that shape on first use (about 0.3 s; up to 16 per graph): static shapes ran
-    the encoder 1.5-1.7x as fast as the dynamic model, and a model per batch size 1-16 held 1 GiB more.
-    Larger batches run on the dynamic model. The graphs in ``onnxruntime_graphs`` run on ONNX Runtime fp32
-    (see ``OPENVINO_ORT_GRAPHS``). Each calling thread has its own infer requests, so threads run at once
-    without a lock. Design and measured figures: docs/architecture.md, "inference".
+    float32. A batch runs on models compiled for the static shapes ``batch_buckets`` (static shapes ran
+    the encoder 1.5-1.7x as fast as the dynamic model; a model per batch size 1-16 held 1 GiB more, five
+    buckets 332 MiB): a batch that is not a bucket runs as bucket-sized chunks, largest first (9 rows as
+    8 + 1: the encoder at 2.6 ms per image, against 4.9 padded to 16), and only where some input or output
+    is not batched is a batch padded (zero rows) to the next bucket, or run on the dynamic model above the
+    largest. The buckets are compiled when the engine is built. The graphs in ``onnxruntime_graphs`` run
+    on ONNX Runtime fp32 (see ``OPENVINO_ORT_GRAPHS``). Each calling thread has its own infer requests, so
+    threads run at once without a lock. Design and measured figures: docs/architecture.md, "inference".
 
     Args:
         artifacts: a loaded, verified artifact directory (its ONNX files are compiled, dynamic batch kept).
@@ -371,12 +373,14 @@ class OpenVINOEngine(Engine):
         self._static: dict[str, dict[tuple[tuple[int, ...], ...], Any]] = {name: {} for name in self._dynamic}
         self._compile_lock = threading.Lock()
         self._inputs, self._outputs, self._input_dtypes = {}, {}, {}
+        self._batched_by_name: dict[str, dict[str, bool]] = {}
         # inputs and outputs whose first dimension is the batch (dynamic in the graph; orig_im_size's is not)
         self._batched_in = {name: tuple(_batch_first(p) for p in c.inputs) for name, c in self._dynamic.items()}
         self._batched_out = {name: tuple(_batch_first(p) for p in c.outputs) for name, c in self._dynamic.items()}
         for name, compiled in self._dynamic.items():
             spec = artifacts.graph(name)
             self._inputs[name] = tuple(_port_name(port, spec.input_names) for port in compiled.inputs)
+            self._batched_by_name[name] = dict(zip(self._inputs[name], self._batched_in[name], strict=True))
             self._outputs[name] = tuple(_port_name(port, spec.output_names) for port in compiled.outputs)
             self._input_dtypes[name] = {
                 _port_name(port, spec.input_names): port.get_element_type().to_dtype() for port in compiled.inputs
@@ -461,6 +465,34 @@ class OpenVINOEngine(Engine):
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph_name not in self._dynamic:
             return self._ort._run(graph_name, inputs)  # type: ignore[union-attr]
+        chunks = self._bucket_chunks(graph_name, inputs)
+        if len(chunks) > 1:  # e.g. 9 rows as 8 + 1: a batch padded to 16 would cost 16 rows
+            parts, start = [], 0
+            for rows in chunks:
+                batched = self._batched_by_name[graph_name]
+                parts.append(self._run_padded(graph_name, {
+                    name: value[start:start + rows] if batched.get(name, False) else value
+                    for name, value in inputs.items()}))
+                start += rows
+            return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return self._run_padded(graph_name, inputs)
+
+    def _bucket_chunks(self, graph_name: str, inputs: dict[str, np.ndarray]) -> list[int]:
+        """Row counts to run ``inputs`` in: one, or bucket sizes summing to the batch (largest first) when
+        the batch is not a bucket and every input and output is batched."""
+        batched = self._batched_by_name[graph_name]
+        rows = next((inputs[name].shape[0] for name, b in batched.items() if b), 0)
+        if not rows or rows in self._buckets or not self._buckets or not all(batched.values()) \
+                or not all(self._batched_out[graph_name]):
+            return [rows]
+        chunks = []
+        while rows:
+            bucket = max(b for b in self._buckets if b <= rows) if rows >= self._buckets[0] else rows
+            chunks.append(bucket)
+            rows -= bucket
+        return chunks
+
+    def _run_padded(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self._input_dtypes[graph_name]
         feed = [np.ascontiguousarray(inputs[name], dtype=dtypes[name]) for name in self._inputs[graph_name]]
         batched = self._batched_in[graph_name]
