@@ -14,7 +14,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from export.parity import ParityCase, ParityError, check_parity, dice
-from inference.engines import Engine
+from inference.engines import Engine, WrappedEngine
 
 __all__ = [
     "CALIBRATION_SEED",
@@ -45,30 +45,16 @@ INT8_OPS: dict[str, tuple[str, ...] | None] = {"transunet": ("MatMul",), "image_
                                                "mask_decoder": ("MatMul",), "gate": ("Conv",)}
 
 
-class _RecordingEngine(Engine):
+class _RecordingEngine(WrappedEngine):
     """Delegates to ``inner`` and keeps a copy of every feed, per graph, one entry per call."""
 
     def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.backend = inner.backend
+        super().__init__(inner)
         self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
-
-    @property
-    def graph_names(self) -> tuple[str, ...]:
-        return self.inner.graph_names
-
-    def input_names(self, graph_name: str) -> tuple[str, ...]:
-        return self.inner.input_names(graph_name)
-
-    def output_names(self, graph_name: str) -> tuple[str, ...]:
-        return self.inner.output_names(graph_name)
 
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.feeds.setdefault(graph_name, []).append({k: np.array(v, copy=True) for k, v in inputs.items()})
         return self.inner.run(graph_name, inputs)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
 
 
 def phantom_images(seed: int, count: int, size: int = 256) -> list[np.ndarray]:

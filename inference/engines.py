@@ -21,6 +21,7 @@ __all__ = [
     "Engine",
     "OPENVINO_PRECISIONS",
     "OnnxRuntimeEngine",
+    "WrappedEngine",
     "OpenVINOEngine",
     "TensorRTEngine",
     "TorchEngine",
@@ -513,6 +514,31 @@ class OpenVINOEngine(Engine):
         return {"backend": self.backend, "device": "CPU", "openvino": self._version,
                 "intra_op_threads": self._intra_op_threads, "precision": dict(self._precision),
                 "runtime": dict(self._runtime), "batch_buckets": list(self._buckets)}
+
+
+class WrappedEngine(Engine):
+    """Runs ``inner``'s graphs under ``backend`` (default: inner's); a subclass overrides ``_run`` to watch or
+    change the calls (``export.quantize`` records the feeds; tests record the batches)."""
+
+    def __init__(self, inner: Engine, backend: str | None = None) -> None:
+        self.inner = inner
+        self.backend = backend if backend is not None else inner.backend
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return self.inner.graph_names
+
+    def input_names(self, graph_name: str) -> tuple[str, ...]:
+        return self.inner.input_names(graph_name)
+
+    def output_names(self, graph_name: str) -> tuple[str, ...]:
+        return self.inner.output_names(graph_name)
+
+    def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.run(graph_name, inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
 
 
 class TorchEngine(Engine):

@@ -12,7 +12,7 @@ import pytest
 
 from core.metrics import dice
 from core.phantoms import breast_ultrasound, sample_seed
-from inference.engines import Engine, build_engine
+from inference.engines import Engine, WrappedEngine, build_engine
 from inference.pipeline import MIRROR_MERGE_MAX_BATCH, SegmentationPipeline, SegmentOptions
 from tests.support.artifact_factory import phantom_images, session_tiny_artifacts
 
@@ -21,30 +21,17 @@ N_CASES = 40
 MIN_SERVED_DICE = 0.895  # the served rules' bound on these cases (measured 0.902)
 
 
-class _RecordingEngine(Engine):
+class _RecordingEngine(WrappedEngine):
     """An engine under another backend name that records the batch of every TransUNet call."""
 
     def __init__(self, inner: Engine, backend: str) -> None:
-        self.inner, self.backend = inner, backend
+        super().__init__(inner, backend)
         self.transunet_batches: list[int] = []
-
-    @property
-    def graph_names(self) -> tuple[str, ...]:
-        return self.inner.graph_names
-
-    def input_names(self, graph_name: str) -> tuple[str, ...]:
-        return self.inner.input_names(graph_name)
-
-    def output_names(self, graph_name: str) -> tuple[str, ...]:
-        return self.inner.output_names(graph_name)
 
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph_name == "transunet":
             self.transunet_batches.append(len(inputs["image"]))
         return self.inner.run(graph_name, inputs)
-
-    def describe(self) -> dict:
-        return self.inner.describe()
 
 
 @pytest.fixture(scope="module")
