@@ -21,7 +21,7 @@ from core.errors import InputError
 from inference.artifacts import Artifacts, load_artifacts
 from inference.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache, pixels_digest
 from inference.engines import Engine, build_engine
-from models.gate import GATE_TYPES, Gate, GateConfig
+from models.gate import GATE_TYPES, Gate, GateConfig, apply_gate
 from models.interactive import pack_tokens
 from models.postprocess import flip_average, keep_largest_component
 from models.prompts import mask_prompt
@@ -551,7 +551,7 @@ class SegmentationPipeline:
                 results: list[SegmentResult | None] = [None] * len(arrays)
                 offset = 0
                 for g, sam, gate in zip(groups, sams, gates, strict=True):
-                    refined = (sam - g.coarse).mul_(gate).add_(g.coarse)  # apply_gate, in place
+                    refined = apply_gate(g.coarse, sam, gate)
                     group_iou = iou[offset : offset + len(g.indices)]
                     offset += len(g.indices)
                     group_spacings = [spacings[i] if spacings is not None else None for i in g.indices]

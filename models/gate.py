@@ -87,13 +87,19 @@ def uncertainty(coarse: torch.Tensor, gamma: float) -> torch.Tensor:
     return (2.0 * coarse - 1.0).square_().add_(1e-12).pow_(gamma / 2.0).neg_().add_(1.0)
 
 
-def _records_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+def _records_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def apply_gate(coarse: torch.Tensor, sam: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``coarse + gate * (sam - coarse)``: (B, 1, H, W) probabilities in, the same out (in [0, 1] when all are)."""
-    return coarse + gate * (sam - coarse)
+    """``coarse + gate * (sam - coarse)``: (B, 1, H, W) probabilities in, the same out (in [0, 1] when all are).
+
+    Where no gradient is recorded (inference) it runs in place on the one buffer ``sam - coarse`` allocates:
+    the same values.
+    """
+    if _records_grad(coarse, sam, gate):
+        return coarse + gate * (sam - coarse)
+    return (sam - coarse).mul_(gate).add_(coarse)
 
 
 class Gate(nn.Module):

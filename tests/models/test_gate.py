@@ -86,7 +86,7 @@ def test_config_round_trip_and_validation():
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 3.3])
 def test_inference_gate_in_place_equals_the_recorded_gradient_path(gamma):
-    # without autograd the uncertainty gate runs in place; the values must be the training path's, bit for bit
+    # without autograd the uncertainty gate and the blend run in place: the training path's values, bit for bit
     coarse, sam, _ = _maps(int(gamma * 10))
     coarse[0, 0, 0, :3] = torch.tensor([0.0, 0.5, 1.0])
     gate = build_gate(GateConfig(type="uncertainty", gate_gamma=gamma, gate_min=0.05, gate_max=0.8))
@@ -99,3 +99,6 @@ def test_inference_gate_in_place_equals_the_recorded_gradient_path(gamma):
     assert torch.equal(fast, uncertainty(recorded, gamma).detach())
     assert torch.equal(served, expected.detach())
     assert torch.equal(served, torch.clamp(1.0 - ((2.0 * coarse - 1.0).square() + 1e-12).pow(gamma / 2.0), 0.05, 0.8))
+    with torch.inference_mode():
+        blended = apply_gate(coarse, sam, served)
+    assert torch.equal(blended, apply_gate(recorded, sam, expected).detach())
