@@ -145,6 +145,10 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """``{"backend": ..., "providers" or "device": ...}`` for /model_info and logs."""
 
+    def max_batch(self, graph_name: str) -> int | None:
+        """The largest batch ``graph_name`` runs at; None: no limit."""
+        return None
+
     def run(self, graph_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run ``graph_name`` on ``inputs`` and return every output as float32 (or its integer dtype).
 
@@ -540,6 +544,9 @@ class WrappedEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
 
+    def max_batch(self, graph_name: str) -> int | None:
+        return self.inner.max_batch(graph_name)
+
 
 class TorchEngine(Engine):
     """The source checkpoint run in torch behind the graph-level interface.
@@ -632,7 +639,7 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, *, engines_dir: str | Path | None = None, device: int = 0) -> None:
-        from inference.tensorrt_runtime import MissingDependencyError, query_gpu
+        from inference.tensorrt_runtime import MissingDependencyError, profile_max_batch, query_gpu
 
         try:
             import tensorrt as trt
@@ -667,6 +674,7 @@ class TensorRTEngine(Engine):
             self._outputs[name] = tuple(t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.OUTPUT)
         self._engines_dir = engines_dir
         self._precision = record.get("precision")
+        self._max_batch = {name: profile_max_batch(record, name) for name in record["engines"]}
 
     @property
     def graph_names(self) -> tuple[str, ...]:
@@ -716,6 +724,9 @@ class TensorRTEngine(Engine):
             "tensorrt": self._trt.__version__,
             "precision": self._precision,
         }
+
+    def max_batch(self, graph_name: str) -> int | None:
+        return self._max_batch.get(graph_name)
 
 
 ENGINE_REGISTRY: dict[str, Callable[..., Engine]] = {

@@ -6,7 +6,6 @@ flags are described in docs/architecture.md ("inference").
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ WINDOW_SIDE_STEP = 8.0
 WINDOW_CENTRE_STEP = 4.0
 # Most images one TransUNet call carries when the coarse_flip rule's mirrored copies ride with the originals
 # (2B images): on CPU, ONNX Runtime's time per image is flat to batch 16 and grows beyond it; OpenVINO's falls
-# to batch 16. A TensorRT engine's profile maximum lowers it (``_engine_max_batch``).
+# to batch 16. An engine's maximum batch (a TensorRT profile's) lowers it (``Engine.max_batch``).
 MIRROR_MERGE_MAX_BATCH = 16
 
 
@@ -254,21 +253,6 @@ def _area_mm2(area_pixels: int, spacing: Sequence[float] | None) -> float | None
     return float(area_pixels) * row * col
 
 
-def _engine_max_batch(engine: Engine, artifacts: Artifacts, graph: str) -> int | None:
-    """The largest batch ``engine`` runs ``graph`` at; None = no limit (ONNX Runtime, OpenVINO, torch).
-
-    A TensorRT engine's is its optimisation profile's maximum, read from its record (``ART_DIR/trt/manifest.json``,
-    where the service builds it); 0 when that cannot be read (the pipeline then keeps its batches as asked).
-    """
-    if engine.backend != "tensorrt":
-        return None
-    try:
-        record = json.loads((artifacts.root / "trt" / "manifest.json").read_text(encoding="utf-8"))
-        return min(int(p["max"][0]) for p in record["engines"][graph]["profiles"] if not p.get("is_shape_input"))
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return 0
-
-
 def box_ellipse(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 {0, 1}: the ellipse inscribed in an xyxy pixel-frame box (a box prompt's mask prompt)."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -326,7 +310,7 @@ class SegmentationPipeline:
         # The automatic answer's calibrated rules (training.calibration.choose_segment_rules); off when absent.
         self.segment_rules = {"coarse_flip": False, "largest_component": False, **dict(block.get("segment") or {})}
         self.review_threshold = float(self.review["iou_threshold"])
-        limit = _engine_max_batch(engine, artifacts, "transunet")
+        limit = engine.max_batch("transunet")
         self.mirror_merge_batch = MIRROR_MERGE_MAX_BATCH if limit is None else min(MIRROR_MERGE_MAX_BATCH, limit)
         self.min_area_fraction = float(self.no_finding["min_area_fraction"])
         if self.gate_config.type in ("learned", "hybrid") and "gate" not in engine.graph_names:

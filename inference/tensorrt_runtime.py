@@ -70,6 +70,17 @@ def check_engine_compatible(engine_record: Mapping[str, Any], current_gpu: GpuIn
                                        + "; ".join(problems) + f"; {rebuild}")
 
 
+def profile_max_batch(engine_record: Mapping[str, Any], graph: str) -> int:
+    """The largest batch the engine of ``graph`` takes: the smallest first-axis maximum over its optimisation
+    profiles' tensor inputs (shape inputs such as ``orig_im_size`` have no batch).
+
+    Raises:
+        KeyError: ``graph`` has no engine in the record.
+    """
+    profiles = engine_record["engines"][graph]["profiles"]
+    return min(int(p["max"][0]) for p in profiles if not p.get("is_shape_input"))
+
+
 # --------------------------------------------------------------------------- environment
 def import_tensorrt() -> Any:
     """``import tensorrt`` or raise ``MissingDependencyError`` with the install hint."""

@@ -24,6 +24,7 @@ from inference.tensorrt_runtime import (
     GpuInfo,
     MissingDependencyError,
     check_engine_compatible,
+    profile_max_batch,
 )
 from models.sam import build_sam
 from weights.sam_onnx import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, SamOnnxDecoder
@@ -74,6 +75,9 @@ def test_every_dynamic_input_gets_a_profile_and_orig_im_size_is_an_int32_shape_i
     assert (size.values_min, size.values_opt, size.values_max) == ((16, 16), (256, 256), (1024, 1024))
     assert all(p.dtype == "float32" for p in profiles.values() if not p.is_shape_input)
     assert profiles["orig_im_size"].to_dict()["values_max"] == [1024, 1024]
+    # the engine record as export.tensorrt writes it gives the serving engine its batch limit
+    record = {"engines": {"mask_decoder": {"profiles": [p.to_dict() for p in profiles.values()]}}}
+    assert profile_max_batch(record, "mask_decoder") == 8
 
 
 def test_profile_refuses_a_float_shape_input(decoder_onnx):

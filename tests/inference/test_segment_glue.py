@@ -4,9 +4,6 @@ with the answers of two calls; a TensorRT profile's maximum batch caps it.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import numpy as np
 import pytest
 
@@ -14,6 +11,7 @@ from core.metrics import dice
 from core.phantoms import breast_ultrasound, sample_seed
 from inference.engines import Engine, WrappedEngine, build_engine
 from inference.pipeline import MIRROR_MERGE_MAX_BATCH, SegmentationPipeline, SegmentOptions
+from inference.tensorrt_runtime import profile_max_batch
 from tests.support.artifact_factory import phantom_images, session_tiny_artifacts
 
 SEED = 9300  # held-out lesion phantoms (tests/inference/test_segment_rules.py: neither trained nor calibrated on)
@@ -22,11 +20,15 @@ MIN_SERVED_DICE = 0.895  # the served rules' bound on these cases (measured 0.90
 
 
 class _RecordingEngine(WrappedEngine):
-    """An engine under another backend name that records the batch of every TransUNet call."""
+    """An engine under another backend name (and batch limit) that records the batch of every TransUNet call."""
 
-    def __init__(self, inner: Engine, backend: str) -> None:
+    def __init__(self, inner: Engine, backend: str, max_batch: int | None = None) -> None:
         super().__init__(inner, backend)
         self.transunet_batches: list[int] = []
+        self._max_batch = max_batch
+
+    def max_batch(self, graph_name: str) -> int | None:
+        return self._max_batch
 
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph_name == "transunet":
@@ -71,22 +73,27 @@ def test_mirrored_pass_in_one_call_answers_as_two_calls_on_held_out_phantoms(def
         assert served_dice >= MIN_SERVED_DICE, f"batch {batch}: held-out Dice {served_dice:.4f}"
 
 
-def test_a_tensorrt_profile_maximum_caps_the_merged_batch(tmp_path, tmp_path_factory):
+def test_a_tensorrt_profile_maximum_caps_the_merged_batch(tmp_path_factory):
     tiny = session_tiny_artifacts(tmp_path_factory)
     base = SegmentationPipeline.from_artifacts(tiny.art_dir, "onnxruntime", intra_op_threads=1)
-    engine = _RecordingEngine(base.engine, "tensorrt")
-    (tmp_path / "trt").mkdir()
-    record = {"engines": {"transunet": {"profiles": [
-        {"name": "image", "min": [1, 1, 64, 64], "opt": [4, 1, 64, 64], "max": [6, 1, 64, 64], "is_shape_input": False},
-    ]}}}
-    (tmp_path / "trt" / "manifest.json").write_text(json.dumps(record))
-    capped = SegmentationPipeline(engine, dataclasses.replace(base.artifacts, root=tmp_path))
-    unknown = SegmentationPipeline(engine, dataclasses.replace(base.artifacts, root=tmp_path / "elsewhere"))
-    assert capped.mirror_merge_batch == 6 and unknown.mirror_merge_batch == 0
+
+    def record(most: int) -> dict:  # ART_DIR/trt/manifest.json as export.tensorrt writes it
+        return {"engines": {"transunet": {"profiles": [
+            {"name": "image", "min": [1, 1, 64, 64], "opt": [4, 1, 64, 64], "max": [most, 1, 64, 64],
+             "is_shape_input": False},
+            {"name": "orig_im_size", "min": [2], "opt": [2], "max": [2], "is_shape_input": True},
+        ]}}}
+
+    engines = {most: _RecordingEngine(base.engine, "tensorrt", profile_max_batch(record(most), "transunet"))
+               for most in (6, 2)}
+    capped = SegmentationPipeline(engines[6], base.artifacts)
+    small = SegmentationPipeline(engines[2], base.artifacts)
+    assert capped.mirror_merge_batch == 6 and small.mirror_merge_batch == 2
     images = phantom_images([(64, 64)] * 4, seed=3)
     expected = base.segment(images[:3])
-    for pipeline, batch, calls in ((capped, 3, [6]), (capped, 4, [4, 4]), (unknown, 3, [3, 3])):
+    for pipeline, batch, calls in ((capped, 3, [6]), (capped, 4, [4, 4]), (small, 3, [3, 3])):
         pipeline.segment_rules = {**pipeline.segment_rules, "coarse_flip": True}
+        engine = pipeline.engine
         engine.transunet_batches.clear()
         results = pipeline.segment(images[:batch])
         assert engine.transunet_batches == calls
