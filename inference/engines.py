@@ -378,18 +378,15 @@ class OpenVINOEngine(Engine):
         self._static: dict[str, dict[tuple[tuple[int, ...], ...], Any]] = {name: {} for name in self._dynamic}
         self._compile_lock = threading.Lock()
         self._inputs, self._outputs, self._input_dtypes = {}, {}, {}
-        self._batched_by_name: dict[str, dict[str, bool]] = {}
         # inputs and outputs whose first dimension is the batch (dynamic in the graph; orig_im_size's is not)
         self._batched_in = {name: tuple(_batch_first(p) for p in c.inputs) for name, c in self._dynamic.items()}
         self._batched_out = {name: tuple(_batch_first(p) for p in c.outputs) for name, c in self._dynamic.items()}
         for name, compiled in self._dynamic.items():
             spec = artifacts.graph(name)
             self._inputs[name] = tuple(_port_name(port, spec.input_names) for port in compiled.inputs)
-            self._batched_by_name[name] = dict(zip(self._inputs[name], self._batched_in[name], strict=True))
             self._outputs[name] = tuple(_port_name(port, spec.output_names) for port in compiled.outputs)
-            self._input_dtypes[name] = {
-                _port_name(port, spec.input_names): port.get_element_type().to_dtype() for port in compiled.inputs
-            }
+            self._input_dtypes[name] = {input_name: port.get_element_type().to_dtype()
+                                        for input_name, port in zip(self._inputs[name], compiled.inputs, strict=True)}
         stored = graph_precisions(artifacts, names)
         self._precision: dict[str, str] = {}
         self._runtime: dict[str, str] = {}
@@ -470,24 +467,22 @@ class OpenVINOEngine(Engine):
     def _run(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if graph_name not in self._dynamic:
             return self._ort._run(graph_name, inputs)  # type: ignore[union-attr]
-        chunks = self._bucket_chunks(graph_name, inputs)
-        if len(chunks) > 1:  # e.g. 9 rows as 8 + 1: a batch padded to 16 would cost 16 rows
-            parts, start = [], 0
-            for rows in chunks:
-                batched = self._batched_by_name[graph_name]
-                parts.append(self._run_padded(graph_name, {
-                    name: value[start:start + rows] if batched.get(name, False) else value
-                    for name, value in inputs.items()}))
-                start += rows
-            return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        return self._run_padded(graph_name, inputs)
+        dtypes = self._input_dtypes[graph_name]
+        feed = [np.ascontiguousarray(inputs[name], dtype=dtypes[name]) for name in self._inputs[graph_name]]
+        rows = next((value.shape[0] for value, b in zip(feed, self._batched_in[graph_name], strict=True) if b), 0)
+        chunks = self._bucket_chunks(graph_name, rows)
+        if len(chunks) == 1:
+            return self._run_feed(graph_name, feed, rows)
+        parts, start = [], 0
+        for n in chunks:  # e.g. 9 rows as 8 + 1: a batch padded to 16 would cost 16 rows
+            parts.append(self._run_feed(graph_name, [value[start:start + n] for value in feed], n))
+            start += n
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
-    def _bucket_chunks(self, graph_name: str, inputs: dict[str, np.ndarray]) -> list[int]:
-        """Row counts to run ``inputs`` in: one, or bucket sizes summing to the batch (largest first) when
-        the batch is not a bucket and every input and output is batched."""
-        batched = self._batched_by_name[graph_name]
-        rows = next((inputs[name].shape[0] for name, b in batched.items() if b), 0)
-        if not rows or rows in self._buckets or not self._buckets or not all(batched.values()) \
+    def _bucket_chunks(self, graph_name: str, rows: int) -> list[int]:
+        """Row counts to run a batch of ``rows`` in: one, or bucket sizes summing to it (largest first) when it
+        is not a bucket and every input and output of the graph is batched."""
+        if not rows or rows in self._buckets or not self._buckets or not all(self._batched_in[graph_name]) \
                 or not all(self._batched_out[graph_name]):
             return [rows]
         chunks = []
@@ -497,11 +492,10 @@ class OpenVINOEngine(Engine):
             rows -= bucket
         return chunks
 
-    def _run_padded(self, graph_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dtypes = self._input_dtypes[graph_name]
-        feed = [np.ascontiguousarray(inputs[name], dtype=dtypes[name]) for name in self._inputs[graph_name]]
+    def _run_feed(self, graph_name: str, feed: list[np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """Run ``feed`` (graph input order, ``rows`` in the batch) padded to the next bucket, or on the dynamic
+        model above the largest."""
         batched = self._batched_in[graph_name]
-        rows = next((value.shape[0] for value, b in zip(feed, batched, strict=True) if b), 0)
         bucket = next((b for b in self._buckets if b >= rows), None) if rows else None
         if bucket is None:  # beyond the largest bucket: the dynamic model, as it comes
             key: tuple[tuple[int, ...], ...] = ()
