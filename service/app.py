@@ -15,6 +15,7 @@ from service import rest, rest_generation
 from service.bento_pages import BentoPagesMiddleware
 from service.bentoml_metrics import bound_bentoml_metric_paths
 from service.errors import NotReady
+from service.heap import freeze_startup_heap
 from service.log_privacy import install_log_redaction
 from service.metrics import exposition_if_separate
 from service.middleware import API_ROUTES, GuardMiddleware, OpenRequests, rest_api
@@ -122,6 +123,7 @@ class MedRefine:
 
             self.grpc = await start_grpc_server(self.runtime, self.settings.host, self.settings.grpc_port)
         _chain_drain_on_signals(self.runtime)
+        freeze_startup_heap()  # last: everything loaded and started is in it
         PROCESS.runtime = self.runtime
         logger.info("ready: model %s on %s, HTTP REST + /v2, gRPC %s", self.runtime.model_version[:12],
                     self.runtime.backend, self.grpc.address if self.grpc else "off")
