@@ -15,7 +15,7 @@ def freeze_startup_heap() -> int:
 
     Why: a full collection walks every tracked object while holding the GIL. Unfrozen, each one under load
     took 0.3-0.5 s and stalled every request in flight (REST p99 576 ms at 45 req/s on OpenVINO, against
-    234 ms frozen; docs/performance.md). Frozen objects are still freed by reference counting; only cycles
+    234 ms frozen; README, Performance). Frozen objects are still freed by reference counting; only cycles
     among them outlive the process, and start-up state lives as long as the process anyway.
     """
     started = time.perf_counter()
