@@ -149,6 +149,11 @@ class Engine(abc.ABC):
         """The largest batch ``graph_name`` runs at; None: no limit."""
         return None
 
+    def preferred_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes that run at their own static shape, ascending; another size runs as several of them.
+        Empty: any size runs in one call."""
+        return ()
+
     def run(self, graph_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run ``graph_name`` on ``inputs`` and return every output as float32 (or its integer dtype).
 
@@ -508,6 +513,9 @@ class OpenVINOEngine(Engine):
                 for index, (name, b) in enumerate(zip(self._outputs[graph_name], self._batched_out[graph_name],
                                                       strict=True))}
 
+    def preferred_batch_sizes(self) -> tuple[int, ...]:
+        return self._buckets
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": "CPU", "openvino": self._version,
                 "intra_op_threads": self._intra_op_threads, "precision": dict(self._precision),
@@ -540,6 +548,9 @@ class WrappedEngine(Engine):
 
     def max_batch(self, graph_name: str) -> int | None:
         return self.inner.max_batch(graph_name)
+
+    def preferred_batch_sizes(self) -> tuple[int, ...]:
+        return self.inner.preferred_batch_sizes()
 
 
 class TorchEngine(Engine):

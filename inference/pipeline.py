@@ -364,6 +364,12 @@ class SegmentationPipeline:
     def version(self) -> str:
         return self.artifacts.version
 
+    @property
+    def preferred_batch_sizes(self) -> tuple[int, ...]:
+        """Image batch sizes ``segment`` runs without splitting an engine call (the engine's static shapes;
+        the mirrored TransUNet pass doubles a batch of up to 8 into one of them). Empty: any size."""
+        return self.engine.preferred_batch_sizes()
+
     def model_info(self) -> dict[str, Any]:
         """Version, backend, threshold, graphs and the pipeline settings (no server paths)."""
         described = self.engine.describe()

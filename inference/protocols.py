@@ -46,6 +46,11 @@ class Segmenter(Protocol):
     def cache_stats(self) -> CacheStats:
         ...
 
+    @property
+    def preferred_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes ``segment`` runs best, ascending; empty: any size."""
+        ...
+
 
 class TextEncoder(Protocol):
     """Prompts -> ``(hidden (B, T, D) float32, mask (B, T) bool)`` with ``T = max_tokens``, ``D = dim``."""

@@ -47,6 +47,9 @@ class BatcherConfig:
     keeps gathering company until the running batch is about to end (its expected run time from the
     measured time per item, or ``max_latency_ms``, whichever is later; at once when a lane frees up): its
     items would wait for the lane anyway, and a fuller batch runs more images per CPU-second.
+    ``preferred_sizes``: batch sizes the engine runs best (static shapes, ascending); a batch that is not one
+    of them takes the largest that fits and leaves the rest at the head of the queue, to run with whoever
+    comes next instead of as an engine call of its own (empty: every size is as good).
     """
 
     max_batch_size: int = 16
@@ -56,8 +59,12 @@ class BatcherConfig:
     lanes: int = 1
     adaptive_window: bool = False
     prefetch: bool = False
+    preferred_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        sizes = tuple(self.preferred_sizes)
+        if sizes and (sizes[0] < 1 or list(sizes) != sorted(set(sizes))):
+            raise ValueError(f"preferred_sizes must be ascending positive batch sizes, got {list(sizes)}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_latency_ms < 0:
@@ -306,6 +313,7 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
                         batch.append(entry)
                         if len(batch) == self.config.max_batch_size:
                             break
+                batch = batch[: self._preferred_size(len(batch))]
             else:
                 batch.append(head)
             self._last_batch_size = len(batch)
@@ -313,6 +321,12 @@ class AdaptiveBatcher(Generic[ItemT, ResultT]):
             self._queue = collections.deque(e for e in self._queue if id(e) not in taken)
             self._notify_depth()
             return batch
+
+    def _preferred_size(self, available: int) -> int:
+        """How many of ``available`` items to run: the largest preferred size that fits (all of them when
+        none fits or none is preferred)."""
+        fitting = [size for size in self.config.preferred_sizes if size <= available]
+        return fitting[-1] if fitting else available
 
     def _expected_lane_free(self) -> float:
         """When the newest running batch should end (monotonic; 0 before the first batch), less a 10 % margin

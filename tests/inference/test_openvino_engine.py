@@ -118,6 +118,7 @@ def test_fp32_graphs_match_onnxruntime_at_any_batch_and_mask_size(artifacts):
     # batches 1, 3 (padded to 4) on static-shape models, 6 beyond the largest bucket on the dynamic model
     engine = OpenVINOEngine(artifacts, precision="fp32", intra_op_threads=1, onnxruntime_graphs=(),
                             batch_buckets=(1, 4))
+    assert engine.preferred_batch_sizes() == (1, 4) and reference.preferred_batch_sizes() == ()
     for batch, size in ((1, (256.0, 256.0)), (3, (50.0, 70.0)), (6, (97.0, 31.0))):
         for graph, feed in _graph_inputs(artifacts, batch, size).items():
             want, got = reference.run(graph, feed), engine.run(graph, feed)

@@ -48,6 +48,8 @@ class _GluePipeline:
     def cache_stats(self) -> CacheStats:
         return CacheStats(hits=0, misses=0, evictions=0, entries=0, bytes=0, max_bytes=0)
 
+    preferred_batch_sizes: tuple[int, ...] = ()
+
 
 def _rest_answer(error: Exception, tmp_path: Path) -> tuple[int, dict]:
     """``POST /segment``'s answer as the BentoML handler gives it (``rest_api`` over ``rest.segment``)."""

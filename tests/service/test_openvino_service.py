@@ -18,7 +18,7 @@ from core.phantoms import breast_ultrasound, sample_seed
 from inference.artifacts import load_artifacts
 from inference.pipeline import SegmentationPipeline
 from loadtest.optimize import HELDOUT_SEED
-from service.runtime import engine_options
+from service.runtime import ServiceRuntime, engine_options
 from service.settings import ServiceSettings, SettingsError
 from tests.support.service_fixtures import start_server
 
@@ -67,3 +67,11 @@ def test_service_reports_openvino_precision_in_readyz_and_answers(service_artifa
     offline = pipeline.segment([decode_image(encode_png(image)).pixels])[0].mask > 0
     assert dice(served, offline) >= 0.98  # the server answers what the offline openvino pipeline computes
     assert served.shape == truth.shape
+
+
+def test_the_queue_forms_batches_at_the_engines_static_shapes(service_artifacts):
+    """The runtime hands the batcher the OpenVINO engine's shapes up to its batch limit; ONNX Runtime has none."""
+    for backend, want in (("openvino", (1, 2, 4, 8)), ("onnxruntime", ())):
+        pipeline = SegmentationPipeline.from_artifacts(service_artifacts.art_dir, backend, intra_op_threads=1)
+        runtime = ServiceRuntime(ServiceSettings(artifacts=service_artifacts.art_dir, max_batch_size=12), pipeline)
+        assert runtime.batcher.config.preferred_sizes == want, backend

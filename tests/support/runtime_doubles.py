@@ -33,6 +33,8 @@ class _NoInference:
     def cache_stats(self) -> CacheStats:
         return CacheStats(hits=0, misses=0, evictions=0, entries=0, bytes=0, max_bytes=0)
 
+    preferred_batch_sizes: tuple[int, ...] = ()
+
 
 class FailingRuntime:
     """A started runtime whose ``segment`` / ``refine`` raise ``error``: what the real batcher raises under
