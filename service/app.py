@@ -87,10 +87,11 @@ class MedRefine:
 
         self.settings = ServiceSettings.from_env()
         self.grpc: t.Any = None
-        if self.settings.backend == "onnxruntime":
+        if self.settings.backend in ("onnxruntime", "openvino"):
             # torch only runs the glue between graphs here: with its own thread pool it competes with
             # ONNX Runtime's threads and the HTTP loop for the same cores (measured: p50 at 70 % load
-            # 101-125 ms with one torch thread vs 194-320 ms with the default, equal peak throughput).
+            # 101-125 ms with one torch thread vs 194-320 ms with the default, equal peak throughput). On
+            # OpenVINO its idle OpenMP worker spun at a third of a core (REST 45 req/s: p50 190 -> 67 ms).
             import torch
 
             torch.set_num_threads(1)
