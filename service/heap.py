@@ -6,7 +6,7 @@ import gc
 import logging
 import time
 
-logger = logging.getLogger("medrefine.service")
+logger = logging.getLogger(__name__)
 
 
 def freeze_startup_heap() -> int:
