@@ -109,9 +109,9 @@ def _ours(variant: Variant, art_dir: Path, work: Path, threads: int) -> tuple[Se
 def _server(variant: Variant, art_dir: Path, work: Path, threads: int) -> tuple[ServerProcess, str]:
     if variant.server == "ours":
         return _ours(variant, art_dir, work, threads)
-    from loadtest.peers.launch import launch_peer
+    from loadtest.peers.launch import PEER_MAX_BATCH_SIZE, launch_peer
 
-    peer = launch_peer("kserve", art_dir, threads=threads, max_batch_size=16, work=work,
+    peer = launch_peer("kserve", art_dir, threads=threads, max_batch_size=PEER_MAX_BATCH_SIZE, work=work,
                        thread_env={**thread_env(threads), **variant.env})
     code = _code(variant, work)
     if code is not None:

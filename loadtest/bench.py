@@ -25,7 +25,7 @@ from loadtest.driver import LoadSpec
 from loadtest.grpc_load import run_grpc_load
 from loadtest.http_load import run_http_load
 from loadtest.peers.compare import plot_servers, verdict
-from loadtest.peers.launch import PEERS, launch_peer
+from loadtest.peers.launch import PEER_MAX_BATCH_SIZE, PEERS, launch_peer
 from loadtest.prom import parse_histogram
 from loadtest.system import (
     REPO_ROOT,
@@ -37,6 +37,7 @@ from loadtest.system import (
 )
 from loadtest.tenants import busiest_processes, instruction_sets
 from loadtest.workload import Workload
+from service.settings import ServiceSettings
 
 __all__ = [
     "BenchConfig",
@@ -90,7 +91,7 @@ class BenchConfig:
     arrival: str = "poisson"
     protocols: tuple[str, ...] = ("rest", "grpc")
     primary_protocol: str = "rest"
-    max_batch_size: int = 16
+    max_batch_size: int = ServiceSettings.max_batch_size  # ours; the peers keep PEER_MAX_BATCH_SIZE
     max_latency_ms: float = 10.0
     min_requests: int = 150
     max_step_s: float = 60.0
@@ -598,7 +599,7 @@ def run_bench(config: BenchConfig) -> tuple[dict[str, Any], Path]:
 def _peer_curves(config: BenchConfig, name: str, art_dir: Path, work: Path, workload: Workload) -> dict[str, Any]:
     """Peer ``name`` started over ``art_dir``, a :func:`load_curve` per protocol it serves, then stopped."""
     threads = config.resolved_threads()
-    peer = launch_peer(name, art_dir, threads=threads, max_batch_size=config.max_batch_size, work=work,
+    peer = launch_peer(name, art_dir, threads=threads, max_batch_size=PEER_MAX_BATCH_SIZE, work=work,
                        thread_env=thread_env(threads), startup_timeout_s=config.startup_timeout_s, log=_log)
     result: dict[str, Any] = {"details": peer.details, "curves": {}}
     with peer.server as server:

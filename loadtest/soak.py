@@ -19,6 +19,7 @@ from loadtest.driver import LoadRun, LoadSpec, run_load
 from loadtest.stats import RequestRecord, latency_summary
 from loadtest.system import CpuAccount, ServerProcess, free_port, machine_description, process_tree_rss
 from loadtest.workload import Workload
+from service.settings import ServiceSettings
 
 __all__ = ["RssSample", "SoakConfig", "judge_requests", "memory_growth", "run_soak", "soak_intervals"]
 
@@ -44,7 +45,7 @@ class SoakConfig:
     artifacts: str | None = None
     backend: str = "onnxruntime"
     threads: int = 0
-    max_batch_size: int = 16
+    max_batch_size: int = ServiceSettings.max_batch_size
     url: str | None = None
     server_pid: int | None = None
     out: str | None = None

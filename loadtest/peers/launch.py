@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loadtest.system import ServerProcess, free_port
 
-__all__ = ["PEERS", "PeerLaunch", "launch_peer"]
+__all__ = ["PEERS", "PEER_MAX_BATCH_SIZE", "PeerLaunch", "launch_peer"]
 
 PEERS: dict[str, tuple[str, ...]] = {
     "bentoml-idiomatic": ("rest",),
@@ -21,6 +21,9 @@ PEERS: dict[str, tuple[str, ...]] = {
 # ServerDisconnectedError from its model service (answered 500): `--timeout-keep-alive` is not passed on to
 # dependency services, which keep uvicorn's 5 s while the calling aiohttp pool keeps connections 15 s.
 BENTOML_KEEP_ALIVE_S = 75
+
+# BentoML's batch limit as its documentation writes the batchable API (our own default is ServiceSettings').
+PEER_MAX_BATCH_SIZE = 16
 
 
 @dataclass
