@@ -370,35 +370,12 @@ def test_while_the_lane_is_busy_the_next_batch_gathers_every_request_that_arrive
     assert batches == [[0], [1], [2, 3, 4]]
 
 
-def test_preferred_sizes_run_whole_static_shape_batches_and_leave_the_rest_for_the_next():
-    """An engine with static shapes 1/2/4/8: 11 waiting items run as 8, then 2, then 1 (each batch one engine
-    call at its own shape, the rest left queued for whoever comes next); every caller gets its own result."""
+def _eleven_queued_behind_one(config: BatcherConfig) -> tuple[list[int], list[list[int]]]:
+    """Item 0 runs alone and holds the worker while items 1-11 queue; returns every result and the batches."""
 
     async def main():
         rec = Recorder()
-        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=16, max_latency_ms=5, preferred_sizes=(1, 2, 4, 8)))
-        await b.start()
-        rec.gate.clear()
-        rec.started.clear()
-        first = asyncio.ensure_future(b.submit(0))  # runs alone and holds the worker
-        while not rec.started.is_set():
-            await asyncio.sleep(0.005)
-        waiting = [asyncio.ensure_future(b.submit(i)) for i in range(1, 12)]  # 11 wait for the worker
-        await asyncio.sleep(0.05)
-        rec.gate.set()
-        results = await asyncio.gather(first, *waiting)
-        await b.drain()
-        return results, [items for _, items in rec.batches]
-
-    results, batches = run(main())
-    assert results == [i * 10 for i in range(12)]
-    assert batches == [[0], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10], [11]]
-
-
-def test_without_preferred_sizes_every_waiting_item_runs_in_one_batch():
-    async def main():
-        rec = Recorder()
-        b = AdaptiveBatcher(rec, BatcherConfig(max_batch_size=16, max_latency_ms=5))
+        b = AdaptiveBatcher(rec, config)
         await b.start()
         rec.gate.clear()
         rec.started.clear()
@@ -408,11 +385,25 @@ def test_without_preferred_sizes_every_waiting_item_runs_in_one_batch():
         waiting = [asyncio.ensure_future(b.submit(i)) for i in range(1, 12)]
         await asyncio.sleep(0.05)
         rec.gate.set()
-        await asyncio.gather(first, *waiting)
+        results = await asyncio.gather(first, *waiting)
         await b.drain()
-        return [items for _, items in rec.batches]
+        return results, [items for _, items in rec.batches]
 
-    assert run(main()) == [[0], list(range(1, 12))]
+    return run(main())
+
+
+def test_preferred_sizes_run_whole_static_shape_batches_and_leave_the_rest_for_the_next():
+    """An engine with static shapes 1/2/4/8: 11 waiting items run as 8, then 2, then 1 (each batch one engine
+    call at its own shape, the rest left queued for whoever comes next); every caller gets its own result."""
+    results, batches = _eleven_queued_behind_one(
+        BatcherConfig(max_batch_size=16, max_latency_ms=5, preferred_sizes=(1, 2, 4, 8)))
+    assert results == [i * 10 for i in range(12)]
+    assert batches == [[0], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10], [11]]
+
+
+def test_without_preferred_sizes_every_waiting_item_runs_in_one_batch():
+    _, batches = _eleven_queued_behind_one(BatcherConfig(max_batch_size=16, max_latency_ms=5))
+    assert batches == [[0], list(range(1, 12))]
 
 
 def test_config_rejects_unordered_preferred_sizes():
