@@ -36,7 +36,13 @@ from training.generators import (
     random_hflip,
     train_pix2pix,
 )
-from training.genseg_synthesis import MASK_AUGS, MaskSampler, random_acquisition
+from training.genseg_synthesis import (
+    MASK_AUGS,
+    MaskSampler,
+    lesion_fade,
+    photometric_jitter,
+    random_acquisition,
+)
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
 from weights.checkpoints import load_run, save_run
 
@@ -64,6 +70,12 @@ class GenSegConfig(ConfigMixin):
             seen through (0: the generator's output as is; dropout is then its only noise).
         val_disjoint: draw the upper-level batch from labelled images that are not in the step's real batch
             (False: any labelled image, so it can repeat the batch the virtual step trains on).
+        lesion_fade: strength of the random lesion fade on each generated image
+            (training.genseg_synthesis.lesion_fade: the lesion pulled towards its surround by U(0, strength)),
+            before the acquisition; 0: none.
+        photometric: pass each generated image through the released GenSeg script's jitter
+            (training.genseg_synthesis.photometric_jitter: stretch, equalise, posterise, soften, autocontrast)
+            after the random acquisition.
     """
 
     lam: float = 1.0
@@ -79,11 +91,13 @@ class GenSegConfig(ConfigMixin):
     mask_aug: str = "errors"
     acquisition: float = 0.0
     val_disjoint: bool = False
+    photometric: bool = False
+    lesion_fade: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mask_aug not in MASK_AUGS:
             raise ValueError(f"GenSegConfig.mask_aug = {self.mask_aug!r}; expected one of {MASK_AUGS}")
-        for name in ("lam", "seg_lr", "gen_lr", "unroll_lr", "anchor_l1", "acquisition"):
+        for name in ("lam", "seg_lr", "gen_lr", "unroll_lr", "anchor_l1", "acquisition", "lesion_fade"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"GenSegConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("hyper_every", "n_real_masks", "n_perturbed"):
@@ -193,8 +207,9 @@ def segmentation_scores(logits: torch.Tensor, masks: torch.Tensor, threshold: fl
 class SegmentationHooks(TrainHooks):
     """Supervised segmentation on real pairs (the baseline arm); base class of :class:`GenSegHooks`.
 
-    ``real_acquisition``: see half of the real images through the random scanner of ``config.acquisition``
-    (the ``acq_aug`` ablation: the acquisition noise without any generator).
+    ``real_acquisition``: see half of the real images through the lesion fade and the random scanner of
+    ``config.lesion_fade`` / ``config.acquisition`` (the ``acq_aug`` ablation: the appearance changes the
+    generated images get, without any generator).
     """
 
     def __init__(self, config: GenSegConfig, seed: int = 0, real_acquisition: bool = False) -> None:
@@ -210,8 +225,9 @@ class SegmentationHooks(TrainHooks):
         image, mask = batch
         if self.config.hflip:
             image, mask = random_hflip(image, mask, generator=self.rng)
-        if self.real_acquisition and self.config.acquisition > 0:
-            seen = random_acquisition(image, self.rng, self.config.acquisition)
+        if self.real_acquisition and (self.config.acquisition > 0 or self.config.lesion_fade > 0):
+            seen = lesion_fade(image, mask, self.rng, self.config.lesion_fade)
+            seen = random_acquisition(seen, self.rng, self.config.acquisition)
             pick = torch.rand(image.shape[0], generator=self.rng) < 0.5
             image = torch.where(pick[:, None, None, None], seen, image)
         return image, mask
@@ -262,8 +278,11 @@ class GenSegHooks(SegmentationHooks):
 
     def synthesize(self, generator: nn.Module, masks: torch.Tensor) -> torch.Tensor:
         """``masks (M, 1, S, S)`` -> images ``(M, 1, S, S) in [0, 1]``: the generator (dropout on in training),
-        then the random acquisition of strength ``config.acquisition``."""
-        return random_acquisition(generator(masks), self.rng, self.config.acquisition)
+        then the lesion fade and the random acquisition of their configured strengths and, if
+        ``config.photometric``, the photometric jitter."""
+        images = lesion_fade(generator(masks), masks, self.rng, self.config.lesion_fade)
+        images = random_acquisition(images, self.rng, self.config.acquisition)
+        return photometric_jitter(images, self.rng) if self.config.photometric else images
 
     def labelled_indices(self, masks: torch.Tensor) -> torch.Tensor:
         """Indices of the labelled pairs whose mask (or its mirror image) is in ``masks (B, 1, S, S)``."""
@@ -370,7 +389,7 @@ def train_baseline(
     seed: int = 0, transunet: str | dict[str, Any] = "default", real_acquisition: bool = False,
 ) -> tuple[TransUNet, dict[str, Any]]:
     """The same segmenter, steps, batches and flips on the real pairs only (``real_acquisition``: half of them
-    through the random acquisition of ``config.acquisition``); writes a ``"transunet"`` run dir."""
+    through the lesion fade and random acquisition of ``config``); writes a ``"transunet"`` run dir."""
     config = config or GenSegConfig()
     torch.manual_seed(seed)
     segmenter = build_transunet(transunet)
@@ -487,15 +506,16 @@ def run_benchmark(
     arms: tuple[str, ...] = ARMS,
 ) -> dict[str, Any]:
     """Per seed: 9 labelled phantoms -> pix2pix (stage 1) -> segmenters with the same steps and batches:
-    ``baseline`` (real pairs only), ``acq_aug`` (real pairs, half seen through the random acquisition; only
-    when ``config.acquisition > 0``), ``pix2pix_aug`` (frozen stage-1 generator, lambda-weighted synthetic
+    ``baseline`` (real pairs only), ``acq_aug`` (real pairs, half seen through the lesion fade and random
+    acquisition; only when either is on), ``pix2pix_aug`` (frozen stage-1 generator, lambda-weighted synthetic
     pairs) and ``genseg`` (end to end). Evaluation: :func:`evaluation_sets` of ``split`` (fixed seeds, disjoint
     from training). Returns the JSON-ready results (per seed, summary, paired differences with 95 % CIs)."""
     config = config or GenSegConfig()
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
         raise ValueError(f"arms = {arms}; expected a non-empty subset of {ARMS}")
-    arms = tuple(a for a in ARMS if a in arms and (a != "acq_aug" or config.acquisition > 0))
+    arms = tuple(a for a in ARMS if a in arms
+                 and (a != "acq_aug" or config.acquisition > 0 or config.lesion_fade > 0))
     out = Path(out)
     tests = evaluation_sets(split, n_test, size)
     pix_config = dataclasses.replace(PIX2PIX_PRESETS["default"], image_size=size, num_downs=max(5, int(np.log2(size))))
@@ -596,6 +616,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strength of the random acquisition on generated images (0: none)")
     parser.add_argument("--val-disjoint", action="store_true",
                         help="upper-level batch from labelled images not in the step's real batch")
+    parser.add_argument("--lesion-fade", type=float, default=defaults.lesion_fade,
+                        help="strength of the random lesion fade on generated images (0: none)")
+    parser.add_argument("--photometric", action="store_true",
+                        help="the released GenSeg script's jitter on generated images (equalise, posterise, ...)")
     parser.add_argument("--steps", type=int, default=200, help="segmenter optimiser steps")
 
 
@@ -603,7 +627,8 @@ def _config(args: argparse.Namespace) -> GenSegConfig:
     return GenSegConfig(lam=args.lam, gen_lr=args.gen_lr, seg_lr=args.seg_lr, unroll_lr=args.unroll_lr,
                         hyper_every=args.hyper_every, anchor_l1=args.anchor_l1, n_real_masks=args.n_real_masks,
                         n_perturbed=args.n_perturbed, mask_aug=args.mask_aug, acquisition=args.acquisition,
-                        val_disjoint=args.val_disjoint)
+                        val_disjoint=args.val_disjoint, photometric=args.photometric,
+                        lesion_fade=args.lesion_fade)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str = "genseg") -> None:

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from training.augment import AugmentorConfig, MaskAugmentor
 
-MASK_AUGS = ("none", "errors", "elastic", "elastic+errors")
+MASK_AUGS = ("none", "errors", "elastic", "elastic+errors", "affine")
 
 # Shape-changing error types only: new plausible lesions, not failure modes such as empty or scattered masks.
 PERTURBATION = AugmentorConfig(
@@ -55,6 +55,31 @@ def elastic_geometric(mask: np.ndarray, rng: np.random.Generator, strength: floa
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+def affine_geometric(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A moved and reshaped copy of ``mask (H, W)`` in {0, 1} with the ranges of GenSeg's released training
+    script: left-right flip (p 0.5), scale 0.8-1.2 per axis, translation up to 10 % per axis, rotation
+    +-15 deg and shear +-8 deg about the image centre. Returns ``(H, W) uint8 in {0, 1}``; the input if the
+    result would be empty or cover over half the image.
+    """
+    gt = np.asarray(mask) > 0.5
+    h, w = gt.shape
+    angle, shear = np.deg2rad(rng.uniform(-15, 15)), np.deg2rad(rng.uniform(-8, 8))
+    sy, sx = rng.uniform(0.8, 1.2, size=2)
+    ty, tx = rng.uniform(-0.1, 0.1, size=2) * np.array([h, w])
+    rotate = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    forward = rotate @ np.array([[1.0, 0.0], [math.tan(shear), 1.0]]) @ np.diag([sy, sx])
+    inverse = np.linalg.inv(forward)
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    # ndimage maps output coordinates o to input inverse @ o + offset; this keeps the centre + (ty, tx) fixed.
+    offset = centre - inverse @ (centre + np.array([ty, tx]))
+    out = ndimage.affine_transform(gt.astype(np.float32), inverse, offset=offset, order=1, mode="constant") > 0.5
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    if not out.any() or out.mean() > 0.5:
+        return gt.astype(np.uint8)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
 class MaskSampler:
     """Draws the masks GenSeg synthesises images from: labelled masks and augmented ones.
 
@@ -82,6 +107,8 @@ class MaskSampler:
     def augment(self, mask: np.ndarray) -> np.ndarray:
         """One augmented ``(S, S)`` float32 mask in {0, 1} (a left-right flip half the time)."""
         out = np.asarray(mask) > 0.5
+        if self.mask_aug == "affine":
+            return affine_geometric(out, self.rng).astype(np.float32)
         if self.mask_aug in ("elastic", "elastic+errors"):
             out = elastic_geometric(out, self.rng) > 0
         if self.mask_aug in ("errors", "elastic+errors"):
@@ -130,3 +157,56 @@ def random_acquisition(images: torch.Tensor, generator: torch.Generator, strengt
     blurred = F.conv2d(F.pad(out, (1, 1, 0, 0), mode="replicate"), blur.view(1, 1, 1, 3))
     out = torch.where(u(0, 1) < 0.5, blurred, out)
     return out.clamp(0.0, 1.0)
+
+
+def photometric_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The released GenSeg script's jitter of generated images: each image stretched to [0, 1], then histogram
+    equalisation (p 0.5), posterisation to 4 bits, a softening blend with a 3x3 smoothing (sharpness factor 0.3,
+    p 0.5) and an autocontrast stretch (p 0.5). ``images (B, 1, S, S) in [0, 1]`` -> the same shape in [0, 1].
+
+    Equalisation and posterisation have no useful gradient, so the result is passed straight through: forward
+    values are the jittered images, the gradient is the identity's (the hypergradient still reaches the
+    generator).
+    """
+    x = images.detach()
+    b = x.shape[0]
+
+    def stretch(t: torch.Tensor) -> torch.Tensor:
+        lo = t.amin(dim=(1, 2, 3), keepdim=True)
+        hi = t.amax(dim=(1, 2, 3), keepdim=True)
+        return (t - lo) / (hi - lo).clamp_min(1e-6)
+
+    def pick(p: float) -> torch.Tensor:
+        return (torch.rand(b, generator=generator) < p).view(b, 1, 1, 1).to(x.device)
+
+    out = stretch(x)
+    flat = out.flatten(1)
+    # Equalisation: each pixel's value becomes its rank among the image's pixels, scaled to (0, 1].
+    ranks = torch.argsort(torch.argsort(flat, dim=1), dim=1).float().add(1) / flat.shape[1]
+    out = torch.where(pick(0.5), ranks.view_as(out), out)
+    out = torch.floor(out.clamp(0, 1) * 255 / 16) * 16 / 255
+    smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype, device=x.device) / 13
+    softened = 0.3 * out + 0.7 * F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), smooth.view(1, 1, 3, 3))
+    out = torch.where(pick(0.5), softened, out)
+    out = torch.where(pick(0.5), stretch(out), out).clamp(0, 1)
+    return images + (out - images).detach()
+
+
+def lesion_fade(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    """Lower each lesion's conspicuity: pixels under a softened mask are pulled towards the mean of a ring
+    around the lesion by a random fraction ``t ~ U(0, strength)`` per image (0: unchanged, 1: the lesion's mean
+    level equals its surround's). Generated lesions are more uniform and more conspicuous than real ones (docs/
+    genseg.md), so a segmenter trained on them learns to miss faint lesions; this draws harder ones.
+
+    ``images, masks (B, 1, S, S)``, images in [0, 1], masks in {0, 1}; differentiable in ``images``;
+    ``strength == 0`` returns the input.
+    """
+    if strength <= 0:
+        return images
+    b = images.shape[0]
+    grown = F.max_pool2d(masks, 5, stride=1, padding=2)
+    ring = F.max_pool2d(grown, 9, stride=1, padding=4) - grown
+    surround = (images * ring).sum(dim=(2, 3), keepdim=True) / ring.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    soft = F.avg_pool2d(F.pad(masks, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    t = (strength * torch.rand(b, 1, 1, 1, generator=generator)).to(images.device, images.dtype)
+    return (images + t * soft * (surround - images)).clamp(0.0, 1.0)

@@ -132,7 +132,61 @@ def test_elastic_geometric_makes_a_new_plausible_lesion():
     assert np.array_equal(again, outs[3])  # deterministic in the generator
 
 
-@pytest.mark.parametrize("mask_aug", ["none", "errors", "elastic", "elastic+errors"])
+def test_affine_geometric_moves_and_reshapes_the_lesion_within_the_released_ranges():
+    from core.metrics import dice
+    from training.genseg_synthesis import affine_geometric
+
+    mask = phantom_pairs(1, 4, 64).masks[0] > 0.5
+    outs = [affine_geometric(mask, np.random.default_rng(s)) for s in range(16)]
+    areas = [o.sum() / mask.sum() for o in outs]
+    assert all(set(np.unique(o).tolist()) <= {0, 1} and o.any() for o in outs)
+    assert max(dice(o > 0, mask) for o in outs) < 0.98  # every draw moves or reshapes it
+    # Scale 0.8-1.2 per axis and shear +-8 deg change the area by at most 0.64-1.44x (plus edge pixels).
+    assert 0.55 < min(areas) and max(areas) < 1.6
+    centre = np.array(np.nonzero(mask)).mean(axis=1)
+    moved = [np.abs(np.array(np.nonzero(o)).mean(axis=1) - centre) for o in outs]
+    # A 10 % translation plus rotation and scale about the image centre; a flip mirrors the column only.
+    assert max(float(m[0]) for m in moved) < 0.1 * 64 + 0.35 * np.abs(centre[0] - 31.5) + 2
+    assert np.array_equal(affine_geometric(mask, np.random.default_rng(3)), outs[3])
+
+
+def test_photometric_jitter_stays_in_range_changes_the_histogram_and_passes_the_gradient():
+    from training.genseg_synthesis import photometric_jitter
+
+    images = torch.from_numpy(phantom_pairs(16, 6, 32).images[:, None].copy()).requires_grad_(True)
+    out = photometric_jitter(images, torch.Generator().manual_seed(0))
+    flat = out.detach().flatten(1)
+    assert flat.min() >= 0 and flat.max() <= 1
+    assert float((out - images).detach().abs().mean()) > 0.05  # a visible change of appearance
+    assert sum(len(row.unique()) <= 16 for row in flat) >= 4  # posterised to 4 bits (unless softened after)...
+    flat_equalised = [row for row in flat if abs(float(row.mean()) - 0.5) < 0.05]
+    assert flat_equalised  # ...and some images equalised (mean about 0.5, uniform over ranks)
+    out.sum().backward()
+    assert torch.equal(images.grad, torch.ones_like(images))  # straight through to the generator
+
+
+def test_lesion_fade_lowers_the_lesions_contrast_and_leaves_the_background():
+    from training.genseg_synthesis import lesion_fade
+
+    images, masks = phantom_pairs(16, 6, 64).tensors()
+    images.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(lesion_fade(images, masks, gen, 0.0), images)
+    out = lesion_fade(images, masks, gen, 1.0)
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:  # surround minus lesion mean, per image
+        ring = torch.nn.functional.max_pool2d(masks, 9, stride=1, padding=4) - masks
+        return (x * ring).sum((1, 2, 3)) / ring.sum((1, 2, 3)) - (x * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3))
+
+    before, after = contrast(images.detach()), contrast(out.detach())
+    assert bool((after <= before + 1e-4).all()) and float((after / before).mean()) < 0.8  # fainter lesions...
+    far = torch.nn.functional.max_pool2d(masks, 5, stride=1, padding=2) == 0
+    assert torch.equal(out.detach()[far], images.detach()[far])  # ...on an untouched background
+    out.sum().backward()
+    assert float(images.grad.abs().sum()) > 0  # the hypergradient flows through it
+
+
+@pytest.mark.parametrize("mask_aug", ["none", "errors", "elastic", "elastic+errors", "affine"])
 def test_mask_sampler_draws_labelled_then_augmented_masks(mask_aug):
     from training.genseg_synthesis import MaskSampler
 
@@ -165,12 +219,15 @@ def test_random_acquisition_is_centred_bounded_and_differentiable():
     assert abs(float(many.mean()) - float(images.detach().mean())) < 0.08
 
 
-def test_training_step_weights_the_synthetic_pairs_it_is_configured_for():
+@pytest.mark.parametrize("synthesis", [
+    {"mask_aug": "elastic+errors", "acquisition": 0.8, "val_disjoint": True},
+    {"mask_aug": "affine", "photometric": True, "lesion_fade": 0.5},
+])
+def test_training_step_weights_the_synthetic_pairs_it_is_configured_for(synthesis):
     segmenter, generator = _parts()
     model = GenSegModel(segmenter=segmenter, generator=generator).train()
     pairs = phantom_pairs(6, 7, 32)
-    config = GenSegConfig(hyper_every=1, lam=0.25, n_real_masks=1, n_perturbed=3, mask_aug="elastic+errors",
-                          acquisition=0.8, val_disjoint=True)
+    config = GenSegConfig(hyper_every=1, lam=0.25, n_real_masks=1, n_perturbed=3, **synthesis)
     hooks = GenSegHooks(config, pairs, seed=0)
     hooks.on_fit_start(model, None)
     assert hooks.synthetic_masks().shape[0] == 4
@@ -197,6 +254,8 @@ def test_genseg_config_rejects_bad_fields():
         GenSegConfig(mask_aug="warp")
     with pytest.raises(ValueError, match="acquisition"):
         GenSegConfig(acquisition=-0.1)
+    with pytest.raises(ValueError, match="lesion_fade"):
+        GenSegConfig(lesion_fade=-0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
