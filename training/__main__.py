@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "genseg": ("training.genseg", "GenSeg stage 2: segmenter + generator, one-step unrolled bilevel training"),
     "genseg-benchmark": ("training.genseg", "9-label GenSeg vs baseline, in- and out-of-domain"),
     "genseg-diagnostics": ("training.genseg_diagnostics", "why GenSeg's synthetic pairs help or hurt (one seed)"),
+    "genseg-errors": ("training.genseg_errors", "where a GenSeg benchmark's Dice goes; lesion contrast"),
     "text2image": ("training.text2image", "MINIM-style text + modality conditional diffusion"),
     "selector": ("training.selector", "modality/realness classifier that picks the best of N"),
     "evaluate-generation": ("training.evaluate_generation", "modality accuracy, SSIM, diversity, pix2pix consistency"),

@@ -1,0 +1,131 @@
+"""``python -m training genseg-errors``: where a GenSeg benchmark's Dice goes (recall, false positives, empty
+masks per arm and set) and how conspicuous generated lesions are next to real ones; read in docs/genseg.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.machine import cpu_model
+from models.pix2pix import build_pix2pix
+from models.transunet import build_transunet
+from training.generators import PairSet, phantom_pairs
+from training.genseg import ARMS, evaluation_sets
+from weights.checkpoints import load_run
+
+log = logging.getLogger(__name__)
+
+
+def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    """Per image, the mean of a tissue ring 3-6 px outside the lesion minus the lesion's mean (how much darker
+    the lesion is than its surround). ``images, masks (N, 1, S, S)``, images in [0, 1]. Returns ``(N,)``."""
+    near = F.max_pool2d(masks, 5, stride=1, padding=2)
+    ring = F.max_pool2d(masks, 13, stride=1, padding=6) - near
+    surround = (images * ring).sum(dim=(1, 2, 3)) / ring.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    lesion = (images * masks).sum(dim=(1, 2, 3)) / masks.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    return (surround - lesion).numpy()
+
+
+def spread(values: np.ndarray) -> dict[str, float]:
+    """Mean and the 10th, 50th and 90th percentiles of ``values``."""
+    return {"mean": float(values.mean()), **{f"p{q}": float(np.percentile(values, q)) for q in (10, 50, 90)}}
+
+
+@torch.no_grad()
+def error_profile(segmenter: nn.Module, pairs: PairSet) -> dict[str, float]:
+    """Mean over images of Dice, recall, false-positive area / lesion area and predicted area / lesion area,
+    and the fraction of images with an empty prediction (threshold 0.5)."""
+    images, masks = pairs.tensors()
+    pred = torch.sigmoid(segmenter.eval()(images)) > 0.5
+    truth = masks > 0.5
+    tp = (pred & truth).sum(dim=(1, 2, 3)).double()
+    fp = (pred & ~truth).sum(dim=(1, 2, 3)).double()
+    fn = (~pred & truth).sum(dim=(1, 2, 3)).double()
+    area = (tp + fn).clamp_min(1.0)
+    return {"dice": float((2 * tp / (2 * tp + fp + fn).clamp_min(1.0)).mean()), "recall": float((tp / area).mean()),
+            "false_positive_per_lesion_area": float((fp / area).mean()),
+            "predicted_per_lesion_area": float(((tp + fp) / area).mean()),
+            "empty_predictions": float((pred.sum(dim=(1, 2, 3)) == 0).double().mean())}
+
+
+def _segmenter(run_dir: Path) -> nn.Module:
+    info = load_run(run_dir)
+    model = build_transunet(info.config["transunet"])
+    prefix = "segmenter."
+    state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)} or info.state_dict
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _generator(run_dir: Path) -> nn.Module:
+    info = load_run(run_dir)
+    model = build_pix2pix(info.config["pix2pix"])
+    prefix = "generator."
+    state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)} or info.state_dict
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int, n_masks: int = 48) -> dict[str, Any]:
+    """Error profiles of every arm found under ``runs/seed<S>/<arm>`` on the ``split`` sets, and lesion contrast
+    of real images and of each seed's generators (stage 1 ``pix2pix`` and the end-to-end ``genseg`` one) drawn
+    from ``n_masks`` held-out in-domain masks (phantom seed 71000, used by no benchmark set)."""
+    sets = evaluation_sets(split, n, size)
+    held_out = phantom_pairs(n_masks, 71_000, size, "in")
+    _, held_masks = held_out.tensors()
+    contrast: dict[str, Any] = {f"real {name}": spread(lesion_contrast(*pairs.tensors()))
+                                for name, pairs in sets.items()}
+    profiles: dict[str, Any] = {}
+    for seed in seeds:
+        root = runs / f"seed{seed}"
+        labelled = phantom_pairs(9, seed, size, "in")
+        contrast[f"seed {seed}: its 9 labelled images"] = spread(lesion_contrast(*labelled.tensors()))
+        for name in ("pix2pix", "genseg"):
+            if (root / name / "run.json").is_file():
+                generated = _generator(root / name)(held_masks)
+                label = "stage-1 generator" if name == "pix2pix" else "end-to-end generator"
+                contrast[f"seed {seed}: {label}"] = spread(lesion_contrast(generated, held_masks))
+        profiles[str(seed)] = {arm: {test: error_profile(_segmenter(root / arm), pairs) for test, pairs in sets.items()}
+                               for arm in ARMS if (root / arm / "run.json").is_file()}
+    arms = [a for a in ARMS if all(a in p for p in profiles.values())]
+    mean = {arm: {test: {k: float(np.mean([profiles[s][arm][test][k] for s in profiles]))
+                         for k in next(iter(profiles.values()))[arm][test]}
+                  for test in sets} for arm in arms}
+    return {"split": split, "n_per_set": n, "seeds": seeds, "lesion_contrast": contrast,
+            "error_profile_mean_over_seeds": mean, "error_profile_per_seed": profiles}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str = "genseg-errors") -> None:
+    parser.add_argument("--runs", required=True, help="a genseg-benchmark --out folder (seed<S>/<arm> run dirs)")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="evaluation sets (use the split the benchmark was run on)")
+    parser.add_argument("--n", type=int, default=50, help="images per evaluation set")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--json", default="docs/genseg_errors.json")
+    parser.add_argument("--threads", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    result = analyse(Path(args.runs), args.seeds, split=args.split, n=args.n, size=args.size)
+    result["command"] = (f"python -m training genseg-errors --runs {args.runs} --seeds "
+                         f"{' '.join(map(str, args.seeds))} --split {args.split} --n {args.n} --size {args.size}")
+    result["machine"] = {"cpu": cpu_model(), "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["error_profile_mean_over_seeds"], indent=2))
+    return 0
