@@ -24,6 +24,8 @@ from weights.checkpoints import load_run
 
 log = logging.getLogger(__name__)
 
+SET_NAMES = {"in_domain": "in domain", "out_of_domain": "scanner shift", "out_of_domain_shape": "angular lesions"}
+
 
 def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """Per image, the mean of a tissue ring 3-6 px outside the lesion minus the lesion's mean (how much darker
@@ -76,15 +78,17 @@ def _generator(run_dir: Path) -> nn.Module:
 
 
 @torch.no_grad()
-def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int, n_masks: int = 48) -> dict[str, Any]:
+def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int,
+            n_masks: int = 48) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Error profiles of every arm found under ``runs/seed<S>/<arm>`` on the ``split`` sets, and lesion contrast
     of real images and of each seed's generators (stage 1 ``pix2pix`` and the end-to-end ``genseg`` one) drawn
-    from ``n_masks`` held-out in-domain masks (phantom seed 71000, used by no benchmark set)."""
+    from ``n_masks`` held-out in-domain masks (phantom seed 71000, used by no benchmark set). Returns the
+    JSON-ready result and the per-image contrasts pooled over seeds, by image set."""
     sets = evaluation_sets(split, n, size)
     held_out = phantom_pairs(n_masks, 71_000, size, "in")
     _, held_masks = held_out.tensors()
-    contrast: dict[str, Any] = {f"real {name}": spread(lesion_contrast(*pairs.tensors()))
-                                for name, pairs in sets.items()}
+    pooled = {f"real, {SET_NAMES[name]}": lesion_contrast(*pairs.tensors()) for name, pairs in sets.items()}
+    contrast: dict[str, Any] = {name: spread(values) for name, values in pooled.items()}
     profiles: dict[str, Any] = {}
     for seed in seeds:
         root = runs / f"seed{seed}"
@@ -94,7 +98,9 @@ def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int, n_ma
             if (root / name / "run.json").is_file():
                 generated = _generator(root / name)(held_masks)
                 label = "stage-1 generator" if name == "pix2pix" else "end-to-end generator"
-                contrast[f"seed {seed}: {label}"] = spread(lesion_contrast(generated, held_masks))
+                values = lesion_contrast(generated, held_masks)
+                contrast[f"seed {seed}: {label}"] = spread(values)
+                pooled[label] = np.concatenate([pooled.get(label, np.empty(0)), values])
         profiles[str(seed)] = {arm: {test: error_profile(_segmenter(root / arm), pairs) for test, pairs in sets.items()}
                                for arm in ARMS if (root / arm / "run.json").is_file()}
     arms = [a for a in ARMS if all(a in p for p in profiles.values())]
@@ -102,7 +108,28 @@ def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int, n_ma
                          for k in next(iter(profiles.values()))[arm][test]}
                   for test in sets} for arm in arms}
     return {"split": split, "n_per_set": n, "seeds": seeds, "lesion_contrast": contrast,
-            "error_profile_mean_over_seeds": mean, "error_profile_per_seed": profiles}
+            "lesion_contrast_pooled": {name: spread(values) for name, values in pooled.items()},
+            "error_profile_mean_over_seeds": mean, "error_profile_per_seed": profiles}, pooled
+
+
+def contrast_figure(path: Path, pooled: dict[str, np.ndarray]) -> None:
+    """Histograms of lesion contrast (surround minus lesion) per image set, one row each, shared axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pooled), 1, figsize=(6.4, 1.1 * len(pooled) + 0.6), sharex=True)
+    bins = np.linspace(-0.05, 0.45, 51)
+    for ax, (name, values) in zip(np.atleast_1d(axes), pooled.items(), strict=True):
+        ax.hist(values, bins=bins, color="tab:red" if "generator" in name else "tab:gray")
+        ax.axvline(float(np.percentile(values, 10)), color="black", lw=0.8, ls="--")
+        ax.set_ylabel(f"{name}\n(n={values.size})", rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_yticks([])
+    np.atleast_1d(axes)[-1].set_xlabel("surround minus lesion mean (dashed: 10th percentile)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str = "genseg-errors") -> None:
@@ -113,6 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "genseg-e
     parser.add_argument("--n", type=int, default=50, help="images per evaluation set")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--json", default="docs/genseg_errors.json")
+    parser.add_argument("--figure", default="docs/genseg_contrast.png", help="lesion-contrast histograms")
     parser.add_argument("--threads", type=int)
 
 
@@ -121,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    result = analyse(Path(args.runs), args.seeds, split=args.split, n=args.n, size=args.size)
+    result, pooled = analyse(Path(args.runs), args.seeds, split=args.split, n=args.n, size=args.size)
+    contrast_figure(Path(args.figure), pooled)
     result["command"] = (f"python -m training genseg-errors --runs {args.runs} --seeds "
                          f"{' '.join(map(str, args.seeds))} --split {args.split} --n {args.n} --size {args.size}")
     result["machine"] = {"cpu": cpu_model(), "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
