@@ -59,19 +59,12 @@ def error_profile(segmenter: nn.Module, pairs: PairSet) -> dict[str, float]:
             "empty_predictions": float((pred.sum(dim=(1, 2, 3)) == 0).double().mean())}
 
 
-def _segmenter(run_dir: Path) -> nn.Module:
+def _load_part(run_dir: Path, part: str) -> nn.Module:
+    """The ``"segmenter"`` (a TransUNet) or ``"generator"`` (a pix2pix) of a run dir, in eval mode: a GenSeg run
+    holds both under those key prefixes, a baseline or pix2pix run holds only its own one, without a prefix."""
     info = load_run(run_dir)
-    model = build_transunet(info.config["transunet"])
-    prefix = "segmenter."
-    state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)} or info.state_dict
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _generator(run_dir: Path) -> nn.Module:
-    info = load_run(run_dir)
-    model = build_pix2pix(info.config["pix2pix"])
-    prefix = "generator."
+    model = build_transunet(info.config["transunet"]) if part == "segmenter" else build_pix2pix(info.config["pix2pix"])
+    prefix = f"{part}."
     state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)} or info.state_dict
     model.load_state_dict(state)
     return model.eval()
@@ -96,13 +89,15 @@ def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int,
         contrast[f"seed {seed}: its 9 labelled images"] = spread(lesion_contrast(*labelled.tensors()))
         for name in ("pix2pix", "genseg"):
             if (root / name / "run.json").is_file():
-                generated = _generator(root / name)(held_masks)
+                generated = _load_part(root / name, "generator")(held_masks)
                 label = "stage-1 generator" if name == "pix2pix" else "end-to-end generator"
                 values = lesion_contrast(generated, held_masks)
                 contrast[f"seed {seed}: {label}"] = spread(values)
                 pooled[label] = np.concatenate([pooled.get(label, np.empty(0)), values])
-        profiles[str(seed)] = {arm: {test: error_profile(_segmenter(root / arm), pairs) for test, pairs in sets.items()}
-                               for arm in ARMS if (root / arm / "run.json").is_file()}
+        profiles[str(seed)] = {}
+        for arm in (a for a in ARMS if (root / a / "run.json").is_file()):
+            segmenter = _load_part(root / arm, "segmenter")
+            profiles[str(seed)][arm] = {test: error_profile(segmenter, pairs) for test, pairs in sets.items()}
     arms = [a for a in ARMS if all(a in p for p in profiles.values())]
     mean = {arm: {test: {k: float(np.mean([profiles[s][arm][test][k] for s in profiles]))
                          for k in next(iter(profiles.values()))[arm][test]}
