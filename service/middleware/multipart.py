@@ -23,11 +23,16 @@ class MultipartGuard:
     * the body is well-formed multipart and ends with its closing boundary (BentoML would answer 500);
     * every part has a field name;
     * a part named like an upload field (``file``, ``prior_mask``) is a file part (has a ``filename``),
-      and comes once: BentoML would fetch a text value as a URL, and silently keep one of two files.
+      and comes once: BentoML would fetch a text value as a URL, and silently keep one of two files;
+    * with ``route_uploads`` (the route's own upload fields, on the BentoML API routes): every file part is
+      one of them, and ``file`` is there. An image sent as ``image`` would otherwise reach BentoML's JSON
+      parser and come back as an unnamed "could not be parsed".
     """
 
-    def __init__(self, boundary: bytes) -> None:
+    def __init__(self, boundary: bytes, route_uploads: frozenset[str] = frozenset()) -> None:
         self._problem: ServiceError | None = None
+        self._route_uploads = route_uploads
+        self._foreign_files: list[str] = []
         self._seen: set[bytes] = set()
         self._header_field = b""
         self._header_value = b""
@@ -66,9 +71,11 @@ class MultipartGuard:
             self._problem = BadRequest("malformed multipart/form-data body: a part has no field name "
                                        "(Content-Disposition: form-data; name=\"...\")")
             return
+        field = name.decode("latin-1")
+        if self._route_uploads and b"filename" in options and field not in self._route_uploads:
+            self._foreign_files.append(field)
         if name not in UPLOAD_FIELDS:
             return
-        field = name.decode("latin-1")
         if b"filename" not in options:
             self._problem = BadRequest(f"field {field!r} must be a file upload (a multipart part with a filename); "
                                        "text values and URLs are not accepted", field)
@@ -84,7 +91,18 @@ class MultipartGuard:
                 self._problem = BadRequest(f"malformed multipart/form-data body: {_printable(str(exc))}")
         if self._problem is None and not more_body and not self._ended:
             self._problem = BadRequest("malformed multipart/form-data body: truncated (no closing boundary)")
+        if self._problem is None and not more_body and self._foreign_files:
+            self._problem = self._misnamed_upload()
         return self._problem
+
+    def _misnamed_upload(self) -> ServiceError:
+        foreign = ", ".join(repr(_printable(f, 40)) for f in self._foreign_files)
+        accepted = ", ".join(repr(f) for f in sorted(self._route_uploads))
+        if b"file" not in self._seen and "file" in self._route_uploads:
+            return BadRequest(f"no file part named 'file' (got a file part named {foreign}): send the image "
+                              f"as -F file=@image.png", "file")
+        return BadRequest(f"unexpected file part {foreign}: this endpoint takes files only as {accepted}",
+                          self._foreign_files[0])
 
 
 def _printable(text: str, limit: int = 120) -> str:

@@ -30,6 +30,8 @@ class RoutePolicy:
             request) and an answer not begun by the deadline is a 504.
         oip: errors in the Open Inference Protocol's ``{"error"}`` shape.
         guarded: False for probes and scrapes: passed through untouched (no key, no slot, no limits).
+        uploads: the file fields of a multipart API route (any other file part is a 400 naming it); empty:
+            not checked (the route reads its form itself).
     """
 
     endpoint: str | None = None
@@ -40,21 +42,22 @@ class RoutePolicy:
     watch_handler: bool = False
     oip: bool = False
     guarded: bool = True
+    uploads: frozenset[str] = frozenset()
 
     @property
     def multipart(self) -> bool:
         return self.content_type == MULTIPART
 
 
-def _api(name: str, content_type: str) -> RoutePolicy:
+def _api(name: str, content_type: str, uploads: frozenset[str] = frozenset()) -> RoutePolicy:
     return RoutePolicy(endpoint=name, api_key=True, methods=frozenset({"POST"}), content_type=content_type,
-                       watch_handler=True)
+                       watch_handler=True, uploads=uploads)
 
 
 REST_POLICIES: Mapping[str, RoutePolicy] = {
-    "/segment": _api("segment", MULTIPART),
-    "/refine": _api("refine", MULTIPART),
-    "/synthesize": _api("synthesize", MULTIPART),
+    "/segment": _api("segment", MULTIPART, frozenset({"file"})),
+    "/refine": _api("refine", MULTIPART, frozenset({"file", "prior_mask"})),
+    "/synthesize": _api("synthesize", MULTIPART, frozenset({"file"})),
     "/generate": _api("generate", JSON),
 }
 API_ROUTES = {path: policy.endpoint for path, policy in REST_POLICIES.items()}

@@ -71,3 +71,41 @@ def test_live_server_answers_400_naming_file_for_each_bypass(live_server, case):
         response = client.post("/segment", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert response.json()["field"] == "file"
+
+
+IMAGE_PART = b'form-data; name="image"; filename="a.png"'
+
+
+def _route_verdict(body: bytes, uploads: frozenset[str]):
+    guard = MultipartGuard(BOUNDARY.encode(), uploads)
+    return guard.feed(body, False)
+
+
+def test_a_misnamed_image_is_400_naming_file_and_the_name_it_came_under():
+    problem = _route_verdict(_body(_part(IMAGE_PART, b"png")), frozenset({"file"}))
+    assert problem is not None and problem.code == 400 and problem.field == "file"
+    assert "'image'" in problem.message and "file=@" in problem.message
+    # Beside a proper file, a stray file part is named itself.
+    stray = _route_verdict(_body(_part(PNG_PART, b"png"), _part(IMAGE_PART, b"png")), frozenset({"file"}))
+    assert stray is not None and stray.field == "image" and "'file'" in stray.message
+    # The route's own upload fields pass, and routes that read their forms themselves are not checked here.
+    prior = b'form-data; name="prior_mask"; filename="m.png"'
+    assert _route_verdict(_body(_part(PNG_PART, b"png"), _part(prior, b"m")), frozenset({"file", "prior_mask"})) is None
+    assert _route_verdict(_body(_part(IMAGE_PART, b"png")), frozenset()) is None
+
+
+def test_each_multipart_routes_upload_fields_are_its_file_inputs():
+    from service.app import MedRefine
+    from service.middleware.policy import REST_POLICIES
+
+    for api in MedRefine.apis.values():
+        files = {name for name, info in api.input_spec.model_fields.items() if "Path" in str(info.annotation)}
+        assert REST_POLICIES[api.route].uploads == files, api.route
+
+
+@pytest.mark.parametrize("route", ["/segment", "/refine", "/synthesize"])
+def test_live_server_names_file_when_the_image_comes_as_image(live_server, route):
+    with live_server.client(timeout=60) as client:
+        response = client.post(route, files={"image": ("p.png", b"\x89PNG\r\n\x1a\n")})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "file" and "'image'" in response.json()["error"]
