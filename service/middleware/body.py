@@ -87,7 +87,7 @@ class MultipartStructure:
         if ex.boundary is None or not ex.has_body:
             await self.app(ex, receive, send)
             return
-        guard = MultipartGuard(ex.boundary, ex.policy.uploads)
+        guard = MultipartGuard(ex.boundary, ex.policy.fields, ex.policy.uploads)
 
         async def checked() -> Message:
             message = await receive()

@@ -24,15 +24,17 @@ class MultipartGuard:
     * every part has a field name;
     * a part named like an upload field (``file``, ``prior_mask``) is a file part (has a ``filename``),
       and comes once: BentoML would fetch a text value as a URL, and silently keep one of two files;
-    * with ``route_uploads`` (the route's own upload fields, on the BentoML API routes): every file part is
-      one of them, and ``file`` is there. An image sent as ``image`` would otherwise reach BentoML's JSON
-      parser and come back as an unnamed "could not be parsed".
+    * with ``fields`` and ``uploads`` (a BentoML API route's form fields and which of them are files): every
+      part is one of its fields, and file parts only its upload fields. BentoML would ignore a misspelt option
+      (``treshold``) and answer an image sent as ``image`` with an unnamed "could not be parsed".
     """
 
-    def __init__(self, boundary: bytes, route_uploads: frozenset[str] = frozenset()) -> None:
+    def __init__(self, boundary: bytes, fields: frozenset[str] = frozenset(),
+                 uploads: frozenset[str] = frozenset()) -> None:
         self._problem: ServiceError | None = None
-        self._route_uploads = route_uploads
-        self._foreign_files: list[str] = []
+        self._fields = fields
+        self._uploads = uploads
+        self._foreign: list[tuple[str, bool]] = []  # (name, is a file part) of parts that are not the route's
         self._seen: set[bytes] = set()
         self._header_field = b""
         self._header_value = b""
@@ -72,8 +74,9 @@ class MultipartGuard:
                                        "(Content-Disposition: form-data; name=\"...\")")
             return
         field = name.decode("latin-1")
-        if self._route_uploads and b"filename" in options and field not in self._route_uploads:
-            self._foreign_files.append(field)
+        is_file = b"filename" in options
+        if self._fields and (field not in self._fields or (is_file and field not in self._uploads)):
+            self._foreign.append((field, is_file))
         if name not in UPLOAD_FIELDS:
             return
         if b"filename" not in options:
@@ -91,18 +94,24 @@ class MultipartGuard:
                 self._problem = BadRequest(f"malformed multipart/form-data body: {_printable(str(exc))}")
         if self._problem is None and not more_body and not self._ended:
             self._problem = BadRequest("malformed multipart/form-data body: truncated (no closing boundary)")
-        if self._problem is None and not more_body and self._foreign_files:
-            self._problem = self._misnamed_upload()
+        if self._problem is None and not more_body and self._foreign:
+            self._problem = self._foreign_part()
         return self._problem
 
-    def _misnamed_upload(self) -> ServiceError:
-        foreign = ", ".join(repr(_printable(f, 40)) for f in self._foreign_files)
-        accepted = ", ".join(repr(f) for f in sorted(self._route_uploads))
-        if b"file" not in self._seen and "file" in self._route_uploads:
-            return BadRequest(f"no file part named 'file' (got a file part named {foreign}): send the image "
-                              f"as -F file=@image.png", "file")
-        return BadRequest(f"unexpected file part {foreign}: this endpoint takes files only as {accepted}",
-                          self._foreign_files[0])
+    def _foreign_part(self) -> ServiceError:
+        files = [name for name, is_file in self._foreign if is_file]
+        if files and b"file" not in self._seen and "file" in self._uploads:
+            return BadRequest(f"no file part named 'file' (got a file part named {_names(files)}): send the "
+                              "image as -F file=@image.png", "file")
+        name, is_file = self._foreign[0]
+        if is_file:
+            return BadRequest(f"unexpected file part {_names([name])}: this endpoint takes files only as "
+                              f"{_names(sorted(self._uploads))}", name)
+        return BadRequest(f"unknown field {_names([name])}: this endpoint takes {_names(sorted(self._fields))}", name)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(_printable(n, 40)) for n in names)
 
 
 def _printable(text: str, limit: int = 120) -> str:

@@ -30,8 +30,9 @@ class RoutePolicy:
             request) and an answer not begun by the deadline is a 504.
         oip: errors in the Open Inference Protocol's ``{"error"}`` shape.
         guarded: False for probes and scrapes: passed through untouched (no key, no slot, no limits).
-        uploads: the file fields of a multipart API route (any other file part is a 400 naming it); empty:
-            not checked (the route reads its form itself).
+        fields: the form fields of a multipart API route (any other part is a 400 naming it); empty: not
+            checked (the route reads its form itself).
+        uploads: which of ``fields`` are files (a file part under any other name is a 400 naming it).
     """
 
     endpoint: str | None = None
@@ -42,6 +43,7 @@ class RoutePolicy:
     watch_handler: bool = False
     oip: bool = False
     guarded: bool = True
+    fields: frozenset[str] = frozenset()
     uploads: frozenset[str] = frozenset()
 
     @property
@@ -49,15 +51,18 @@ class RoutePolicy:
         return self.content_type == MULTIPART
 
 
-def _api(name: str, content_type: str, uploads: frozenset[str] = frozenset()) -> RoutePolicy:
+def _api(name: str, content_type: str, texts: tuple[str, ...] = (), uploads: tuple[str, ...] = ()) -> RoutePolicy:
     return RoutePolicy(endpoint=name, api_key=True, methods=frozenset({"POST"}), content_type=content_type,
-                       watch_handler=True, uploads=uploads)
+                       watch_handler=True, fields=frozenset(texts + uploads), uploads=frozenset(uploads))
 
 
+# The form fields of service.app's multipart APIs (tests/service/test_multipart_guard.py keeps them in step).
 REST_POLICIES: Mapping[str, RoutePolicy] = {
-    "/segment": _api("segment", MULTIPART, frozenset({"file"})),
-    "/refine": _api("refine", MULTIPART, frozenset({"file", "prior_mask"})),
-    "/synthesize": _api("synthesize", MULTIPART, frozenset({"file"})),
+    "/segment": _api("segment", MULTIPART, ("threshold", "gate", "gamma", "gate_min", "gate_max", "outputs",
+                                            "dicom_seg", "anonymize", "model"), ("file",)),
+    "/refine": _api("refine", MULTIPART, ("box", "points", "point_labels", "threshold", "outputs", "model"),
+                    ("file", "prior_mask")),
+    "/synthesize": _api("synthesize", MULTIPART, (), ("file",)),
     "/generate": _api("generate", JSON),
 }
 API_ROUTES = {path: policy.endpoint for path, policy in REST_POLICIES.items()}

@@ -76,8 +76,8 @@ def test_live_server_answers_400_naming_file_for_each_bypass(live_server, case):
 IMAGE_PART = b'form-data; name="image"; filename="a.png"'
 
 
-def _route_verdict(body: bytes, uploads: frozenset[str]):
-    guard = MultipartGuard(BOUNDARY.encode(), uploads)
+def _route_verdict(body: bytes, uploads: frozenset[str], texts: frozenset[str] = frozenset({"threshold"})):
+    guard = MultipartGuard(BOUNDARY.encode(), (texts | uploads) if uploads else frozenset(), uploads)
     return guard.feed(body, False)
 
 
@@ -94,13 +94,26 @@ def test_a_misnamed_image_is_400_naming_file_and_the_name_it_came_under():
     assert _route_verdict(_body(_part(IMAGE_PART, b"png")), frozenset()) is None
 
 
-def test_each_multipart_routes_upload_fields_are_its_file_inputs():
+def test_a_misspelt_option_is_400_naming_it_not_silently_ignored():
+    typo = _route_verdict(_body(_part(b'form-data; name="treshold"', b"0.3"), _part(PNG_PART, b"png")),
+                          frozenset({"file"}))
+    assert typo is not None and typo.field == "treshold" and "'threshold'" in typo.message
+    fine = _route_verdict(_body(_part(b'form-data; name="threshold"', b"0.3"), _part(PNG_PART, b"png")),
+                          frozenset({"file"}))
+    assert fine is None
+
+
+def test_each_multipart_routes_fields_and_upload_fields_are_its_api_inputs():
     from service.app import MedRefine
     from service.middleware.policy import REST_POLICIES
 
     for api in MedRefine.apis.values():
-        files = {name for name, info in api.input_spec.model_fields.items() if "Path" in str(info.annotation)}
-        assert REST_POLICIES[api.route].uploads == files, api.route
+        policy = REST_POLICIES[api.route]
+        if not policy.multipart:
+            continue
+        fields = api.input_spec.model_fields
+        assert policy.fields == set(fields), api.route
+        assert policy.uploads == {name for name, info in fields.items() if "Path" in str(info.annotation)}
 
 
 @pytest.mark.parametrize("route", ["/segment", "/refine", "/synthesize"])
@@ -109,3 +122,13 @@ def test_live_server_names_file_when_the_image_comes_as_image(live_server, route
         response = client.post(route, files={"image": ("p.png", b"\x89PNG\r\n\x1a\n")})
     assert response.status_code == 400, response.text
     assert response.json()["field"] == "file" and "'image'" in response.json()["error"]
+
+
+def test_live_server_names_a_misspelt_option(live_server):
+    from tests.support.bad_inputs import phantom_png
+
+    png = phantom_png()
+    with live_server.client(timeout=60) as client:
+        response = client.post("/segment", files={"file": ("p.png", png)}, data={"treshold": "0.3"})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "treshold"
