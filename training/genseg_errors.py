@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.machine import cpu_model
@@ -20,6 +19,7 @@ from models.pix2pix import build_pix2pix
 from models.transunet import build_transunet
 from training.generators import PairSet, phantom_pairs
 from training.genseg import ARMS, evaluation_sets
+from training.genseg_synthesis import surround_mean
 from weights.checkpoints import load_run
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,8 @@ SET_NAMES = {"in_domain": "in domain", "out_of_domain": "scanner shift", "out_of
 def lesion_contrast(images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """Per image, the mean of a tissue ring 3-6 px outside the lesion minus the lesion's mean (how much darker
     the lesion is than its surround). ``images, masks (N, 1, S, S)``, images in [0, 1]. Returns ``(N,)``."""
-    near = F.max_pool2d(masks, 5, stride=1, padding=2)
-    ring = F.max_pool2d(masks, 13, stride=1, padding=6) - near
-    surround = (images * ring).sum(dim=(1, 2, 3)) / ring.sum(dim=(1, 2, 3)).clamp_min(1.0)
     lesion = (images * masks).sum(dim=(1, 2, 3)) / masks.sum(dim=(1, 2, 3)).clamp_min(1.0)
-    return (surround - lesion).numpy()
+    return (surround_mean(images, masks).flatten() - lesion).numpy()
 
 
 def spread(values: np.ndarray) -> dict[str, float]:

@@ -192,6 +192,14 @@ def photometric_jitter(images: torch.Tensor, generator: torch.Generator) -> torc
     return images + (out - images).detach()
 
 
+def surround_mean(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean of the tissue ring 3-6 px outside the lesion: ``images, masks (B, 1, S, S)`` ->
+    ``(B, 1, 1, 1)`` (0 where the ring is empty)."""
+    near = F.max_pool2d(masks, 5, stride=1, padding=2)
+    ring = F.max_pool2d(masks, 13, stride=1, padding=6) - near
+    return (images * ring).sum(dim=(2, 3), keepdim=True) / ring.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+
+
 def lesion_fade(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
     """Lower each lesion's conspicuity: pixels under a softened mask are pulled towards the mean of a ring
     around the lesion by a random fraction ``t ~ U(0, strength)`` per image (0: unchanged, 1: the lesion's mean
@@ -204,9 +212,7 @@ def lesion_fade(images: torch.Tensor, masks: torch.Tensor, generator: torch.Gene
     if strength <= 0:
         return images
     b = images.shape[0]
-    grown = F.max_pool2d(masks, 5, stride=1, padding=2)
-    ring = F.max_pool2d(grown, 9, stride=1, padding=4) - grown
-    surround = (images * ring).sum(dim=(2, 3), keepdim=True) / ring.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    surround = surround_mean(images, masks)
     soft = F.avg_pool2d(F.pad(masks, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     t = (strength * torch.rand(b, 1, 1, 1, generator=generator)).to(images.device, images.dtype)
     return (images + t * soft * (surround - images)).clamp(0.0, 1.0)
