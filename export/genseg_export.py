@@ -38,21 +38,14 @@ def load_genseg_parts(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, nn.Mo
     Raises:
         weights.checkpoints.RunDirError: not a GenSeg run (names run.json and its kind), or unreadable weights.
     """
-    from models.pix2pix import build_pix2pix
-    from models.transunet import build_transunet
+    from training.genseg import genseg_part
     from weights.checkpoints import RunDirError, load_run
 
     info = load_run(run_dir)
     if info.kind != "genseg":
         raise RunDirError(f"{Path(run_dir) / 'run.json'}: kind = {info.kind!r}; expected a 'genseg' run directory "
                           "(python -m training genseg)")
-    parts = []
-    for prefix, build, key in (("generator.", build_pix2pix, "pix2pix"), ("segmenter.", build_transunet,
-                                                                            "transunet")):
-        module = build(info.config[key])
-        module.load_state_dict({k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)})
-        parts.append(module.eval())
-    return parts[0], parts[1], info
+    return genseg_part(info, "generator"), genseg_part(info, "segmenter"), info
 
 
 @torch.no_grad()

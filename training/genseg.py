@@ -44,7 +44,7 @@ from training.genseg_synthesis import (
     random_acquisition,
 )
 from training.loop import LoopConfig, StepOutput, Trainer, TrainHooks
-from weights.checkpoints import load_run, save_run
+from weights.checkpoints import RunInfo, load_run, save_run
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,18 @@ class GenSegModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.segmenter(image)
+
+
+def genseg_part(info: RunInfo, part: str) -> nn.Module:
+    """The ``"generator"`` (a pix2pix) or ``"segmenter"`` (a TransUNet) of a loaded run, in eval mode: a
+    ``"genseg"`` run holds both under those key prefixes; a pix2pix or baseline run holds only its own, unprefixed."""
+    if part not in ("generator", "segmenter"):
+        raise ValueError(f"part = {part!r}; expected 'generator' or 'segmenter'")
+    module = build_pix2pix(info.config["pix2pix"]) if part == "generator" else build_transunet(info.config["transunet"])
+    prefix = f"{part}."
+    state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)}
+    module.load_state_dict(state or info.state_dict)
+    return module.eval()
 
 
 def _segmenter(model: nn.Module) -> nn.Module:

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from core.machine import cpu_model
-from models.pix2pix import build_pix2pix
-from models.transunet import build_transunet
 from training.generators import PairSet, phantom_pairs
-from training.genseg import ARMS, evaluation_sets
+from training.genseg import ARMS, evaluation_sets, genseg_part
 from training.genseg_synthesis import surround_mean
 from weights.checkpoints import load_run
 
@@ -56,17 +54,6 @@ def error_profile(segmenter: nn.Module, pairs: PairSet) -> dict[str, float]:
             "empty_predictions": float((pred.sum(dim=(1, 2, 3)) == 0).double().mean())}
 
 
-def _load_part(run_dir: Path, part: str) -> nn.Module:
-    """The ``"segmenter"`` (a TransUNet) or ``"generator"`` (a pix2pix) of a run dir, in eval mode: a GenSeg run
-    holds both under those key prefixes, a baseline or pix2pix run holds only its own one, without a prefix."""
-    info = load_run(run_dir)
-    model = build_transunet(info.config["transunet"]) if part == "segmenter" else build_pix2pix(info.config["pix2pix"])
-    prefix = f"{part}."
-    state = {k[len(prefix):]: v for k, v in info.state_dict.items() if k.startswith(prefix)} or info.state_dict
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @torch.no_grad()
 def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int,
             n_masks: int = 48) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -86,14 +73,14 @@ def analyse(runs: Path, seeds: list[int], *, split: str, n: int, size: int,
         contrast[f"seed {seed}: its 9 labelled images"] = spread(lesion_contrast(*labelled.tensors()))
         for name in ("pix2pix", "genseg"):
             if (root / name / "run.json").is_file():
-                generated = _load_part(root / name, "generator")(held_masks)
+                generated = genseg_part(load_run(root / name), "generator")(held_masks)
                 label = "stage-1 generator" if name == "pix2pix" else "end-to-end generator"
                 values = lesion_contrast(generated, held_masks)
                 contrast[f"seed {seed}: {label}"] = spread(values)
                 pooled[label] = np.concatenate([pooled.get(label, np.empty(0)), values])
         profiles[str(seed)] = {}
         for arm in (a for a in ARMS if (root / a / "run.json").is_file()):
-            segmenter = _load_part(root / arm, "segmenter")
+            segmenter = genseg_part(load_run(root / arm), "segmenter")
             profiles[str(seed)][arm] = {test: error_profile(segmenter, pairs) for test, pairs in sets.items()}
     arms = [a for a in ARMS if all(a in p for p in profiles.values())]
     mean = {arm: {test: {k: float(np.mean([profiles[s][arm][test][k] for s in profiles]))
