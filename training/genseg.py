@@ -94,6 +94,12 @@ class GenSegConfig(ConfigMixin):
     photometric: bool = False
     lesion_fade: float = 0.0
 
+    @property
+    def changes_appearance(self) -> bool:
+        """Whether the lesion fade or the random acquisition is on (what the ``acq_aug`` arm applies to real
+        pairs)."""
+        return self.acquisition > 0 or self.lesion_fade > 0
+
     def __post_init__(self) -> None:
         if self.mask_aug not in MASK_AUGS:
             raise ValueError(f"GenSegConfig.mask_aug = {self.mask_aug!r}; expected one of {MASK_AUGS}")
@@ -237,7 +243,7 @@ class SegmentationHooks(TrainHooks):
         image, mask = batch
         if self.config.hflip:
             image, mask = random_hflip(image, mask, generator=self.rng)
-        if self.real_acquisition and (self.config.acquisition > 0 or self.config.lesion_fade > 0):
+        if self.real_acquisition and self.config.changes_appearance:
             seen = lesion_fade(image, mask, self.rng, self.config.lesion_fade)
             seen = random_acquisition(seen, self.rng, self.config.acquisition)
             pick = torch.rand(image.shape[0], generator=self.rng) < 0.5
@@ -526,8 +532,7 @@ def run_benchmark(
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
         raise ValueError(f"arms = {arms}; expected a non-empty subset of {ARMS}")
-    arms = tuple(a for a in ARMS if a in arms
-                 and (a != "acq_aug" or config.acquisition > 0 or config.lesion_fade > 0))
+    arms = tuple(a for a in ARMS if a in arms and (a != "acq_aug" or config.changes_appearance))
     out = Path(out)
     tests = evaluation_sets(split, n_test, size)
     pix_config = dataclasses.replace(PIX2PIX_PRESETS["default"], image_size=size, num_downs=max(5, int(np.log2(size))))
