@@ -24,7 +24,7 @@ from loadtest.workload import Workload
 logger = logging.getLogger("medrefine.locust")
 
 _COUNTER = itertools.count()
-_STATE: dict[str, object] = {"issued": 0, "workload": None}
+_STATE: dict[str, object] = {"issued": 0, "finished": 0, "workload": None}
 
 
 @events.init_command_line_parser.add_listener
@@ -57,15 +57,25 @@ def _workload(environment) -> Workload:
 
 
 def _admit(environment) -> int:
-    """The next request index; once the request cap is reached the run stops (raises StopUser)."""
+    """The next request index; once the request cap is reached this user stops (raises StopUser)."""
     cap = environment.parsed_options.medrefine_max_requests
     if cap and _STATE["issued"] >= cap:
-        if environment.runner is not None and not _STATE.get("quitting"):
-            _STATE["quitting"] = True
-            gevent.spawn(environment.runner.quit)  # not from this user's greenlet: quit() kills it
         raise StopUser()
     _STATE["issued"] = int(_STATE["issued"]) + 1
     return next(_COUNTER)
+
+
+def _finish(environment) -> None:
+    """Count one answered request; the run quits after the last capped request is answered and recorded.
+
+    Quitting when the cap is first reached would kill the other users' greenlets mid-request, so their
+    admitted requests would never reach the stats.
+    """
+    _STATE["finished"] = int(_STATE["finished"]) + 1
+    cap = environment.parsed_options.medrefine_max_requests
+    if cap and _STATE["finished"] >= cap and environment.runner is not None and not _STATE.get("quitting"):
+        _STATE["quitting"] = True
+        gevent.spawn(environment.runner.quit)  # not from this user's greenlet: quit() kills it
 
 
 class _MedrefineUser(HttpUser):
@@ -96,10 +106,13 @@ class RestUser(_MedrefineUser):
     def segment(self) -> None:
         index = _admit(self.environment)
         png = _workload(self.environment).png(index)
-        with self.client.post(SEGMENT_PATH, files={"file": ("image.png", png, "image/png")}, name="POST /segment",
-                              catch_response=True) as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+        try:
+            with self.client.post(SEGMENT_PATH, files={"file": ("image.png", png, "image/png")},
+                                  name="POST /segment", catch_response=True) as response:
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+        finally:
+            _finish(self.environment)
 
 
 class OipHttpUser(_MedrefineUser):
@@ -109,7 +122,10 @@ class OipHttpUser(_MedrefineUser):
     def infer(self) -> None:
         index = _admit(self.environment)
         body, headers = oip_infer_body(_workload(self.environment).image(index))
-        with self.client.post(f"/v2/models/{OIP_MODEL}/infer", data=body, headers=headers,
-                              name=f"POST /v2/models/{OIP_MODEL}/infer", catch_response=True) as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+        try:
+            with self.client.post(f"/v2/models/{OIP_MODEL}/infer", data=body, headers=headers,
+                                  name=f"POST /v2/models/{OIP_MODEL}/infer", catch_response=True) as response:
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+        finally:
+            _finish(self.environment)
