@@ -52,7 +52,7 @@ class BatcherConfig:
     comes next instead of as an engine call of its own (empty: every size is as good).
     """
 
-    max_batch_size: int = 16
+    max_batch_size: int = 8  # the service default (ServiceSettings.max_batch_size); callers pass theirs
     max_latency_ms: float = 10.0
     max_queue: int = 64
     timeout_s: float = 30.0
