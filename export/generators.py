@@ -1,4 +1,5 @@
-"""Export the generator runs (``checkpoints/generators/{text2image,pix2pix,selector}``) to parity-checked ONNX
+"""Export the generator runs (``checkpoints/generators/{text2image,pix2pix,selector}``, plus ``reward`` after
+``training rlhf``) to parity-checked ONNX
 (graphs, bounds and the tokenizer asset: docs/architecture.md, "export").
 """
 
@@ -25,7 +26,7 @@ from export.onnx_export import (
 )
 from export.parity import BOUNDS, ParityCase
 
-GENERATOR_RUNS = ("text2image", "pix2pix", "selector")
+GENERATOR_RUNS = ("text2image", "pix2pix", "selector", "reward")
 # The latent decoder's output is an image in [0, 1], bounded like pix2pix's.
 VAE_DECODER_BOUNDS = {"fp32": 1e-4, "fp16": 1e-2}
 TOKENIZER_ASSET = "tokenizer/tokenizer.json"
@@ -54,15 +55,16 @@ class TextEncoderGraph(nn.Module):
                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
 
 
-class SelectorGraph(nn.Module):
-    """``image`` (B, 1, S, S) in [0, 1], ``modality_ids`` (B,) int64 -> ``score`` (B,) = ``Selector.score``."""
+class ScorerGraph(nn.Module):
+    """``image`` (B, 1, S, S) in [0, 1], ``modality_ids`` (B,) int64 -> (B,) ``scorer.score``: the best-of-N
+    score of a ``Selector`` or a ``RewardModel`` (the predicted rating)."""
 
-    def __init__(self, selector: nn.Module) -> None:
+    def __init__(self, scorer: nn.Module) -> None:
         super().__init__()
-        self.selector = selector
+        self.scorer = scorer
 
     def forward(self, image: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
-        return self.selector.score(image, modality_ids)
+        return self.scorer.score(image, modality_ids)
 
 
 # --------------------------------------------------------------------------- specs
@@ -198,19 +200,18 @@ def vae_decoder_spec(model: nn.Module) -> GraphSpec:
     )
 
 
-def selector_spec(selector: nn.Module) -> GraphSpec:
-    """``Selector.score`` at the selector's size. Binary check: best-of-N picks the same candidate
-    (a one-hot of the arg-max over each case's batch)."""
-    cfg = selector.config
-    size, classes = cfg.image_size, len(cfg.modalities)
+def _scorer_spec(name: str, scorer: nn.Module, output: str, seed: int) -> GraphSpec:
+    """A best-of-N scorer (``score(image, modality_ids) -> (B,)``, higher is better) at its selector's size.
+    Binary check: best-of-N picks the same candidate (a one-hot of the arg-max over each case's batch)."""
+    size, classes = scorer.config.image_size, len(scorer.config.modalities)
 
     def best_pick(_inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        score = np.asarray(outputs["score"])
+        score = np.asarray(outputs[output])
         return {"best": np.arange(score.shape[0]) == int(np.argmax(score))}
 
     def cases() -> list[ParityCase]:
-        gen = torch.Generator().manual_seed(PARITY_SEED + 13)
-        images, _ = phantom_batch(4, size, seed=PARITY_SEED + 13)
+        gen = torch.Generator().manual_seed(PARITY_SEED + seed)
+        images, _ = phantom_batch(4, size, seed=PARITY_SEED + seed)
         noisy = (images + 0.2 * torch.randn(images.shape, generator=gen)).clamp(0.0, 1.0)
         phantom = torch.cat([images, noisy])
         ids = torch.randint(0, classes, (phantom.shape[0],), generator=gen)
@@ -223,11 +224,21 @@ def selector_spec(selector: nn.Module) -> GraphSpec:
     example = {"image": torch.rand(2, 1, size, size, generator=gen),
                "modality_ids": torch.randint(0, classes, (2,), generator=gen)}
     return GraphSpec(
-        name="selector", module=SelectorGraph(selector).eval(), example=example, output_names=("score",),
-        dynamic_axes={"image": dict(BATCH), "modality_ids": dict(BATCH), "score": dict(BATCH)},
-        reference=_torch_reference(selector.score, ("image", "modality_ids"), ("score",)),
-        cases=cases, bounds=dict(BOUNDS["selector"]), mask_fn=best_pick,
+        name=name, module=ScorerGraph(scorer).eval(), example=example, output_names=(output,),
+        dynamic_axes={"image": dict(BATCH), "modality_ids": dict(BATCH), output: dict(BATCH)},
+        reference=_torch_reference(scorer.score, ("image", "modality_ids"), (output,)),
+        cases=cases, bounds=dict(BOUNDS[name]), mask_fn=best_pick,
     )
+
+
+def selector_spec(selector: nn.Module) -> GraphSpec:
+    """``Selector.score`` (``log p(modality) + log p(real)``) at the selector's size."""
+    return _scorer_spec("selector", selector, "score", seed=13)
+
+
+def reward_spec(reward: nn.Module) -> GraphSpec:
+    """``RewardModel.score`` (the predicted 1-5 rating) at its selector's size."""
+    return _scorer_spec("reward", reward, "rating", seed=15)
 
 
 # --------------------------------------------------------------------------- from the generator runs
@@ -246,6 +257,7 @@ class GeneratorSources:
     text_encoder: Any = None
     pix2pix: nn.Module | None = None
     selector: nn.Module | None = None
+    reward: nn.Module | None = None
 
     @property
     def text_encoder_name(self) -> str:
@@ -271,6 +283,7 @@ def load_generator_sources(generators_dir: str | os.PathLike[str]) -> GeneratorS
     from core.text_encoders import HFTextEncoder
     from weights.checkpoints import RunDirError
     from weights.generators import load_pix2pix, load_selector, load_text2image, resolve_generators_dir
+    from weights.reward import load_reward
 
     root = resolve_generators_dir(generators_dir)
     if not root.is_dir():
@@ -292,6 +305,8 @@ def load_generator_sources(generators_dir: str | os.PathLike[str]) -> GeneratorS
         sources.pix2pix = load_pix2pix(root / "pix2pix")
     if "selector" in present:
         sources.selector = load_selector(root / "selector")
+    if "reward" in present:
+        sources.reward = load_reward(root / "reward")
     return sources
 
 
@@ -306,6 +321,8 @@ def build_generator_specs(sources: GeneratorSources) -> list[GraphSpec]:
             specs.append(vae_decoder_spec(sources.text2image))
     if sources.selector is not None:
         specs.append(selector_spec(sources.selector))
+    if sources.reward is not None:
+        specs.append(reward_spec(sources.reward))
     return specs
 
 
@@ -322,6 +339,8 @@ def pipeline_block(sources: GeneratorSources) -> dict[str, Any]:
         block["pix2pix"] = {"config": sources.pix2pix.config.to_dict()}
     if sources.selector is not None:
         block["selector"] = {"config": sources.selector.config.to_dict()}
+    if sources.reward is not None:
+        block["reward"] = {"config": sources.reward.config.to_dict()}
     return block
 
 
@@ -404,7 +423,7 @@ def reverify_parity(art_dir: str | os.PathLike[str], manifest: Mapping[str, Any]
 __all__ = [
     "GENERATOR_RUNS",
     "GeneratorSources",
-    "SelectorGraph",
+    "ScorerGraph",
     "TextEncoderGraph",
     "build_generator_specs",
     "denoiser_spec",
@@ -413,6 +432,7 @@ __all__ = [
     "pipeline_block",
     "pix2pix_spec",
     "reverify_parity",
+    "reward_spec",
     "selector_spec",
     "source_runs_usable",
     "text_encoder_spec",

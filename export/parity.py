@@ -22,6 +22,7 @@ BOUNDS: dict[str, dict[str, float]] = {
     "text_encoder": {"fp32": 1e-3, "fp16": 5e-1},
     "denoiser": {"fp32": 5e-5, "fp16": 2e-2},
     "selector": {"fp32": 5e-5, "fp16": 2e-2},
+    "reward": {"fp32": 1e-4, "fp16": 5e-2},  # ratings on the 1-5 scale
 }
 MIN_DICE = 0.99
 

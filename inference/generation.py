@@ -315,9 +315,10 @@ class Text2ImagePipeline:
         images = self.sample(prompts, modalities, negative_prompts, guidance_scale, steps, seed, candidates)
         return self.select_best(images, modalities, candidates)
 
-    def check_candidates(self, candidates: Any) -> None:
-        """Raise :class:`GenerationInputError` unless best-of-``candidates`` can run."""
-        if self.selector is None:
+    def check_candidates(self, candidates: Any, scorer: ImageScorer | None = None) -> None:
+        """Raise :class:`GenerationInputError` unless best-of-``candidates`` can run (ranked by ``scorer``,
+        default the selector)."""
+        if scorer is None and self.selector is None:
             raise GenerationInputError("candidates", "best-of-N needs a selector; this pipeline has none")
         if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or not (
             1 <= candidates <= self.limits.max_images
@@ -327,14 +328,16 @@ class Text2ImagePipeline:
 
     @torch.no_grad()
     def select_best(
-        self, images: torch.Tensor, modalities: list[str], candidates: int
+        self, images: torch.Tensor, modalities: list[str], candidates: int, scorer: ImageScorer | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``images (len(modalities) * candidates, 1, S, S)`` in [0, 1], prompt-major -> the best per prompt:
-        ``(uint8 (len(modalities), S, S), selector scores (len(modalities),) float32)``."""
-        self.check_candidates(candidates)
+        ``(uint8 (len(modalities), S, S), scores (len(modalities),) float32)``, ranked by ``scorer`` (default
+        the selector; a reward model's score is the predicted 1-5 rating)."""
+        self.check_candidates(candidates, scorer)
+        scorer = scorer if scorer is not None else self.selector
         count = len(modalities)
         ids = self.model.modality_ids(list(modalities)).repeat_interleave(candidates)
-        scores = self.selector.score(images, ids).view(count, candidates)
+        scores = scorer.score(images, ids).view(count, candidates)
         best = scores.argmax(dim=1)
         chosen = images.view(count, candidates, *images.shape[1:])[torch.arange(count), best]
         return to_uint8(chosen), scores.max(dim=1).values.numpy().astype(np.float32)

@@ -16,7 +16,9 @@ from inference.generation import Pix2PixPipeline, Text2ImagePipeline
 from inference.manifest import MANIFEST_NAME, ArtifactError, check_hashes, load_manifest
 
 if TYPE_CHECKING:
+    from inference.protocols import ImageScorer
     from models.pix2pix import Pix2PixConfig
+    from models.reward import RewardConfig
     from models.selector import SelectorConfig
     from models.text2image import Text2ImageConfig
 
@@ -26,13 +28,14 @@ __all__ = [
     "Generators",
     "OnnxDenoiser",
     "OnnxPix2Pix",
-    "OnnxSelector",
+    "OnnxScorer",
     "OnnxTextEncoder",
     "load_generators",
 ]
 
 # graphs each pipeline block needs (a latent text2image block also needs LATENT_GRAPH)
-BLOCK_GRAPHS = {"text2image": ("text_encoder", "denoiser"), "pix2pix": ("pix2pix",), "selector": ("selector",)}
+BLOCK_GRAPHS = {"text2image": ("text_encoder", "denoiser"), "pix2pix": ("pix2pix",), "selector": ("selector",),
+                "reward": ("reward",)}
 LATENT_GRAPH = "vae_decoder"
 
 
@@ -157,15 +160,16 @@ class OnnxPix2Pix:
         return self.graph(mask=mask)
 
 
-class OnnxSelector:
-    """Stands in for ``models.selector.Selector`` in best-of-N: ``score(images (B, 1, H, W) in [0, 1],
-    modality_ids (B,)) -> (B,)`` ``log p(modality) + log p(real)``; images are resized to the selector's
+class OnnxScorer:
+    """Stands in for a best-of-N scorer, ``models.selector.Selector`` (graph ``selector``: ``log p(modality) +
+    log p(real)``) or ``models.reward.RewardModel`` (graph ``reward``: the predicted 1-5 rating):
+    ``score(images (B, 1, H, W) in [0, 1], modality_ids (B,)) -> (B,)``; images are resized to the scorer's
     size first (``models.selector.fit_size``, as ``Selector.forward`` does)."""
 
-    def __init__(self, graph: _OnnxGraph, config: SelectorConfig) -> None:
+    def __init__(self, graph: _OnnxGraph, config: SelectorConfig | RewardConfig) -> None:
         self.graph, self.config = graph, config
 
-    def eval(self) -> OnnxSelector:
+    def eval(self) -> OnnxScorer:
         return self
 
     def score(self, images: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
@@ -176,14 +180,17 @@ class OnnxSelector:
 
 @dataclass(frozen=True)
 class Generators:
-    """Loaded generator artifacts: the pipelines (None when the artifacts lack that generator) and
-    ``info`` for model_info (version, precision, graphs, modalities, image sizes, text encoder, providers)."""
+    """Loaded generator artifacts: the pipelines (None when the artifacts lack that generator), ``info`` for
+    model_info (version, precision, graphs, modalities, image sizes, text encoder, providers), and ``reward``,
+    the reward model that can rank best-of-N instead of the selector (None unless exported from an RLHF
+    generators directory)."""
 
     root: Path
     version: str
     text2image: Text2ImagePipeline | None
     pix2pix: Pix2PixPipeline | None
     info: dict[str, Any]
+    reward: ImageScorer | None = None
 
 
 def _config(cls: type[_Config], block: dict[str, Any], key: str, where: Path) -> _Config:
@@ -210,6 +217,7 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
     """
     from inference.engines import ort_providers, ort_session_options, physical_cores
     from models.pix2pix import Pix2PixConfig
+    from models.reward import RewardConfig
     from models.selector import SelectorConfig
     from models.text2image import Text2ImageConfig
 
@@ -238,13 +246,14 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
     options = ort_session_options(threads)
     graphs = {name: _OnnxGraph(spec, providers, options) for name, spec in specs.items()}
     # 3. Pipelines
-    text2image = pix2pix = None
+    text2image = pix2pix = reward = None
     info: dict[str, Any] = {"version": manifest["version"], "precision": manifest.get("precision", "fp32"),
                             "opset": manifest.get("opset"), "providers": providers, "intra_op_threads": threads,
                             "graphs": {n: {"file": s.path.name, "sha256": s.sha256,
                                            "parity_max_abs_err": s.parity.get("max_abs_err")}
                                        for n, s in specs.items()},
-                            "modalities": [], "image_sizes": {}, "text_encoder": None, "selector": False}
+                            "modalities": [], "image_sizes": {}, "text_encoder": None, "selector": False,
+                            "reward": False}
     if "text2image" in pipeline:
         block = pipeline["text2image"]
         config = _config(Text2ImageConfig, block, "text2image", where)
@@ -261,14 +270,20 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
                                   max_tokens=int(te.get("max_tokens", config.max_text_tokens)))
         selector = None
         if "selector" in pipeline:
-            selector = OnnxSelector(graphs["selector"], _config(SelectorConfig, pipeline["selector"], "selector",
-                                                                where))
+            selector = OnnxScorer(graphs["selector"], _config(SelectorConfig, pipeline["selector"], "selector",
+                                                              where))
+        if "reward" in pipeline:
+            reward = OnnxScorer(graphs["reward"], _config(RewardConfig, pipeline["reward"], "reward", where))
+            if tuple(reward.config.modalities) != tuple(config.modalities):
+                raise ArtifactError(f"{where}: pipeline.reward modalities {list(reward.config.modalities)} != "
+                                    f"pipeline.text2image's {list(config.modalities)}")
         try:
             text2image = Text2ImagePipeline(OnnxDenoiser(graphs["denoiser"], config, decoder), encoder,
                                             selector=selector)
         except ValueError as exc:  # text encoder width / length != the denoiser's
             raise ArtifactError(f"{where}: pipeline.text2image: {exc}") from exc
-        info.update(modalities=list(config.modalities), text_encoder=te, selector=selector is not None)
+        info.update(modalities=list(config.modalities), text_encoder=te, selector=selector is not None,
+                    reward=reward is not None)
         info["image_sizes"]["text2image"] = config.image_size
         info["text2image_space"] = "latent" if config.latent is not None else "pixel"
     if "pix2pix" in pipeline:
@@ -277,4 +292,5 @@ def load_generators(art_dir: str | Path, *, device: str = "cpu", intra_op_thread
         info["image_sizes"]["pix2pix"] = config.image_size
     if text2image is None and pix2pix is None:
         raise ArtifactError(f"{where}: neither pipeline.text2image nor pipeline.pix2pix: nothing to serve")
-    return Generators(root=root, version=str(manifest["version"]), text2image=text2image, pix2pix=pix2pix, info=info)
+    return Generators(root=root, version=str(manifest["version"]), text2image=text2image, pix2pix=pix2pix, info=info,
+                      reward=reward)

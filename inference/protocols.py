@@ -16,10 +16,15 @@ if TYPE_CHECKING:
     from inference.embedding_cache import CacheStats
     from inference.pipeline import RefineResult, SegmentOptions, SegmentResult
     from models.pix2pix import Pix2PixConfig
+    from models.reward import RewardConfig
     from models.selector import SelectorConfig
     from models.text2image import Text2ImageConfig
 
-__all__ = ["Denoiser", "ImageScorer", "MaskToImage", "Segmenter", "TextEncoder"]
+__all__ = ["BEST_OF_RANKERS", "Denoiser", "ImageScorer", "MaskToImage", "Segmenter", "TextEncoder"]
+
+# What ranks a best-of-N request: the selector (log p(modality) + log p(real)), or the RLHF reward model (the
+# predicted 1-5 rating) where the generators hold one.
+BEST_OF_RANKERS = ("selector", "reward")
 
 
 @runtime_checkable
@@ -104,10 +109,10 @@ class MaskToImage(Protocol):
 
 
 class ImageScorer(Protocol):
-    """``models.selector.Selector`` or ``OnnxSelector``: ``score(images (B, 1, H, W) in [0, 1], modality_ids
-    (B,)) -> (B,)`` (higher: a better image of that modality)."""
+    """``models.selector.Selector``, ``models.reward.RewardModel`` or their ``OnnxScorer``: ``score(images
+    (B, 1, H, W) in [0, 1], modality_ids (B,)) -> (B,)`` (higher: a better image of that modality)."""
 
-    config: SelectorConfig
+    config: SelectorConfig | RewardConfig
 
     def eval(self) -> ImageScorer:
         ...

@@ -43,6 +43,11 @@ class RewardConfig(ConfigMixin):
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.selector.modalities)
 
+    @property
+    def image_size(self) -> int:
+        """Side the input is resized to (the selector's)."""
+        return int(self.selector.image_size)
+
 
 REWARD_PRESETS: dict[str, RewardConfig] = {
     "default": RewardConfig(),

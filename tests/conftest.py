@@ -161,6 +161,31 @@ def generator_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reward_generator_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generators directory as ``python -m training rlhf`` leaves it (the committed text2image and selector
+    runs plus a ``reward`` run: the tiny reward head, seeded, untrained, on the committed selector), exported."""
+    import shutil
+
+    import torch
+
+    from export.generators import export_generator_artifacts
+    from models.reward import build_reward
+    from training.rlhf import RewardTrainConfig, save_reward_run
+    from weights.generators import GENERATORS_DIR, load_selector
+
+    root = tmp_path_factory.mktemp("reward_generators")
+    runs = root / "generators"
+    for name in ("text2image", "selector"):
+        shutil.copytree(GENERATORS_DIR / name, runs / name)
+    torch.manual_seed(0)
+    reward = build_reward("tiny", load_selector(runs / "selector"))
+    save_reward_run(runs / "reward", reward, {}, n_ratings=0, config=RewardTrainConfig(), seed=0,
+                    ratings_source="none")
+    export_generator_artifacts(runs, root / "art")
+    return root / "art"
+
+
+@pytest.fixture(scope="session")
 def live_server(service_artifacts, generator_artifacts, tmp_path_factory: pytest.TempPathFactory):
     """One real ``python -m service`` for the session on loopback, generators included (API key on: use
     ``server.client()`` or ``server.headers()``); stopped (SIGTERM, drain) when the session ends."""

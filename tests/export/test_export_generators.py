@@ -208,8 +208,8 @@ def test_absent_runs_are_skipped_and_a_wrapper_bug_writes_nothing(tmp_path, monk
     assert loaded.info["image_sizes"] == {"pix2pix": 128} and loaded.version == manifest["version"]
     # a selector wrapper that forgets the realness term fails parity; the previous export stays
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr(generators_mod.SelectorGraph, "forward",
-                        lambda self, image, ids: torch.log_softmax(self.selector(image).modality_logits, 1)
+    monkeypatch.setattr(generators_mod.ScorerGraph, "forward",
+                        lambda self, image, ids: torch.log_softmax(self.scorer(image).modality_logits, 1)
                         .gather(1, ids[:, None])[:, 0])
     with pytest.raises(ParityError, match="graph 'selector' .* exceeds the bound"):
         export_generator_artifacts(root, out)
@@ -297,6 +297,25 @@ def test_best_of_n_picks_the_same_candidate(onnx_gen, torch_t2i):
     assert (
         onnx_gen.text2image.selector.score(big, ids[:4]) - torch_t2i.selector.score(big, ids[:4])
     ).abs().max() < 1e-4
+
+
+def test_a_reward_run_is_exported_and_scores_like_torch(reward_generator_artifacts, torch_t2i):
+    from weights.reward import load_reward
+
+    manifest = load_manifest(reward_generator_artifacts)
+    assert {"reward", "selector", "denoiser"} <= set(manifest["graphs"]) and "reward" in manifest["pipeline"]
+    assert manifest["graphs"]["reward"]["parity"]["max_abs_err"] <= BOUNDS["reward"]["fp32"]
+    loaded = load_generators(reward_generator_artifacts, intra_op_threads=1)
+    assert loaded.info["reward"] is True and loaded.reward is not None
+    torch_reward = load_reward(manifest["source"]["runs"]["reward"]["run_dir"])
+    candidates = torch_t2i.sample(PROMPTS, MODALITIES, steps=4, seed=5, num_images=3)
+    ids = torch_t2i.model.modality_ids(MODALITIES).repeat_interleave(3)
+    big = torch.nn.functional.interpolate(candidates, size=(48, 48), mode="bilinear", align_corners=False)
+    for images in (candidates, big):  # 128 px generated, 48 px: both resized to the selector's 32 px
+        ours, theirs = loaded.reward.score(images, ids), torch_reward.score(images, ids)
+        assert (ours - theirs).abs().max().item() < 1e-4
+        assert torch.equal(ours.view(4, 3).argmax(1), theirs.view(4, 3).argmax(1))
+    assert ((theirs > 1.0) & (theirs < 5.0)).all()
 
 
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])

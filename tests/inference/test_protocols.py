@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from inference.generation import Pix2PixPipeline, Text2ImagePipeline
-from inference.generator_artifacts import OnnxDenoiser, OnnxPix2Pix, OnnxSelector, OnnxTextEncoder
+from inference.generator_artifacts import OnnxDenoiser, OnnxPix2Pix, OnnxScorer, OnnxTextEncoder
 from inference.pipeline import SegmentationPipeline
 from inference.protocols import Denoiser, ImageScorer, MaskToImage, Segmenter, TextEncoder
 from models.pix2pix import Pix2PixGenerator
+from models.reward import RewardModel
 from models.selector import Selector
 from models.text2image import Text2ImageModel
 from service.errors import QueueFullError
@@ -39,7 +40,8 @@ def _parameters(function) -> list[tuple[str, inspect._ParameterKind, bool]]:
     (MaskToImage, OnnxPix2Pix),
     (MaskToImage, Pix2PixGenerator),
     (ImageScorer, Selector),
-    (ImageScorer, OnnxSelector),
+    (ImageScorer, OnnxScorer),
+    (ImageScorer, RewardModel),
     (TextEncoder, OnnxTextEncoder),
 ])
 def test_methods_take_the_protocols_parameters(protocol, implementation):
