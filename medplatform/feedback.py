@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select
 
+from inference.protocols import BEST_OF_RANKERS
 from medplatform import db
 from medplatform.datasets import check_name
 from medplatform.errors import InvalidValue, NotFound
@@ -274,7 +275,8 @@ PREFERENCES = ("image", "other")
 class GeneratedImage:
     """Enough to regenerate one image of ``POST /generate``: the same request (``prompt``, ``modality``,
     ``negative_prompt``, ``seed`` = the answer's ``seed``, ``steps``, ``guidance_scale``, ``num_images`` or
-    ``best_of``) to the same ``generator_version`` (the answer's ``model.version``), then ``images[index]``."""
+    ``best_of`` and ``rank_by``) to the same ``generator_version`` (the answer's ``model.version``), then
+    ``images[index]``."""
 
     prompt: str
     modality: str
@@ -285,7 +287,8 @@ class GeneratedImage:
     index: int = 0
     negative_prompt: str | None = None
     num_images: int = 1  # the request's images per prompt: image k starts from the noise of seed + k
-    best_of: int | None = None  # the request's best_of (the selector's best of that many candidates; index 0)
+    best_of: int | None = None  # the request's best_of (the best of that many candidates; index 0)
+    rank_by: str | None = None  # the request's rank_by for best_of (None: the selector)
 
     def generate_body(self) -> dict[str, Any]:
         """The ``POST /generate`` JSON body that regenerates this image (as ``images_png_base64[index]``)."""
@@ -295,6 +298,8 @@ class GeneratedImage:
             body["negative_prompt"] = self.negative_prompt
         if self.best_of is not None:
             body["best_of"] = self.best_of
+            if self.rank_by is not None:
+                body["rank_by"] = self.rank_by
         else:
             body["num_images"] = self.num_images
         return body
@@ -471,13 +476,17 @@ def _check_image(image: Any, field: str, modalities: Collection[str] | None,
         best_of = integer("best_of", image.best_of, 1, limits.max_images)
         integer("num_images", image.num_images, 1, 1)  # best-of answers one image per prompt
         index = integer("index", image.index, 0, 0)
+        if image.rank_by is not None and image.rank_by not in BEST_OF_RANKERS:
+            raise InvalidValue(f"{field}.rank_by", image.rank_by, f"expected one of {list(BEST_OF_RANKERS)}")
     else:
         best_of = None
         num_images = integer("num_images", image.num_images, 1, limits.max_images)
         index = integer("index", image.index, 0, num_images - 1)
+        if image.rank_by is not None:
+            raise InvalidValue(f"{field}.rank_by", image.rank_by, "only a best_of image is ranked; expected null")
     return GeneratedImage(prompt=prompt, modality=modality, seed=seed, steps=steps, guidance_scale=float(guidance),
                           generator_version=version, index=index, negative_prompt=negative,
-                          num_images=image.num_images, best_of=best_of)
+                          num_images=image.num_images, best_of=best_of, rank_by=image.rank_by)
 
 
 def _rating_details(rating: GenerationRating) -> dict[str, Any]:

@@ -217,12 +217,15 @@ class MedRefine:
         steps: int = Field(25, strict=True, description="DDIM steps"),
         seed: int | None = Field(None, strict=True, description="same seed, same images; default: drawn and returned"),
         num_images: int = Field(1, strict=True, description="images for this prompt"),
-        best_of: int | None = Field(None, strict=True, description="generate N candidates, return the selector's best"),
+        best_of: int | None = Field(None, strict=True, description="generate N candidates, return the best"),
+        rank_by: str | None = Field(None, description="what ranks best_of: 'selector' (default) or 'reward' (the "
+                                                      "RLHF reward model, when the generators have one)"),
     ) -> dict[str, t.Any]:
         """Text + modality -> images (MINIM-style conditional diffusion), as base64 PNGs."""
         return await rest_generation.generate(
             self._require_runtime(), prompt=prompt, modality=modality, negative_prompt=negative_prompt,
             guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+            rank_by=rank_by,
         )
 
     @_rest_api("/synthesize")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.protocols import BEST_OF_RANKERS
 from service.batcher import AdaptiveBatcher, BatcherConfig
 from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError, client_error
 from service.metrics import GENERATION_BATCH_SIZE, GENERATION_QUEUE_DEPTH, GENERATION_STEPS, STAGE_LATENCY
@@ -22,18 +23,21 @@ from service.settings import ServiceSettings
 if TYPE_CHECKING:  # both import torch; the runtime loads them only when generation is on
     from inference.generation import GenerationRequest, Pix2PixPipeline, Text2ImagePipeline
     from inference.generator_artifacts import Generators
+    from inference.protocols import ImageScorer
 
 __all__ = ["GenerateResult", "GenerationRuntime", "SynthesizeResult"]
 
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """``images (N, S, S) uint8`` prompt-major, the ``seed`` used, selector ``scores (N,)`` for best-of."""
+    """``images (N, S, S) uint8`` prompt-major, the ``seed`` used, for best-of the ``scores (N,)`` of the kept
+    images and ``ranked_by`` (one of ``BEST_OF_RANKERS``)."""
 
     images: np.ndarray
     seed: int
     scores: np.ndarray | None
     seconds: float
+    ranked_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class SynthesizeResult:
 class _GenerateItem:
     request: GenerationRequest
     best_of: int | None
+    scorer: ImageScorer | None = None  # ranks best-of-N; None: the pipeline's selector
     # Set once nobody waits for the answer (answered, timed out, client gone, shutdown): the denoising
     # loop drops this request's images at its next step instead of finishing orphaned work.
     abandoned: threading.Event = field(default_factory=threading.Event)
@@ -126,9 +131,11 @@ class GenerationRuntime:
         return self.generators.pix2pix
 
     def info(self) -> dict[str, Any]:
-        """What ``/readyz`` and model metadata report: version, modalities, image sizes, limits."""
+        """What ``/readyz`` and model metadata report: version, modalities, image sizes, limits, and ``rank_by``,
+        what best-of-N can be ranked by here."""
         info = dict(self.generators.info)
-        info.update(version=self.version, max_images=self.settings.generation_max_images,
+        info.update(version=self.version, rank_by=[name for name in BEST_OF_RANKERS if info.get(name)],
+                    max_images=self.settings.generation_max_images,
                     max_steps=self.settings.generation_max_steps, queue_depth=self.batcher.queue_depth)
         return info
 
@@ -155,11 +162,13 @@ class GenerationRuntime:
         seed: int | None = None,
         num_images: int = 1,
         best_of: int | None = None,
+        rank_by: str | None = None,
     ) -> GenerateResult:
         """Text + modality -> images through the generation queue.
 
         ``seed`` None draws one (returned, so the call can be repeated exactly). ``best_of`` N generates N
-        candidates per prompt and returns the selector's best one (``num_images`` must then be 1).
+        candidates per prompt and returns the best one (``num_images`` must then be 1), ranked by ``rank_by``
+        (``"selector"``, the default, or ``"reward"``: the reward model the artifacts hold after RLHF).
 
         Raises:
             BadRequest (400) naming the argument at fault, NotFound (404) without a text2image graph,
@@ -173,20 +182,38 @@ class GenerationRuntime:
         if best_of is not None and num_images != 1:
             raise BadRequest(f"num_images = {num_images} with best_of = {best_of}: best-of returns one image per "
                              "prompt; set only one of them", "best_of")
+        scorer = self._ranker(rank_by, best_of)
         request = GenerationRequest(list(prompts), list(modalities), negative_prompts, guidance_scale, steps, seed,
                                     best_of if best_of is not None else num_images)
         try:
             if best_of is not None:
-                pipeline.check_candidates(best_of)
+                pipeline.check_candidates(best_of, scorer)
             pipeline.check_request(request)
         except ValueError as exc:
             raise _client_error(exc) from None
-        item = _GenerateItem(request, best_of)
+        item = _GenerateItem(request, best_of, scorer)
         try:
             images, scores, seconds = await self.batcher.submit(item, ("generate", int(request.steps)))
         finally:
             item.abandoned.set()
-        return GenerateResult(images=images, seed=int(seed), scores=scores, seconds=seconds)
+        ranked_by = None if best_of is None else rank_by or "selector"
+        return GenerateResult(images=images, seed=int(seed), scores=scores, seconds=seconds, ranked_by=ranked_by)
+
+    def _ranker(self, rank_by: str | None, best_of: int | None) -> ImageScorer | None:
+        """The scorer ``rank_by`` names (None: the pipeline's selector); 400 naming ``rank_by`` for an unknown
+        name, a reward ranking these artifacts cannot do, or a ranking without ``best_of``."""
+        if rank_by is None:
+            return None
+        if rank_by not in BEST_OF_RANKERS:
+            raise BadRequest(f"rank_by: {rank_by!r}; expected one of {list(BEST_OF_RANKERS)}", "rank_by")
+        if best_of is None:
+            raise BadRequest(f"rank_by = {rank_by!r} without best_of: only best-of-N is ranked", "rank_by")
+        if rank_by == "selector":
+            return None
+        if self.generators.reward is None:
+            raise BadRequest("rank_by: 'reward' needs a reward model; these generator artifacts have none (export "
+                             "a generators directory that `python -m training rlhf` wrote)", "rank_by")
+        return self.generators.reward
 
     async def synthesize(self, mask: np.ndarray) -> SynthesizeResult:
         """A mask ``(H, W)`` (any dtype; nonzero = foreground) -> an image ``(H, W) uint8``.
@@ -235,7 +262,7 @@ class GenerationRuntime:
             elif item.best_of is None:
                 results.append((to_uint8(images), None))
             else:
-                results.append(pipeline.select_best(images, item.request.modalities, item.best_of))
+                results.append(pipeline.select_best(images, item.request.modalities, item.best_of, item.scorer))
         seconds = time.perf_counter() - started
         STAGE_LATENCY.labels(stage="generate").observe(seconds)
         return [NotReady("generation stopped: nobody waits for this answer") if result is None

@@ -77,8 +77,10 @@ async def generate(
     seed: int | None = None,
     num_images: int = 1,
     best_of: int | None = None,
+    rank_by: str | None = None,
 ) -> dict[str, Any]:
-    """``POST /generate``: one prompt -> ``num_images`` images (or the best of ``best_of``).
+    """``POST /generate``: one prompt -> ``num_images`` images (or the best of ``best_of``, ranked by
+    ``rank_by``: ``"selector"`` or ``"reward"``).
 
     Raises:
         ServiceError: 400 naming the argument at fault, 404 without generators, 503, 504.
@@ -89,6 +91,7 @@ async def generate(
         result = await generation.generate(
             [prompt], [modality], negative_prompts=None if negative_prompt is None else [negative_prompt],
             guidance_scale=guidance_scale, steps=steps, seed=seed, num_images=num_images, best_of=best_of,
+            rank_by=rank_by,
         )
     except ServiceError as exc:
         raise _rest_field(exc) from None
@@ -103,6 +106,7 @@ async def generate(
         "prompt": prompt,
         "modality": modality,
         "scores": None if result.scores is None else [float(s) for s in result.scores],
+        "ranked_by": result.ranked_by,
         "model": _model(generation),
         "timings_ms": {"generate": _ms(result.seconds), "encode": _ms(time.perf_counter() - encode_started),
                        "total": _ms(time.perf_counter() - started)},

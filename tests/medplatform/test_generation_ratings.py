@@ -35,7 +35,8 @@ def test_ratings_and_preferences_read_back_oldest_first(platform, tmp_path):
     assert feedback.list_generation_ratings(platform, "ward-7") == saved[2:]
     assert rows[0].details == {"image": {"prompt": IMAGE.prompt, "modality": "chest_xray", "seed": 7, "steps": 10,
                                          "guidance_scale": 1.5, "generator_version": "a" * 64, "index": 0,
-                                         "negative_prompt": None, "num_images": 1, "best_of": None},
+                                         "negative_prompt": None, "num_images": 1, "best_of": None,
+                                         "rank_by": None},
                                "rating": 4}
     assert not (tmp_path / "var" / "blobs" / "feedback").exists()  # no blobs
 
@@ -53,6 +54,8 @@ def test_generate_body_repeats_the_request():
         "prompt": IMAGE.prompt, "modality": "chest_xray", "seed": 7, "steps": 10, "guidance_scale": 1.5,
         "num_images": 3}
     assert replace(IMAGE, best_of=4, negative_prompt="noise").generate_body()["best_of"] == 4
+    assert "rank_by" not in replace(IMAGE, best_of=4).generate_body()  # the selector, /generate's default
+    assert replace(IMAGE, best_of=4, rank_by="reward").generate_body()["rank_by"] == "reward"
 
 
 @pytest.mark.parametrize(("rating", "field"), [
@@ -80,6 +83,8 @@ def test_generate_body_repeats_the_request():
     (GenerationRating(image=replace(IMAGE, num_images=17), rating=3), "image.num_images"),
     (GenerationRating(image=replace(IMAGE, best_of=4, num_images=2), rating=3), "image.num_images"),
     (GenerationRating(image=replace(IMAGE, best_of=0), rating=3), "image.best_of"),
+    (GenerationRating(image=replace(IMAGE, best_of=4, rank_by="best"), rating=3), "image.rank_by"),
+    (GenerationRating(image=replace(IMAGE, rank_by="reward"), rating=3), "image.rank_by"),
     (GenerationRating(image=replace(IMAGE, negative_prompt=3), rating=3), "image.negative_prompt"),
     (GenerationRating(image=IMAGE, other=replace(IMAGE, seed=-2), preferred="other"), "other.seed"),
     (GenerationRating(image=IMAGE, rating=3, dataset="a\x00b"), "dataset"),

@@ -58,6 +58,9 @@ def test_prior_mask_errors_name_prior_mask(live_server, fresh_log, prior, status
         ({"negative_prompt": "x" * 301}, "negative_prompt", "negative_prompt: has 301 characters"),
         ({"best_of": 0}, "best_of", "best_of: 0; expected an integer"),
         ({"best_of": 2, "num_images": 2}, "best_of", "best_of"),
+        ({"best_of": 2, "rank_by": "reward"}, "rank_by", "needs a reward model"),  # the default has none
+        ({"best_of": 2, "rank_by": "rating"}, "rank_by", "rank_by: 'rating'; expected one of"),
+        ({"rank_by": "selector"}, "rank_by", "without best_of"),
         ({"seed": True}, "seed", "integer"),
         ({"seed": 1.5}, "seed", "integer"),
         ({"steps": True}, "steps", "integer"),

@@ -39,7 +39,7 @@ def _identity(answer: dict, request: dict, index: int) -> dict:
     image = {"prompt": answer["prompt"], "modality": answer["modality"], "seed": answer["seed"],
              "steps": request["steps"], "guidance_scale": request["guidance_scale"],
              "generator_version": answer["model"]["version"], "index": index}
-    for key in ("negative_prompt", "num_images", "best_of"):
+    for key in ("negative_prompt", "num_images", "best_of", "rank_by"):
         if key in request:
             image[key] = request[key]
     return image
@@ -75,7 +75,7 @@ def test_a_rated_image_regenerates_bit_identically(live_server):
 
 def test_a_best_of_image_and_a_preference_regenerate(live_server):
     with live_server.client() as client:
-        request = {**PROMPT, "steps": 5, "guidance_scale": 1.5, "seed": 31, "best_of": 3}
+        request = {**PROMPT, "steps": 5, "guidance_scale": 1.5, "seed": 31, "best_of": 3, "rank_by": "selector"}
         answer = _generate(client, request)
         plain = {**PROMPT, "steps": 5, "guidance_scale": 1.5, "seed": 31, "num_images": 1}
         other_answer = _generate(client, plain)
@@ -86,6 +86,7 @@ def test_a_best_of_image_and_a_preference_regenerate(live_server):
         (row,) = client.get("/feedback/generation", params={"dataset": "preferences"}).json()
         assert row["preferred"] == "image" and row["rating"] is None
         assert row["image"]["best_of"] == 3 and row["other"]["best_of"] is None
+        assert row["image"]["rank_by"] == "selector" and row["other"]["rank_by"] is None
         for part, original in (("image", answer), ("other", other_answer)):
             stored = feedback.GeneratedImage(**row[part])
             again = _generate(client, stored.generate_body())

@@ -114,6 +114,37 @@ def test_best_of_returns_the_selector_choice(generators, torch_text2image):
     assert abs(float(served.scores[0]) - float(scores[0])) < 1e-2
 
 
+def test_best_of_ranked_by_the_reward_model_returns_its_choice(reward_generator_artifacts, torch_text2image):
+    """Generator artifacts exported after RLHF carry the reward model: ``rank_by="reward"`` keeps the candidate
+    it rates highest (the torch reward model on the torch pipeline's candidates), ``"selector"`` the selector's."""
+    import torch
+
+    from inference.generator_artifacts import load_generators
+    from inference.manifest import load_manifest
+    from weights.reward import load_reward
+
+    generators = load_generators(reward_generator_artifacts, intra_op_threads=1)
+    reward = load_reward(load_manifest(reward_generator_artifacts)["source"]["runs"]["reward"]["run_dir"])
+    prompt, modality = ["retinal oct, drusen"], ["oct"]
+
+    async def body(runtime):
+        by_reward = await runtime.generate(prompt, modality, steps=6, seed=2, best_of=4, rank_by="reward")
+        by_selector = await runtime.generate(prompt, modality, steps=6, seed=2, best_of=4, rank_by="selector")
+        return by_reward, by_selector, runtime.info()
+
+    by_reward, by_selector, info = run_async(_with_runtime(generators, body))
+    assert info["rank_by"] == ["selector", "reward"]
+    candidates = torch_text2image.sample(prompt, modality, steps=6, seed=2, num_images=4)
+    with torch.no_grad():
+        ratings = reward.score(candidates, reward.modality_ids(modality * 4))
+    gray = np.round(candidates[:, 0].numpy() * 255.0).astype(int)
+    assert by_reward.ranked_by == "reward" and by_selector.ranked_by == "selector"
+    assert np.abs(by_reward.images[0].astype(int) - gray[int(ratings.argmax())]).max() <= 2
+    assert abs(float(by_reward.scores[0]) - float(ratings.max())) < 1e-3 and 1.0 < by_reward.scores[0] < 5.0
+    _, selector_scores = torch_text2image.generate_best_of(prompt, modality, candidates=4, steps=6, seed=2)
+    assert abs(float(by_selector.scores[0]) - float(selector_scores[0])) < 1e-2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field", "needle"),
     [
@@ -129,6 +160,9 @@ def test_best_of_returns_the_selector_choice(generators, torch_text2image):
         ({"seed": -1}, "seed", "seed"),
         ({"best_of": 2, "num_images": 2}, "best_of", "best_of"),
         ({"best_of": 0}, "candidates", "candidates"),
+        ({"best_of": 2, "rank_by": "reward"}, "rank_by", "needs a reward model"),
+        ({"best_of": 2, "rank_by": "Reward"}, "rank_by", "expected one of ['selector', 'reward']"),
+        ({"rank_by": "selector"}, "rank_by", "without best_of"),
     ],
 )
 def test_bad_arguments_are_400_naming_the_field(generators, kwargs, field, needle):
