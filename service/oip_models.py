@@ -245,7 +245,11 @@ class _GenerationModel(OipModel):
 
 
 class GenerateModel(_GenerationModel):
-    """Text + modality -> images through ``runtime.generation.generate`` (the generation queue)."""
+    """Text + modality -> images through ``runtime.generation.generate`` (the generation queue).
+
+    ``BEST_OF`` N keeps the best of N candidates per prompt (instead of ``NUM_IMAGES``), ranked by ``RANK_BY``
+    (``selector`` or ``reward``); ``SCORE`` holds the kept images' scores then, and is empty otherwise.
+    """
 
     name = "generate"
     platform = "medrefine_text2image"
@@ -257,8 +261,11 @@ class GenerateModel(_GenerationModel):
         TensorSpec("STEPS", "INT32", ((1,),), optional=True),
         TensorSpec("SEED", "INT64", ((1,),), optional=True),
         TensorSpec("NUM_IMAGES", "INT32", ((1,),), optional=True),
+        TensorSpec("BEST_OF", "INT32", ((1,),), optional=True),
+        TensorSpec("RANK_BY", "BYTES", ((1,),), optional=True),
     )
-    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1, -1),)), TensorSpec("SEED", "INT64", ((1,),)))
+    outputs = (TensorSpec("IMAGE", "UINT8", ((-1, -1, -1),)), TensorSpec("SEED", "INT64", ((1,),)),
+               TensorSpec("SCORE", "FP32", ((-1,),)))
 
     def available(self, runtime: FrontEndRuntime) -> bool:
         return runtime.generation is not None and runtime.generation.generators.text2image is not None
@@ -278,7 +285,8 @@ class GenerateModel(_GenerationModel):
         if "NEGATIVE_PROMPT" in inputs:
             negatives = _broadcast(_strings(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT"), count, "NEGATIVE_PROMPT")
         scalars = {name: inputs[name].reshape(-1)[0].item() for name in ("GUIDANCE_SCALE", "STEPS", "SEED",
-                                                                          "NUM_IMAGES") if name in inputs}
+                                                                          "NUM_IMAGES", "BEST_OF") if name in inputs}
+        rank_by = _strings(inputs["RANK_BY"], "RANK_BY")[0] if "RANK_BY" in inputs else None
         try:
             assert runtime.generation is not None  # available() checked it before the request got here
             result = await runtime.generation.generate(
@@ -286,15 +294,22 @@ class GenerateModel(_GenerationModel):
                 guidance_scale=float(scalars.get("GUIDANCE_SCALE", 1.5)), steps=int(scalars.get("STEPS", 25)),
                 seed=int(scalars["SEED"]) if "SEED" in scalars else None,
                 num_images=int(scalars.get("NUM_IMAGES", 1)),
+                best_of=int(scalars["BEST_OF"]) if "BEST_OF" in scalars else None, rank_by=rank_by,
             )
         except BadRequest as exc:
-            raise OipError(exc.message, field=_OIP_FIELDS.get(exc.field or "", exc.field)) from None
-        return {"IMAGE": result.images, "SEED": np.asarray([result.seed], dtype=np.int64)}
+            name = _OIP_FIELDS.get(exc.field or "", exc.field)
+            message = exc.message
+            if exc.field and name and message.startswith(f"{exc.field}: "):  # the input's name, not the runtime's
+                message = f"{name}: {message[len(exc.field) + 2:]}"
+            raise OipError(message, field=name) from None
+        score = np.zeros(0, np.float32) if result.scores is None else np.asarray(result.scores, np.float32)
+        return {"IMAGE": result.images, "SEED": np.asarray([result.seed], dtype=np.int64), "SCORE": score}
 
 
 # inference.generation argument names -> this model's input names, for error messages.
 _OIP_FIELDS = {"prompts": "PROMPT", "modalities": "MODALITY", "negative_prompts": "NEGATIVE_PROMPT",
-               "guidance_scale": "GUIDANCE_SCALE", "steps": "STEPS", "seed": "SEED", "num_images": "NUM_IMAGES"}
+               "guidance_scale": "GUIDANCE_SCALE", "steps": "STEPS", "seed": "SEED", "num_images": "NUM_IMAGES",
+               "best_of": "BEST_OF", "candidates": "BEST_OF", "rank_by": "RANK_BY"}
 
 
 class SynthesizeModel(_GenerationModel):

@@ -311,8 +311,48 @@ def test_oip_generate_bad_input_names_the_tensor(live_server):
     steps = grpcclient.InferInput("STEPS", [1], "INT32")
     steps.set_data_from_numpy(np.array([0], np.int32))
     modality.set_data_from_numpy(np.array([b"chest_xray"], dtype=object))
-    with pytest.raises(InferenceServerException, match="steps"):
+    with pytest.raises(InferenceServerException, match="STEPS: 0; expected"):
         grpc.infer("generate", [prompt, modality, steps], headers={"authorization": f"Bearer {live_server.api_key}"})
+
+
+def test_oip_best_of_is_rest_best_of(live_server):
+    """``BEST_OF`` over OIP keeps the same candidate, with the same score, as REST's ``best_of``; ``RANK_BY``
+    ``reward`` on generators without a reward model is refused naming ``RANK_BY``."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    request = {"steps": 5, "seed": 21, "best_of": 3, "rank_by": "selector"}
+    with live_server.client() as client:
+        rest = client.post("/generate", json=PROMPT | request).json()
+    arrays = {"PROMPT": (np.array([PROMPT["prompt"].encode()], dtype=object), "BYTES"),
+              "MODALITY": (np.array([PROMPT["modality"].encode()], dtype=object), "BYTES"),
+              "STEPS": (np.array([5], np.int32), "INT32"), "SEED": (np.array([21], np.int64), "INT64"),
+              "BEST_OF": (np.array([3], np.int32), "INT32"),
+              "RANK_BY": (np.array([b"selector"], dtype=object), "BYTES")}
+
+    def inputs(**override):
+        tensors = []
+        for name, value in (arrays | override).items():
+            if value is None:  # left out
+                continue
+            array, datatype = value
+            tensor = httpclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return tensors
+
+    http = httpclient.InferenceServerClient(live_server.url.removeprefix("http://"))
+    result = http.infer("generate", inputs(), headers=live_server.headers())
+    assert result.as_numpy("IMAGE").shape == (1, 128, 128)
+    np.testing.assert_array_equal(result.as_numpy("IMAGE")[0], png_array(rest["images_png_base64"][0]))
+    assert result.as_numpy("SCORE").tolist() == pytest.approx(rest["scores"], abs=1e-6)
+    plain = http.infer("generate", inputs(BEST_OF=None, RANK_BY=None), headers=live_server.headers())
+    assert plain.as_numpy("IMAGE").shape == (1, 128, 128) and plain.as_numpy("SCORE").shape == (0,)
+    with pytest.raises(InferenceServerException, match="RANK_BY: 'reward' needs a reward model"):
+        http.infer("generate", inputs(RANK_BY=(np.array([b"reward"], dtype=object), "BYTES")),
+                   headers=live_server.headers())
+    with pytest.raises(InferenceServerException, match="BEST_OF: 0; expected an integer"):
+        http.infer("generate", inputs(BEST_OF=(np.array([0], np.int32), "INT32")), headers=live_server.headers())
 
 
 def test_generation_metrics_are_exported(live_server):
