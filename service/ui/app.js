@@ -256,8 +256,16 @@ async function generate(event) {
   const number = (id) => ($(id).value.trim() === "" ? null : Number($(id).value));
   const body = {
     prompt: $("gen-prompt").value, modality: $("gen-modality").value,
-    guidance_scale: number("gen-guidance"), steps: number("gen-steps"), num_images: number("gen-count"),
+    guidance_scale: number("gen-guidance"), steps: number("gen-steps"),
   };
+  // "Keep the best": the images become best_of candidates, ranked by the selector or the reward model.
+  const keep = $("gen-keep").value;
+  if (keep) {
+    body.best_of = number("gen-count");
+    body.rank_by = keep;
+  } else {
+    body.num_images = number("gen-count");
+  }
   if ($("gen-negative").value.trim()) body.negative_prompt = $("gen-negative").value;
   if (number("gen-seed") !== null) body.seed = number("gen-seed");
   $("gen-status").textContent = "Generating…";
@@ -282,8 +290,11 @@ async function generate(event) {
       return figure;
     }));
     $("gen-seed").placeholder = "random (last: " + result.seed + ")";
-    $("gen-status").textContent = result.images_png_base64.length + " image(s), seed " + result.seed + ", " +
-      Math.round(result.timings_ms.total) + " ms";
+    const ranker = { selector: "the selector", reward: "the reward model (predicted rating)" }[result.ranked_by];
+    const kept = ranker
+      ? "the best of " + body.best_of + " by " + ranker + ", score " + result.scores[0].toFixed(2)
+      : result.images_png_base64.length + " image(s)";
+    $("gen-status").textContent = kept + ", seed " + result.seed + ", " + Math.round(result.timings_ms.total) + " ms";
     document.body.dataset.generate = "done";
   } catch (err) {
     $("gen-status").textContent = err.message;
@@ -297,8 +308,12 @@ function generatedImage(request, result, index) {
   const image = {
     prompt: result.prompt, modality: result.modality, seed: result.seed, steps: request.steps,
     guidance_scale: request.guidance_scale, generator_version: result.model.version, index,
-    num_images: request.num_images,
+    num_images: request.best_of !== undefined ? 1 : request.num_images,
   };
+  if (request.best_of !== undefined) {
+    image.best_of = request.best_of;
+    image.rank_by = request.rank_by;
+  }
   if (request.negative_prompt !== undefined) image.negative_prompt = request.negative_prompt;
   return image;
 }
@@ -361,6 +376,9 @@ function showGeneration(info) {
   $("gen-modality").replaceChildren(...generation.modalities.map((name) => new Option(name, name)));
   if (generation.max_steps) $("gen-steps").max = generation.max_steps;
   if (generation.max_images) $("gen-count").max = generation.max_images;
+  if ((generation.rank_by || []).includes("reward") && !$("gen-keep").querySelector("option[value='reward']")) {
+    $("gen-keep").append(new Option("the best, by the reward model", "reward"));
+  }
   $("generate-panel").hidden = false;
 }
 
