@@ -333,6 +333,15 @@ class Text2ImagePipeline:
         """``images (len(modalities) * candidates, 1, S, S)`` in [0, 1], prompt-major -> the best per prompt:
         ``(uint8 (len(modalities), S, S), scores (len(modalities),) float32)``, ranked by ``scorer`` (default
         the selector; a reward model's score is the predicted 1-5 rating)."""
+        chosen, scores = self.pick_best(images, modalities, candidates, scorer)
+        return to_uint8(chosen), scores.numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def pick_best(
+        self, images: torch.Tensor, modalities: list[str], candidates: int, scorer: ImageScorer | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`select_best`, in float: ``(images (len(modalities), 1, S, S) in [0, 1], scores
+        (len(modalities),))``."""
         self.check_candidates(candidates, scorer)
         scorer = scorer if scorer is not None else self.selector
         count = len(modalities)
@@ -340,7 +349,7 @@ class Text2ImagePipeline:
         scores = scorer.score(images, ids).view(count, candidates)
         best = scores.argmax(dim=1)
         chosen = images.view(count, candidates, *images.shape[1:])[torch.arange(count), best]
-        return to_uint8(chosen), scores.max(dim=1).values.numpy().astype(np.float32)
+        return chosen, scores.max(dim=1).values
 
 
 class Pix2PixPipeline:

@@ -154,7 +154,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
         save_generation_rating(platform, GenerationRating(image=image, rating=int(stars), dataset=args.dataset))
     stored = list_generation_ratings(platform, args.dataset)
     rated = [RatedImage(r.image.prompt, r.image.modality, r.image.seed, r.image.steps, r.image.guidance_scale,
-                        int(r.rating), r.image.index, r.image.negative_prompt)
+                        int(r.rating), r.image.index, r.image.negative_prompt, r.image.best_of, r.image.rank_by)
              for r in stored if r.rating is not None and r.image.generator_version == version]
     timings["store_and_list_s"] = time.perf_counter() - t
     load.append(os.getloadavg())

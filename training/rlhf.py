@@ -14,16 +14,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.protocols import BEST_OF_RANKERS
 from models.reward import REWARD_PRESETS, RewardModel, build_reward
 from models.selector import Selector, fit_size
 from models.text2image import Text2ImageModel, build_train_scheduler
 from weights.checkpoints import file_sha256, save_run
+
+if TYPE_CHECKING:
+    from inference.protocols import ImageScorer
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +262,8 @@ def _intensity_moments(images: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class RatedImage:
     """One rating of one generated image, with what regenerates it (the image ``index`` of a request with
-    ``seed`` starts from the noise of ``seed + index``)."""
+    ``seed`` starts from the noise of ``seed + index``; a ``best_of`` image is the best of the candidates from
+    ``seed + k``, ranked again by the same scorer)."""
 
     prompt: str
     modality: str
@@ -268,6 +273,8 @@ class RatedImage:
     rating: int
     index: int = 0
     negative_prompt: str | None = None
+    best_of: int | None = None  # a best-of image: the best of this many candidates (seeds seed + k), index 0
+    rank_by: str | None = None  # what ranked them: "selector" (None) or "reward"
 
     @property
     def noise_seed(self) -> int:
@@ -275,7 +282,8 @@ class RatedImage:
 
 
 def read_ratings(path: str | Path) -> list[RatedImage]:
-    """``{"ratings": [{prompt, modality, seed, steps, guidance_scale, rating, index?, negative_prompt?}]}``.
+    """``{"ratings": [{prompt, modality, seed, steps, guidance_scale, rating, index?, negative_prompt?, best_of?,
+    rank_by?}]}``.
 
     Raises:
         ValueError: naming the file, the entry and the missing or bad field.
@@ -290,9 +298,19 @@ def read_ratings(path: str | Path) -> list[RatedImage]:
         missing = [n for n in names[:6] if n not in entry]
         if missing:
             raise ValueError(f"{path}: ratings[{i}] lacks {missing[0]!r}")
+        unknown = [k for k in entry if k not in names]
+        if unknown:  # e.g. a field that changes which image it was: never drop it silently
+            raise ValueError(f"{path}: ratings[{i}].{unknown[0]}: unknown field; expected {', '.join(names)}")
         rated = RatedImage(**{k: entry[k] for k in names if k in entry})
         if not (isinstance(rated.rating, int) and 1 <= rated.rating <= 5):
             raise ValueError(f"{path}: ratings[{i}].rating = {rated.rating!r}; expected an integer 1-5")
+        if rated.best_of is not None and (isinstance(rated.best_of, bool) or not isinstance(rated.best_of, int)
+                                          or rated.best_of < 1 or rated.index != 0):
+            raise ValueError(f"{path}: ratings[{i}].best_of = {rated.best_of!r} (index {rated.index!r}); expected "
+                             "an integer >= 1 with index 0")
+        if rated.rank_by not in (None, *BEST_OF_RANKERS) or (rated.rank_by is not None and rated.best_of is None):
+            raise ValueError(f"{path}: ratings[{i}].rank_by = {rated.rank_by!r}; expected one of "
+                             f"{list(BEST_OF_RANKERS)}, with best_of")
         out.append(rated)
     return out
 
@@ -319,12 +337,22 @@ def generate(pipe: Any, items: Sequence[tuple[str, str, int]], *, steps: int, gu
     return torch.cat(out)
 
 
-def regenerate(pipe: Any, ratings: Sequence[RatedImage], chunk: int = 64) -> torch.Tensor:
-    """The rated images again, ``(N, 1, S, S)`` in [0, 1] (ratings grouped by steps and guidance)."""
+def regenerate(pipe: Any, ratings: Sequence[RatedImage], chunk: int = 64,
+               reward_scorer: ImageScorer | None = None) -> torch.Tensor:
+    """The rated images again, ``(N, 1, S, S)`` in [0, 1] (ratings grouped by steps and guidance); a best-of
+    image is picked again from its candidates by the pipeline's selector, or by ``reward_scorer`` (the served
+    generators' reward model) for ``rank_by="reward"``.
+
+    Raises:
+        ValueError: a ``rank_by="reward"`` rating without ``reward_scorer`` (names the rating).
+    """
     images: list[torch.Tensor | None] = [None] * len(ratings)
     groups: dict[tuple[int, float], list[int]] = {}
     for i, r in enumerate(ratings):
-        groups.setdefault((int(r.steps), float(r.guidance_scale)), []).append(i)
+        if r.best_of is None:
+            groups.setdefault((int(r.steps), float(r.guidance_scale)), []).append(i)
+        else:
+            images[i] = _regenerate_best_of(pipe, r, reward_scorer, i)
     for (steps, guidance), rows in groups.items():
         batch = generate(pipe, [(ratings[i].prompt, ratings[i].modality, ratings[i].noise_seed) for i in rows],
                          steps=steps, guidance_scale=guidance,
@@ -332,6 +360,24 @@ def regenerate(pipe: Any, ratings: Sequence[RatedImage], chunk: int = 64) -> tor
         for i, image in zip(rows, batch, strict=True):
             images[i] = image
     return torch.stack([im for im in images if im is not None])
+
+
+def _regenerate_best_of(pipe: Any, rated: RatedImage, reward_scorer: ImageScorer | None, i: int) -> torch.Tensor:
+    """``(1, S, S)``: the best of ``rated.best_of`` candidates, as /generate kept it."""
+    from inference.generation import GenerationRequest
+
+    scorer = None
+    if rated.rank_by == "reward":
+        if reward_scorer is None:
+            raise ValueError(f"ratings[{i}]: rank_by 'reward' needs the reward model that ranked the image (the "
+                             "served generators directory's reward/ run)")
+        scorer = reward_scorer
+    negatives = None if rated.negative_prompt is None else [rated.negative_prompt]
+    request = GenerationRequest([rated.prompt], [rated.modality], negatives, float(rated.guidance_scale),
+                                int(rated.steps), int(rated.seed), int(rated.best_of))
+    (candidates,) = pipe.sample_many([request])
+    chosen, _ = pipe.pick_best(candidates, [rated.modality], int(rated.best_of), scorer)
+    return chosen[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -680,6 +726,7 @@ def rlhf_from_ratings(ratings: Sequence[RatedImage], base_dir: str | Path, out: 
     names one), fine-tune with RWR, write the generators directory ``out`` (with ``out/reward``).
     Returns ``{"reward": metrics, "finetune": metrics, "out": str}``."""
     from inference.generation import load_text2image_pipeline
+    from weights.generators import resolve_generators_dir
     from weights.reward import load_reward
 
     config = config or RLHFConfig()
@@ -689,7 +736,12 @@ def rlhf_from_ratings(ratings: Sequence[RatedImage], base_dir: str | Path, out: 
     report: dict[str, Any] = {"out": str(out), "n_ratings": len(ratings)}
     if reward_run is None:
         started = time.perf_counter()
-        images = regenerate(pipe, ratings)
+        ranked_by_reward = any(r.rank_by == "reward" for r in ratings)
+        serving_reward = resolve_generators_dir(base_dir) / "reward"
+        if ranked_by_reward and not (serving_reward / "run.json").is_file():
+            raise FileNotFoundError(f"{serving_reward}/run.json: missing; ratings of images kept by rank_by "
+                                    "'reward' are regenerated with the reward model that ranked them")
+        images = regenerate(pipe, ratings, reward_scorer=load_reward(serving_reward) if ranked_by_reward else None)
         regen_s = time.perf_counter() - started
         modalities = list(pipe.modalities)
         ids = torch.tensor([modalities.index(r.modality) for r in ratings])

@@ -3,6 +3,8 @@ reward-weighted fine-tune on a toy pool; models.reward as a best-of-N scorer."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,50 @@ def test_rater_roundtrip_reference_discounts_the_autoencoders_smoothing(committe
     off = torch.log2(plain(blur(real.images), ids).noise_ratio).abs()
     on = torch.log2(smoothed(blur(real.images), ids).noise_ratio).abs()
     assert float(off.median()) > 1.0 and float(on.median()) < 0.5
+
+
+def test_best_of_ratings_regenerate_the_image_generate_kept(committed_selector, single_thread_torch):
+    """A rated best-of image (the UI's "keep the best") trains the reward model on that image, not on candidate 0:
+    its candidates are drawn again and ranked again by the same scorer, the selector or the reward model."""
+    from inference.generation import load_text2image_pipeline, to_uint8
+    from inference.reward_scorer import with_scorer
+    from models.reward import build_reward
+    from training.rlhf import RatedImage, regenerate
+
+    pipe = load_text2image_pipeline("default")
+    torch.manual_seed(0)
+    reward = build_reward("tiny", committed_selector).eval()
+    request = {"prompt": "retinal oct, drusen", "modality": "oct", "seed": 40, "steps": 3, "guidance_scale": 1.5}
+    ratings = [RatedImage(**request, rating=4, best_of=3), RatedImage(**request, rating=2, best_of=3, rank_by="reward"),
+               RatedImage(**request, rating=3, index=2)]
+    images = to_uint8(regenerate(pipe, ratings, reward_scorer=reward))
+    args = ([request["prompt"]], [request["modality"]])
+    kwargs = {"steps": 3, "seed": 40, "guidance_scale": 1.5}
+    by_selector, _ = pipe.generate_best_of(*args, candidates=3, **kwargs)
+    by_reward, _ = with_scorer(pipe, reward).generate_best_of(*args, candidates=3, **kwargs)
+    candidates = pipe.generate(*args, num_images=3, **kwargs)
+    np.testing.assert_array_equal(images[0], by_selector[0])
+    assert not np.array_equal(images[0], candidates[0])  # the selector kept another candidate than the first
+    np.testing.assert_array_equal(images[1], by_reward[0])
+    np.testing.assert_array_equal(images[2], candidates[2])
+    with pytest.raises(ValueError, match=r"ratings\[1\]: rank_by 'reward' needs the reward model"):
+        regenerate(pipe, ratings)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"seed_offset": 1}, r"ratings\[0\]\.seed_offset: unknown field"),
+    ({"best_of": 3, "index": 1}, r"ratings\[0\]\.best_of = 3 \(index 1\)"),
+    ({"best_of": 0}, r"ratings\[0\]\.best_of = 0"),
+    ({"rank_by": "reward"}, r"ratings\[0\]\.rank_by = 'reward'; .* with best_of"),
+    ({"best_of": 2, "rank_by": "stars"}, r"ratings\[0\]\.rank_by = 'stars'"),
+])
+def test_read_ratings_refuses_what_would_regenerate_another_image(tmp_path, change, needle):
+    from training.rlhf import read_ratings
+
+    entry = {"prompt": "oct", "modality": "oct", "seed": 1, "steps": 3, "guidance_scale": 1.5, "rating": 3}
+    path = tmp_path / "ratings.json"
+    path.write_text(json.dumps({"ratings": [entry | change]}))
+    with pytest.raises(ValueError, match=needle):
+        read_ratings(path)
+    path.write_text(json.dumps({"ratings": [entry | {"best_of": 2, "rank_by": "reward"}]}))
+    assert read_ratings(path)[0].rank_by == "reward"
