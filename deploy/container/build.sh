@@ -3,7 +3,8 @@
 # mirror apt already uses, then the repository's Dockerfile unchanged on top of it (issue #18's recipe).
 #
 # Usage: deploy/container/build.sh [TAG]   (root; `make image` runs `make export` first). The code is the
-# commit MEDREFINE_IMAGE_REV (default HEAD), so edits in progress never reach an image.
+# commit MEDREFINE_IMAGE_REV (default HEAD), so edits in progress never reach an image; the Dockerfile's
+# EXTRAS come from MEDREFINE_IMAGE_EXTRAS (e.g. openvino, for MEDREFINE_BACKEND=openvino).
 # Nothing host-specific is written into the repository: the Debian mirror is read from apt's sources, and
 # pip's configuration, CA bundle and local wheel directories are read from pip and mounted read-only
 # into the build (never copied into an image). Work files go to $MEDREFINE_IMAGE_WORKDIR.
@@ -12,6 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TAG=${1:-localhost/medrefine:latest}
 REV=${MEDREFINE_IMAGE_REV:-HEAD}                 # the commit whose code goes into the image
+EXTRAS=${MEDREFINE_IMAGE_EXTRAS:-}               # optional dependency groups (Dockerfile ARG EXTRAS)
 SUITE=bookworm                                   # the Debian release of python:3.11-slim-bookworm
 PYTHON_IMAGE=localhost/medrefine-python:3.11-$SUITE
 WORK=${MEDREFINE_IMAGE_WORKDIR:-/var/tmp/medrefine-image}
@@ -96,7 +98,7 @@ build_started=$(date +%s)
 old_id=$(podman image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)
 podman build --network host --format docker --pull=never "${ulimits[@]}" "${mounts[@]}" \
     --ignorefile "$ROOT/deploy/container/containerignore" \
-    --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_INDEX_URL_CPU="$index" \
+    --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" --build-arg TORCH_INDEX_URL_CPU="$index" ${EXTRAS:+--build-arg EXTRAS="$EXTRAS"} \
     -t "$TAG" -f "$context/Dockerfile" "$context"
 rm -rf "$context"
 # Drop the image this tag named before, by id: not `podman image prune`, which also deletes the build
