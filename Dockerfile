@@ -95,4 +95,5 @@ EXPOSE 3000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
-CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "3000", "--grpc-port", "8001", "--artifacts", "/models/default", "--backend", "onnxruntime", "--api-key-env", "MEDREFINE_API_KEY"]
+# No --backend: MEDREFINE_BACKEND chooses the engine (onnxruntime above; openvino in an EXTRAS=openvino image).
+CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "3000", "--grpc-port", "8001", "--artifacts", "/models/default", "--api-key-env", "MEDREFINE_API_KEY"]
