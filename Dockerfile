@@ -16,8 +16,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # The project's declared dependencies as a requirements file: the build stage copies only this file, so an
 # edit elsewhere in pyproject.toml (tests, tools, extras) keeps the dependency layer cached.
 # EXTRAS: optional dependency groups to add, comma-separated: `postgres` (a PostgreSQL driver for
-# MEDREFINE_DB_URL), `ray` (the platform's Ray runner), `openvino` (MEDREFINE_BACKEND=openvino, the
-# fast CPU engine), e.g. --build-arg EXTRAS=postgres,ray.
+# MEDREFINE_DB_URL), `ray` (the platform's Ray runner), `openvino` (run with -e MEDREFINE_BACKEND=openvino:
+# the fast CPU engine), e.g. --build-arg EXTRAS=postgres,ray.
 FROM ${PYTHON_IMAGE} AS requirements
 ARG DEVICE=cpu
 ARG EXTRAS=
