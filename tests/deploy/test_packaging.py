@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from service.settings import parse_cli
+from service.settings import ServiceSettings, parse_cli
 
 try:
     import tomllib
@@ -176,6 +176,9 @@ def test_dockerfile_runs_the_readme_install_and_serve_commands_as_non_root():
     args = parse_cli(cmd[3:])  # the real CLI accepts it
     assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 3000, 8001)
     assert args.api_key_env and args.artifacts
+    # the engine is the environment's: `-e MEDREFINE_BACKEND=openvino` switches an EXTRAS=openvino image
+    assert ServiceSettings.from_args(args, {"MEDREFINE_BACKEND": "openvino"}).backend == "openvino"
+    assert ServiceSettings.from_args(args, {}).backend == "onnxruntime"
 
     env_text = " ".join(rest for keyword, rest in final if keyword == "ENV")
     assert "MEDREFINE_REQUIRE_API_KEY=1" in env_text, "the image refuses to start without an API key"
