@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"medrefine: model {version[:12]} on {settings.backend}; HTTP http://{settings.host}:{settings.port} "
         f"(REST, /v2, /ui, /metrics), gRPC "
         + (f"{settings.host}:{settings.grpc_port}" if settings.grpc_port else "off")
-        + f", generators {settings.generators_dir or 'off'}, synthesizer {synthesizer}"
+        + f", generators {settings.generators_dir or 'off'}"
+        + (f", /synthesize {synthesizer}" if synthesizer != "off" else "")  # off: the generators' own pix2pix
         + f", API key {'on' if settings.api_key else 'off'}",
         file=sys.stderr,
         flush=True,
