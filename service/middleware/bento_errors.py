@@ -107,6 +107,8 @@ def _normalise_validation_error(body: bytes) -> bytes:
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
         field = loc[0] if loc else None
         message = str(first.get("msg", "invalid value"))
+        if first.get("type") == "list_type":  # e.g. box=10,20,110,140: a form field holds JSON text
+            message = f"expected JSON array text such as [10, 20, 110, 140] ({message})"
         prefix = ".".join(loc)
         return json.dumps({"error": f"{prefix}: {message}" if prefix else message, "field": field},
                           separators=(",", ":")).encode()

@@ -103,6 +103,8 @@ REST_CASES = [
          "points [[70.0, -3.0]] lie outside the image", "points"),
     Case("rest", "inverted_box", _rest("/refine", ("p.png", _PNG), {"box": "[40, 10, 20, 30]"}), 400,
          "inverted or empty", "box"),
+    Case("rest", "box_not_json", _rest("/refine", ("p.png", _PNG), {"box": "40,10,20,30"}), 400,
+         "box: expected JSON array text such as [10, 20, 110, 140]", "box"),
     Case("rest", "too_many_points",
          _rest("/refine", ("p.png", _PNG), {"points": json.dumps([[5, 5]] * 17), "point_labels": json.dumps([1] * 17)}),
          400, "at most 16 allowed (max_points)", "points"),
@@ -230,7 +232,7 @@ def test_every_problem_of_the_issue_is_covered():
     problems = {(case.protocol, case.problem) for case in CASES}
     rest = {"not_an_image", "truncated_png", "truncated_jpeg", "unsupported_gif", "decompression_bomb",
             "over_byte_limit", "dicom_without_pixels", "box_outside_image", "points_outside_image",
-            "inverted_box", "too_many_points", "all_zero_prior_mask", "all_one_prior_mask"}
+            "inverted_box", "box_not_json", "too_many_points", "all_zero_prior_mask", "all_one_prior_mask"}
     tensors = {"wrong_tensor_name", "wrong_dtype", "wrong_shape", "nan", "inf", "over_byte_limit"}
     assert {("rest", p) for p in rest} <= problems
     assert {("oip-http", p) for p in tensors} <= problems
