@@ -177,8 +177,9 @@ def reward_generator_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path
     runs = root / "generators"
     for name in ("text2image", "selector"):
         shutil.copytree(GENERATORS_DIR / name, runs / name)
-    torch.manual_seed(0)
-    reward = build_reward("tiny", load_selector(runs / "selector"))
+    with torch.random.fork_rng():  # seeded here without moving the session's global generator
+        torch.manual_seed(0)
+        reward = build_reward("tiny", load_selector(runs / "selector"))
     save_reward_run(runs / "reward", reward, {}, n_ratings=0, config=RewardTrainConfig(), seed=0,
                     ratings_source="none")
     export_generator_artifacts(runs, root / "art")

@@ -219,8 +219,9 @@ def test_best_of_ratings_regenerate_the_image_generate_kept(committed_selector, 
     from training.rlhf import RatedImage, regenerate
 
     pipe = load_text2image_pipeline("default")
-    torch.manual_seed(0)
-    reward = build_reward("tiny", committed_selector).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reward = build_reward("tiny", committed_selector).eval()
     request = {"prompt": "retinal oct, drusen", "modality": "oct", "seed": 40, "steps": 3, "guidance_scale": 1.5}
     ratings = [RatedImage(**request, rating=4, best_of=3), RatedImage(**request, rating=2, best_of=3, rank_by="reward"),
                RatedImage(**request, rating=3, index=2)]
