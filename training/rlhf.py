@@ -340,44 +340,36 @@ def generate(pipe: Any, items: Sequence[tuple[str, str, int]], *, steps: int, gu
 def regenerate(pipe: Any, ratings: Sequence[RatedImage], chunk: int = 64,
                reward_scorer: ImageScorer | None = None) -> torch.Tensor:
     """The rated images again, ``(N, 1, S, S)`` in [0, 1] (ratings grouped by steps and guidance); a best-of
-    image is picked again from its candidates by the pipeline's selector, or by ``reward_scorer`` (the served
-    generators' reward model) for ``rank_by="reward"``.
+    image is picked again from its candidates (noise seeds ``seed + k``, batched with the other images) by the
+    pipeline's selector, or by ``reward_scorer`` (the served generators' reward model) for ``rank_by="reward"``.
 
     Raises:
         ValueError: a ``rank_by="reward"`` rating without ``reward_scorer`` (names the rating).
     """
+    for i, r in enumerate(ratings):
+        if r.rank_by == "reward" and reward_scorer is None:
+            raise ValueError(f"ratings[{i}]: rank_by 'reward' needs the reward model that ranked the image (the "
+                             "served generators directory's reward/ run)")
     images: list[torch.Tensor | None] = [None] * len(ratings)
     groups: dict[tuple[int, float], list[int]] = {}
     for i, r in enumerate(ratings):
-        if r.best_of is None:
-            groups.setdefault((int(r.steps), float(r.guidance_scale)), []).append(i)
-        else:
-            images[i] = _regenerate_best_of(pipe, r, reward_scorer, i)
+        groups.setdefault((int(r.steps), float(r.guidance_scale)), []).append(i)
     for (steps, guidance), rows in groups.items():
-        batch = generate(pipe, [(ratings[i].prompt, ratings[i].modality, ratings[i].noise_seed) for i in rows],
+        seeds = {i: ([ratings[i].seed + k for k in range(ratings[i].best_of)] if ratings[i].best_of
+                     else [ratings[i].noise_seed]) for i in rows}
+        batch = generate(pipe, [(ratings[i].prompt, ratings[i].modality, s) for i in rows for s in seeds[i]],
                          steps=steps, guidance_scale=guidance,
-                         negative_prompts=[ratings[i].negative_prompt for i in rows], chunk=chunk)
-        for i, image in zip(rows, batch, strict=True):
-            images[i] = image
+                         negative_prompts=[ratings[i].negative_prompt for i in rows for _ in seeds[i]], chunk=chunk)
+        start = 0
+        for i in rows:
+            r, candidates = ratings[i], batch[start:start + len(seeds[i])]
+            start += len(seeds[i])
+            if r.best_of is None:
+                images[i] = candidates[0]
+            else:
+                scorer = reward_scorer if r.rank_by == "reward" else None
+                images[i] = pipe.pick_best(candidates, [r.modality], r.best_of, scorer)[0][0]
     return torch.stack([im for im in images if im is not None])
-
-
-def _regenerate_best_of(pipe: Any, rated: RatedImage, reward_scorer: ImageScorer | None, i: int) -> torch.Tensor:
-    """``(1, S, S)``: the best of ``rated.best_of`` candidates, as /generate kept it."""
-    from inference.generation import GenerationRequest
-
-    scorer = None
-    if rated.rank_by == "reward":
-        if reward_scorer is None:
-            raise ValueError(f"ratings[{i}]: rank_by 'reward' needs the reward model that ranked the image (the "
-                             "served generators directory's reward/ run)")
-        scorer = reward_scorer
-    negatives = None if rated.negative_prompt is None else [rated.negative_prompt]
-    request = GenerationRequest([rated.prompt], [rated.modality], negatives, float(rated.guidance_scale),
-                                int(rated.steps), int(rated.seed), int(rated.best_of))
-    (candidates,) = pipe.sample_many([request])
-    chosen, _ = pipe.pick_best(candidates, [rated.modality], int(rated.best_of), scorer)
-    return chosen[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
