@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core.machine import cpu_model
+from core.metrics import dice_per_case
 from training.generators import PairSet, phantom_pairs
 from training.genseg import ARMS, evaluation_sets, genseg_part
 from training.genseg_synthesis import surround_mean
@@ -39,8 +40,8 @@ def spread(values: np.ndarray) -> dict[str, float]:
 
 @torch.no_grad()
 def error_profile(segmenter: nn.Module, pairs: PairSet) -> dict[str, float]:
-    """Mean over images of Dice, recall, false-positive area / lesion area and predicted area / lesion area,
-    and the fraction of images with an empty prediction (threshold 0.5)."""
+    """Mean over images of Dice (core.metrics'), recall, false-positive area / lesion area and predicted area /
+    lesion area, and the fraction of images with an empty prediction (threshold 0.5)."""
     images, masks = pairs.tensors()
     pred = torch.sigmoid(segmenter.eval()(images)) > 0.5
     truth = masks > 0.5
@@ -48,7 +49,7 @@ def error_profile(segmenter: nn.Module, pairs: PairSet) -> dict[str, float]:
     fp = (pred & ~truth).sum(dim=(1, 2, 3)).double()
     fn = (~pred & truth).sum(dim=(1, 2, 3)).double()
     area = (tp + fn).clamp_min(1.0)
-    return {"dice": float((2 * tp / (2 * tp + fp + fn).clamp_min(1.0)).mean()), "recall": float((tp / area).mean()),
+    return {"dice": float(dice_per_case(pred, truth).mean()), "recall": float((tp / area).mean()),
             "false_positive_per_lesion_area": float((fp / area).mean()),
             "predicted_per_lesion_area": float(((tp + fp) / area).mean()),
             "empty_predictions": float((pred.sum(dim=(1, 2, 3)) == 0).double().mean())}
