@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from core.errors import InputError, InputTooLarge, UnsupportedInput
 
@@ -48,6 +49,20 @@ class ServiceError(Exception):
 
     def to_dict(self) -> dict[str, object]:
         return {"error": self.message, "field": self.field}
+
+    def rename_field(self, names: Mapping[str, str], *, drop: str = "") -> ServiceError:
+        """Name the field as a protocol's request does (``names``: the runtime's argument -> the request's;
+        other fields kept), the message's leading ``"<field>: "`` with it, and ``drop`` right after that
+        prefix removed. Changes this error; returns it."""
+        internal = self.field or ""
+        name = names.get(internal)
+        if name is None:
+            return self
+        message = self.message
+        if message.startswith(f"{internal}: "):
+            message = f"{name}: " + message[len(internal) + 2:].removeprefix(drop)
+        self.message, self.field, self.args = message, name, (message,)
+        return self
 
     def headers(self) -> dict[str, str]:
         """Extra HTTP headers that go with this error (``Retry-After`` for 503s)."""

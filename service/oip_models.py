@@ -297,11 +297,8 @@ class GenerateModel(_GenerationModel):
                 best_of=int(scalars["BEST_OF"]) if "BEST_OF" in scalars else None, rank_by=rank_by,
             )
         except BadRequest as exc:
-            name = _OIP_FIELDS.get(exc.field or "", exc.field)
-            message = exc.message
-            if exc.field and name and message.startswith(f"{exc.field}: "):  # the input's name, not the runtime's
-                message = f"{name}: {message[len(exc.field) + 2:]}"
-            raise OipError(message, field=name) from None
+            exc.rename_field(_OIP_FIELDS)  # the input's name, not the runtime's
+            raise OipError(exc.message, field=exc.field) from None
         score = np.zeros(0, np.float32) if result.scores is None else np.asarray(result.scores, np.float32)
         return {"IMAGE": result.images, "SEED": np.asarray([result.seed], dtype=np.int64), "SCORE": score}
 

@@ -29,19 +29,6 @@ _REST_FIELDS = {"prompts": "prompt", "modalities": "modality", "negative_prompts
                 "candidates": "best_of"}
 
 
-def _rest_field(error: ServiceError) -> ServiceError:
-    """``error`` naming the REST field (``prompt``) instead of the runtime's (``prompts: entry 0 ...``)."""
-    internal = error.field or ""
-    name = _REST_FIELDS.get(internal)
-    if name is None:
-        return error
-    message = error.message
-    if message.startswith(f"{internal}: "):
-        message = f"{name}: " + message[len(internal) + 2:].removeprefix("entry 0 ")
-    error.message, error.field, error.args = message, name, (message,)
-    return error
-
-
 def _generation(runtime: FrontEndRuntime) -> GenerationRuntime:
     generation = runtime.generation
     if generation is None:
@@ -94,7 +81,7 @@ async def generate(
             rank_by=rank_by,
         )
     except ServiceError as exc:
-        raise _rest_field(exc) from None
+        raise exc.rename_field(_REST_FIELDS, drop="entry 0 ") from None
     encode_started = time.perf_counter()
     images = await asyncio.to_thread(lambda: [_png_b64(image) for image in result.images])
     height, width = (int(d) for d in result.images.shape[1:])
